@@ -1,0 +1,159 @@
+"""One entry point, one sub-command per stage: python -m histoshift <stage> [--root DIR] ...
+
+Every stage reads and writes under one root folder (the repository by default):
+  input/            the competition's train.h5, val.h5, test.h5 (yours; never written)
+  folds/folds.csv   leave-one-center-out folds
+  work/cache/       uint8 image arrays + index.csv          (prepare)
+  work/runs/        one folder per config / seed / fold     (train, infer)
+  work/stack/       features, combiner comparison, scores   (stack)
+  submissions/      submission.csv and the earlier ones     (submit)
+Every stage is idempotent: run again with unchanged inputs, it does nothing it has done before.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    input = property(lambda self: self.root / "input")
+    folds_csv = property(lambda self: self.root / "folds" / "folds.csv")
+    cache = property(lambda self: self.root / "work" / "cache")
+    runs = property(lambda self: self.root / "work" / "runs")
+    stack = property(lambda self: self.root / "work" / "stack")
+    submissions = property(lambda self: self.root / "submissions")
+
+
+def _timed(name: str, fn, *args, **kwargs):
+    t0 = time.time()
+    out = fn(*args, **kwargs)
+    print(f"[{name}] finished in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+def cmd_demo_data(a, paths: Paths):
+    from .data.demo import make_demo
+
+    out = Path(a.out) if a.out else paths.input
+    for name in ("train.h5", "val.h5", "test.h5"):
+        if (out / name).exists():
+            print(f"demo-data: {out / name} exists, keeping it")
+            return
+    make_demo(out, per_center=a.per_center, test_size=a.test_size, seed=a.seed)
+    print(f"demo-data: wrote a synthetic demo dataset (NOT real tissue) to {out}")
+
+
+def cmd_prepare(a, paths: Paths):
+    from .data.cache import prepare
+    from .data.quality import QualityRule
+
+    rule = QualityRule(max_black=a.max_black, max_white_frac=a.max_white_frac)
+    _timed("prepare", prepare, paths.input, paths.cache, rule, force=a.force)
+
+
+def cmd_folds(a, paths: Paths):
+    from .data.cache import load_index
+    from .data.folds import write_folds
+
+    _timed("folds", write_folds, load_index(paths.cache), paths.folds_csv, force=a.force)
+
+
+def cmd_train(a, paths: Paths):
+    from .config import ConfigError, load_config
+    from .data.folds import read_folds
+    from .runs import RunDir
+    from .train import train_fold
+
+    overrides = list(a.overrides) + ([f"train.seed={a.seed}"] if a.seed is not None else [])
+    cfg = load_config(a.config, overrides)
+    known = sorted(int(f) for f in read_folds(paths.folds_csv)["fold"].unique())
+    folds = known if a.fold == "all" else [int(f) for f in a.fold.split(",")]
+    if set(folds) - set(known):
+        raise ConfigError(f"--fold {a.fold}: folds are the labelled centers {known}")
+    for fold in folds:
+        run = RunDir.of(paths.runs, cfg.name, cfg.train.seed, int(fold))
+        _timed(f"train {run.name}", train_fold, cfg, paths.cache, paths.folds_csv, run, force=a.force)
+
+
+def cmd_infer(a, paths: Paths):
+    from .predict import infer_all
+    from .runs import find_runs
+
+    _timed("infer", infer_all, find_runs(paths.runs), paths.cache, force=a.force)
+
+
+def cmd_stack(a, paths: Paths):
+    from .runs import find_runs
+    from .stack import run_stack
+
+    _timed("stack", run_stack, find_runs(paths.runs), paths.folds_csv, paths.stack, seed=a.seed)
+
+
+def cmd_submit(a, paths: Paths):
+    from .submit import write_submission
+
+    _timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histoshift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=".", help="folder holding input/, folds/, work/, submissions/")
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    s = sub.add_parser("demo-data", help="write the synthetic demo dataset in the competition layout")
+    s.add_argument("--out", default=None, help="folder for the h5 files (default: <root>/input)")
+    s.add_argument("--per-center", type=int, default=160)
+    s.add_argument("--test-size", type=int, default=240)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo_data)
+
+    s = sub.add_parser("prepare", help="validate input/*.h5 and build the uint8 cache")
+    s.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
+    s.add_argument("--max-black", type=int, default=200)
+    s.add_argument("--max-white-frac", type=float, default=0.9)
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("folds", help="write folds/folds.csv (leave one center out)")
+    s.add_argument("--force", action="store_true", help="replace a differing folds.csv (the old one is kept)")
+    s.set_defaults(fn=cmd_folds)
+
+    s = sub.add_parser("train", help="train one config on some or all folds")
+    s.add_argument("--config", required=True)
+    s.add_argument("--fold", default="all", help="'all' or comma-separated held-out centers")
+    s.add_argument("--seed", type=int, default=None, help="shorthand for train.seed=N")
+    s.add_argument("--force", action="store_true", help="retrain finished runs (the old ones are kept)")
+    s.add_argument("overrides", nargs="*", help="typed overrides, e.g. optim.lr=3e-4 train.epochs=5")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("infer", help="8-view TTA predictions of every finished fold run")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(fn=cmd_infer)
+
+    s = sub.add_parser("stack", help="compare mean / rank / LightGBM leave-one-center-out; score the test set")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_stack)
+
+    s = sub.add_parser("submit", help="write submissions/submission.csv after checking it against test.h5")
+    s.set_defaults(fn=cmd_submit)
+    return p
+
+
+def main(argv=None) -> int:
+    from .config import ConfigError
+    from .data.h5_reader import InputError
+    from .models.weights import WeightsError
+    from .submit import SubmissionError
+
+    a = build_parser().parse_args(argv)
+    try:
+        a.fn(a, Paths(Path(a.root)))
+    except (ConfigError, InputError, WeightsError, SubmissionError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

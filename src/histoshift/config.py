@@ -1,0 +1,176 @@
+"""Typed experiment configuration: one YAML file per experiment plus `key.sub=value` overrides.
+
+Every field has a type and a default. Loading a YAML file or applying an override with a key that
+does not exist raises `ConfigError` naming the key, so a typo never silently trains the wrong model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An unknown key or a value of the wrong type in a config file or override."""
+
+
+@dataclass
+class ModelCfg:
+    backbone: str = "tf_efficientnet_lite0"  # any timm name, including "hf-hub:org/name"
+    # "none" | "timm" (timm's own pretrained source: HF hub or URL) | "file:PATH" | "package:NAME"
+    weights: str = "none"
+    input_size: int = 96  # side the backbone sees; batches are resized on the device when it differs
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class AlgorithmCfg:
+    name: str = "dann"  # a key of histoshift.algorithms.ALGORITHMS
+    domain_weight: float = 0.1  # weight of the domain loss in the total loss
+    domain_hidden: int = 256  # width of the domain head's hidden layer
+    grl_max: float = 1.0  # the Ganin schedule rises from 0 to this coefficient
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3  # classifier head
+    backbone_lr: float = 3e-4
+    domain_lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_frac: float = 0.1  # share of steps with linear warm-up, then cosine decay to zero
+    grad_clip: float = 1.0
+
+
+@dataclass
+class AugCfg:
+    backend: str = "albumentations"  # "albumentations" (per item, CPU workers) | "torch" (per batch)
+    dihedral: bool = True  # random flips and 90-degree rotations (the 8 dihedral views)
+    hed_sigma: float = 0.03  # HED stain jitter: scale ~ U(1-s, 1+s), shift ~ U(-s, s) per channel
+    brightness: float = 0.1  # brightness/contrast jitter amplitude (0 = off)
+    contrast: float = 0.1
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 3
+    batch_size: int = 64
+    target_batch_size: int = 32  # unlabelled images per step for the domain head (DANN)
+    steps_per_epoch: int = 0  # 0 = one pass over the labelled training patches
+    num_workers: int = 2
+    precision: str = "auto"  # "auto" (bf16 on a GPU that supports it, else off) | "no" | "bf16" | "fp16"
+    seed: int = 0
+    eval_batch_size: int = 256
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    algorithm: AlgorithmCfg = field(default_factory=AlgorithmCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    aug: AugCfg = field(default_factory=AugCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _cast(value, typ, key: str):
+    """Cast a YAML or command-line value to the declared type of field `key`."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got boolean {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {typ}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _cast(value, hints[key], full))
+
+
+def parse_override(text: str) -> dict:
+    """'optim.lr=3e-4' -> {'optim': {'lr': 3e-4}} (values parsed as YAML scalars, then cast by type)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            _apply(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if "name" not in data:
+            cfg.name = path.stem
+    for ov in overrides:
+        _apply(cfg, parse_override(ov))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from .algorithms import ALGORITHMS  # late import: algorithms import torch
+
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name: unknown algorithm '{cfg.algorithm.name}' (known: {sorted(ALGORITHMS)})")
+    if cfg.aug.backend not in ("albumentations", "torch"):
+        raise ConfigError(f"aug.backend: expected 'albumentations' or 'torch', got '{cfg.aug.backend}'")
+    if cfg.train.precision not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError(f"train.precision: expected auto|no|bf16|fp16, got '{cfg.train.precision}'")
+    if cfg.model.input_size < 32:
+        raise ConfigError(f"model.input_size: {cfg.model.input_size} is too small")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,128 @@
+"""Augmentation and input preparation.
+
+Two interchangeable training paths, chosen by `aug.backend`:
+  * "albumentations": per image on CPU DataLoader workers (A.D4, HED jitter, brightness/contrast);
+  * "torch": the same transforms on whole batches on the training device.
+Both draw from the same distributions (same formulas, same parameter ranges). `to_model_input` then
+turns uint8 NHWC batches into normalised float NCHW at the backbone's input size, on the device.
+The 8 dihedral views (4 rotations x optional flip) double as the TTA views at inference.
+
+HED stain jitter (Tellez et al.): optical density -> H, E, D concentrations (Ruifrok-Johnston
+matrix), each scaled by U(1-s, 1+s) and shifted by U(-s, s), back to RGB.
+"""
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import AugCfg
+
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+N_VIEWS = 8
+
+
+def hed_transform_np(img: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """img: H x W x 3 uint8 -> uint8 with H/E/D concentrations scaled by alpha and shifted by beta."""
+    od = -np.log((img.astype(np.float32) + 1.0) / 256.0)
+    conc = od @ HED_FROM_RGB.astype(np.float32)
+    conc = conc * alpha.astype(np.float32) + beta.astype(np.float32)
+    rgb = 256.0 * np.exp(-(conc @ RGB_FROM_HED.astype(np.float32))) - 1.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def hed_transform(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """x: B x 3 x H x W float in [0, 1]; alpha, beta: B x 3. Same formula as `hed_transform_np`."""
+    m_in = torch.as_tensor(HED_FROM_RGB, dtype=x.dtype, device=x.device)
+    m_out = torch.as_tensor(RGB_FROM_HED, dtype=x.dtype, device=x.device)
+    od = -torch.log((x * 255.0 + 1.0) / 256.0)
+    conc = torch.einsum("bchw,cd->bdhw", od, m_in)
+    conc = conc * alpha[:, :, None, None] + beta[:, :, None, None]
+    rgb = 256.0 * torch.exp(-torch.einsum("bdhw,dc->bchw", conc, m_out)) - 1.0
+    return (rgb / 255.0).clamp(0.0, 1.0)
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """Albumentations transform: random HED stain jitter of strength `sigma` on uint8 RGB images."""
+
+    def __init__(self, sigma: float = 0.03, p: float = 1.0):
+        super().__init__(p=p)
+        self.sigma = sigma
+
+    def get_params_dependent_on_data(self, params, data):
+        s = self.sigma
+        return {"alpha": self.random_generator.uniform(1 - s, 1 + s, 3),
+                "beta": self.random_generator.uniform(-s, s, 3)}
+
+    def apply(self, img, alpha=None, beta=None, **params):
+        return hed_transform_np(img, alpha, beta)
+
+    def get_transform_init_args_names(self):
+        return ("sigma",)
+
+
+def build_albumentations(cfg: AugCfg) -> A.Compose:
+    steps = []
+    if cfg.dihedral:
+        steps.append(A.D4(p=1.0))
+    if cfg.hed_sigma > 0:
+        steps.append(HEDJitter(cfg.hed_sigma, p=1.0))
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        # out = img * U(1-c, 1+c) + 255 * U(-b, b), the formula `brightness_contrast` uses too
+        steps.append(A.RandomBrightnessContrast(cfg.brightness, cfg.contrast, brightness_by_max=True, p=1.0))
+    return A.Compose(steps)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View k in 0..7 of a B x C x H x W batch: rotate by 90*(k % 4) degrees, then flip if k >= 4."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    ks = torch.randint(0, N_VIEWS, (x.shape[0],), generator=generator, device="cpu").to(x.device)
+    out = torch.empty_like(x)
+    for k in range(N_VIEWS):
+        sel = ks == k
+        if sel.any():
+            out[sel] = dihedral(x[sel], k)
+    return out
+
+
+def brightness_contrast(x: torch.Tensor, brightness: float, contrast: float,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    b = x.shape[0]
+    alpha = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * contrast
+    beta = (torch.rand(b, generator=generator) * 2 - 1) * brightness
+    alpha, beta = alpha.to(x)[:, None, None, None], beta.to(x)[:, None, None, None]
+    return (x * alpha + beta).clamp(0.0, 1.0)
+
+
+def augment_batch(x: torch.Tensor, cfg: AugCfg, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The torch backend: x is B x 3 x H x W float in [0, 1] on any device."""
+    if cfg.dihedral:
+        x = random_dihedral(x, generator)
+    if cfg.hed_sigma > 0:
+        s, b = cfg.hed_sigma, x.shape[0]
+        alpha = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * s
+        beta = (torch.rand(b, 3, generator=generator) * 2 - 1) * s
+        x = hed_transform(x, alpha.to(x), beta.to(x))
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        x = brightness_contrast(x, cfg.brightness, cfg.contrast, generator)
+    return x
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 B x H x W x 3 -> float B x 3 x H x W in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean, std, input_size: int) -> torch.Tensor:
+    """Resize (when the backbone wants another side) and normalise with the backbone's mean/std."""
+    if x.shape[-1] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]
+    return (x - mean) / std

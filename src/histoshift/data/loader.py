@@ -1,0 +1,65 @@
+"""Batches from the prepared uint8 cache.
+
+Images live in memory as one N x S x S x 3 uint8 array. Without a per-item transform a batch is
+gathered with one fancy-index (`__getitems__`), so there is no per-item Python work; with the
+albumentations backend each item is transformed in the DataLoader workers. Loaders are plain
+torch DataLoaders, so `accelerator.prepare` shards them across processes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+
+class PatchDataset(Dataset):
+    def __init__(self, images: np.ndarray, table: pd.DataFrame, domain_of_center: dict[int, int],
+                 transform=None):
+        if len(images) != len(table):
+            raise ValueError(f"{len(images)} images for {len(table)} table rows")
+        self.images = images
+        self.ids = table["id"].to_numpy(np.int64)
+        self.centers = table["center"].to_numpy(np.int64)
+        self.labels = table["label"].to_numpy(np.float32)
+        self.domains = np.array([domain_of_center[c] for c in self.centers], dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _meta(self, idx) -> dict:
+        return {"id": torch.as_tensor(self.ids[idx]), "center": torch.as_tensor(self.centers[idx]),
+                "label": torch.as_tensor(self.labels[idx]), "domain": torch.as_tensor(self.domains[idx])}
+
+    def __getitem__(self, i: int) -> dict:
+        img = self.images[i]
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return {"image": torch.from_numpy(np.ascontiguousarray(img)), **self._meta(i)}
+
+    def __getitems__(self, idx: list[int]):
+        if self.transform is not None:
+            return [self[i] for i in idx]
+        idx = np.asarray(idx)
+        return {"image": torch.from_numpy(self.images[idx]), **self._meta(idx)}
+
+
+def collate(batch):
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+def make_loader(dataset: PatchDataset, batch_size: int, train: bool, num_workers: int = 0,
+                seed: int = 0) -> DataLoader:
+    workers = num_workers if dataset.transform is not None else 0  # a batch gather needs no workers
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+        collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed) if train else None,
+    )
+
+
+def cycle(loader):
+    """Endless iteration over a loader (reshuffled each pass), for the unlabelled target batches."""
+    while True:
+        yield from loader

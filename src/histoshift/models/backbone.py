@@ -1,0 +1,56 @@
+"""A timm backbone with a one-logit tumour head; forward returns named outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ..config import ModelCfg
+from .weights import WeightsError, load_into, package_state_dict, read_state_dict
+
+
+def create_backbone(cfg: ModelCfg, load_weights: bool = True) -> nn.Module:
+    """timm.create_model with the configured weight source (`load_weights=False`: architecture only)."""
+    kwargs = {"num_classes": 0}
+    if cfg.drop_path_rate > 0:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    use_timm = load_weights and cfg.weights == "timm"
+    try:
+        model = timm.create_model(cfg.backbone, pretrained=use_timm, **kwargs)
+    except Exception as e:  # hub unreachable, gated repo, unknown name...
+        if use_timm or cfg.backbone.startswith("hf-hub:"):
+            raise WeightsError(
+                f"could not create '{cfg.backbone}' with timm's pretrained weights: {type(e).__name__}: {e}. "
+                "Hub weights need network access to the Hugging Face hub (and a token for gated models); "
+                "offline, point model.weights at a local file (file:PATH) or a package (package:NAME)."
+            ) from e
+        raise
+    if not load_weights or cfg.weights in ("none", "timm"):
+        return model
+    if cfg.weights.startswith("file:"):
+        path = Path(cfg.weights.removeprefix("file:")).expanduser()
+        load_into(model, read_state_dict(path), str(path))
+    elif cfg.weights.startswith("package:"):
+        name = cfg.weights.removeprefix("package:")
+        load_into(model, package_state_dict(name, model), f"package:{name}")
+    else:
+        raise WeightsError(f"model.weights: unknown source '{cfg.weights}' (none | timm | file:PATH | package:NAME)")
+    return model
+
+
+class PatchClassifier(nn.Module):
+    """Backbone -> pooled features -> dropout -> one tumour logit."""
+
+    def __init__(self, cfg: ModelCfg, load_weights: bool = True):
+        super().__init__()
+        self.backbone = create_backbone(cfg, load_weights)
+        self.num_features = self.backbone.num_features
+        self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
+        data_cfg = timm.data.resolve_model_data_config(self.backbone)
+        self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(x)
+        return {"features": features, "logits": self.head(features).squeeze(1)}

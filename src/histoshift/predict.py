@@ -1,0 +1,101 @@
+"""Inference with 8-view dihedral TTA, and the `infer` stage over every finished fold run.
+
+All views of a batch go through the model in one forward pass. Predictions are gathered across
+processes with `gather_for_metrics`, so each id appears exactly once even when the last batch
+was padded. Per-view logits are saved keyed by id and center.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data.augment import N_VIEWS, dihedral, normalize, to_float
+from .data.cache import Cache
+from .data.loader import PatchDataset, make_loader
+from .models.backbone import PatchClassifier
+from .runs import load_run_model, RunDir
+
+
+@torch.no_grad()
+def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, input_size: int,
+                  views=tuple(range(N_VIEWS)), desc: str = "predict") -> pd.DataFrame:
+    """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    mean, std = unwrapped.mean, unwrapped.std
+    ids, centers, labels, logits = [], [], [], []
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
+    for batch in bar:
+        x = to_float(batch["image"].to(accelerator.device))
+        b = x.shape[0]
+        stacked = normalize(torch.cat([dihedral(x, k) for k in views]), mean, std, input_size)
+        with accelerator.autocast():
+            out = model(stacked)["logits"].float()
+        out = out.view(len(views), b).T.contiguous()
+        g = accelerator.gather_for_metrics((batch["id"].to(accelerator.device), batch["center"].to(accelerator.device),
+                                            batch["label"].to(accelerator.device), out))
+        for store, value in zip((ids, centers, labels, logits), g):
+            store.append(value.cpu())
+    table = pd.DataFrame({"id": torch.cat(ids).numpy(), "center": torch.cat(centers).numpy(),
+                          "label": torch.cat(labels).numpy().astype(int)})
+    views_arr = torch.cat(logits).numpy()
+    for j, k in enumerate(views):
+        table[f"v{k}"] = views_arr[:, j]
+    return table
+
+
+def predict_table(model, cache: Cache, table: pd.DataFrame, accelerator: Accelerator, cfg: Config,
+                  domain_of_center: dict[int, int], views=tuple(range(N_VIEWS)), desc: str = "predict") -> pd.DataFrame:
+    ds = PatchDataset(cache.gather(table), table, domain_of_center)
+    loader = accelerator.prepare(make_loader(ds, cfg.train.eval_batch_size, train=False))
+    return predict_views(model, loader, accelerator, cfg.model.input_size, views, desc)
+
+
+def view_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith("v") and c[1:].isdigit()]
+
+
+def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool = False) -> None:
+    """TTA predictions of one finished fold run for its held-out center and the test set."""
+    targets = {"heldout": run.tta_heldout, "test": run.tta_test}
+    if not force and all(p.exists() and p.stat().st_mtime >= run.checkpoint.stat().st_mtime for p in targets.values()):
+        accelerator.print(f"infer: {run.path} is up to date")
+        return
+    cfg, model = load_run_model(run)
+    model = accelerator.prepare(model)
+    index = cache.index
+    centers = sorted(index["center"].unique())
+    domain_of_center = {c: i for i, c in enumerate(centers)}
+    tables = {"heldout": index[(index["split"] != "test") & (index["center"] == run.fold)],
+              "test": index[index["split"] == "test"]}
+    for name, table in tables.items():
+        out = predict_table(model, cache, table, accelerator, cfg, domain_of_center, desc=f"{run.name} {name}")
+        if name == "test":
+            out["label"] = -1
+        if accelerator.is_main_process:
+            tmp = targets[name].with_suffix(".tmp")
+            out.to_csv(tmp, index=False, float_format="%.6g")
+            tmp.replace(targets[name])
+        accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
+                          + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
+    accelerator.wait_for_everyone()
+
+
+def _acc(table: pd.DataFrame) -> float:
+    logit = table[view_columns(table)].mean(1)
+    return float(((logit > 0).astype(int) == table["label"]).mean())
+
+
+def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False) -> None:
+    if not runs:
+        raise FileNotFoundError("infer: no finished training runs found; run the train stage first")
+    accelerator = Accelerator()
+    cache = Cache.open(cache_dir)
+    for run in runs:
+        infer_run(run, cache, accelerator, force)

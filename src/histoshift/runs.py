@@ -1,0 +1,69 @@
+"""The fixed layout of a run folder: runs/<config name>/seed<S>/fold<K>/.
+
+  config.yaml        the resolved config
+  metrics.jsonl      one line per epoch (append-only)
+  model.safetensors  the final weights (backbone + head)
+  oof.csv            plain-view logits of the held-out center: id, center, label, logit
+  summary.json       per-center accuracy and AUC (held-out center out of fold, others in sample)
+  tta_heldout.csv    8-view logits of the held-out center (infer stage)
+  tta_test.csv       8-view logits of the test center (infer stage)
+  done               written last by training: the run is complete
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from .config import load_config
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def of(cls, runs_root: Path, name: str, seed: int, fold: int) -> "RunDir":
+        return cls(Path(runs_root) / name / f"seed{seed}" / f"fold{fold}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.parent.name}/{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def model_name(self) -> str:
+        """The ensemble member this run belongs to: config name and seed (its folds share it)."""
+        return f"{self.path.parent.parent.name}/{self.path.parent.name}"
+
+    @property
+    def fold(self) -> int:
+        return int(self.path.name.removeprefix("fold"))
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoint = property(lambda self: self.path / "model.safetensors")
+    oof = property(lambda self: self.path / "oof.csv")
+    summary = property(lambda self: self.path / "summary.json")
+    tta_heldout = property(lambda self: self.path / "tta_heldout.csv")
+    tta_test = property(lambda self: self.path / "tta_test.csv")
+    done = property(lambda self: self.path / "done")
+
+    @property
+    def is_done(self) -> bool:
+        return self.done.exists() and self.checkpoint.exists()
+
+
+def find_runs(runs_root: Path) -> list[RunDir]:
+    """Every finished run under runs_root, sorted by path."""
+    return sorted((RunDir(p.parent) for p in Path(runs_root).glob("*/seed*/fold*/done")), key=lambda r: str(r.path))
+
+
+def load_run_model(run: RunDir):
+    """The run's resolved config and its model with the trained weights (no download, no pretrained load)."""
+    from .models.backbone import PatchClassifier
+
+    cfg = load_config(run.config)
+    model = PatchClassifier(cfg.model, load_weights=False)
+    model.load_state_dict(load_file(str(run.checkpoint)))
+    return cfg, model

@@ -1,0 +1,168 @@
+"""Stage `stack`: ensemble the fold models' TTA logits and choose how to combine them.
+
+Features per ensemble member m (one config and seed, all its folds):
+  m__mean    mean logit over the 8 TTA views
+  m__spread  standard deviation over the views (how unsure the model is under rotation/flip)
+For labelled patches they come from the one fold model that never saw the patch's center (out of
+fold); for the test center they are averaged over the member's fold models. The center id is
+never a feature.
+
+Three combiners are evaluated leave-one-center-out on the out-of-fold features:
+  mean   average of m__mean over members, threshold 0 (probability 0.5)
+  rank   average of per-member percentile ranks, thresholded at the positive rate that `mean`
+         predicts on the same patches (ranks carry no threshold of their own)
+  stack  LightGBM on all features, trained on the other centers' out-of-fold rows, threshold 0.5
+The best mean per-center accuracy wins (ties go to the simpler combiner, in the order above);
+the comparison is saved beside the test scores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from .data.folds import read_folds
+from .predict import view_columns
+from .runs import RunDir
+
+METHODS = ("mean", "rank", "stack")
+LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=20,
+                  subsample=0.8, subsample_freq=1, colsample_bytree=1.0, reg_lambda=1.0,
+                  deterministic=True, force_row_wise=True, verbose=-1)
+
+
+def _views(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the infer stage first")
+    t = pd.read_csv(path)
+    v = t[view_columns(t)].to_numpy()
+    return pd.DataFrame({"id": t["id"], "center": t["center"], "label": t["label"],
+                         "mean": v.mean(1), "spread": v.std(1)})
+
+
+def build_features(runs: list[RunDir], folds_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Out-of-fold features of every labelled patch and averaged features of every test patch."""
+    folds = read_folds(folds_csv)
+    expected_folds = sorted(folds["fold"].unique())
+    members: dict[str, list[RunDir]] = {}
+    for run in runs:
+        members.setdefault(run.model_name, []).append(run)
+    oof = folds[["id", "center", "label"]].sort_values("id").reset_index(drop=True)
+    test = None
+    names = []
+    for name, member_runs in sorted(members.items()):
+        have = sorted(r.fold for r in member_runs)
+        if have != expected_folds:
+            print(f"stack: skipping {name}: folds {have} finished, {expected_folds} needed")
+            continue
+        names.append(name)
+        parts = []
+        for run in member_runs:
+            part = _views(run.tta_heldout)
+            want = set(folds.loc[folds["fold"] == run.fold, "id"])
+            if set(part["id"]) != want or (part["center"] != run.fold).any():
+                raise ValueError(f"{run.tta_heldout}: ids are not exactly the held-out center {run.fold} "
+                                 "of folds.csv: these predictions would not be out of fold")
+            parts.append(part)
+        member_oof = pd.concat(parts).set_index("id")
+        oof[f"{name}__mean"] = member_oof.loc[oof["id"], "mean"].to_numpy()
+        oof[f"{name}__spread"] = member_oof.loc[oof["id"], "spread"].to_numpy()
+        tests = [_views(r.tta_test).sort_values("id").reset_index(drop=True) for r in member_runs]
+        if test is None:
+            test = tests[0][["id", "center"]].copy()
+        for t in tests:
+            if not np.array_equal(t["id"].to_numpy(), test["id"].to_numpy()):
+                raise ValueError(f"{name}: fold models predicted different test ids")
+        test[f"{name}__mean"] = np.mean([t["mean"] for t in tests], axis=0)
+        test[f"{name}__spread"] = np.mean([t["spread"] for t in tests], axis=0)
+    if not names:
+        raise FileNotFoundError("stack: no ensemble member has finished every fold")
+    return oof, test, names
+
+
+def feature_columns(names: list[str]) -> list[str]:
+    return [f"{n}__{kind}" for n in names for kind in ("mean", "spread")]
+
+
+def mean_score(feats: pd.DataFrame, names: list[str]) -> np.ndarray:
+    return feats[[f"{n}__mean" for n in names]].to_numpy().mean(1)
+
+
+def rank_predict(feats: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    ranks = np.mean([feats[f"{n}__mean"].rank(pct=True).to_numpy() for n in names], axis=0)
+    n_positive = int((mean_score(feats, names) > 0).sum())  # the positive count `mean` predicts
+    pred = np.zeros(len(ranks), dtype=int)
+    pred[np.argsort(-ranks, kind="stable")[:n_positive]] = 1
+    return ranks, pred
+
+
+def fit_stacker(oof: pd.DataFrame, names: list[str], seed: int = 0) -> lgb.LGBMClassifier:
+    """LightGBM on out-of-fold features only (never test rows, never the center id)."""
+    cols = feature_columns(names)
+    if (oof["label"] < 0).any():
+        raise ValueError("stacker rows must be labelled out-of-fold rows")
+    model = lgb.LGBMClassifier(random_state=seed, **LGB_PARAMS)
+    model.fit(oof[cols], oof["label"])
+    return model
+
+
+def predict(method: str, feats: pd.DataFrame, names: list[str], stacker=None) -> tuple[np.ndarray, np.ndarray]:
+    """(score, 0/1 prediction) of one combiner."""
+    if method == "mean":
+        s = mean_score(feats, names)
+        return s, (s > 0).astype(int)
+    if method == "rank":
+        return rank_predict(feats, names)
+    if method == "stack":
+        p = stacker.predict_proba(feats[feature_columns(names)])[:, 1]
+        return p, (p > 0.5).astype(int)
+    raise ValueError(f"unknown combiner {method}")
+
+
+def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0) -> pd.DataFrame:
+    """Per-center accuracy of each combiner, each center scored by a stacker that never saw it."""
+    rows = []
+    for center, part in oof.groupby("center"):
+        rest = oof[oof["center"] != center]
+        stacker = fit_stacker(rest, names, seed) if rest["label"].nunique() == 2 else None
+        for method in METHODS:
+            if method == "stack" and stacker is None:
+                continue
+            _, pred = predict(method, part, names, stacker)
+            rows.append({"method": method, "center": int(center), "n": len(part),
+                         "accuracy": float((pred == part["label"].to_numpy()).mean())})
+    return pd.DataFrame(rows)
+
+
+def choose(comparison: pd.DataFrame) -> str:
+    means = comparison.groupby("method")["accuracy"].mean()
+    best = max(means)
+    return next(m for m in METHODS if m in means and means[m] >= best - 1e-12)
+
+
+def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    oof, test, names = build_features(runs, folds_csv)
+    comparison = compare_loco(oof, names, seed)
+    table = comparison.pivot(index="center", columns="method", values="accuracy")
+    table.loc["mean"] = table.mean()
+    method = choose(comparison)
+    stacker = fit_stacker(oof, names, seed) if method == "stack" else None
+    score, pred = predict(method, test, names, stacker)
+    scores = pd.DataFrame({"id": test["id"], "score": score, "pred": pred})
+    oof.to_csv(out_dir / "oof_features.csv", index=False, float_format="%.6g")
+    test.to_csv(out_dir / "test_features.csv", index=False, float_format="%.6g")
+    comparison.to_csv(out_dir / "comparison.csv", index=False)
+    scores.to_csv(out_dir / "test_scores.csv", index=False, float_format="%.6g")
+    result = {"members": names, "method": method,
+              "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
+              "test_positive_rate": float(pred.mean())}
+    (out_dir / "choice.json").write_text(json.dumps(result, indent=2))
+    print("stack: leave-one-center-out accuracy on out-of-fold predictions (rows: held-out center)")
+    print(table.round(4).to_string())
+    print(f"stack: using '{method}' for the test center ({len(names)} members: {', '.join(names)})")
+    return result

@@ -1,0 +1,63 @@
+"""Stage `submit`: write submissions/submission.csv (ID,Pred) after checking it against test.h5.
+
+An existing submission is never overwritten silently: it is renamed with its modification time
+(submission.YYYYmmdd-HHMMSS.csv) and the rename is printed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .data.h5_reader import list_ids
+
+
+class SubmissionError(ValueError):
+    pass
+
+
+def check_submission(sub: pd.DataFrame, test_ids: list[int], source: str = "submission") -> None:
+    """Raise SubmissionError unless `sub` has exactly columns ID,Pred, one row per test id, Pred in {0,1}."""
+    if list(sub.columns) != ["ID", "Pred"]:
+        raise SubmissionError(f"{source}: columns are {list(sub.columns)}, expected ['ID', 'Pred']")
+    if sub["ID"].isna().any() or sub["Pred"].isna().any():
+        raise SubmissionError(f"{source}: empty cells")
+    try:
+        ids = sub["ID"].astype("int64")
+    except (TypeError, ValueError):
+        raise SubmissionError(f"{source}: ID values must be integers") from None
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise SubmissionError(f"{source}: duplicate ID {int(dup.iloc[0])} ({len(dup)} duplicates)")
+    bad = sub.loc[~sub["Pred"].isin([0, 1]), "ID"]
+    if len(bad):
+        raise SubmissionError(f"{source}: Pred must be 0 or 1; ID {bad.iloc[0]} has {sub.loc[bad.index[0], 'Pred']!r}")
+    want, have = set(test_ids), set(ids)
+    if want != have:
+        missing, extra = sorted(want - have), sorted(have - want)
+        raise SubmissionError(f"{source}: {len(missing)} test ids missing (e.g. {missing[:3]}), "
+                              f"{len(extra)} ids not in test.h5 (e.g. {extra[:3]})")
+
+
+def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path) -> Path:
+    scores = pd.read_csv(scores_csv)
+    sub = pd.DataFrame({"ID": scores["id"].astype("int64"), "Pred": scores["pred"].astype("int64")})
+    check_submission(sub, list_ids(test_h5), source=str(scores_csv))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "submission.csv"
+    if path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        keep = out_dir / f"submission.{stamp}.csv"
+        n = 1
+        while keep.exists():
+            keep, n = out_dir / f"submission.{stamp}-{n}.csv", n + 1
+        path.rename(keep)
+        print(f"submit: kept the previous submission as {keep}")
+    tmp = path.with_suffix(".tmp")
+    sub.to_csv(tmp, index=False)
+    tmp.replace(path)
+    print(f"submit: wrote {path}: {len(sub)} rows, {int(sub['Pred'].sum())} predicted tumour "
+          f"({sub['Pred'].mean():.1%})")
+    return path

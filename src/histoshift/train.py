@@ -1,0 +1,192 @@
+"""Stage `train`: one fold of one experiment under Hugging Face Accelerate.
+
+The loop owns optimisation (AdamW with per-part learning rates, warm-up + cosine, gradient
+clipping, mixed precision through Accelerate); the algorithm only computes outputs and losses.
+Fold k holds out center k: its labelled patches are predicted out of fold and never used for
+model selection (the final epoch's weights are kept). Runs on one CPU, one GPU, or many
+processes with `accelerate launch`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .algorithms import ALGORITHMS
+from .config import Config, save_config, load_config
+from .data.augment import augment_batch, build_albumentations, normalize, to_float
+from .data.cache import Cache
+from .data.folds import read_folds
+from .data.loader import PatchDataset, cycle, make_loader
+from .metrics import per_center
+from .models.backbone import PatchClassifier
+from .predict import predict_views
+from .runs import RunDir
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float):
+    warmup = max(1, int(round(total_steps * warmup_frac)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
+    """Labelled training rows, held-out rows and unlabelled target rows of one fold."""
+    labelled = index[index["split"] != "test"].merge(folds[["id", "fold"]], on="id", how="left")
+    if labelled["fold"].isna().any():
+        missing = labelled.loc[labelled["fold"].isna(), "id"].head(3).tolist()
+        raise ValueError(f"folds file does not match the cache: ids {missing} have no fold; rebuild the folds")
+    if fold not in set(labelled["fold"]):
+        raise ValueError(f"fold {fold} does not exist (folds: {sorted(labelled['fold'].unique())})")
+    source = labelled[(labelled["fold"] != fold) & ~labelled["aberrant"]]
+    heldout = labelled[labelled["fold"] == fold]
+    target = pd.concat([heldout, index[index["split"] == "test"]])
+    target = target[~target["aberrant"]]
+    return source.reset_index(drop=True), heldout.reset_index(drop=True), target.reset_index(drop=True)
+
+
+def prepare_run_dir(run: RunDir, cfg: Config, force: bool) -> bool:
+    """True when the run must be trained. A finished run with the same config is kept; a finished
+    run with another config is never overwritten without `force` (then it is moved aside)."""
+    if run.is_done:
+        if load_config(run.config).to_dict() == cfg.to_dict() and not force:
+            print(f"train: {run.path} is done with this config, skipping")
+            return False
+        if not force:
+            raise FileExistsError(f"{run.path} holds a finished run with another config; "
+                                  "pass --force to move it aside and retrain")
+        aside = run.path.with_name(f"{run.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run.path.rename(aside)
+        print(f"train: moved the previous run to {aside}")
+    elif run.path.exists():
+        print(f"train: {run.path} holds an unfinished run; starting it again")
+        shutil.rmtree(run.path)
+    return True
+
+
+def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = False) -> dict | None:
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision))
+    must_train = prepare_run_dir(run, cfg, force) if accelerator.is_main_process else True
+    must_train = bool(accelerator.gather(torch.tensor([must_train], device=accelerator.device)).all())
+    if not must_train:
+        return None
+    set_seed(cfg.train.seed + 1000 * run.fold, device_specific=True)
+    if accelerator.is_main_process:
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config)
+
+    cache = Cache.open(cache_dir)
+    source, heldout, target = split_for_fold(cache.index, read_folds(folds_csv), run.fold)
+    centers = sorted(cache.index["center"].unique())
+    domain_of_center = {c: i for i, c in enumerate(centers)}
+    accelerator.print(f"train {run.name}: {len(source)} labelled patches from centers "
+                      f"{sorted(int(c) for c in source['center'].unique())}, held-out center {run.fold} ({len(heldout)}), "
+                      f"{len(target)} unlabelled target patches, precision {accelerator.mixed_precision}")
+
+    model = PatchClassifier(cfg.model)
+    algorithm = ALGORITHMS[cfg.algorithm.name](model, len(centers), cfg)
+    transform = build_albumentations(cfg.aug) if cfg.aug.backend == "albumentations" else None
+    src_loader = make_loader(PatchDataset(cache.gather(source), source, domain_of_center, transform),
+                             cfg.train.batch_size, train=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed)
+    tgt_loader = make_loader(PatchDataset(cache.gather(target), target, domain_of_center, transform),
+                             cfg.train.target_batch_size, train=True, num_workers=cfg.train.num_workers,
+                             seed=cfg.train.seed + 1)
+    eval_loader = make_loader(PatchDataset(cache.gather(heldout), heldout, domain_of_center),
+                              cfg.train.eval_batch_size, train=False)
+    optimizer = torch.optim.AdamW(algorithm.param_groups(), weight_decay=cfg.optim.weight_decay)
+    algorithm, optimizer, src_loader, tgt_loader, eval_loader = accelerator.prepare(
+        algorithm, optimizer, src_loader, tgt_loader, eval_loader)
+    if len(src_loader) == 0:
+        raise ValueError(f"fold {run.fold}: fewer labelled patches ({len(source)}) than one batch")
+    steps_per_epoch = cfg.train.steps_per_epoch or len(src_loader)
+    total = steps_per_epoch * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, cfg.optim.warmup_frac))
+    core = accelerator.unwrap_model(algorithm)
+    mean, std, size = core.model.mean, core.model.std, cfg.model.input_size
+
+    def model_input(images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images)
+        if cfg.aug.backend == "torch":
+            x = augment_batch(x, cfg.aug)
+        return normalize(x, mean, std, size)
+
+    src_iter = cycle(src_loader)
+    tgt_iter = cycle(tgt_loader) if core.uses_target else None
+    step, t0 = 0, time.time()
+    for epoch in range(cfg.train.epochs):
+        algorithm.train()
+        logs: dict[str, list[float]] = {}
+        bar = tqdm(range(steps_per_epoch), desc=f"{run.name} epoch {epoch + 1}/{cfg.train.epochs}",
+                   unit="step", disable=not accelerator.is_local_main_process)
+        for _ in bar:
+            batch = next(src_iter)
+            feed = {"x": model_input(batch["image"]), "y": batch["label"], "domain": batch["domain"]}
+            if tgt_iter is not None:
+                tb = next(tgt_iter)
+                feed.update(x_target=model_input(tb["image"]), domain_target=tb["domain"])
+            with accelerator.autocast():
+                out = algorithm(feed, progress=step / total)
+            accelerator.backward(out["loss"])
+            if cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(algorithm.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for k, v in out.items():
+                if k != "logits" and v.ndim == 0:
+                    logs.setdefault(k, []).append(float(v.detach()))
+            bar.set_postfix(loss=f"{np.mean(logs['loss'][-20:]):.3f}")
+        oof = predict_views(core.model, eval_loader, accelerator, size, views=(0,), desc="held-out")
+        oof = oof.rename(columns={"v0": "logit"})
+        held = per_center(oof).iloc[0]
+        record = {"epoch": epoch + 1, "step": step, "seconds": round(time.time() - t0, 1),
+                  "lr_backbone": scheduler.get_last_lr()[0],
+                  **{f"train_{k}": round(float(np.mean(v)), 5) for k, v in logs.items()},
+                  "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5)}
+        accelerator.print(json.dumps(record))
+        if accelerator.is_main_process:
+            with run.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    summary = None
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(run.checkpoint))
+        oof.to_csv(run.oof, index=False, float_format="%.6g")
+    # every labelled center: the held-out one out of fold, the training ones in sample (for reference)
+    full = cache.index[cache.index["split"] != "test"].reset_index(drop=True)
+    full_loader = accelerator.prepare(make_loader(PatchDataset(cache.gather(full), full, domain_of_center),
+                                                  cfg.train.eval_batch_size, train=False))
+    everything = predict_views(core.model, full_loader, accelerator, size, views=(0,), desc="all labelled")
+    table = per_center(everything.rename(columns={"v0": "logit"}))
+    table["held_out"] = table["center"] == run.fold
+    if accelerator.is_main_process:
+        summary = {"run": run.name, "fold": run.fold, "seconds": round(time.time() - t0, 1),
+                   "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
+                   "per_center": table.to_dict(orient="records")}
+        run.summary.write_text(json.dumps(summary, indent=2))
+        run.done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        accelerator.print(table.to_string(index=False))
+    accelerator.wait_for_everyone()
+    return summary
