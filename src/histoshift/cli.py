@@ -101,6 +101,27 @@ def cmd_submit(a, paths: Paths):
     _timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions)
 
 
+def cmd_report(a, paths: Paths):
+    from .report import write_report
+    from .runs import find_runs
+
+    write_report(find_runs(paths.runs), paths.stack, paths.root / "work" / "report")
+
+
+def cmd_score(a, paths: Paths):
+    """Accuracy of the current submission against a labels file (demo and offline benchmarks only)."""
+    import pandas as pd
+
+    sub = pd.read_csv(paths.submissions / "submission.csv")
+    labels = pd.read_csv(a.labels)
+    merged = sub.merge(labels, on="ID", how="inner")
+    if len(merged) != len(sub):
+        raise FileNotFoundError(f"{a.labels}: labels for {len(merged)} of {len(sub)} submission ids")
+    acc = float((merged["Pred"] == merged["label"]).mean())
+    print(f"score: test accuracy {acc:.4f} on {len(merged)} patches ({a.labels})")
+    return acc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histoshift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=".", help="folder holding input/, folds/, work/, submissions/")
@@ -141,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="write submissions/submission.csv after checking it against test.h5")
     s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("report", help="markdown summary and plots of runs and combiners (work/report/)")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("score", help="accuracy of submissions/submission.csv against a labels CSV (ID,label)")
+    s.add_argument("--labels", required=True)
+    s.set_defaults(fn=cmd_score)
     return p
 
 

@@ -21,6 +21,8 @@ from .data.loader import PatchDataset, make_loader
 from .models.backbone import PatchClassifier
 from .runs import load_run_model, RunDir
 
+CPU_CHUNK = 64
+
 
 @torch.no_grad()
 def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, input_size: int,
@@ -30,13 +32,15 @@ def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, inpu
     unwrapped = accelerator.unwrap_model(model)
     mean, std = unwrapped.mean, unwrapped.std
     ids, centers, labels, logits = [], [], [], []
+    # GPUs want one big forward; CPUs run small batches faster (they stay in cache)
+    chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
     bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
     for batch in bar:
         x = to_float(batch["image"].to(accelerator.device))
         b = x.shape[0]
         stacked = normalize(torch.cat([dihedral(x, k) for k in views]), mean, std, input_size)
         with accelerator.autocast():
-            out = model(stacked)["logits"].float()
+            out = torch.cat([model(part)["logits"].float() for part in stacked.split(chunk)])
         out = out.view(len(views), b).T.contiguous()
         g = accelerator.gather_for_metrics((batch["id"].to(accelerator.device), batch["center"].to(accelerator.device),
                                             batch["label"].to(accelerator.device), out))

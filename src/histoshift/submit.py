@@ -47,6 +47,9 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "submission.csv"
+    if path.exists() and pd.read_csv(path).equals(sub):
+        print(f"submit: {path} already holds these predictions, nothing to do")
+        return path
     if path.exists():
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
         keep = out_dir / f"submission.{stamp}.csv"

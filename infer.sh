@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stage 5-7: 8-view TTA predictions of every fold model, ensemble/stacker choice, submission.
+#   bash infer.sh                      (after bash train.sh; same demo/competition choice)
+#   LAUNCH="accelerate launch --num_processes 4" bash infer.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/env.sh
+source scripts/mode.sh
+start=$(date +%s)
+$LAUNCH -m histoshift --root "$ROOT" infer
+"$PY" -m histoshift --root "$ROOT" stack
+"$PY" -m histoshift --root "$ROOT" submit
+"$PY" -m histoshift --root "$ROOT" report
+if [ "$DEMO" = 1 ]; then
+  "$PY" -m histoshift --root "$ROOT" score --labels "$ROOT/input/test_labels.csv"
+  echo "== DEMO submission (synthetic data): $ROOT/submissions/submission.csv"
+else
+  echo "== submission: $ROOT/submissions/submission.csv"
+fi
+echo "== infer.sh done in $(( $(date +%s) - start )) s"

@@ -1,0 +1,19 @@
+# Sourced by train.sh, infer.sh and tests/run.sh: make sure a Python environment with
+# requirements.txt exists, then export PY (the interpreter) and PYTHONPATH.
+# Set PY=/path/to/python to use an environment of your own instead of .venv.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${PY:-}" ]; then
+  VENV="${VENV:-$REPO/.venv}"
+  STAMP="$VENV/.requirements.sha256"
+  WANT="$(sha256sum "$REPO/requirements.txt" | cut -d' ' -f1)"
+  if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "== setting up $VENV from requirements.txt (once, about 2 minutes)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO/requirements.txt"
+    echo "$WANT" > "$STAMP"
+  fi
+  PY="$VENV/bin/python"
+fi
+export PY
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,0 +1,19 @@
+# Sourced by train.sh and infer.sh: choose the competition run or the offline demo.
+# Competition files in input/ -> ROOT=. ; none -> ROOT=demo with a generated synthetic dataset.
+if [ -e input/train.h5 ] || [ -e input/val.h5 ] || [ -e input/test.h5 ]; then
+  ROOT="${ROOT:-.}"
+  CONFIGS="${CONFIGS:-configs/lite0_dann.yaml configs/lite1_dann.yaml}"
+  DEMO=0
+else
+  ROOT="${ROOT:-demo}"
+  CONFIGS="${CONFIGS:-configs/demo_lite0_dann.yaml configs/demo_lite1_dann.yaml}"
+  DEMO=1
+  echo "######################################################################"
+  echo "##  DEMO MODE: no competition files in input/ (train/val/test.h5).  ##"
+  echo "##  Running on a small SYNTHETIC dataset in the competition layout ##"
+  echo "##  under $ROOT/ -- not real tissue, not a competition submission.  ##"
+  echo "######################################################################"
+fi
+SEEDS="${SEEDS:-0}"
+LAUNCH="${LAUNCH:-$PY}"   # e.g. LAUNCH="accelerate launch --num_processes 4"
+export ROOT CONFIGS DEMO SEEDS LAUNCH

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stage 1-4: prepare the cache, write the folds, train every config on every fold.
+#   bash train.sh                      input/*.h5 present -> competition run; absent -> offline demo
+#   CONFIGS="configs/a.yaml configs/b.yaml" SEEDS="0 1 2" bash train.sh
+#   LAUNCH="accelerate launch --num_processes 4" bash train.sh      (several GPUs or nodes)
+# Finished runs are kept: running it again trains only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/env.sh
+source scripts/mode.sh
+start=$(date +%s)
+if [ "$DEMO" = 1 ]; then "$PY" -m histoshift --root "$ROOT" demo-data; fi
+"$PY" -m histoshift --root "$ROOT" prepare
+"$PY" -m histoshift --root "$ROOT" folds
+for cfg in $CONFIGS; do
+  for seed in $SEEDS; do
+    $LAUNCH -m histoshift --root "$ROOT" train --config "$cfg" --seed "$seed"
+  done
+done
+echo "== train.sh done in $(( $(date +%s) - start )) s; next: bash infer.sh"
