@@ -87,7 +87,7 @@ def _read_label(path: Path, key: str, group: h5py.Group, labelled: bool) -> int:
         raise InputError(f"{path}, id {key}: label has shape {raw.shape}, expected a scalar")
     value = raw.reshape(-1)[0]
     if not np.isfinite(value) or float(value) not in (0.0, 1.0):
-        raise InputError(f"{path}, id {key}: label is {value!r}, expected 0 or 1")
+        raise InputError(f"{path}, id {key}: label is {value.item()!r}, expected 0 or 1")
     return int(value)
 
 
@@ -97,7 +97,7 @@ def _read_center(path: Path, key: str, group: h5py.Group) -> int:
         raise InputError(f"{path}, id {key}: metadata is empty, expected the center as its first element")
     center = meta[0]
     if not np.isfinite(center) or float(center) != int(center) or int(center) < 0:
-        raise InputError(f"{path}, id {key}: metadata[0] (center) is {center!r}, expected a non-negative integer")
+        raise InputError(f"{path}, id {key}: metadata[0] (center) is {center.item()!r}, expected a non-negative integer")
     return int(center)
 
 

@@ -1,0 +1,47 @@
+"""Typed configs: YAML + overrides, unknown keys and wrong types rejected."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from histoshift.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(CONFIGS[0], ["optim.lr=3e-4", "train.epochs=5", "aug.dihedral=false", "model.backbone=resnet50"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.aug.dihedral is False
+    assert cfg.model.backbone == "resnet50"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.epochs=abc", "train.epochs: expected int"),
+    ("train.epochs=2.5", "train.epochs: expected an integer"),
+    ("aug.dihedral=maybe", "aug.dihedral: expected a boolean"),
+    ("algorithm.name=magic", "unknown algorithm 'magic'"),
+    ("train.precision=fp8", "train.precision"),
+    ("aug.backend=opencv", "aug.backend"),
+    ("optim=3", "optim: expected a mapping"),
+])
+def test_bad_overrides_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS[0], [override])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  backbone: resnet18\n  widht: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'model\.widht'"):
+        load_config(bad)

