@@ -92,7 +92,7 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
 
 
 def _acc(table: pd.DataFrame) -> float:
-    logit = table[view_columns(table)].mean(1)
+    logit = table[view_columns(table)].mean(axis=1)
     return float(((logit > 0).astype(int) == table["label"]).mean())
 
 

@@ -1,0 +1,89 @@
+"""Dihedral views, HED jitter (numpy and torch agree), both augmentation backends, input preparation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from histoshift.config import AugCfg
+from histoshift.data.augment import (N_VIEWS, augment_batch, build_albumentations, dihedral, hed_transform,
+                                     hed_transform_np, normalize, random_dihedral, to_float)
+
+
+def _img(seed=0, side=96):
+    return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def test_the_eight_dihedral_views_are_distinct_and_cover_the_group():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = [dihedral(x, k) for k in range(N_VIEWS)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    assert torch.equal(views[0], x)
+    assert torch.equal(views[1], torch.rot90(x, 1, dims=(-2, -1)))
+    assert torch.equal(views[4], torch.flip(x, dims=(-1,)))
+    # closed under composition: a view of a view is again one of the eight
+    for a in range(N_VIEWS):
+        for b in range(N_VIEWS):
+            assert any(torch.equal(dihedral(dihedral(x, a), b), v) for v in views)
+
+
+def test_random_dihedral_maps_each_image_to_one_of_its_views():
+    x = torch.rand(16, 3, 8, 8)
+    out = random_dihedral(x, torch.Generator().manual_seed(0))
+    for i in range(16):
+        assert any(torch.equal(out[i:i + 1], dihedral(x[i:i + 1], k)) for k in range(N_VIEWS))
+
+
+def test_hed_identity_and_numpy_torch_agreement():
+    img = _img(1)
+    same = hed_transform_np(img, np.ones(3), np.zeros(3))
+    assert np.abs(same.astype(int) - img).max() <= 1
+    alpha, beta = np.array([1.05, 0.95, 1.0]), np.array([0.02, -0.01, 0.0])
+    a = hed_transform_np(img, alpha, beta)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
+    b = hed_transform(x, torch.tensor(alpha)[None], torch.tensor(beta)[None])
+    b = (b[0].permute(1, 2, 0) * 255).round().numpy()
+    assert np.abs(a.astype(int) - b).max() <= 1
+    assert np.abs(a.astype(int) - img).mean() > 1  # it does change the colours
+
+
+def test_hed_jitter_moves_the_hematoxylin_channel():
+    img = _img(2)
+    more_h = hed_transform_np(img, np.array([1.3, 1.0, 1.0]), np.zeros(3))
+    from histoshift.data.augment import HED_FROM_RGB
+
+    def h_amount(im):
+        od = -np.log((im.astype(np.float64) + 1) / 256)
+        return (od @ HED_FROM_RGB)[..., 0].mean()
+
+    assert h_amount(more_h) > h_amount(img) * 1.15
+
+
+def test_albumentations_pipeline():
+    cfg = AugCfg(backend="albumentations", dihedral=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
+    tf = build_albumentations(cfg)
+    img = _img(3)
+    out = tf(image=img)["image"]
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, img)
+    off = build_albumentations(AugCfg(dihedral=False, hed_sigma=0.0, brightness=0.0, contrast=0.0))
+    assert np.array_equal(off(image=img)["image"], img)
+
+
+def test_torch_batch_augmentation_shapes_range_and_randomness():
+    cfg = AugCfg(backend="torch", dihedral=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
+    x = to_float(torch.from_numpy(np.stack([_img(i) for i in range(8)])))
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, 96, 96) and out.min() >= 0 and out.max() <= 1
+    again = augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    assert not torch.equal(out, again)
+    off = augment_batch(x, AugCfg(dihedral=False, hed_sigma=0, brightness=0, contrast=0))
+    assert torch.equal(off, x)
+
+
+@pytest.mark.parametrize("size", [96, 112, 224])
+def test_normalize_resizes_and_standardises(size):
+    x = torch.full((2, 3, 96, 96), 0.5)
+    out = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size)
+    assert out.shape == (2, 3, size, size)
+    torch.testing.assert_close(out, torch.zeros_like(out))

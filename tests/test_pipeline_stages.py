@@ -1,0 +1,98 @@
+"""Every stage through the CLI on tiny generated data: files, keys and idempotence."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from histoshift.cli import main
+from histoshift.runs import find_runs
+
+TINY = {
+    "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
+    "algorithm": {"name": "dann"},
+    "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8, "num_workers": 0, "eval_batch_size": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    cfg_a = root / "tiny_dann.yaml"
+    cfg_a.write_text(yaml.safe_dump(TINY))
+    cfg_b = root / "tiny_erm_torchaug.yaml"
+    cfg_b.write_text(yaml.safe_dump(TINY | {"algorithm": {"name": "erm"}, "aug": {"backend": "torch"}}))
+    r = ["--root", str(root)]
+    assert main(r + ["demo-data", "--per-center", "24", "--test-size", "30"]) == 0
+    assert main(r + ["prepare"]) == 0
+    assert main(r + ["folds"]) == 0
+    for cfg in (cfg_a, cfg_b):
+        assert main(r + ["train", "--config", str(cfg)]) == 0
+    assert main(r + ["infer"]) == 0
+    assert main(r + ["stack"]) == 0
+    assert main(r + ["submit"]) == 0
+    assert main(r + ["report"]) == 0
+    return root
+
+
+def test_every_fold_run_has_its_files(pipeline):
+    runs = find_runs(pipeline / "work" / "runs")
+    assert sorted(r.name for r in runs) == sorted(
+        f"{c}/seed0/fold{k}" for c in ("tiny_dann", "tiny_erm_torchaug") for k in (0, 1, 3, 4))
+    folds = pd.read_csv(pipeline / "folds" / "folds.csv")
+    test_ids = set(pd.read_csv(pipeline / "work" / "cache" / "index.csv").query("split == 'test'").id)
+    for run in runs:
+        metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+        assert [m["epoch"] for m in metrics] == [1, 2] and all(m["heldout_center"] == run.fold for m in metrics)
+        assert yaml.safe_load(run.config.read_text())["model"]["backbone"] == "test_efficientnet"
+        oof = pd.read_csv(run.oof)
+        assert set(oof.id) == set(folds[folds.fold == run.fold].id) and (oof.center == run.fold).all()
+        summary = json.loads(run.summary.read_text())
+        assert {row["center"] for row in summary["per_center"]} == {0, 1, 3, 4}
+        heldout = pd.read_csv(run.tta_heldout)
+        assert [c for c in heldout.columns if c.startswith("v")] == [f"v{k}" for k in range(8)]
+        assert set(heldout.id) == set(oof.id)
+        test = pd.read_csv(run.tta_test)
+        assert set(test.id) == test_ids and test.id.is_unique  # aberrant test patches are predicted too
+
+
+def test_stack_and_submission(pipeline):
+    choice = json.loads((pipeline / "work" / "stack" / "choice.json").read_text())
+    assert choice["members"] == ["tiny_dann/seed0", "tiny_erm_torchaug/seed0"]
+    assert set(choice["loco_accuracy"]) == {"mean", "rank", "stack"}
+    sub = pd.read_csv(pipeline / "submissions" / "submission.csv")
+    assert list(sub.columns) == ["ID", "Pred"] and len(sub) == 30 and set(sub.Pred) <= {0, 1}
+    report = (pipeline / "work" / "report" / "report.md").read_text()
+    assert "tiny_dann/seed0/fold3" in report and (pipeline / "work" / "report" / "combiners.png").stat().st_size > 1000
+
+
+def test_stages_are_idempotent(pipeline, capsys):
+    r = ["--root", str(pipeline)]
+    run = find_runs(pipeline / "work" / "runs")[0]
+    stamp = run.checkpoint.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(r + ["prepare"]) == 0 and main(r + ["folds"]) == 0
+    cfg = pipeline / "tiny_dann.yaml"
+    assert main(r + ["train", "--config", str(cfg)]) == 0
+    assert main(r + ["infer"]) == 0
+    out = capsys.readouterr().out
+    assert "up to date" in out and "done with this config, skipping" in out
+    assert run.checkpoint.stat().st_mtime_ns == stamp
+
+
+def test_a_changed_config_never_overwrites_a_finished_run(pipeline, capsys):
+    r = ["--root", str(pipeline)]
+    cfg = str(pipeline / "tiny_dann.yaml")
+    assert main(r + ["train", "--config", cfg, "--fold", "3", "optim.lr=0.5"]) == 2
+    assert "holds a finished run with another config" in capsys.readouterr().err
+    assert main(r + ["train", "--config", cfg, "--fold", "2"]) == 2  # the test center is no fold
+
+
+def test_bad_input_stops_prepare_with_a_message(tmp_path, capsys):
+    (tmp_path / "input").mkdir()
+    for name in ("train.h5", "val.h5", "test.h5"):
+        (tmp_path / "input" / name).write_text("garbage")
+    assert main(["--root", str(tmp_path), "prepare"]) == 2
+    assert "train.h5: cannot be read as HDF5" in capsys.readouterr().err

@@ -1,0 +1,152 @@
+"""Stacking uses out-of-fold inputs only; combiners; the submission checker and writer."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import random_items, write_h5
+from histoshift.runs import RunDir
+from histoshift.stack import build_features, choose, compare_loco, feature_columns, fit_stacker, rank_predict, run_stack
+from histoshift.submit import SubmissionError, check_submission, write_submission
+
+
+def _fake_runs(tmp_path, members=("a", "b"), n=40, seed=0, leak_fold=None):
+    """Fold runs whose TTA files look like the infer stage's: logits informative about the label."""
+    rng = np.random.default_rng(seed)
+    centers = [0, 1, 3, 4]
+    ids = np.arange(100, 100 + n * len(centers))
+    folds = pd.DataFrame({"id": ids, "center": np.repeat(centers, n), "label": rng.integers(0, 2, len(ids))})
+    folds["fold"] = folds["center"]
+    (tmp_path / "folds").mkdir(exist_ok=True)
+    folds.to_csv(tmp_path / "folds" / "folds.csv", index=False)
+    test_ids = np.arange(9000, 9030)
+    runs = []
+    for m in members:
+        for k in centers:
+            run = RunDir.of(tmp_path / "runs", m, 0, k)
+            run.path.mkdir(parents=True)
+            part = folds[folds.fold == k] if k != leak_fold else folds[folds.fold != k]
+            logit = (part.label.to_numpy() * 2 - 1) * 1.5 + rng.normal(0, 1.2, (8, len(part)))
+            t = pd.DataFrame({"id": part.id, "center": part.center, "label": part.label})
+            for v in range(8):
+                t[f"v{v}"] = logit[v]
+            t.to_csv(run.tta_heldout, index=False)
+            tt = pd.DataFrame({"id": test_ids, "center": 2, "label": -1})
+            for v in range(8):
+                tt[f"v{v}"] = rng.normal(0, 2, len(test_ids))
+            tt.to_csv(run.tta_test, index=False)
+            run.done.write_text("x")
+            runs.append(run)
+    return runs, tmp_path / "folds" / "folds.csv", folds
+
+
+def test_features_are_out_of_fold_and_exclude_the_center(tmp_path):
+    runs, folds_csv, folds = _fake_runs(tmp_path)
+    oof, test, names = build_features(runs, folds_csv)
+    assert names == ["a/seed0", "b/seed0"]
+    assert sorted(oof.id) == sorted(folds.id) and oof.id.is_unique
+    cols = feature_columns(names)
+    assert "center" not in cols and all(c in oof.columns for c in cols)
+    # each row's features are the TTA mean of the fold model that held its center out
+    run = next(r for r in runs if r.model_name == "a/seed0" and r.fold == 3)
+    t = pd.read_csv(run.tta_heldout).set_index("id")
+    row = oof.set_index("id").loc[t.index[0]]
+    assert row["a/seed0__mean"] == pytest.approx(t.iloc[0][[f"v{v}" for v in range(8)]].mean())
+    assert len(test) == 30 and set(test.columns) == {"id", "center", *cols}
+
+
+def test_in_fold_predictions_are_refused(tmp_path):
+    runs, folds_csv, _ = _fake_runs(tmp_path, leak_fold=3)
+    with pytest.raises(ValueError, match="would not be out of fold"):
+        build_features(runs, folds_csv)
+
+
+def test_stacker_refuses_unlabelled_rows(tmp_path):
+    runs, folds_csv, _ = _fake_runs(tmp_path)
+    oof, test, names = build_features(runs, folds_csv)
+    bad = pd.concat([oof, test.assign(label=-1)])
+    with pytest.raises(ValueError, match="out-of-fold"):
+        fit_stacker(bad, names)
+
+
+def test_loco_comparison_scores_each_center_with_a_stacker_that_never_saw_it(tmp_path, monkeypatch):
+    runs, folds_csv, _ = _fake_runs(tmp_path)
+    oof, _, names = build_features(runs, folds_csv)
+    seen = []
+    import histoshift.stack as stack
+
+    real_fit = stack.fit_stacker
+    monkeypatch.setattr(stack, "fit_stacker", lambda rows, *a, **k: (seen.append(set(rows.center)), real_fit(rows, *a, **k))[1])
+    comparison = compare_loco(oof, names)
+    assert seen == [{1, 3, 4}, {0, 3, 4}, {0, 1, 4}, {0, 1, 3}]
+    assert set(comparison.method) == {"mean", "rank", "stack"} and len(comparison) == 12
+    assert (comparison.accuracy > 0.7).all()  # the fake logits are informative
+
+
+def test_rank_average_keeps_the_mean_positive_count():
+    feats = pd.DataFrame({"a__mean": [-2.0, -1.0, 0.5, 3.0, 1.0], "b__mean": [-1.0, 0.1, 0.2, 2.0, 1.5]})
+    ranks, pred = rank_predict(feats, ["a", "b"])
+    assert pred.sum() == 3  # mean logits: -1.5, -0.45, 0.35, 2.5, 1.25
+    assert pred.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_choose_prefers_the_simpler_combiner_on_ties():
+    c = pd.DataFrame({"method": ["mean", "rank", "stack"] * 2, "center": [0] * 3 + [1] * 3,
+                      "accuracy": [0.9, 0.9, 0.9, 0.8, 0.8, 0.8]})
+    assert choose(c) == "mean"
+    c.loc[5, "accuracy"] = 0.85
+    assert choose(c) == "stack"
+
+
+def test_run_stack_writes_scores_and_comparison(tmp_path):
+    runs, folds_csv, _ = _fake_runs(tmp_path)
+    result = run_stack(runs, folds_csv, tmp_path / "stack")
+    scores = pd.read_csv(tmp_path / "stack" / "test_scores.csv")
+    assert len(scores) == 30 and set(scores.pred) <= {0, 1}
+    assert result["method"] in ("mean", "rank", "stack")
+    assert (tmp_path / "stack" / "comparison.csv").exists()
+
+
+def _sub(ids, preds):
+    return pd.DataFrame({"ID": ids, "Pred": preds})
+
+
+@pytest.mark.parametrize("sub, message", [
+    (pd.DataFrame({"id": [1, 2, 3], "Pred": [0, 1, 0]}), "columns"),
+    (pd.DataFrame({"ID": [1, 2, 3], "Pred": [0, 1, 0], "x": 1}), "columns"),
+    (_sub([1, 2, 2], [0, 1, 0]), "duplicate ID 2"),
+    (_sub([1, 2], [0, 1]), "1 test ids missing"),
+    (_sub([1, 2, 3, 4], [0, 1, 0, 1]), "1 ids not in test.h5"),
+    (_sub([1, 2, 3], [0, 2, 0]), "Pred must be 0 or 1"),
+    (_sub([1, 2, 3], [0, 0.5, 1]), "Pred must be 0 or 1"),
+    (_sub([1, 2, None], [0, 1, 1]), "empty"),
+])
+def test_submission_checker_rejects_wrong_files(sub, message):
+    with pytest.raises(SubmissionError, match=message):
+        check_submission(sub, [1, 2, 3])
+
+
+def test_submission_checker_accepts_a_valid_file():
+    check_submission(_sub([3, 1, 2], [1, 0, 1]), [1, 2, 3])
+
+
+def test_write_submission_checks_against_test_h5_and_keeps_earlier_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    test_h5 = write_h5(tmp_path / "test.h5", random_items(rng, [5, 6, 7], 2))
+    scores = tmp_path / "scores.csv"
+    pd.DataFrame({"id": [5, 6, 7], "score": [0.1, 0.9, 0.2], "pred": [0, 1, 0]}).to_csv(scores, index=False)
+    out = tmp_path / "submissions"
+    path = write_submission(scores, test_h5, out)
+    assert path.read_text() == "ID,Pred\n5,0\n6,1\n7,0\n"
+    write_submission(scores, test_h5, out)  # same predictions: nothing to keep
+    assert sorted(p.name for p in out.iterdir()) == ["submission.csv"]
+    pd.DataFrame({"id": [5, 6, 7], "score": 0, "pred": [1, 1, 1]}).to_csv(scores, index=False)
+    write_submission(scores, test_h5, out)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 2 and files[1] == "submission.csv"
+    assert (out / files[0]).read_text() == "ID,Pred\n5,0\n6,1\n7,0\n"
+    pd.DataFrame({"id": [5, 6], "score": 0, "pred": [1, 1]}).to_csv(scores, index=False)
+    with pytest.raises(SubmissionError, match="missing"):
+        write_submission(scores, test_h5, out)
+    assert (out / "submission.csv").read_text() == "ID,Pred\n5,1\n6,1\n7,1\n"
