@@ -87,4 +87,4 @@ def test_dann_domain_head_gets_its_own_lr_and_reversed_gradient():
     torch.testing.assert_close(g_rev, -0.7 * g_plain)
     out = algo(batch, progress=0.5)
     assert float(out["grl"]) == pytest.approx(ganin_coefficient(0.5))
-    assert float(out["loss"]) == pytest.approx(float(out["cls_loss"] + cfg.algorithm.domain_weight * out["dom_loss"]), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(float(out["cls_loss"] + cfg.algorithm.domain_weight * out["dom_loss"]), rel=1e-5)

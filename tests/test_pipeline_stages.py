@@ -96,3 +96,20 @@ def test_bad_input_stops_prepare_with_a_message(tmp_path, capsys):
         (tmp_path / "input" / name).write_text("garbage")
     assert main(["--root", str(tmp_path), "prepare"]) == 2
     assert "train.h5: cannot be read as HDF5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend, workers", [("albumentations", 1), ("torch", 0)])
+def test_training_is_reproducible(prepared_root, tmp_path, backend, workers):
+    from histoshift.config import load_config
+    from histoshift.runs import RunDir
+    from histoshift.train import train_fold
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY | {"aug": {"backend": backend, "hed_sigma": 0.05}}))
+    cfg = load_config(path, ["train.epochs=1", f"train.num_workers={workers}"])
+    outs = []
+    for k in range(2):
+        run = RunDir.of(tmp_path / f"runs{k}", cfg.name, 0, 3)
+        train_fold(cfg, prepared_root / "work" / "cache", prepared_root / "folds" / "folds.csv", run)
+        outs.append(pd.read_csv(run.oof))
+    pd.testing.assert_frame_equal(outs[0], outs[1])

@@ -91,7 +91,8 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     must_train = bool(accelerator.gather(torch.tensor([must_train], device=accelerator.device)).all())
     if not must_train:
         return None
-    set_seed(cfg.train.seed + 1000 * run.fold, device_specific=True)
+    seed = cfg.train.seed + 1000 * run.fold
+    set_seed(seed, device_specific=True)
     if accelerator.is_main_process:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
@@ -106,12 +107,12 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
 
     model = PatchClassifier(cfg.model)
     algorithm = ALGORITHMS[cfg.algorithm.name](model, len(centers), cfg)
-    transform = build_albumentations(cfg.aug) if cfg.aug.backend == "albumentations" else None
+    transform = build_albumentations(cfg.aug, seed) if cfg.aug.backend == "albumentations" else None
     src_loader = make_loader(PatchDataset(cache.gather(source), source, domain_of_center, transform),
-                             cfg.train.batch_size, train=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed)
+                             cfg.train.batch_size, train=True, num_workers=cfg.train.num_workers, seed=seed)
     tgt_loader = make_loader(PatchDataset(cache.gather(target), target, domain_of_center, transform),
                              cfg.train.target_batch_size, train=True, num_workers=cfg.train.num_workers,
-                             seed=cfg.train.seed + 1)
+                             seed=seed + 1)
     eval_loader = make_loader(PatchDataset(cache.gather(heldout), heldout, domain_of_center),
                               cfg.train.eval_batch_size, train=False)
     optimizer = torch.optim.AdamW(algorithm.param_groups(), weight_decay=cfg.optim.weight_decay)

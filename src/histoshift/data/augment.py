@@ -63,7 +63,7 @@ class HEDJitter(A.ImageOnlyTransform):
         return ("sigma",)
 
 
-def build_albumentations(cfg: AugCfg) -> A.Compose:
+def build_albumentations(cfg: AugCfg, seed: int | None = None) -> A.Compose:
     steps = []
     if cfg.dihedral:
         steps.append(A.D4(p=1.0))
@@ -72,7 +72,7 @@ def build_albumentations(cfg: AugCfg) -> A.Compose:
     if cfg.brightness > 0 or cfg.contrast > 0:
         # out = img * U(1-c, 1+c) + 255 * U(-b, b), the formula `brightness_contrast` uses too
         steps.append(A.RandomBrightnessContrast(cfg.brightness, cfg.contrast, brightness_by_max=True, p=1.0))
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)  # seeded: runs repeat exactly (workers are reseeded per worker)
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
