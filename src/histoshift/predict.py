@@ -24,6 +24,13 @@ from .runs import load_run_model, RunDir
 CPU_CHUNK = 64
 
 
+def resolve_precision(precision: str) -> str:
+    """'auto': bf16 on a GPU that supports it, off elsewhere (CPUs gain nothing from it here)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 @torch.no_grad()
 def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, input_size: int,
                   views=tuple(range(N_VIEWS)), desc: str = "predict") -> pd.DataFrame:
@@ -99,7 +106,7 @@ def _acc(table: pd.DataFrame) -> float:
 def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False) -> None:
     if not runs:
         raise FileNotFoundError("infer: no finished training runs found; run the train stage first")
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=resolve_precision("auto"))
     cache = Cache.open(cache_dir)
     for run in runs:
         infer_run(run, cache, accelerator, force)

@@ -4,7 +4,7 @@
   metrics.jsonl      one line per epoch (append-only)
   model.safetensors  the final weights (backbone + head)
   oof.csv            plain-view logits of the held-out center: id, center, label, logit
-  summary.json       per-center accuracy and AUC (held-out center out of fold, others in sample)
+  summary.json       per-center accuracy and AUC (held-out center out of fold; others in sample, <= 2,000 each)
   tta_heldout.csv    8-view logits of the held-out center (infer stage)
   tta_test.csv       8-view logits of the test center (infer stage)
   done               written last by training: the run is complete

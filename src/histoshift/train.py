@@ -29,14 +29,10 @@ from .data.folds import read_folds
 from .data.loader import PatchDataset, cycle, make_loader
 from .metrics import per_center
 from .models.backbone import PatchClassifier
-from .predict import predict_views
+from .predict import predict_views, resolve_precision
 from .runs import RunDir
 
-
-def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+IN_SAMPLE_EVAL = 2000
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):
@@ -175,8 +171,11 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(run.checkpoint))
         oof.to_csv(run.oof, index=False, float_format="%.6g")
-    # every labelled center: the held-out one out of fold, the training ones in sample (for reference)
-    full = cache.index[cache.index["split"] != "test"].reset_index(drop=True)
+    # every labelled center: the held-out one out of fold (all of it), the training ones in sample
+    # (for reference only; a fixed sample of at most IN_SAMPLE_EVAL patches each keeps this cheap)
+    labelled = cache.index[cache.index["split"] != "test"]
+    full = pd.concat([part if c == run.fold else part.sample(min(len(part), IN_SAMPLE_EVAL), random_state=0)
+                      for c, part in labelled.groupby("center")]).reset_index(drop=True)
     full_loader = accelerator.prepare(make_loader(PatchDataset(cache.gather(full), full, domain_of_center),
                                                   cfg.train.eval_batch_size, train=False))
     everything = predict_views(core.model, full_loader, accelerator, size, views=(0,), desc="all labelled")
