@@ -61,7 +61,14 @@ class TrainCfg:
     target_batch_size: int = 32  # unlabelled images per step for the domain head (DANN)
     steps_per_epoch: int = 0  # 0 = one pass over the labelled training patches
     num_workers: int = 2
-    precision: str = "auto"  # "auto" (bf16 on a GPU that supports it, else off) | "no" | "bf16" | "fp16"
+    # "auto": bf16 on a GPU that supports it, except depthwise-conv families (EfficientNet, MobileNet,
+    # ...) that ran slower in bf16 on an H100; off on CPU | "no" | "bf16" | "fp16"
+    precision: str = "auto"
+    channels_last: bool = False  # NHWC memory format for conv nets on GPUs
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    # where the torch augmentation backend keeps the training images:
+    # "auto" (on the GPU when they fit in a third of its free memory, else pinned host memory) | "device" | "host"
+    placement: str = "auto"
     seed: int = 0
     eval_batch_size: int = 256
 
@@ -165,6 +172,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"aug.backend: expected 'albumentations' or 'torch', got '{cfg.aug.backend}'")
     if cfg.train.precision not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError(f"train.precision: expected auto|no|bf16|fp16, got '{cfg.train.precision}'")
+    if cfg.train.placement not in ("auto", "device", "host"):
+        raise ConfigError(f"train.placement: expected auto|device|host, got '{cfg.train.placement}'")
     if cfg.model.input_size < 32:
         raise ConfigError(f"model.input_size: {cfg.model.input_size} is too small")
     for key in ("epochs", "batch_size", "eval_batch_size"):

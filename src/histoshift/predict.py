@@ -24,16 +24,28 @@ from .runs import load_run_model, RunDir
 CPU_CHUNK = 64
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto': bf16 on a GPU that supports it, off elsewhere (CPUs gain nothing from it here)."""
+FP32_FAMILIES = ("efficientnet", "mobilenet", "mixnet", "mnasnet", "ghostnet")  # depthwise convs: bf16 was slower
+
+
+def resolve_precision(precision: str, backbone: str = "") -> str:
+    """'auto': bf16 on a GPU that supports it unless the backbone family runs faster in fp32; off on CPU."""
     if precision != "auto":
         return precision
+    if any(f in backbone for f in FP32_FAMILIES):
+        return "no"
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for one block of work, whatever the precision of the process's Accelerator."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.no_grad()
 def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, input_size: int,
-                  views=tuple(range(N_VIEWS)), desc: str = "predict") -> pd.DataFrame:
+                  views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
+                  channels_last: bool = False) -> pd.DataFrame:
     """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
@@ -46,7 +58,9 @@ def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, inpu
         x = to_float(batch["image"].to(accelerator.device))
         b = x.shape[0]
         stacked = normalize(torch.cat([dihedral(x, k) for k in views]), mean, std, input_size)
-        with accelerator.autocast():
+        if channels_last:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        with autocast(accelerator.device, precision):
             out = torch.cat([model(part)["logits"].float() for part in stacked.split(chunk)])
         out = out.view(len(views), b).T.contiguous()
         g = accelerator.gather_for_metrics((batch["id"].to(accelerator.device), batch["center"].to(accelerator.device),
@@ -65,7 +79,9 @@ def predict_table(model, cache: Cache, table: pd.DataFrame, accelerator: Acceler
                   domain_of_center: dict[int, int], views=tuple(range(N_VIEWS)), desc: str = "predict") -> pd.DataFrame:
     ds = PatchDataset(cache.gather(table), table, domain_of_center)
     loader = accelerator.prepare(make_loader(ds, cfg.train.eval_batch_size, train=False))
-    return predict_views(model, loader, accelerator, cfg.model.input_size, views, desc)
+    return predict_views(model, loader, accelerator, cfg.model.input_size, views, desc,
+                         precision=resolve_precision(cfg.train.precision, cfg.model.backbone),
+                         channels_last=cfg.train.channels_last)
 
 
 def view_columns(table: pd.DataFrame) -> list[str]:
@@ -79,6 +95,8 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
         accelerator.print(f"infer: {run.path} is up to date")
         return
     cfg, model = load_run_model(run)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare(model)
     index = cache.index
     centers = sorted(index["center"].unique())
@@ -106,7 +124,7 @@ def _acc(table: pd.DataFrame) -> float:
 def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False) -> None:
     if not runs:
         raise FileNotFoundError("infer: no finished training runs found; run the train stage first")
-    accelerator = Accelerator(mixed_precision=resolve_precision("auto"))
+    accelerator = Accelerator()  # precision per run, from its config (see predict_table)
     cache = Cache.open(cache_dir)
     for run in runs:
         infer_run(run, cache, accelerator, force)

@@ -26,10 +26,10 @@ from .config import Config, save_config, load_config
 from .data.augment import augment_batch, build_albumentations, normalize, to_float
 from .data.cache import Cache
 from .data.folds import read_folds
-from .data.loader import PatchDataset, cycle, make_loader
+from .data.loader import PatchDataset, TensorBatches, cycle, make_loader, place_images
 from .metrics import per_center
 from .models.backbone import PatchClassifier
-from .predict import predict_views, resolve_precision
+from .predict import autocast, predict_views, resolve_precision
 from .runs import RunDir
 
 IN_SAMPLE_EVAL = 2000
@@ -62,6 +62,21 @@ def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
     return source.reset_index(drop=True), heldout.reset_index(drop=True), target.reset_index(drop=True)
 
 
+def _train_loaders(cfg: Config, cache: Cache, source, target, domain_of_center, seed: int, accelerator: Accelerator):
+    """Labelled and unlabelled training batches: per-item albumentations on DataLoader workers, or
+    whole-batch gathers from a tensor in device or host memory for the torch backend."""
+    if cfg.aug.backend == "albumentations":
+        transform = build_albumentations(cfg.aug, seed)
+        return tuple(
+            make_loader(PatchDataset(cache.gather(t), t, domain_of_center, transform), bs, train=True,
+                        num_workers=cfg.train.num_workers, seed=seed + k)
+            for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
+    return tuple(
+        TensorBatches(place_images(cache.gather(t), accelerator.device, cfg.train.placement), t, domain_of_center,
+                      bs, accelerator.device, seed + k, accelerator.process_index, accelerator.num_processes)
+        for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
+
+
 def prepare_run_dir(run: RunDir, cfg: Config, force: bool) -> bool:
     """True when the run must be trained. A finished run with the same config is kept; a finished
     run with another config is never overwritten without `force` (then it is moved aside)."""
@@ -82,7 +97,8 @@ def prepare_run_dir(run: RunDir, cfg: Config, force: bool) -> bool:
 
 
 def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = False) -> dict | None:
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision))
+    precision = resolve_precision(cfg.train.precision, cfg.model.backbone)
+    accelerator = Accelerator(mixed_precision=precision)
     must_train = prepare_run_dir(run, cfg, force) if accelerator.is_main_process else True
     must_train = bool(accelerator.gather(torch.tensor([must_train], device=accelerator.device)).all())
     if not must_train:
@@ -99,21 +115,22 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     domain_of_center = {c: i for i, c in enumerate(centers)}
     accelerator.print(f"train {run.name}: {len(source)} labelled patches from centers "
                       f"{sorted(int(c) for c in source['center'].unique())}, held-out center {run.fold} ({len(heldout)}), "
-                      f"{len(target)} unlabelled target patches, precision {accelerator.mixed_precision}")
+                      f"{len(target)} unlabelled target patches, precision {precision}")
 
     model = PatchClassifier(cfg.model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     algorithm = ALGORITHMS[cfg.algorithm.name](model, len(centers), cfg)
-    transform = build_albumentations(cfg.aug, seed) if cfg.aug.backend == "albumentations" else None
-    src_loader = make_loader(PatchDataset(cache.gather(source), source, domain_of_center, transform),
-                             cfg.train.batch_size, train=True, num_workers=cfg.train.num_workers, seed=seed)
-    tgt_loader = make_loader(PatchDataset(cache.gather(target), target, domain_of_center, transform),
-                             cfg.train.target_batch_size, train=True, num_workers=cfg.train.num_workers,
-                             seed=seed + 1)
+    src_loader, tgt_loader = _train_loaders(cfg, cache, source, target, domain_of_center, seed, accelerator)
     eval_loader = make_loader(PatchDataset(cache.gather(heldout), heldout, domain_of_center),
                               cfg.train.eval_batch_size, train=False)
     optimizer = torch.optim.AdamW(algorithm.param_groups(), weight_decay=cfg.optim.weight_decay)
-    algorithm, optimizer, src_loader, tgt_loader, eval_loader = accelerator.prepare(
-        algorithm, optimizer, src_loader, tgt_loader, eval_loader)
+    algorithm, optimizer, eval_loader = accelerator.prepare(algorithm, optimizer, eval_loader)
+    if cfg.aug.backend == "albumentations":  # DataLoaders: Accelerate shards them
+        src_loader, tgt_loader = accelerator.prepare(src_loader, tgt_loader)
+    if cfg.train.compile:
+        core_model = accelerator.unwrap_model(algorithm).model
+        core_model.forward = torch.compile(core_model.forward)
     if len(src_loader) == 0:
         raise ValueError(f"fold {run.fold}: fewer labelled patches ({len(source)}) than one batch")
     steps_per_epoch = cfg.train.steps_per_epoch or len(src_loader)
@@ -123,10 +140,11 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     mean, std, size = core.model.mean, core.model.std, cfg.model.input_size
 
     def model_input(images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images)
+        x = to_float(images.to(accelerator.device, non_blocking=True))
         if cfg.aug.backend == "torch":
             x = augment_batch(x, cfg.aug)
-        return normalize(x, mean, std, size)
+        x = normalize(x, mean, std, size)
+        return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
 
     src_iter = cycle(src_loader)
     tgt_iter = cycle(tgt_loader) if core.uses_target else None
@@ -142,7 +160,7 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
             if tgt_iter is not None:
                 tb = next(tgt_iter)
                 feed.update(x_target=model_input(tb["image"]), domain_target=tb["domain"])
-            with accelerator.autocast():
+            with autocast(accelerator.device, precision):
                 out = algorithm(feed, progress=step / total)
             accelerator.backward(out["loss"])
             if cfg.optim.grad_clip > 0:
@@ -155,7 +173,8 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                 if k != "logits" and v.ndim == 0:
                     logs.setdefault(k, []).append(float(v.detach()))
             bar.set_postfix(loss=f"{np.mean(logs['loss'][-20:]):.3f}")
-        oof = predict_views(core.model, eval_loader, accelerator, size, views=(0,), desc="held-out")
+        oof = predict_views(core.model, eval_loader, accelerator, size, views=(0,), desc="held-out",
+                            precision=precision, channels_last=cfg.train.channels_last)
         oof = oof.rename(columns={"v0": "logit"})
         held = per_center(oof).iloc[0]
         record = {"epoch": epoch + 1, "step": step, "seconds": round(time.time() - t0, 1),
@@ -178,7 +197,8 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                       for c, part in labelled.groupby("center")]).reset_index(drop=True)
     full_loader = accelerator.prepare(make_loader(PatchDataset(cache.gather(full), full, domain_of_center),
                                                   cfg.train.eval_batch_size, train=False))
-    everything = predict_views(core.model, full_loader, accelerator, size, views=(0,), desc="all labelled")
+    everything = predict_views(core.model, full_loader, accelerator, size, views=(0,), desc="all labelled",
+                               precision=precision, channels_last=cfg.train.channels_last)
     table = per_center(everything.rename(columns={"v0": "logit"}))
     table["held_out"] = table["center"] == run.fold
     if accelerator.is_main_process:

@@ -63,3 +63,42 @@ def cycle(loader):
     """Endless iteration over a loader (reshuffled each pass), for the unlabelled target batches."""
     while True:
         yield from loader
+
+
+def place_images(images: np.ndarray, device: torch.device, placement: str = "auto") -> torch.Tensor:
+    """The uint8 image array as a tensor on the device (when it fits, or when asked) or in host memory
+    (pinned when a GPU will read it)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == "cuda":
+        fits = tensor.nbytes < torch.cuda.mem_get_info(device)[0] / 3
+        if placement == "device" or (placement == "auto" and fits):
+            return tensor.to(device)
+        return tensor.pin_memory()
+    return tensor
+
+
+class TensorBatches:
+    """Shuffled training batches gathered from one image tensor: one index operation per batch and
+    no per-item Python work. Every process draws the same permutation from `seed` and takes its own
+    slice of each step, so `accelerate launch` shards the data without a sampler. The permutation
+    changes every pass."""
+
+    def __init__(self, images: torch.Tensor, table: pd.DataFrame, domain_of_center: dict[int, int],
+                 batch_size: int, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1):
+        self.images, self.device = images, device
+        self.labels = torch.as_tensor(table["label"].to_numpy(np.float32))
+        self.domains = torch.as_tensor(np.array([domain_of_center[c] for c in table["center"]], dtype=np.int64))
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels) // (self.batch_size * self.world)
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.labels), generator=self.generator)
+        for b in range(len(self)):
+            start = (b * self.world + self.rank) * self.batch_size
+            idx = perm[start:start + self.batch_size]
+            images = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+            yield {"image": images, "label": self.labels[idx].to(self.device, non_blocking=True),
+                   "domain": self.domains[idx].to(self.device, non_blocking=True)}
