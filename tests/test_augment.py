@@ -87,3 +87,43 @@ def test_normalize_resizes_and_standardises(size):
     out = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size)
     assert out.shape == (2, 3, size, size)
     torch.testing.assert_close(out, torch.zeros_like(out))
+
+
+def _two_paths(cfg: AugCfg, img: np.ndarray, n: int = 400):
+    """n augmented copies of one image by each backend, as float arrays in [0, 1] (N x 3 x H x W)."""
+    tf = build_albumentations(cfg, seed=0)
+    alb = np.stack([tf(image=img)["image"] for _ in range(n)]).transpose(0, 3, 1, 2) / 255.0
+    x = to_float(torch.from_numpy(np.repeat(img[None], n, axis=0)))
+    tor = augment_batch(x, cfg, torch.Generator().manual_seed(0)).numpy()
+    return alb, tor
+
+
+def test_backends_draw_the_same_dihedral_views():
+    from scipy.stats import chisquare
+
+    img = _img(5, side=8)
+    alb, tor = _two_paths(AugCfg(dihedral=True, hed_sigma=0, brightness=0, contrast=0), img, n=800)
+    x = to_float(torch.from_numpy(img[None]))
+    views = [np.rint(dihedral(x, k)[0].numpy() * 255) for k in range(N_VIEWS)]
+
+    def counts(batch):
+        ids = [next(k for k, v in enumerate(views) if np.array_equal(np.rint(b * 255), v)) for b in batch]
+        return np.bincount(ids, minlength=N_VIEWS)
+
+    for c in (counts(alb), counts(tor)):
+        assert (c > 0).all() and chisquare(c).pvalue > 0.001  # all 8 views, uniformly
+
+
+@pytest.mark.parametrize("cfg", [AugCfg(dihedral=False, hed_sigma=0.05, brightness=0, contrast=0),
+                                 AugCfg(dihedral=False, hed_sigma=0, brightness=0.1, contrast=0.1)],
+                         ids=["hed", "brightness-contrast"])
+def test_backends_draw_from_the_same_colour_distribution(cfg):
+    from scipy.stats import ks_2samp
+
+    img = _img(6, side=16)
+    alb, tor = _two_paths(cfg, img, n=2000)
+    for c in range(3):  # per-channel mean intensity of each augmented copy
+        a, t = alb[:, c].mean(axis=(1, 2)), tor[:, c].mean(axis=(1, 2))
+        assert ks_2samp(a, t).pvalue > 0.001, f"channel {c}: {a.mean():.4f}+-{a.std():.4f} vs {t.mean():.4f}+-{t.std():.4f}"
+        assert a.std() > 0.002  # the transform really varies the colour
+        assert abs(a.std() / t.std() - 1) < 0.1
