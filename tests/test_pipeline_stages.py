@@ -113,3 +113,44 @@ def test_training_is_reproducible(prepared_root, tmp_path, backend, workers):
         train_fold(cfg, prepared_root / "work" / "cache", prepared_root / "folds" / "folds.csv", run)
         outs.append(pd.read_csv(run.oof))
     pd.testing.assert_frame_equal(outs[0], outs[1])
+
+
+def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
+    """Embed once (8 views), train a linear probe and an MLP+DANN head per fold, stack with them."""
+    import numpy as np
+    import torch
+
+    from histoshift.config import load_config
+    from histoshift.data.augment import dihedral, normalize, to_float
+    from histoshift.data.cache import Cache
+    from histoshift.models.backbone import PatchClassifier
+
+    root = tmp_path / "root"
+    import shutil
+    shutil.copytree(prepared_root, root)
+    r = ["--root", str(root)]
+    frozen = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True},
+              "train": {"epochs": 3, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
+    for name, extra in (("probe", {"algorithm": {"name": "erm"}}),
+                        ("mlp_dann", {"algorithm": {"name": "dann"}, "model": frozen["model"] | {"head_hidden": 32}})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(frozen | extra))
+        assert main(r + ["train", "--config", str(tmp_path / f"{name}.yaml")]) == 0
+    stores = list((root / "work" / "features").iterdir())
+    assert len(stores) == 1  # both configs share one embedding of the frozen backbone
+    cache = Cache.open(root / "work" / "cache")
+    feats = np.load(stores[0] / "features_val.npy")
+    assert feats.shape == ((cache.index.split == "val").sum(), 8, 256) and feats.dtype == np.float16
+    cfg = load_config(tmp_path / "probe.yaml")
+    torch.manual_seed(0)  # fold 0 embedded first, right after set_seed(0): the same random init
+    model = PatchClassifier(cfg.model).eval()
+    x = to_float(torch.from_numpy(np.array(cache.images("val")[:2])))
+    with torch.no_grad():
+        for k in (0, 5):
+            want = model.backbone(normalize(dihedral(x, k), model.mean, model.std, 64))
+            torch.testing.assert_close(torch.from_numpy(feats[:2, k]).float(), want, atol=2e-2, rtol=1e-2)
+    runs = find_runs(root / "work" / "runs")
+    assert len(runs) == 8
+    for run in runs:
+        assert len(pd.read_csv(run.tta_heldout).filter(like="v").columns) == 8
+        assert set(pd.read_csv(run.tta_test).id) == set(cache.index[cache.index.split == "test"].id)
+    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit"]) == 0

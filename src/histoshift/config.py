@@ -25,6 +25,8 @@ class ModelCfg:
     input_size: int = 96  # side the backbone sees; batches are resized on the device when it differs
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
+    frozen: bool = False  # True: embed once with the frozen backbone, train only a head on the features
+    head_hidden: int = 0  # frozen heads: 0 = linear probe, > 0 = MLP with this hidden width
 
 
 @dataclass
@@ -69,6 +71,7 @@ class TrainCfg:
     # where the torch augmentation backend keeps the training images:
     # "auto" (on the GPU when they fit in a third of its free memory, else pinned host memory) | "device" | "host"
     placement: str = "auto"
+    feature_views: int = 8  # frozen backbones: dihedral views embedded per patch (1 or 8)
     seed: int = 0
     eval_batch_size: int = 256
 
@@ -174,6 +177,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision: expected auto|no|bf16|fp16, got '{cfg.train.precision}'")
     if cfg.train.placement not in ("auto", "device", "host"):
         raise ConfigError(f"train.placement: expected auto|device|host, got '{cfg.train.placement}'")
+    if cfg.train.feature_views not in (1, 8):
+        raise ConfigError(f"train.feature_views: expected 1 or 8, got {cfg.train.feature_views}")
     if cfg.model.input_size < 32:
         raise ConfigError(f"model.input_size: {cfg.model.input_size} is too small")
     for key in ("epochs", "batch_size", "eval_batch_size"):

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, load_config
 from .data.augment import N_VIEWS, dihedral, normalize, to_float
 from .data.cache import Cache
 from .data.loader import PatchDataset, make_loader
@@ -93,6 +93,9 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
     targets = {"heldout": run.tta_heldout, "test": run.tta_test}
     if not force and all(p.exists() and p.stat().st_mtime >= run.checkpoint.stat().st_mtime for p in targets.values()):
         accelerator.print(f"infer: {run.path} is up to date")
+        return
+    if load_config(run.config).model.frozen:
+        accelerator.print(f"infer: {run.name} is a head on cached features; training wrote its TTA predictions")
         return
     cfg, model = load_run_model(run)
     if cfg.train.channels_last:

@@ -64,6 +64,8 @@ def load_run_model(run: RunDir):
     from .models.backbone import PatchClassifier
 
     cfg = load_config(run.config)
+    if cfg.model.frozen:
+        raise ValueError(f"{run.path} holds a head on cached features, not an image model")
     model = PatchClassifier(cfg.model, load_weights=False)
     model.load_state_dict(load_file(str(run.checkpoint)))
     return cfg, model

@@ -29,6 +29,7 @@ from .data.folds import read_folds
 from .data.loader import PatchDataset, TensorBatches, cycle, make_loader, place_images
 from .metrics import per_center
 from .models.backbone import PatchClassifier
+from .features import FeatureClassifier, embed, random_view, view_logits, views_table
 from .predict import autocast, predict_views, resolve_precision
 from .runs import RunDir
 
@@ -96,6 +97,71 @@ def prepare_run_dir(run: RunDir, cfg: Config, force: bool) -> bool:
     return True
 
 
+class _ImageTask:
+    """Fine-tuning: images from the cache, augmented on workers or on the device."""
+
+    def __init__(self, cfg: Config, cache: Cache, parts, domain_of_center, seed, accelerator, precision):
+        source, heldout, target = parts
+        self.cfg, self.cache, self.acc, self.precision = cfg, cache, accelerator, precision
+        self.domain_of_center = domain_of_center
+        model = PatchClassifier(cfg.model)
+        self.model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+        self.loaders = _train_loaders(cfg, cache, source, target, domain_of_center, seed, accelerator)
+        self.heldout = heldout
+        self.heldout_loader = None
+
+    def prepare(self):
+        if self.cfg.aug.backend == "albumentations":  # DataLoaders: Accelerate shards them
+            self.loaders = self.acc.prepare(*self.loaders)
+        self.heldout_loader = self._loader(self.heldout)
+        core = self.acc.unwrap_model(self.model)
+        self.mean, self.std = core.mean, core.std
+        if self.cfg.train.compile:
+            core.forward = torch.compile(core.forward)
+
+    def _loader(self, table):
+        ds = PatchDataset(self.cache.gather(table), table, self.domain_of_center)
+        return self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images.to(self.acc.device, non_blocking=True))
+        if self.cfg.aug.backend == "torch":
+            x = augment_batch(x, self.cfg.aug)
+        x = normalize(x, self.mean, self.std, self.cfg.model.input_size)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def predict(self, model, table: pd.DataFrame | None, desc: str) -> pd.DataFrame:
+        """Plain-view logits of `table` (None: the held-out center): id, center, label, v0."""
+        loader = self.heldout_loader if table is None else self._loader(table)
+        return predict_views(model, loader, self.acc, self.cfg.model.input_size, views=(0,), desc=desc,
+                             precision=self.precision, channels_last=self.cfg.train.channels_last)
+
+
+class _FeatureTask:
+    """Frozen backbone: a head on stored features (all 8 views), a random view per step."""
+
+    def __init__(self, cfg: Config, cache: Cache, parts, domain_of_center, seed, accelerator, precision):
+        source, heldout, target = parts
+        self.acc, self.heldout = accelerator, heldout
+        self.store = embed(cfg, cache, cache.dir.parent / "features", accelerator)
+        self.model = FeatureClassifier(self.store.dim, cfg.model)
+        self.loaders = tuple(
+            TensorBatches(torch.from_numpy(self.store.rows(t)).to(accelerator.device), t, domain_of_center, bs,
+                          accelerator.device, seed + k, accelerator.process_index, accelerator.num_processes)
+            for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
+
+    def prepare(self):
+        pass
+
+    def model_input(self, feats: torch.Tensor) -> torch.Tensor:
+        return random_view(feats.to(self.acc.device))
+
+    def predict(self, model, table: pd.DataFrame | None, desc: str, views: int = 1) -> pd.DataFrame:
+        table = self.heldout if table is None else table
+        feats = torch.from_numpy(self.store.rows(table)[:, :views]).to(self.acc.device)
+        return views_table(table, view_logits(model, feats))
+
+
 def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = False) -> dict | None:
     precision = resolve_precision(cfg.train.precision, cfg.model.backbone)
     accelerator = Accelerator(mixed_precision=precision)
@@ -110,41 +176,29 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
         save_config(cfg, run.config)
 
     cache = Cache.open(cache_dir)
-    source, heldout, target = split_for_fold(cache.index, read_folds(folds_csv), run.fold)
+    parts = split_for_fold(cache.index, read_folds(folds_csv), run.fold)
+    source, heldout, target = parts
     centers = sorted(cache.index["center"].unique())
     domain_of_center = {c: i for i, c in enumerate(centers)}
     accelerator.print(f"train {run.name}: {len(source)} labelled patches from centers "
                       f"{sorted(int(c) for c in source['center'].unique())}, held-out center {run.fold} ({len(heldout)}), "
-                      f"{len(target)} unlabelled target patches, precision {precision}")
+                      f"{len(target)} unlabelled target patches, precision {precision}"
+                      + (", frozen backbone (head on cached features)" if cfg.model.frozen else ""))
 
-    model = PatchClassifier(cfg.model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    algorithm = ALGORITHMS[cfg.algorithm.name](model, len(centers), cfg)
-    src_loader, tgt_loader = _train_loaders(cfg, cache, source, target, domain_of_center, seed, accelerator)
-    eval_loader = make_loader(PatchDataset(cache.gather(heldout), heldout, domain_of_center),
-                              cfg.train.eval_batch_size, train=False)
+    task = (_FeatureTask if cfg.model.frozen else _ImageTask)(cfg, cache, parts, domain_of_center, seed,
+                                                               accelerator, precision)
+    algorithm = ALGORITHMS[cfg.algorithm.name](task.model, len(centers), cfg)
     optimizer = torch.optim.AdamW(algorithm.param_groups(), weight_decay=cfg.optim.weight_decay)
-    algorithm, optimizer, eval_loader = accelerator.prepare(algorithm, optimizer, eval_loader)
-    if cfg.aug.backend == "albumentations":  # DataLoaders: Accelerate shards them
-        src_loader, tgt_loader = accelerator.prepare(src_loader, tgt_loader)
-    if cfg.train.compile:
-        core_model = accelerator.unwrap_model(algorithm).model
-        core_model.forward = torch.compile(core_model.forward)
+    algorithm, optimizer = accelerator.prepare(algorithm, optimizer)
+    core = accelerator.unwrap_model(algorithm)
+    task.model = core.model
+    task.prepare()
+    src_loader, tgt_loader = task.loaders
     if len(src_loader) == 0:
         raise ValueError(f"fold {run.fold}: fewer labelled patches ({len(source)}) than one batch")
     steps_per_epoch = cfg.train.steps_per_epoch or len(src_loader)
     total = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, cfg.optim.warmup_frac))
-    core = accelerator.unwrap_model(algorithm)
-    mean, std, size = core.model.mean, core.model.std, cfg.model.input_size
-
-    def model_input(images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images.to(accelerator.device, non_blocking=True))
-        if cfg.aug.backend == "torch":
-            x = augment_batch(x, cfg.aug)
-        x = normalize(x, mean, std, size)
-        return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
 
     src_iter = cycle(src_loader)
     tgt_iter = cycle(tgt_loader) if core.uses_target else None
@@ -156,10 +210,10 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                    unit="step", disable=not accelerator.is_local_main_process)
         for _ in bar:
             batch = next(src_iter)
-            feed = {"x": model_input(batch["image"]), "y": batch["label"], "domain": batch["domain"]}
+            feed = {"x": task.model_input(batch["image"]), "y": batch["label"], "domain": batch["domain"]}
             if tgt_iter is not None:
                 tb = next(tgt_iter)
-                feed.update(x_target=model_input(tb["image"]), domain_target=tb["domain"])
+                feed.update(x_target=task.model_input(tb["image"]), domain_target=tb["domain"])
             with autocast(accelerator.device, precision):
                 out = algorithm(feed, progress=step / total)
             accelerator.backward(out["loss"])
@@ -173,9 +227,7 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                 if k != "logits" and v.ndim == 0:
                     logs.setdefault(k, []).append(float(v.detach()))
             bar.set_postfix(loss=f"{np.mean(logs['loss'][-20:]):.3f}")
-        oof = predict_views(core.model, eval_loader, accelerator, size, views=(0,), desc="held-out",
-                            precision=precision, channels_last=cfg.train.channels_last)
-        oof = oof.rename(columns={"v0": "logit"})
+        oof = task.predict(core.model, None, desc="held-out").rename(columns={"v0": "logit"})
         held = per_center(oof).iloc[0]
         record = {"epoch": epoch + 1, "step": step, "seconds": round(time.time() - t0, 1),
                   "lr_backbone": scheduler.get_last_lr()[0],
@@ -186,22 +238,22 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
             with run.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    summary = None
-    if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(run.checkpoint))
-        oof.to_csv(run.oof, index=False, float_format="%.6g")
     # every labelled center: the held-out one out of fold (all of it), the training ones in sample
     # (for reference only; a fixed sample of at most IN_SAMPLE_EVAL patches each keeps this cheap)
     labelled = cache.index[cache.index["split"] != "test"]
     full = pd.concat([part if c == run.fold else part.sample(min(len(part), IN_SAMPLE_EVAL), random_state=0)
                       for c, part in labelled.groupby("center")]).reset_index(drop=True)
-    full_loader = accelerator.prepare(make_loader(PatchDataset(cache.gather(full), full, domain_of_center),
-                                                  cfg.train.eval_batch_size, train=False))
-    everything = predict_views(core.model, full_loader, accelerator, size, views=(0,), desc="all labelled",
-                               precision=precision, channels_last=cfg.train.channels_last)
-    table = per_center(everything.rename(columns={"v0": "logit"}))
+    table = per_center(task.predict(core.model, full, desc="all labelled").rename(columns={"v0": "logit"}))
     table["held_out"] = table["center"] == run.fold
+    summary = None
     if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(run.checkpoint))
+        oof.to_csv(run.oof, index=False, float_format="%.6g")
+        if cfg.model.frozen:  # the stored views make TTA free: write what the infer stage would
+            test = cache.index[cache.index["split"] == "test"]
+            for rows, path in ((None, run.tta_heldout), (test, run.tta_test)):
+                views = task.predict(core.model, rows, desc="tta", views=task.store.views)
+                views.assign(label=-1 if rows is not None else views["label"]).to_csv(path, index=False, float_format="%.6g")
         summary = {"run": run.name, "fold": run.fold, "seconds": round(time.time() - t0, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
                    "per_center": table.to_dict(orient="records")}
