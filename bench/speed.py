@@ -1,0 +1,268 @@
+"""Speed benchmark: data path, training loop vs model-only ceiling, TTA inference wall time.
+
+    python bench/speed.py [--n 20000] [--out bench/results] [--quick]
+
+1. images/s of the naive loader (one HDF5 read per item + flips/rotations in DataLoader workers, as
+   public solutions do) at 0, 4 and all-core worker counts, vs this repository's path (uint8 cache
+   gathered per batch + augmentation on whole batches on the device), on a generated dataset in
+   the competition layout; and the CPU cores each keeps busy.
+2. training images/s of the repository's step (batch gather, device augmentation, resize,
+   normalisation, forward/backward/AdamW) vs the model-only ceiling (the same step on a pre-made
+   device tensor), for resnet50 @ 96 and vit_base_patch16_224 @ 224.
+3. wall time of 8-view TTA inference over 85,054 test patches per backbone (measured on a subset
+   and scaled when the full run would take too long, and then marked as such).
+Run it on a GPU and on the CPU; copy the printed table into the README with the machine and date.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from histoshift.config import AugCfg, ModelCfg  # noqa: E402
+from histoshift.data.augment import augment_batch, dihedral, normalize, to_float  # noqa: E402
+from histoshift.data.cache import Cache, prepare  # noqa: E402
+from histoshift.data.demo import render_patch  # noqa: E402
+from histoshift.data.loader import TensorBatches, place_images  # noqa: E402
+from histoshift.models.backbone import PatchClassifier  # noqa: E402
+
+TEST_PATCHES = 85_054
+
+
+def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
+    """n train patches (+ small val/test) in the competition layout; 512 rendered patches, jittered."""
+    rng = np.random.default_rng(seed)
+    base = np.stack([render_patch(rng, k % 2, 0) for k in range(512)])
+    inp = root / "input"
+    inp.mkdir(parents=True)
+    sizes = {"train": (n, (0, 3, 4)), "val": (1000, (1,)), "test": (1000, (2,))}
+    next_id = 1000
+    for split, (count, centers) in sizes.items():
+        with h5py.File(inp / f"{split}.h5", "w") as f:
+            for k in range(count):
+                img = np.clip(base[k % 512] + rng.normal(0, 0.01, (1, 1, 1)).astype(np.float32), 0, 1)
+                g = f.create_group(str(next_id))
+                g["img"], g["label"] = img, np.int64(k % 2)
+                g["metadata"] = np.array([centers[k % len(centers)], k], dtype=np.int64)
+                next_id += 1
+    return inp
+
+
+class NaiveH5(Dataset):
+    """What public notebooks do: read one group per item from the HDF5 file, flip/rotate on the CPU."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with h5py.File(path) as f:
+            self.keys = list(f.keys())
+        self.f = None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if self.f is None:
+            self.f = h5py.File(self.path, "r")
+        g = self.f[self.keys[i]]
+        img = torch.from_numpy(g["img"][()])
+        k = np.random.randint(8)
+        img = torch.rot90(img, k % 4, dims=(1, 2))
+        if k >= 4:
+            img = torch.flip(img, dims=(2,))
+        return img, torch.tensor(float(g["label"][()]))
+
+
+def cpu_seconds() -> float:
+    me = psutil.Process()
+    procs = [me] + me.children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(fn, n_images: int) -> tuple[float, float]:
+    """(images/s, CPU cores busy) of fn(), which processes n_images."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    return n_images / wall, (cpu_seconds() - c0) / wall
+
+
+def bench_loaders(root: Path, device: torch.device, batches: int, batch_size: int = 256) -> list[dict]:
+    rows = []
+    cores = os.cpu_count() or 1
+    for workers in sorted({0, 4, cores}):
+        loader = DataLoader(NaiveH5(root / "input" / "train.h5"), batch_size=batch_size, shuffle=True,
+                            num_workers=workers, persistent_workers=workers > 0, drop_last=True)
+        it = iter(loader)
+        next(it)  # start the workers
+
+        def run():
+            for _ in range(batches):
+                x, y = next(it)
+                x.to(device)
+        ips, busy = measure(run, batches * batch_size)
+        rows.append({"loader": f"naive HDF5 per item, {workers} workers", "images_per_s": ips, "cores_busy": busy})
+        del it, loader
+    t0 = time.perf_counter()
+    prepare(root / "input", root / "work" / "cache")
+    convert = (time.perf_counter() - t0)
+    cache = Cache.open(root / "work" / "cache")
+    n_all = len(cache.index)
+    rows.append({"loader": "one-off conversion HDF5 -> uint8 cache (prepare)", "images_per_s": n_all / convert,
+                 "cores_busy": float("nan")})
+    table = cache.index[cache.index.split == "train"]
+    images = place_images(cache.gather(table), device)
+    batches_src = TensorBatches(images, table, {c: 0 for c in table.center.unique()}, batch_size, device)
+    aug = AugCfg(backend="torch", dihedral=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
+
+    def ours():
+        done = 0
+        while done < batches:
+            for b in batches_src:
+                x = normalize(augment_batch(to_float(b["image"]), aug), (0.5,) * 3, (0.5,) * 3, 96)
+                done += 1
+                if done == batches:
+                    break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    ours()
+    where = "GPU-resident" if images.device.type == "cuda" else "host memory"
+    ips, busy = measure(ours, batches * batch_size)
+    rows.append({"loader": f"this repo: uint8 cache in {where}, batch gather + dihedral/HED/BC on {device.type}",
+                 "images_per_s": ips, "cores_busy": busy})
+    return rows
+
+
+def train_step_factory(model, device, precision):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = {"bf16": torch.bfloat16}.get(precision)
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x)["logits"].float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(name: str, size: int, root: Path, device: torch.device, batch: int, steps: int, infer_n: int) -> dict:
+    precision = "bf16" if device.type == "cuda" else "no"
+    model = PatchClassifier(ModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).to(device)
+    model.train()
+    step = train_step_factory(model, device, precision)
+    x0 = torch.randn(batch, 3, size, size, device=device)
+    y0 = (torch.rand(batch, device=device) > 0.5).float()
+    for _ in range(2):
+        step(x0, y0)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(x0, y0)
+    sync(device)
+    ceiling = steps * batch / (time.perf_counter() - t0)
+
+    cache = Cache.open(root / "work" / "cache")
+    table = cache.index[cache.index.split == "train"]
+    images = place_images(cache.gather(table), device)
+    batches = TensorBatches(images, table, {c: 0 for c in table.center.unique()}, batch, device)
+    aug = AugCfg(backend="torch", dihedral=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
+
+    def loop(n):
+        done = 0
+        while done < n:
+            for b in batches:
+                x = normalize(augment_batch(to_float(b["image"]), aug), model.mean, model.std, size)
+                step(x, b["label"])
+                done += 1
+                if done == n:
+                    break
+        sync(device)
+    loop(2)
+    t0 = time.perf_counter()
+    loop(steps)
+    e2e = steps * batch / (time.perf_counter() - t0)
+
+    model.eval()
+    test = torch.from_numpy(cache.gather(cache.index.iloc[:infer_n])).to(device)
+    dtype = {"bf16": torch.bfloat16}.get(precision)
+    chunk = 512 if device.type == "cuda" else 16
+
+    @torch.no_grad()
+    def infer():
+        for i in range(0, len(test), chunk):
+            x = to_float(test[i:i + chunk])
+            stacked = normalize(torch.cat([dihedral(x, k) for k in range(8)]), model.mean, model.std, size)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                model(stacked)
+        sync(device)
+    infer()
+    t0 = time.perf_counter()
+    infer()
+    per_patch = (time.perf_counter() - t0) / len(test)
+    return {"backbone": f"{name} @ {size}", "precision": precision, "batch": batch,
+            "ceiling_img_s": ceiling, "e2e_img_s": e2e, "ratio": e2e / ceiling,
+            "infer_85k_x8_s": per_patch * TEST_PATCHES, "infer_measured_on": len(test)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20_000, help="train patches in the generated dataset")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--quick", action="store_true", help="few steps (CPU): numbers are rough")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    machine = torch.cuda.get_device_name(0) if gpu else f"{platform.processor() or platform.machine()}, CPU only"
+    print(f"machine: {machine}, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        make_dataset(root, a.n)
+        print(f"generated {a.n} train patches in {time.perf_counter() - t0:.0f} s", flush=True)
+        loaders = bench_loaders(root, device, batches=40 if gpu else (8 if a.quick else 20))
+        for r in loaders:
+            print(f"{r['loader']:<95} {r['images_per_s']:>10,.0f} img/s  {r['cores_busy']:.1f} cores", flush=True)
+        models = []
+        for name, size, batch in (("resnet50", 96, 256 if gpu else 32), ("vit_base_patch16_224", 224, 256 if gpu else 8)):
+            r = bench_model(name, size, root, device, batch, steps=30 if gpu else (2 if a.quick else 4),
+                            infer_n=TEST_PATCHES if gpu else 32)
+            models.append(r)
+            print(f"{r['backbone']:<28} ceiling {r['ceiling_img_s']:>8,.1f} img/s  loop {r['e2e_img_s']:>8,.1f} img/s  "
+                  f"ratio {r['ratio']:.2f}  infer 85,054 x 8 views {r['infer_85k_x8_s']:,.0f} s"
+                  f"{'' if r['infer_measured_on'] == TEST_PATCHES else ' (scaled from %d patches)' % r['infer_measured_on']}",
+                  flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    path = out / f"speed-{'gpu' if gpu else 'cpu'}-{stamp}.json"
+    path.write_text(json.dumps({"machine": machine, "cores": os.cpu_count(), "date": stamp, "torch": torch.__version__,
+                                "loaders": loaders, "models": models}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
