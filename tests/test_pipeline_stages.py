@@ -22,8 +22,8 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     cfg_a = root / "tiny_dann.yaml"
     cfg_a.write_text(yaml.safe_dump(TINY))
-    cfg_b = root / "tiny_erm_torchaug.yaml"
-    cfg_b.write_text(yaml.safe_dump(TINY | {"algorithm": {"name": "erm"}, "aug": {"backend": "torch"}}))
+    cfg_b = root / "tiny_erm_albu.yaml"
+    cfg_b.write_text(yaml.safe_dump(TINY | {"algorithm": {"name": "erm"}, "aug": {"backend": "albumentations"}}))
     r = ["--root", str(root)]
     assert main(r + ["demo-data", "--per-center", "24", "--test-size", "30"]) == 0
     assert main(r + ["prepare"]) == 0
@@ -40,7 +40,7 @@ def pipeline(tmp_path_factory):
 def test_every_fold_run_has_its_files(pipeline):
     runs = find_runs(pipeline / "work" / "runs")
     assert sorted(r.name for r in runs) == sorted(
-        f"{c}/seed0/fold{k}" for c in ("tiny_dann", "tiny_erm_torchaug") for k in (0, 1, 3, 4))
+        f"{c}/seed0/fold{k}" for c in ("tiny_dann", "tiny_erm_albu") for k in (0, 1, 3, 4))
     folds = pd.read_csv(pipeline / "folds" / "folds.csv")
     test_ids = set(pd.read_csv(pipeline / "work" / "cache" / "index.csv").query("split == 'test'").id)
     for run in runs:
@@ -60,7 +60,7 @@ def test_every_fold_run_has_its_files(pipeline):
 
 def test_stack_and_submission(pipeline):
     choice = json.loads((pipeline / "work" / "stack" / "choice.json").read_text())
-    assert choice["members"] == ["tiny_dann/seed0", "tiny_erm_torchaug/seed0"]
+    assert choice["members"] == ["tiny_dann/seed0", "tiny_erm_albu/seed0"]
     assert set(choice["loco_accuracy"]) == {"mean", "rank", "stack"}
     sub = pd.read_csv(pipeline / "submissions" / "submission.csv")
     assert list(sub.columns) == ["ID", "Pred"] and len(sub) == 30 and set(sub.Pred) <= {0, 1}

@@ -49,7 +49,7 @@ class OptimCfg:
 
 @dataclass
 class AugCfg:
-    backend: str = "albumentations"  # "albumentations" (per item, CPU workers) | "torch" (per batch)
+    backend: str = "torch"  # "torch" (whole batches on the device) | "albumentations" (per item, CPU workers)
     dihedral: bool = True  # random flips and 90-degree rotations (the 8 dihedral views)
     hed_sigma: float = 0.03  # HED stain jitter: scale ~ U(1-s, 1+s), shift ~ U(-s, s) per channel
     brightness: float = 0.1  # brightness/contrast jitter amplitude (0 = off)

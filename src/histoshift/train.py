@@ -164,7 +164,8 @@ class _FeatureTask:
 
 def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = False) -> dict | None:
     precision = resolve_precision(cfg.train.precision, cfg.model.backbone)
-    accelerator = Accelerator(mixed_precision=precision)
+    # bf16 needs no loss scaling: the loop's own autocast does it; fp16 needs Accelerate's scaler
+    accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
     must_train = prepare_run_dir(run, cfg, force) if accelerator.is_main_process else True
     must_train = bool(accelerator.gather(torch.tensor([must_train], device=accelerator.device)).all())
     if not must_train:
