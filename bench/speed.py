@@ -144,7 +144,7 @@ def bench_loaders(root: Path, device: torch.device, batches: int, batch_size: in
             while done < batches:
                 for b in batches_src:
                     if aug is not None:
-                        x = augment_batch(to_float(b["image"]), aug)
+                        x = augment_batch(b["image"], aug)
                         if aug.hed_sigma > 0:
                             normalize(x, (0.5,) * 3, (0.5,) * 3, 96)
                     done += 1
@@ -202,7 +202,7 @@ def bench_model(name: str, size: int, root: Path, device: torch.device, batch: i
         done = 0
         while done < n:
             for b in batches:
-                x = normalize(augment_batch(to_float(b["image"]), aug), model.mean, model.std, size)
+                x = normalize(augment_batch(b["image"], aug), model.mean, model.std, size)
                 step(x, b["label"])
                 done += 1
                 if done == n:

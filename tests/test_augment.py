@@ -72,13 +72,13 @@ def test_albumentations_pipeline():
 
 def test_torch_batch_augmentation_shapes_range_and_randomness():
     cfg = AugCfg(backend="torch", dihedral=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
-    x = to_float(torch.from_numpy(np.stack([_img(i) for i in range(8)])))
-    out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
-    assert out.shape == (8, 3, 96, 96) and out.min() >= 0 and out.max() <= 1
-    again = augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    u8 = torch.from_numpy(np.stack([_img(i) for i in range(8)]))
+    out = augment_batch(u8, cfg, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, 96, 96) and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    again = augment_batch(u8, cfg, torch.Generator().manual_seed(1))
     assert not torch.equal(out, again)
-    off = augment_batch(x, AugCfg(dihedral=False, hed_sigma=0, brightness=0, contrast=0))
-    assert torch.equal(off, x)
+    off = augment_batch(u8, AugCfg(dihedral=False, hed_sigma=0, brightness=0, contrast=0))
+    assert torch.equal(off, to_float(u8))
 
 
 @pytest.mark.parametrize("size", [96, 112, 224])
@@ -93,8 +93,7 @@ def _two_paths(cfg: AugCfg, img: np.ndarray, n: int = 400):
     """n augmented copies of one image by each backend, as float arrays in [0, 1] (N x 3 x H x W)."""
     tf = build_albumentations(cfg, seed=0)
     alb = np.stack([tf(image=img)["image"] for _ in range(n)]).transpose(0, 3, 1, 2) / 255.0
-    x = to_float(torch.from_numpy(np.repeat(img[None], n, axis=0)))
-    tor = augment_batch(x, cfg, torch.Generator().manual_seed(0)).numpy()
+    tor = augment_batch(torch.from_numpy(np.repeat(img[None], n, axis=0)), cfg, torch.Generator().manual_seed(0)).numpy()
     return alb, tor
 
 

@@ -124,9 +124,8 @@ class _ImageTask:
         return self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images.to(self.acc.device, non_blocking=True))
-        if self.cfg.aug.backend == "torch":
-            x = augment_batch(x, self.cfg.aug)
+        images = images.to(self.acc.device, non_blocking=True)
+        x = augment_batch(images, self.cfg.aug) if self.cfg.aug.backend == "torch" else to_float(images)
         x = normalize(x, self.mean, self.std, self.cfg.model.input_size)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 

@@ -100,10 +100,13 @@ def brightness_contrast(x: torch.Tensor, brightness: float, contrast: float,
     return (x * alpha + beta).clamp(0.0, 1.0)
 
 
-def augment_batch(x: torch.Tensor, cfg: AugCfg, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The torch backend: x is B x 3 x H x W float in [0, 1] on any device."""
+def augment_batch(images: torch.Tensor, cfg: AugCfg, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The torch backend: uint8 B x H x W x 3 on any device -> augmented float B x 3 x H x W in [0, 1].
+    Views are taken on the uint8 batch (a quarter of the memory traffic of floats)."""
+    x = images.permute(0, 3, 1, 2)
     if cfg.dihedral:
         x = random_dihedral(x, generator)
+    x = x.float().div_(255.0)
     if cfg.hed_sigma > 0:
         s, b = cfg.hed_sigma, x.shape[0]
         alpha = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * s
