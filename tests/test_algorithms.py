@@ -88,3 +88,45 @@ def test_dann_domain_head_gets_its_own_lr_and_reversed_gradient():
     out = algo(batch, progress=0.5)
     assert float(out["grl"]) == pytest.approx(ganin_coefficient(0.5))
     assert float(out["loss"].detach()) == pytest.approx(float(out["cls_loss"] + cfg.algorithm.domain_weight * out["dom_loss"]), rel=1e-5)
+
+
+def test_focal_loss_values():
+    from histoshift.algorithms.losses import focal_bce
+
+    logits, y = torch.tensor([2.0, -1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    torch.testing.assert_close(focal_bce(logits, y, 0.0), bce.mean())
+    p_t = torch.tensor([torch.sigmoid(torch.tensor(2.0)), torch.sigmoid(torch.tensor(-1.0)), 0.5])
+    torch.testing.assert_close(focal_bce(logits, y, 2.0), ((1 - p_t) ** 2 * bce).mean())
+    assert focal_bce(logits, y, 2.0) < focal_bce(logits, y, 0.0)  # easy examples are down-weighted
+
+
+def test_entropy_and_least_squares_domain_loss():
+    from histoshift.algorithms.losses import binary_entropy, domain_loss
+
+    assert float(binary_entropy(torch.zeros(4))) == pytest.approx(math.log(2))
+    assert float(binary_entropy(torch.tensor([20.0, -20.0]))) < 1e-6
+    logits, d = torch.tensor([[10.0, -10.0], [0.0, 0.0]]), torch.tensor([0, 1])
+    assert float(domain_loss(logits, d, "ls")) == pytest.approx(0.25)  # rows: 0 (perfect) and 0.25 + 0.25 (uniform)
+    torch.testing.assert_close(domain_loss(logits, d, "ce"), torch.nn.functional.cross_entropy(logits, d))
+    with pytest.raises(ValueError, match="unknown domain loss"):
+        domain_loss(logits, d, "wasserstein")
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("erm", {"entropy_weight": 0.5}), ("erm", {"focal_gamma": 2.0}),
+    ("dann", {"domain_loss": "ls"}), ("dann", {"entropy_weight": 0.3, "focal_gamma": 1.0}),
+])
+def test_loss_switches(name, overrides):
+    torch.manual_seed(0)
+    cfg = _cfg(name)
+    for k, v in overrides.items():
+        setattr(cfg.algorithm, k, v)
+    algo = ALGORITHMS[name](PatchClassifier(cfg.model, load_weights=False), 5, cfg)
+    assert algo.uses_target == (name == "dann" or overrides.get("entropy_weight", 0) > 0)
+    out = algo(_batch(), progress=0.3)
+    assert torch.isfinite(out["loss"]) and out["logits"].shape == (6,)
+    if overrides.get("entropy_weight"):
+        extra = out["loss"] - out["cls_loss"] - (cfg.algorithm.domain_weight * out["dom_loss"] if name == "dann" else 0)
+        assert float(extra.detach()) == pytest.approx(overrides["entropy_weight"] * float(out["ent_loss"]), rel=1e-4)
+    out["loss"].backward()

@@ -35,6 +35,9 @@ class AlgorithmCfg:
     domain_weight: float = 0.1  # weight of the domain loss in the total loss
     domain_hidden: int = 256  # width of the domain head's hidden layer
     grl_max: float = 1.0  # the Ganin schedule rises from 0 to this coefficient
+    domain_loss: str = "ce"  # "ce" (cross-entropy) | "ls" (least squares on the softmax, LSGAN style)
+    focal_gamma: float = 0.0  # focal loss exponent for the tumour loss (0 = plain BCE)
+    entropy_weight: float = 0.0  # entropy minimisation on the unlabelled target centers (0 = off)
 
 
 @dataclass
@@ -171,6 +174,8 @@ def validate(cfg: Config) -> None:
 
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(f"algorithm.name: unknown algorithm '{cfg.algorithm.name}' (known: {sorted(ALGORITHMS)})")
+    if cfg.algorithm.domain_loss not in ("ce", "ls"):
+        raise ConfigError(f"algorithm.domain_loss: expected ce or ls, got '{cfg.algorithm.domain_loss}'")
     if cfg.aug.backend not in ("albumentations", "torch"):
         raise ConfigError(f"aug.backend: expected 'albumentations' or 'torch', got '{cfg.aug.backend}'")
     if cfg.train.precision not in ("auto", "no", "bf16", "fp16"):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .base import Algorithm
+from .losses import domain_loss
 
 
 class _GradReverse(torch.autograd.Function):
@@ -53,16 +54,15 @@ class DANN(Algorithm):
         ]
 
     def forward(self, batch: dict, progress: float = 0.0) -> dict:
-        n_src = batch["x"].shape[0]
-        # one forward over labelled and unlabelled images: batch-norm statistics see every center
-        out = self.model(torch.cat([batch["x"], batch["x_target"]]))
+        out, n_src = self.shared_forward(batch)
         logits = out["logits"][:n_src]
         cls_loss = self.classification_loss(logits, batch["y"])
         coeff = ganin_coefficient(progress, self.cfg.algorithm.grl_max)
         dom_logits = self.domain_head(grad_reverse(out["features"], coeff))
         domains = torch.cat([batch["domain"], batch["domain_target"]])
-        dom_loss = nn.functional.cross_entropy(dom_logits.float(), domains)
+        dom_loss = domain_loss(dom_logits, domains, self.cfg.algorithm.domain_loss)
         loss = cls_loss + self.cfg.algorithm.domain_weight * dom_loss
         dom_acc = (dom_logits.argmax(1) == domains).float().mean()
-        return {"loss": loss, "logits": logits, "cls_loss": cls_loss.detach(), "dom_loss": dom_loss.detach(),
-                "dom_acc": dom_acc.detach(), "grl": torch.tensor(coeff)}
+        result = {"loss": loss, "logits": logits, "cls_loss": cls_loss.detach(), "dom_loss": dom_loss.detach(),
+                  "dom_acc": dom_acc.detach(), "grl": torch.tensor(coeff)}
+        return self.with_entropy(result, out["logits"][n_src:])

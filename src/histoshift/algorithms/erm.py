@@ -1,4 +1,5 @@
-"""Empirical risk minimisation: the classification loss on the labelled centers, nothing else."""
+"""Empirical risk minimisation: the classification loss on the labelled centers (plus, when
+`algorithm.entropy_weight` > 0, entropy minimisation on the unlabelled target centers)."""
 from __future__ import annotations
 
 from .base import Algorithm
@@ -6,6 +7,7 @@ from .base import Algorithm
 
 class ERM(Algorithm):
     def forward(self, batch: dict, progress: float = 0.0) -> dict:
-        logits = self.model(batch["x"])["logits"]
+        out, n = self.shared_forward(batch)
+        logits = out["logits"][:n]
         loss = self.classification_loss(logits, batch["y"])
-        return {"loss": loss, "logits": logits, "cls_loss": loss.detach()}
+        return self.with_entropy({"loss": loss, "logits": logits, "cls_loss": loss.detach()}, out["logits"][n:])

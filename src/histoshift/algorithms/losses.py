@@ -1,0 +1,31 @@
+"""Loss terms shared by the algorithms."""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def focal_bce(logits: torch.Tensor, y: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    """Binary focal loss (Lin et al. 2017): BCE weighted by (1 - p_t)^gamma; gamma = 0 is plain BCE."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
+    if gamma == 0:
+        return bce.mean()
+    p_t = torch.exp(-bce)  # probability given to the true class
+    return ((1 - p_t) ** gamma * bce).mean()
+
+
+def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the tumour probability: low when the model is confident."""
+    p = torch.sigmoid(logits.float())
+    return F.binary_cross_entropy_with_logits(logits.float(), p, reduction="mean")
+
+
+def domain_loss(logits: torch.Tensor, domains: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """Domain-classifier loss: cross-entropy, or least squares on the softmax (LSGAN style: bounded,
+    smoother gradients when the domain head is confident)."""
+    if kind == "ce":
+        return F.cross_entropy(logits.float(), domains)
+    if kind == "ls":
+        target = F.one_hot(domains, logits.shape[1]).float()
+        return ((torch.softmax(logits.float(), dim=1) - target) ** 2).sum(1).mean()
+    raise ValueError(f"unknown domain loss '{kind}' (ce | ls)")
