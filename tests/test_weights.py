@@ -81,3 +81,15 @@ def test_unknown_weight_source():
         create_backbone(ModelCfg(backbone="test_efficientnet", weights="s3://bucket"))
     with pytest.raises(WeightsError, match="unknown weights package"):
         create_backbone(ModelCfg(backbone="test_efficientnet", weights="package:resnet9000"))
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit", "test_efficientnet", "tf_efficientnet_lite0"])
+def test_every_backbone_family_gives_named_outputs(name):
+    import timm
+
+    size = timm.create_model(name).pretrained_cfg["input_size"][-1] if name.startswith("test_vit") else 96
+    model = PatchClassifier(ModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out["logits"].shape == (2,) and out["features"].shape == (2, model.num_features)
+    assert torch.isfinite(out["logits"]).all()

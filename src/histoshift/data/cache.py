@@ -24,7 +24,7 @@ from .quality import QualityRule, measure
 SPLITS = ("train", "val", "test")
 LABELLED = {"train": True, "val": True, "test": False}
 CACHE_VERSION = 1
-CHUNK = 4096
+CHUNK = 1024  # images per write + quality pass (bounds the float temporaries to ~110 MB)
 
 
 def _fingerprint(input_dir: Path, rule: QualityRule) -> dict:
