@@ -65,7 +65,9 @@ def test_stack_and_submission(pipeline):
     sub = pd.read_csv(pipeline / "submissions" / "submission.csv")
     assert list(sub.columns) == ["ID", "Pred"] and len(sub) == 30 and set(sub.Pred) <= {0, 1}
     report = (pipeline / "work" / "report" / "report.md").read_text()
-    assert "tiny_dann/seed0/fold3" in report and (pipeline / "work" / "report" / "combiners.png").stat().st_size > 1000
+    assert "tiny_dann/seed0/fold3" in report and "Mean ensemble per held-out center" in report
+    for png in ("curves.png", "combiners.png", "per_center.png", "roc.png"):
+        assert (pipeline / "work" / "report" / png).stat().st_size > 1000
 
 
 def test_stages_are_idempotent(pipeline, capsys):
@@ -154,3 +156,32 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
         assert len(pd.read_csv(run.tta_heldout).filter(like="v").columns) == 8
         assert set(pd.read_csv(run.tta_test).id) == set(cache.index[cache.index.split == "test"].id)
     assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit"]) == 0
+
+
+def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys):
+    import numpy as np
+    import torch
+
+    from histoshift.data.augment import normalize, to_float
+    from histoshift.data.cache import Cache
+    from histoshift.predict import adapt_batchnorm
+    from histoshift.runs import load_run_model
+
+    run = find_runs(pipeline / "work" / "runs")[0]
+    cfg, model = load_run_model(run)
+    cache = Cache.open(pipeline / "work" / "cache")
+    images = np.array(cache.images("test"))
+    assert adapt_batchnorm(model, images, 64, torch.device("cpu"), batch_size=10) > 0  # 3 equal batches
+    model.eval()
+    with torch.no_grad():
+        stem = model.backbone.conv_stem(normalize(to_float(torch.from_numpy(images)), model.mean, model.std, 64))
+    torch.testing.assert_close(model.backbone.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    before = pd.read_csv(run.tta_test)
+    r = ["--root", str(pipeline)]
+    assert main(r + ["infer", "--adabn"]) == 0
+    assert "(AdaBN)" in capsys.readouterr().out
+    after = pd.read_csv(run.tta_test)
+    assert (before.id == after.id).all() and not np.allclose(before.v0, after.v0)
+    assert main(r + ["infer", "--adabn"]) == 0 and "up to date" in capsys.readouterr().out
+    assert main(r + ["infer"]) == 0  # back to plain statistics: recomputed, same as the first time
+    np.testing.assert_allclose(pd.read_csv(run.tta_test).v0, before.v0, atol=1e-4)

@@ -85,7 +85,7 @@ def cmd_infer(a, paths: Paths):
     from .predict import infer_all
     from .runs import find_runs
 
-    _timed("infer", infer_all, find_runs(paths.runs), paths.cache, force=a.force)
+    _timed("infer", infer_all, find_runs(paths.runs), paths.cache, force=a.force, adabn=a.adabn)
 
 
 def cmd_stack(a, paths: Paths):
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("infer", help="8-view TTA predictions of every finished fold run")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--adabn", action="store_true",
+                   help="re-estimate batch-norm statistics on each target center before predicting it")
     s.set_defaults(fn=cmd_infer)
 
     s = sub.add_parser("stack", help="compare mean / rank / LightGBM leave-one-center-out; score the test set")

@@ -26,6 +26,7 @@ class ModelCfg:
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
     frozen: bool = False  # True: embed once with the frozen backbone, train only a head on the features
+    train_last_blocks: int = -1  # partial fine-tuning: train only the last N block groups (-1 = all)
     head_hidden: int = 0  # frozen heads: 0 = linear probe, > 0 = MLP with this hidden width
 
 
@@ -65,6 +66,7 @@ class TrainCfg:
     batch_size: int = 64
     target_batch_size: int = 32  # unlabelled images per step for the domain head (DANN)
     steps_per_epoch: int = 0  # 0 = one pass over the labelled training patches
+    probe_epochs: int = 0  # linear probe first: the backbone's learning rate is 0 for these epochs
     num_workers: int = 2
     # "auto": bf16 on a GPU that supports it, except depthwise-conv families (EfficientNet, MobileNet,
     # ...) that ran slower in bf16 on an H100; off on CPU | "no" | "bf16" | "fp16"

@@ -6,6 +6,7 @@ was padded. Per-view logits are saved keyed by id and center.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,25 +89,54 @@ def view_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c.startswith("v") and c[1:].isdigit()]
 
 
-def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool = False) -> None:
-    """TTA predictions of one finished fold run for its held-out center and the test set."""
+@torch.no_grad()
+def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int, device: torch.device,
+                    batch_size: int = 256) -> int:
+    """AdaBN (Li et al. 2016): replace every batch-norm layer's running statistics by those of the
+    target images (plain view, cumulative average over all of them). Returns the layers adapted."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches (equal batches: over the images)
+    was_training = model.training
+    model.train()
+    for i in range(0, len(images), batch_size):
+        x = to_float(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
+        model(normalize(x, model.mean, model.std, input_size))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(bns)
+
+
+def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool = False, adabn: bool = False) -> None:
+    """TTA predictions of one finished fold run for its held-out center and the test set; with
+    `adabn`, each target center gets batch-norm statistics re-estimated on its own images first."""
     targets = {"heldout": run.tta_heldout, "test": run.tta_test}
-    if not force and all(p.exists() and p.stat().st_mtime >= run.checkpoint.stat().st_mtime for p in targets.values()):
+    mode = {"adabn": adabn}
+    meta = run.path / "tta_meta.json"
+    previous = json.loads(meta.read_text()) if meta.exists() else {"adabn": False}
+    if not force and previous == mode and all(
+            p.exists() and p.stat().st_mtime >= run.checkpoint.stat().st_mtime for p in targets.values()):
         accelerator.print(f"infer: {run.path} is up to date")
         return
     if load_config(run.config).model.frozen:
         accelerator.print(f"infer: {run.name} is a head on cached features; training wrote its TTA predictions")
         return
-    cfg, model = load_run_model(run)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = accelerator.prepare(model)
     index = cache.index
     centers = sorted(index["center"].unique())
     domain_of_center = {c: i for i, c in enumerate(centers)}
     tables = {"heldout": index[(index["split"] != "test") & (index["center"] == run.fold)],
               "test": index[index["split"] == "test"]}
     for name, table in tables.items():
+        cfg, model = load_run_model(run)  # fresh weights per target: AdaBN adapts to one center at a time
+        if adabn:
+            model.to(accelerator.device)
+            adapt_batchnorm(model, cache.gather(table), cfg.model.input_size, accelerator.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = accelerator.prepare(model)
         out = predict_table(model, cache, table, accelerator, cfg, domain_of_center, desc=f"{run.name} {name}")
         if name == "test":
             out["label"] = -1
@@ -115,7 +145,10 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
             out.to_csv(tmp, index=False, float_format="%.6g")
             tmp.replace(targets[name])
         accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
+                          + (" (AdaBN)" if adabn else "")
                           + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
+    if accelerator.is_main_process:
+        meta.write_text(json.dumps(mode))
     accelerator.wait_for_everyone()
 
 
@@ -124,10 +157,10 @@ def _acc(table: pd.DataFrame) -> float:
     return float(((logit > 0).astype(int) == table["label"]).mean())
 
 
-def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False) -> None:
+def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False, adabn: bool = False) -> None:
     if not runs:
         raise FileNotFoundError("infer: no finished training runs found; run the train stage first")
     accelerator = Accelerator()  # precision per run, from its config (see predict_table)
     cache = Cache.open(cache_dir)
     for run in runs:
-        infer_run(run, cache, accelerator, force)
+        infer_run(run, cache, accelerator, force, adabn)

@@ -3,6 +3,8 @@
 work/report/report.md      per-run held-out accuracy/AUC, combiner comparison, stage outputs
 work/report/curves.png     held-out accuracy and training loss per epoch, one line per run
 work/report/combiners.png  leave-one-center-out accuracy of mean / rank / stack per center
+work/report/per_center.png accuracy and AUC per held-out center of the mean ensemble (out of fold)
+work/report/roc.png        ROC curve per held-out center and a reliability diagram (mean ensemble)
 """
 from __future__ import annotations
 
@@ -62,6 +64,50 @@ def _combiners(comparison: pd.DataFrame, path: Path) -> None:
     plt.close(ax.figure)
 
 
+def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
+    """Per-center accuracy/AUC, ROC curves and calibration of the mean ensemble's out-of-fold scores."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    from .metrics import per_center
+
+    means = [c for c in oof.columns if c.endswith("__mean")]
+    table = oof[["id", "center", "label"]].copy()
+    table["logit"] = oof[means].mean(axis=1)
+    centers = per_center(table)
+    ax = centers.set_index("center")[["accuracy", "auc"]].plot.bar(figsize=(7, 4), rot=0)
+    ax.set(title="mean ensemble, held-out centers (out of fold)", xlabel="held-out center",
+           ylim=(max(0.0, float(centers[["accuracy", "auc"]].min().min()) - 0.05), 1.0))
+    ax.figure.tight_layout()
+    ax.figure.savefig(out_dir / "per_center.png", dpi=110)
+    plt.close(ax.figure)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    prob = 1 / (1 + np.exp(-table["logit"].to_numpy()))
+    for center, part in table.groupby("center"):
+        if part["label"].nunique() == 2:
+            fpr, tpr, _ = roc_curve(part["label"], part["logit"])
+            axes[0].plot(fpr, tpr, label=f"center {center}")
+    axes[0].plot([0, 1], [0, 1], "k:", lw=0.8)
+    axes[0].set(title="ROC per held-out center", xlabel="false positive rate", ylabel="true positive rate")
+    axes[0].legend()
+    bins = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(prob, bins) - 1, 0, 9)
+    centres, freq = [], []
+    for b in range(10):
+        sel = which == b
+        if sel.any():
+            centres.append(prob[sel].mean())
+            freq.append(table["label"].to_numpy()[sel].mean())
+    axes[1].plot([0, 1], [0, 1], "k:", lw=0.8)
+    axes[1].plot(centres, freq, marker="o")
+    axes[1].set(title="calibration (all held-out centers)", xlabel="mean predicted tumour probability",
+                ylabel="observed tumour share")
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc.png", dpi=110)
+    plt.close(fig)
+    return centers
+
+
 def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,10 +125,13 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
         pivot = comparison.pivot(index="center", columns="method", values="accuracy")
         pivot.loc["mean"] = pivot.mean()
         _combiners(comparison, out_dir / "combiners.png")
+        centers = _ensemble_plots(pd.read_csv(Path(stack_dir) / "oof_features.csv"), out_dir)
         lines += ["## Ensemble: combiners, leave one center out (8-view TTA features)", "",
                   markdown_table(pivot.reset_index()), "",
                   f"Chosen for the test center: **{choice['method']}** over {len(choice['members'])} members "
-                  f"({', '.join(choice['members'])}).", "", "![combiners](combiners.png)", ""]
+                  f"({', '.join(choice['members'])}).", "", "![combiners](combiners.png)", "",
+                  "## Mean ensemble per held-out center (out of fold)", "", markdown_table(centers), "",
+                  "![per center](per_center.png)", "", "![ROC and calibration](roc.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     print(f"report: wrote {path}")

@@ -7,6 +7,7 @@
   summary.json       per-center accuracy and AUC (held-out center out of fold; others in sample, <= 2,000 each)
   tta_heldout.csv    8-view logits of the held-out center (infer stage)
   tta_test.csv       8-view logits of the test center (infer stage)
+  tta_meta.json      how they were made ({"adabn": ...}); a different request recomputes them
   done               written last by training: the run is complete
 """
 from __future__ import annotations

@@ -198,7 +198,13 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
         raise ValueError(f"fold {run.fold}: fewer labelled patches ({len(source)}) than one batch")
     steps_per_epoch = cfg.train.steps_per_epoch or len(src_loader)
     total = steps_per_epoch * cfg.train.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, cfg.optim.warmup_frac))
+    factor = warmup_cosine(total, cfg.optim.warmup_frac)
+    probe_steps = cfg.train.probe_epochs * steps_per_epoch  # linear probe first: backbone lr 0
+
+    def backbone_factor(step: int) -> float:
+        return 0.0 if step < probe_steps else factor(step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [backbone_factor if g.get("name") == "backbone" else factor for g in optimizer.param_groups])
 
     src_iter = cycle(src_loader)
     tgt_iter = cycle(tgt_loader) if core.uses_target else None

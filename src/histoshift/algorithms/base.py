@@ -51,7 +51,8 @@ class Algorithm(nn.Module):
     def param_groups(self) -> list[dict]:
         o = self.cfg.optim
         return [
-            {"params": list(self.model.backbone.parameters()), "lr": o.backbone_lr, "name": "backbone"},
+            {"params": [p for p in self.model.backbone.parameters() if p.requires_grad], "lr": o.backbone_lr,
+             "name": "backbone"},
             {"params": list(self.model.head.parameters()), "lr": o.lr, "name": "head"},
         ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
+from timm.models import group_parameters
 import torch
 from torch import nn
 
@@ -40,12 +41,29 @@ def create_backbone(cfg: ModelCfg, load_weights: bool = True) -> nn.Module:
     return model
 
 
+def freeze_all_but_last(backbone: nn.Module, n_blocks: int) -> int:
+    """Partial fine-tuning: leave only the last `n_blocks` coarse block groups of a timm backbone
+    trainable (timm's `group_matcher`: stem, blocks..., final norm with the last). Returns how many
+    parameter tensors were frozen."""
+    if n_blocks < 0:
+        return 0
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    first_kept = max(groups) - n_blocks + 1
+    keep = {name for gid, names in groups.items() if gid >= first_kept for name in names}
+    frozen = 0
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(name in keep)
+        frozen += name not in keep
+    return frozen
+
+
 class PatchClassifier(nn.Module):
     """Backbone -> pooled features -> dropout -> one tumour logit."""
 
     def __init__(self, cfg: ModelCfg, load_weights: bool = True):
         super().__init__()
         self.backbone = create_backbone(cfg, load_weights)
+        freeze_all_but_last(self.backbone, cfg.train_last_blocks)
         self.num_features = self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
         data_cfg = timm.data.resolve_model_data_config(self.backbone)
