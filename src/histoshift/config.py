@@ -23,6 +23,9 @@ class ModelCfg:
     # "none" | "timm" (timm's own pretrained source: HF hub or URL) | "file:PATH" | "package:NAME"
     weights: str = "none"
     input_size: int = 96  # side the backbone sees; batches are resized on the device when it differs
+    # extra keyword arguments for timm.create_model (hub foundation models need some); values of
+    # keys ending in "_layer" may name a class, e.g. "torch.nn.SiLU" or "timm.layers.SwiGLUPacked"
+    timm_kwargs: dict = field(default_factory=dict)
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
     frozen: bool = False  # True: embed once with the frozen backbone, train only a head on the features
@@ -114,6 +117,10 @@ def _cast(value, typ, key: str):
         if typ is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return out
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -1,6 +1,7 @@
 """A timm backbone with a one-logit tumour head; forward returns named outputs."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import timm
@@ -12,9 +13,21 @@ from ..config import ModelCfg
 from .weights import WeightsError, load_into, package_state_dict, read_state_dict
 
 
+def _resolve_layer(key: str, value):
+    """'torch.nn.SiLU' -> the class, for timm kwargs such as act_layer / mlp_layer."""
+    if not (key.endswith("_layer") and isinstance(value, str) and value.startswith(("torch.", "timm."))):
+        return value
+    module_name, _, attr = value.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise WeightsError(f"model.timm_kwargs.{key}: cannot import {value}") from None
+
+
 def create_backbone(cfg: ModelCfg, load_weights: bool = True) -> nn.Module:
     """timm.create_model with the configured weight source (`load_weights=False`: architecture only)."""
-    kwargs = {"num_classes": 0}
+    kwargs = {k: _resolve_layer(k, v) for k, v in cfg.timm_kwargs.items()}
+    kwargs["num_classes"] = 0
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     use_timm = load_weights and cfg.weights == "timm"

