@@ -61,6 +61,7 @@ class AugCfg:
     hed_sigma: float = 0.03  # HED stain jitter: scale ~ U(1-s, 1+s), shift ~ U(-s, s) per channel
     brightness: float = 0.1  # brightness/contrast jitter amplitude (0 = off)
     contrast: float = 0.1
+    stain_norm: str = "none"  # "none" | "reinhard" | "macenko": per-patch normalisation, train and inference
 
 
 @dataclass
@@ -187,6 +188,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.domain_loss: expected ce or ls, got '{cfg.algorithm.domain_loss}'")
     if cfg.aug.backend not in ("albumentations", "torch"):
         raise ConfigError(f"aug.backend: expected 'albumentations' or 'torch', got '{cfg.aug.backend}'")
+    if cfg.aug.stain_norm not in ("none", "reinhard", "macenko"):
+        raise ConfigError(f"aug.stain_norm: expected none|reinhard|macenko, got '{cfg.aug.stain_norm}'")
     if cfg.train.precision not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError(f"train.precision: expected auto|no|bf16|fp16, got '{cfg.train.precision}'")
     if cfg.train.placement not in ("auto", "device", "host"):

@@ -28,7 +28,7 @@ from .models.backbone import PatchClassifier
 
 def store_key(cfg: Config) -> str:
     m = cfg.model
-    raw = f"{m.backbone}-{m.weights}-{m.input_size}px-{cfg.train.feature_views}v"
+    raw = f"{m.backbone}-{m.weights}-{m.input_size}px-{cfg.train.feature_views}v-{cfg.aug.stain_norm}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
 
 
@@ -64,7 +64,7 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator) -> Fe
                                                  cfg.train.eval_batch_size, train=False))
         chunks = []
         for batch in tqdm(loader, desc=f"embed {split}", disable=not accelerator.is_local_main_process):
-            x = to_float(batch["image"].to(accelerator.device))
+            x = to_float(batch["image"].to(accelerator.device), cfg.aug.stain_norm)
             b = x.shape[0]
             stacked = normalize(torch.cat([dihedral(x, k) for k in views]), model.mean, model.std, cfg.model.input_size)
             f = model.backbone(stacked).float().view(len(views), b, -1).transpose(0, 1)

@@ -46,7 +46,7 @@ def autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, input_size: int,
                   views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
-                  channels_last: bool = False) -> pd.DataFrame:
+                  channels_last: bool = False, stain_norm: str = "none") -> pd.DataFrame:
     """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
@@ -56,7 +56,7 @@ def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, inpu
     chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
     bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
     for batch in bar:
-        x = to_float(batch["image"].to(accelerator.device))
+        x = to_float(batch["image"].to(accelerator.device), stain_norm)
         b = x.shape[0]
         stacked = normalize(torch.cat([dihedral(x, k) for k in views]), mean, std, input_size)
         if channels_last:
@@ -82,7 +82,7 @@ def predict_table(model, cache: Cache, table: pd.DataFrame, accelerator: Acceler
     loader = accelerator.prepare(make_loader(ds, cfg.train.eval_batch_size, train=False))
     return predict_views(model, loader, accelerator, cfg.model.input_size, views, desc,
                          precision=resolve_precision(cfg.train.precision, cfg.model.backbone),
-                         channels_last=cfg.train.channels_last)
+                         channels_last=cfg.train.channels_last, stain_norm=cfg.aug.stain_norm)
 
 
 def view_columns(table: pd.DataFrame) -> list[str]:
@@ -91,7 +91,7 @@ def view_columns(table: pd.DataFrame) -> list[str]:
 
 @torch.no_grad()
 def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int, device: torch.device,
-                    batch_size: int = 256) -> int:
+                    batch_size: int = 256, stain_norm: str = "none") -> int:
     """AdaBN (Li et al. 2016): replace every batch-norm layer's running statistics by those of the
     target images (plain view, cumulative average over all of them). Returns the layers adapted."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -102,7 +102,7 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int,
     was_training = model.training
     model.train()
     for i in range(0, len(images), batch_size):
-        x = to_float(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
+        x = to_float(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device), stain_norm)
         model(normalize(x, model.mean, model.std, input_size))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
@@ -133,7 +133,8 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
         cfg, model = load_run_model(run)  # fresh weights per target: AdaBN adapts to one center at a time
         if adabn:
             model.to(accelerator.device)
-            adapt_batchnorm(model, cache.gather(table), cfg.model.input_size, accelerator.device)
+            adapt_batchnorm(model, cache.gather(table), cfg.model.input_size, accelerator.device,
+                            stain_norm=cfg.aug.stain_norm)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = accelerator.prepare(model)

@@ -125,7 +125,8 @@ class _ImageTask:
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.acc.device, non_blocking=True)
-        x = augment_batch(images, self.cfg.aug) if self.cfg.aug.backend == "torch" else to_float(images)
+        aug = self.cfg.aug
+        x = augment_batch(images, aug) if aug.backend == "torch" else to_float(images, aug.stain_norm)
         x = normalize(x, self.mean, self.std, self.cfg.model.input_size)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
@@ -133,7 +134,8 @@ class _ImageTask:
         """Plain-view logits of `table` (None: the held-out center): id, center, label, v0."""
         loader = self.heldout_loader if table is None else self._loader(table)
         return predict_views(model, loader, self.acc, self.cfg.model.input_size, views=(0,), desc=desc,
-                             precision=self.precision, channels_last=self.cfg.train.channels_last)
+                             precision=self.precision, channels_last=self.cfg.train.channels_last,
+                             stain_norm=self.cfg.aug.stain_norm)
 
 
 class _FeatureTask:

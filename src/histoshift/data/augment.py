@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AugCfg
+from .stain import stain_normalize
 
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
@@ -106,7 +107,7 @@ def augment_batch(images: torch.Tensor, cfg: AugCfg, generator: torch.Generator 
     x = images.permute(0, 3, 1, 2)
     if cfg.dihedral:
         x = random_dihedral(x, generator)
-    x = x.float().div_(255.0)
+    x = stain_normalize(x.float().div_(255.0), cfg.stain_norm)
     if cfg.hed_sigma > 0:
         s, b = cfg.hed_sigma, x.shape[0]
         alpha = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * s
@@ -117,9 +118,9 @@ def augment_batch(images: torch.Tensor, cfg: AugCfg, generator: torch.Generator 
     return x
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 B x H x W x 3 -> float B x 3 x H x W in [0, 1]."""
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
+def to_float(images: torch.Tensor, stain_norm: str = "none") -> torch.Tensor:
+    """uint8 B x H x W x 3 -> float B x 3 x H x W in [0, 1] (stain-normalised when asked)."""
+    return stain_normalize(images.permute(0, 3, 1, 2).float().div_(255.0), stain_norm)
 
 
 def normalize(x: torch.Tensor, mean, std, input_size: int) -> torch.Tensor:
