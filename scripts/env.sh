@@ -6,11 +6,12 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -z "${PY:-}" ]; then
   VENV="${VENV:-$REPO/.venv}"
   STAMP="$VENV/.requirements.sha256"
-  WANT="$(sha256sum "$REPO/requirements.txt" | cut -d' ' -f1)"
+  WANT="$(cat "$REPO/requirements.txt" "$REPO/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
   if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "== setting up $VENV from requirements.txt (once, about 2 minutes)"
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO/requirements.txt"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$REPO/requirements-nodeps.txt"
     echo "$WANT" > "$STAMP"
   fi
   PY="$VENV/bin/python"
