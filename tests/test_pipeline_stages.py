@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -185,3 +186,24 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     assert main(r + ["infer", "--adabn"]) == 0 and "up to date" in capsys.readouterr().out
     assert main(r + ["infer"]) == 0  # back to plain statistics: recomputed, same as the first time
     np.testing.assert_allclose(pd.read_csv(run.tta_test).v0, before.v0, atol=1e-4)
+
+
+def test_one_round_of_pseudo_labels(pipeline, capsys):
+    """After a first round (train, infer, stack), confident test patches join the labelled data."""
+    from histoshift.data.cache import Cache
+    from histoshift.train import pseudo_labels
+
+    index = Cache.open(pipeline / "work" / "cache").index
+    feats = pd.read_csv(pipeline / "work" / "stack" / "test_features.csv")
+    means = feats.filter(like="__mean").mean(axis=1)
+    threshold = float(1 / (1 + np.exp(-means.abs().median())))  # about half the patches are that sure
+    extra = pseudo_labels(index, pipeline / "work" / "stack", threshold)
+    assert 0 < len(extra) < len(feats) and set(extra.split) == {"test"} and not extra.aberrant.any()
+    sure = feats.set_index("id").loc[extra.id].filter(like="__mean").mean(axis=1)
+    assert ((sure > 0).astype(int).to_numpy() == extra.label.to_numpy()).all()
+    cfg = pipeline / "tiny_pseudo.yaml"
+    cfg.write_text(yaml.safe_dump(TINY | {"train": TINY["train"] | {"pseudo_threshold": threshold, "epochs": 1}}))
+    assert main(["--root", str(pipeline), "train", "--config", str(cfg), "--fold", "3"]) == 0
+    run = next(r for r in find_runs(pipeline / "work" / "runs") if r.model_name == "tiny_pseudo/seed0")
+    assert json.loads(run.summary.read_text())["pseudo_labels"] == len(extra)
+    assert f"+ {len(extra)} pseudo-labelled test patches" in capsys.readouterr().out

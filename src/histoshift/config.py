@@ -71,6 +71,9 @@ class TrainCfg:
     target_batch_size: int = 32  # unlabelled images per step for the domain head (DANN)
     steps_per_epoch: int = 0  # 0 = one pass over the labelled training patches
     probe_epochs: int = 0  # linear probe first: the backbone's learning rate is 0 for these epochs
+    # one round of pseudo-labelling: test patches whose ensemble probability (sigmoid of the mean
+    # logit in work/stack/test_features.csv) is >= this or <= 1 - this join the labelled data (0 = off)
+    pseudo_threshold: float = 0.0
     num_workers: int = 2
     # "auto": bf16 on a GPU that supports it, except depthwise-conv families (EfficientNet, MobileNet,
     # ...) that ran slower in bf16 on an H100; off on CPU | "no" | "bf16" | "fp16"
@@ -194,6 +197,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision: expected auto|no|bf16|fp16, got '{cfg.train.precision}'")
     if cfg.train.placement not in ("auto", "device", "host"):
         raise ConfigError(f"train.placement: expected auto|device|host, got '{cfg.train.placement}'")
+    if cfg.train.pseudo_threshold and not 0.5 < cfg.train.pseudo_threshold < 1:
+        raise ConfigError(f"train.pseudo_threshold: expected 0 (off) or a value in (0.5, 1), got {cfg.train.pseudo_threshold}")
     if cfg.train.feature_views not in (1, 8):
         raise ConfigError(f"train.feature_views: expected 1 or 8, got {cfg.train.feature_views}")
     if cfg.model.input_size < 32:

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -61,6 +62,18 @@ def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
     target = pd.concat([heldout, index[index["split"] == "test"]])
     target = target[~target["aberrant"]]
     return source.reset_index(drop=True), heldout.reset_index(drop=True), target.reset_index(drop=True)
+
+
+def pseudo_labels(index: pd.DataFrame, stack_dir: Path, threshold: float) -> pd.DataFrame:
+    """Confident test patches of the previous round's ensemble, as labelled rows (one round)."""
+    path = Path(stack_dir) / "test_features.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: pseudo-labels need a finished first round (train, infer, stack)")
+    feats = pd.read_csv(path)
+    prob = 1 / (1 + np.exp(-feats[[c for c in feats.columns if c.endswith("__mean")]].mean(axis=1)))
+    sure = feats.assign(label=(prob >= 0.5).astype(int))[(prob >= threshold) | (prob <= 1 - threshold)]
+    test = index[(index["split"] == "test") & ~index["aberrant"]].drop(columns="label")
+    return test.merge(sure[["id", "label"]], on="id")
 
 
 def _train_loaders(cfg: Config, cache: Cache, source, target, domain_of_center, seed: int, accelerator: Accelerator):
@@ -178,8 +191,15 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
         save_config(cfg, run.config)
 
     cache = Cache.open(cache_dir)
-    parts = split_for_fold(cache.index, read_folds(folds_csv), run.fold)
-    source, heldout, target = parts
+    source, heldout, target = split_for_fold(cache.index, read_folds(folds_csv), run.fold)
+    n_pseudo = 0
+    if cfg.train.pseudo_threshold > 0:
+        extra = pseudo_labels(cache.index, Path(cache_dir).parent / "stack", cfg.train.pseudo_threshold)
+        n_pseudo = len(extra)
+        source = pd.concat([source, extra[source.columns.intersection(extra.columns)]], ignore_index=True)
+        accelerator.print(f"train {run.name}: + {n_pseudo} pseudo-labelled test patches "
+                          f"(ensemble probability beyond {cfg.train.pseudo_threshold})")
+    parts = (source, heldout, target)
     centers = sorted(cache.index["center"].unique())
     domain_of_center = {c: i for i, c in enumerate(centers)}
     accelerator.print(f"train {run.name}: {len(source)} labelled patches from centers "
@@ -264,7 +284,7 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                 views.assign(label=-1 if rows is not None else views["label"]).to_csv(path, index=False, float_format="%.6g")
         summary = {"run": run.name, "fold": run.fold, "seconds": round(time.time() - t0, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
-                   "per_center": table.to_dict(orient="records")}
+                   "pseudo_labels": n_pseudo, "per_center": table.to_dict(orient="records")}
         run.summary.write_text(json.dumps(summary, indent=2))
         run.done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
         accelerator.print(table.to_string(index=False))
