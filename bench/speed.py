@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from histoshift.config import AugCfg, ModelCfg  # noqa: E402
-from histoshift.data.augment import augment_batch, dihedral, normalize, to_float  # noqa: E402
+from histoshift.data.augment import augment_batch, normalize, to_float, view_stack  # noqa: E402
 from histoshift.data.cache import Cache, prepare  # noqa: E402
 from histoshift.data.demo import render_patch  # noqa: E402
 from histoshift.data.loader import TensorBatches, place_images  # noqa: E402
@@ -222,7 +222,7 @@ def bench_model(name: str, size: int, root: Path, device: torch.device, batch: i
     def infer():
         for i in range(0, len(test), chunk):
             x = to_float(test[i:i + chunk])
-            stacked = normalize(torch.cat([dihedral(x, k) for k in range(8)]), model.mean, model.std, size)
+            stacked = view_stack(x, range(8), model.mean, model.std, size)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 model(stacked)
         sync(device)

@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config, ModelCfg
-from .data.augment import N_VIEWS, dihedral, normalize, to_float
-from .data.cache import SPLITS, Cache
+from .data.augment import per_view, to_float, view_stack
+from .data.cache import SPLITS, Cache, gather_by_split
 from .data.loader import PatchDataset, make_loader
 from .models.backbone import PatchClassifier
 
@@ -33,20 +33,15 @@ def store_key(cfg: Config) -> str:
 
 
 class FeatureStore:
-    def __init__(self, path: Path, index: pd.DataFrame):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.index = index
         self.arrays = {s: np.load(self.path / f"features_{s}.npy", mmap_mode="r") for s in SPLITS}
         self.dim = self.arrays["train"].shape[-1]
         self.views = self.arrays["train"].shape[1]
 
     def rows(self, table: pd.DataFrame) -> np.ndarray:
         """Features (n x V x D, float32) of the table's patches, in its order."""
-        out = np.empty((len(table), self.views, self.dim), np.float32)
-        table = table.reset_index(drop=True)
-        for split, part in table.groupby("split", sort=False):
-            out[part.index.to_numpy()] = self.arrays[split][part["row"].to_numpy()]
-        return out
+        return gather_by_split(self.arrays, table).astype(np.float32)
 
 
 @torch.no_grad()
@@ -54,7 +49,7 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator) -> Fe
     """Embed every cached patch with the frozen backbone (once per backbone, weights, size, views)."""
     path = Path(root) / store_key(cfg)
     if (path / "meta.json").exists():
-        return FeatureStore(path, cache.index)
+        return FeatureStore(path)
     model = PatchClassifier(cfg.model).eval().to(accelerator.device)
     views = tuple(range(cfg.train.feature_views))
     path.mkdir(parents=True, exist_ok=True)
@@ -65,9 +60,8 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator) -> Fe
         chunks = []
         for batch in tqdm(loader, desc=f"embed {split}", disable=not accelerator.is_local_main_process):
             x = to_float(batch["image"].to(accelerator.device), cfg.aug.stain_norm)
-            b = x.shape[0]
-            stacked = normalize(torch.cat([dihedral(x, k) for k in views]), model.mean, model.std, cfg.model.input_size)
-            f = model.backbone(stacked).float().view(len(views), b, -1).transpose(0, 1)
+            stacked = view_stack(x, views, model.mean, model.std, cfg.model.input_size)
+            f = per_view(model.backbone(stacked).float(), len(views))
             chunks.append(accelerator.gather_for_metrics(f.contiguous()).cpu().half().numpy())
         if accelerator.is_main_process:
             np.save(path / f"features_{split}.npy", np.concatenate(chunks))
@@ -75,7 +69,7 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator) -> Fe
         (path / "meta.json").write_text(json.dumps({"backbone": cfg.model.backbone, "weights": cfg.model.weights,
                                                     "input_size": cfg.model.input_size, "views": len(views)}))
     accelerator.wait_for_everyone()
-    return FeatureStore(path, cache.index)
+    return FeatureStore(path)
 
 
 class FeatureClassifier(nn.Module):
@@ -116,5 +110,3 @@ def views_table(table: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
         out[f"v{k}"] = logits[:, k]
     return out
 
-
-__all__ = ["FeatureStore", "FeatureClassifier", "embed", "random_view", "view_logits", "views_table", "N_VIEWS"]

@@ -6,6 +6,7 @@ was padded. Per-view logits are saved keyed by id and center.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .config import Config, load_config
-from .data.augment import N_VIEWS, dihedral, normalize, to_float
+from .data.augment import N_VIEWS, normalize, per_view, to_float, view_stack
 from .data.cache import Cache
 from .data.loader import PatchDataset, make_loader
 from .models.backbone import PatchClassifier
@@ -57,13 +58,12 @@ def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, inpu
     bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
     for batch in bar:
         x = to_float(batch["image"].to(accelerator.device), stain_norm)
-        b = x.shape[0]
-        stacked = normalize(torch.cat([dihedral(x, k) for k in views]), mean, std, input_size)
+        stacked = view_stack(x, views, mean, std, input_size)
         if channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
         with autocast(accelerator.device, precision):
             out = torch.cat([model(part)["logits"].float() for part in stacked.split(chunk)])
-        out = out.view(len(views), b).T.contiguous()
+        out = per_view(out, len(views)).contiguous()
         g = accelerator.gather_for_metrics((batch["id"].to(accelerator.device), batch["center"].to(accelerator.device),
                                             batch["label"].to(accelerator.device), out))
         for store, value in zip((ids, centers, labels, logits), g):
@@ -129,8 +129,9 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
     domain_of_center = {c: i for i, c in enumerate(centers)}
     tables = {"heldout": index[(index["split"] != "test") & (index["center"] == run.fold)],
               "test": index[index["split"] == "test"]}
+    cfg, trained = load_run_model(run)
     for name, table in tables.items():
-        cfg, model = load_run_model(run)  # fresh weights per target: AdaBN adapts to one center at a time
+        model = copy.deepcopy(trained) if adabn else trained  # AdaBN adapts a copy to one center at a time
         if adabn:
             model.to(accelerator.device)
             adapt_batchnorm(model, cache.gather(table), cfg.model.input_size, accelerator.device,

@@ -85,9 +85,15 @@ def _train_loaders(cfg: Config, cache: Cache, source, target, domain_of_center, 
             make_loader(PatchDataset(cache.gather(t), t, domain_of_center, transform), bs, train=True,
                         num_workers=cfg.train.num_workers, seed=seed + k)
             for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
+    return _tensor_batches(cfg, lambda t: place_images(cache.gather(t), accelerator.device, cfg.train.placement),
+                           source, target, domain_of_center, seed, accelerator)
+
+
+def _tensor_batches(cfg: Config, tensor_of, source, target, domain_of_center, seed: int, accelerator: Accelerator):
+    """Labelled and unlabelled batch streams gathered from the tensors that `tensor_of(table)` returns."""
     return tuple(
-        TensorBatches(place_images(cache.gather(t), accelerator.device, cfg.train.placement), t, domain_of_center,
-                      bs, accelerator.device, seed + k, accelerator.process_index, accelerator.num_processes)
+        TensorBatches(tensor_of(t), t, domain_of_center, bs, accelerator.device, seed + k,
+                      accelerator.process_index, accelerator.num_processes)
         for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
 
 
@@ -159,10 +165,8 @@ class _FeatureTask:
         self.acc, self.heldout = accelerator, heldout
         self.store = embed(cfg, cache, cache.dir.parent / "features", accelerator)
         self.model = FeatureClassifier(self.store.dim, cfg.model)
-        self.loaders = tuple(
-            TensorBatches(torch.from_numpy(self.store.rows(t)).to(accelerator.device), t, domain_of_center, bs,
-                          accelerator.device, seed + k, accelerator.process_index, accelerator.num_processes)
-            for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
+        self.loaders = _tensor_batches(cfg, lambda t: torch.from_numpy(self.store.rows(t)).to(accelerator.device),
+                                       source, target, domain_of_center, seed, accelerator)
 
     def prepare(self):
         pass

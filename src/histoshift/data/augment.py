@@ -82,6 +82,17 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
+def view_stack(x: torch.Tensor, views, mean, std, input_size: int) -> torch.Tensor:
+    """All requested dihedral views of a float batch, one after another (V*B images), normalised:
+    one forward pass serves every TTA view. `per_view` undoes the stacking on the outputs."""
+    return normalize(torch.cat([dihedral(x, k) for k in views]), mean, std, input_size)
+
+
+def per_view(out: torch.Tensor, n_views: int) -> torch.Tensor:
+    """(V*B, ...) outputs of `view_stack` -> (B, V, ...)."""
+    return out.view(n_views, -1, *out.shape[1:]).transpose(0, 1)
+
+
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     ks = torch.randint(0, N_VIEWS, (x.shape[0],), generator=generator, device="cpu").to(x.device)
     out = torch.empty_like(x)

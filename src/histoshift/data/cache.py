@@ -145,9 +145,14 @@ class Cache:
 
     def gather(self, table: pd.DataFrame) -> np.ndarray:
         """Images for the rows of `table` (any mix of splits), in the table's order."""
-        table = table.reset_index(drop=True)
-        side = np.load(self.dir / "images_train.npy", mmap_mode="r").shape[1]
-        out = np.empty((len(table), side, side, 3), dtype=np.uint8)
-        for split, part in table.groupby("split", sort=False):
-            out[part.index.to_numpy()] = self.images(split, in_memory=False)[part["row"].to_numpy()]
-        return out
+        return gather_by_split({s: self.images(s, in_memory=False) for s in SPLITS}, table)
+
+
+def gather_by_split(arrays: dict[str, np.ndarray], table: pd.DataFrame) -> np.ndarray:
+    """Rows of per-split arrays (indexed by the table's split and row columns), in the table's order."""
+    table = table.reset_index(drop=True)
+    first = next(iter(arrays.values()))
+    out = np.empty((len(table),) + first.shape[1:], dtype=first.dtype)
+    for split, part in table.groupby("split", sort=False):
+        out[part.index.to_numpy()] = arrays[split][part["row"].to_numpy()]
+    return out
