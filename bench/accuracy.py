@@ -1,23 +1,29 @@
 """Accuracy ablation on real tissue: PatchCamelyon patches with synthetic pseudo-center stain shifts.
 
-    python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs 12]
-                             [--rows key|all] [--seeds 0] [--ensemble] [--work DIR]
+    python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs N]
+                             [--rows none|key|more|all] [--adabn] [--ensemble] [--pseudo 0.9]
+                             [--seeds 0 1 2] [--tag NAME] [--work DIR]
 
 Builds train/val/test.h5 with ../shared/data/pcam/make_competition_h5.py (real tissue and labels,
 synthetic centers: say so when reporting), keeps a random `--train-patches` of the training
-centers (stratified by center, the anchors' setting is 4,500), then runs this repository's own
-stages (prepare, folds, train, infer, stack: the code paths of train.sh / infer.sh) for each
-ablation row, as config overrides of configs/lite0_dann.yaml.
+centers (stratified by center; the anchors' reduced setting is 4,500, all is 19,171), then runs this
+repository's own stages (prepare, folds, train, infer, stack: the code paths of train.sh / infer.sh)
+with the repository's configs. `--epochs` overrides every config's epochs (default: the configs' own).
 
-Single-model rows use the fold that holds out center 1, i.e. a model trained on centers 0/3/4 only,
-as in ANCHORS.md: val = center 1 (out of fold), test = center 2. Each row is reported with TTA off
-(view 0) / on (8-view mean) and, with --rows all, AdaBN on. --ensemble also trains every fold of
-the default recipe and reports mean / rank average / stacker on the test center. Several seeds:
-mean and range. Prints a markdown table and writes it to bench/results/.
+Single-model rows (overrides of configs/lite0_dann.yaml) use the fold that holds out center 1, i.e.
+a model trained on centers 0/3/4 only, as in ANCHORS.md: val = center 1, test = center 2. Each row
+is reported with TTA off (view 0) / on (8-view mean) and, with --adabn, with AdaBN.
+--ensemble runs the default pipeline per seed (configs/lite0_dann.yaml + configs/lite1_dann.yaml,
+every leave-one-center-out fold, 8-view TTA) and reports mean logits / rank average / LightGBM
+stacker / the combiner the stack stage picks by leave-one-center-out accuracy, on the test center.
+--pseudo T adds one round of pseudo-labelling (train.pseudo_threshold=T) on top of each seed's
+first round. Several seeds: mean and range. Runs already in --work are reused, so phases can be
+run one after another (cheap ones first). Results go to bench/results/ after every row.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -30,13 +36,18 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from accelerate import Accelerator  # noqa: E402
+
 from histoshift.cli import main as cli  # noqa: E402
+from histoshift.data.cache import Cache  # noqa: E402
+from histoshift.predict import infer_run  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import build_features, predict, fit_stacker  # noqa: E402
+from histoshift.stack import METHODS, build_features, choose, compare_loco, fit_stacker, predict, run_stack  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
+PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
 NO_AUG = ["aug.dihedral=false", "aug.hed_sigma=0", "aug.brightness=0", "aug.contrast=0"]
-ROWS = {  # name -> overrides of the default recipe
+KEY_ROWS = {  # name -> overrides of the default recipe (empty: the default config itself, shared with --ensemble)
     "ERM, no augmentation": ["algorithm.name=erm", *NO_AUG],
     "ERM + dihedral": ["algorithm.name=erm", "aug.hed_sigma=0", "aug.brightness=0", "aug.contrast=0"],
     "ERM + dihedral + HED": ["algorithm.name=erm"],
@@ -51,6 +62,7 @@ MORE_ROWS = {
     "DANN + Macenko normalisation": ["aug.stain_norm=macenko"],
     "DANN, random init": ["model.weights=none"],
 }
+ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "all": KEY_ROWS | MORE_ROWS}
 
 
 def build_data(pcam: Path, root: Path, train_patches: int, seed: int = 0) -> None:
@@ -63,22 +75,85 @@ def build_data(pcam: Path, root: Path, train_patches: int, seed: int = 0) -> Non
     inp.mkdir(parents=True)
     for name in ("val.h5", "test.h5", "test_labels.csv"):
         shutil.copy(full / name, inp / name)
-    rng = np.random.default_rng(seed)
-    with h5py.File(full / "train.h5") as src, h5py.File(inp / "train.h5", "w") as dst:
+    with h5py.File(full / "train.h5") as src:
         keys = np.array(list(src.keys()))
+        if train_patches >= len(keys):
+            shutil.copy(full / "train.h5", inp / "train.h5")
+            print(f"data: all {len(keys)} train patches (centers 0/3/4), val/test from PCam valid "
+                  "(real tissue, synthetic centers)")
+            return
+        rng = np.random.default_rng(seed)
         centers = np.array([int(src[k]["metadata"][0]) for k in keys])
         keep = []
         for c in np.unique(centers):  # stratified: the competition's center proportions stay
             ks = keys[centers == c]
             keep += list(rng.choice(ks, size=round(train_patches * len(ks) / len(keys)), replace=False))
-        for k in keep:
-            src.copy(src[k], dst, name=k)
+        with h5py.File(inp / "train.h5", "w") as dst:
+            for k in keep:
+                src.copy(src[k], dst, name=k)
     print(f"data: {len(keep)} train patches (centers 0/3/4), val/test from PCam valid (real tissue, synthetic centers)")
 
 
-def run(root: Path, *args) -> None:
-    if cli(["--root", str(root), *args]) != 0:
-        raise SystemExit(f"stage failed: {args}")
+class Bench:
+    def __init__(self, root: Path, epochs: int | None):
+        self.root, self.epochs = root, epochs
+        self.runs = root / "work" / "runs"
+        self.labels = pd.read_csv(root / "input" / "test_labels.csv")
+        self._cache = self._accelerator = None
+
+    def stage(self, *args) -> None:
+        if cli(["--root", str(self.root), *args]) != 0:
+            raise SystemExit(f"stage failed: {args}")
+
+    def train(self, config: Path, seed: int, fold: str, overrides: list[str]) -> None:
+        ov = [f"train.seed={seed}", *([f"train.epochs={self.epochs}"] if self.epochs else []), *overrides]
+        self.stage("train", "--config", str(config), "--fold", fold, *ov)
+
+    def infer(self, run: RunDir, adabn: bool = False) -> None:
+        """The infer stage for one run (the stage itself loops `infer_run` over every run)."""
+        if self._cache is None:
+            self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
+        infer_run(run, self._cache, self._accelerator, adabn=adabn)
+
+    def test_table(self, run: RunDir) -> pd.DataFrame:
+        test = pd.read_csv(run.tta_test).drop(columns="label")
+        return test.merge(self.labels, left_on="id", right_on="ID")
+
+    def score_run(self, run: RunDir) -> dict:
+        held, test = pd.read_csv(run.tta_heldout), self.test_table(run)
+        views = [f"v{k}" for k in range(8)]
+        return {"val": accuracy(held, ["v0"]), "val_tta": accuracy(held, views),
+                "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}
+
+    def pipeline(self, seed: int, suffix: str = "", overrides: tuple[str, ...] = ()) -> list[RunDir]:
+        """train.sh + infer.sh for one seed: every default config on every fold, TTA predictions."""
+        runs = []
+        for config in PIPELINE:
+            name = config.stem + suffix
+            self.train(config, seed, "all", [f"name={name}", *overrides])
+            for run in self.member(name, seed):
+                self.infer(run)
+                runs.append(run)
+        return runs
+
+    def member(self, name: str, seed: int) -> list[RunDir]:
+        return [r for r in find_runs(self.runs) if r.model_name == f"{name}/seed{seed}"]
+
+    def ensemble_scores(self, runs: list[RunDir]) -> dict:
+        """Test-center accuracy of each combiner and of the one the stack stage picks (LOCO on OOF)."""
+        oof, test, names = build_features(runs, self.root / "folds" / "folds.csv")
+        test = test.merge(self.labels, left_on="id", right_on="ID")
+        out = {}
+        for method in METHODS:
+            stacker = fit_stacker(oof, names) if method == "stack" else None
+            _, pred = predict(method, test, names, stacker)
+            out[method] = float((pred == test["label"].to_numpy()).mean())
+        picked = choose(compare_loco(oof, names))
+        out["picked"] = out[picked]
+        out["picked_method"] = picked
+        single = [self.score_run(r)["test_tta"] for r in runs]
+        out["single_fold_models_tta"] = float(np.mean(single))
+        return out
 
 
 def accuracy(table: pd.DataFrame, views: list[str], labels: pd.Series | None = None) -> float:
@@ -86,17 +161,9 @@ def accuracy(table: pd.DataFrame, views: list[str], labels: pd.Series | None = N
     return float(((table[views].mean(axis=1) > 0).astype(int).to_numpy() == y.to_numpy()).mean())
 
 
-def score_run(run: RunDir, test_labels: pd.DataFrame) -> dict:
-    held = pd.read_csv(run.tta_heldout)
-    test = pd.read_csv(run.tta_test).drop(columns="label").merge(test_labels, left_on="id", right_on="ID")
-    views = [f"v{k}" for k in range(8)]
-    return {"val": accuracy(held, ["v0"]), "val_tta": accuracy(held, views),
-            "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}
-
-
 def fmt(values: list[float]) -> str:
     v = np.array(values)
-    return f"{v.mean():.3f}" + (f" ({v.min():.3f}-{v.max():.3f})" if len(v) > 1 else "")
+    return f"{v.mean():.3f}" + (f" ({v.min():.3f}-{v.max():.3f}, n={len(v)})" if len(v) > 1 else "")
 
 
 def main():
@@ -104,61 +171,79 @@ def main():
     ap.add_argument("--pcam", default=str(REPO.parent / "shared" / "data" / "pcam"))
     ap.add_argument("--work", default=str(REPO / "work" / "bench_accuracy"))
     ap.add_argument("--train-patches", type=int, default=4500)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--rows", choices=["key", "all"], default="key")
+    ap.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
+    ap.add_argument("--rows", choices=sorted(ROW_SETS), default="key")
+    ap.add_argument("--adabn", action="store_true", help="also score every single-model row with AdaBN")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--ensemble", action="store_true", help="also every fold of the default recipe + stacking")
-    ap.add_argument("--extra", nargs="*", default=[], help="overrides for every row, e.g. train.batch_size=64")
+    ap.add_argument("--ensemble", action="store_true", help="the default pipeline per seed: 2 configs x 4 folds")
+    ap.add_argument("--pseudo", type=float, default=0.0, help="+ one round of pseudo-labels at this threshold")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. train.batch_size=64")
+    ap.add_argument("--tag", default="", help="name of the results file (default: patches and epochs)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
     pcam = Path(a.pcam)
     if not (pcam / "make_competition_h5.py").exists():
         raise SystemExit(f"{pcam} not found: this benchmark needs the shared PCam sample")
     root = Path(a.work)
     build_data(pcam, root, a.train_patches)
-    run(root, "prepare")
-    run(root, "folds")
-    test_labels = pd.read_csv(root / "input" / "test_labels.csv")
-    rows = ROWS | (MORE_ROWS if a.rows == "all" else {})
-    results = []
-    t0 = time.time()
-    for name, overrides in rows.items():
-        cfg_name = "abl_" + "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-        scores = []
-        for seed in a.seeds:
-            ov = [f"name={cfg_name}", f"train.epochs={a.epochs}", f"train.seed={seed}", *overrides, *a.extra]
-            folds = "all" if (a.ensemble and not overrides) else "1"
-            run(root, "train", "--config", str(BASE), "--fold", folds, *ov)
-            run(root, "infer")
-            r = RunDir.of(root / "work" / "runs", cfg_name, seed, 1)
-            s = score_run(r, test_labels)
-            if a.rows == "all":
-                run(root, "infer", "--adabn")
-                s |= {f"{k}_adabn": v for k, v in score_run(r, test_labels).items()}
-                run(root, "infer")
-            scores.append(s)
-        row = {"row": name, **{k: fmt([s[k] for s in scores]) for k in scores[0]}}
-        results.append(row)
-        print(row, f"[{time.time() - t0:.0f} s]", flush=True)
-    table = pd.DataFrame(results)
-    if a.ensemble:
-        default = [r for r in find_runs(root / "work" / "runs") if r.model_name.startswith("abl_dann___dihedral___hed__default")]
-        oof, test, names = build_features(default, root / "folds" / "folds.csv")
-        test = test.merge(test_labels, left_on="id", right_on="ID")
-        ens = {}
-        for method in ("mean", "rank", "stack"):
-            stacker = fit_stacker(oof, names) if method == "stack" else None
-            _, pred = predict(method, test, names, stacker)
-            ens[method] = float((pred == test["label"].to_numpy()).mean())
-        print("ensemble of the default recipe over folds and seeds, test center 2:", ens)
-        table = pd.concat([table, pd.DataFrame([{"row": f"ensemble ({m}) of {len(names)} x 4 fold models", "test_tta": f"{v:.3f}"}
-                                                for m, v in ens.items()])], ignore_index=True)
-    out = REPO / "bench" / "results"
+    bench = Bench(root, a.epochs)
+    bench.stage("prepare")
+    bench.stage("folds")
+    tag = a.tag or f"{a.train_patches}p-{a.epochs or 'cfg'}ep"
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
-    md = table.fillna("").to_string(index=False)
-    (out / f"accuracy-{stamp}-{a.train_patches}p-{a.epochs}ep.txt").write_text(md + "\n")
-    print("\nreal tissue (PCam), synthetic pseudo-center stain shift; single model = fold holding out center 1")
-    print(md)
+    results, t0 = [], time.time()
+
+    def record(row: dict) -> None:
+        results.append(row)
+        print(row, f"[{time.time() - t0:.0f} s]", flush=True)
+        table = pd.DataFrame(results)
+        order = [c for c in ["row", "val", "val_tta", "val_tta_adabn", "test", "test_tta", "test_tta_adabn", "note"]
+                 if c in table.columns]
+        table = table[order].fillna("")
+        text = (f"# {stamp}, {a.train_patches} train patches, epochs {a.epochs or 'from the configs'}, seeds {a.seeds}\n"
+                "# real tissue (PCam), SYNTHETIC pseudo-center stain shift; single model = fold holding out center 1\n"
+                + table.to_string(index=False) + "\n")
+        (out / f"accuracy-{stamp}-{tag}.txt").write_text(text)
+
+    if a.ensemble:
+        per_seed = {}
+        for seed in a.seeds:
+            per_seed[seed] = bench.ensemble_scores(bench.pipeline(seed, overrides=tuple(a.extra)))
+            print(f"seed {seed}: default pipeline on the test center: {json.dumps(per_seed[seed])}", flush=True)
+        for key, label in [("single_fold_models_tta", "single fold models, TTA (mean over 8 models)"),
+                           *[(m, f"pipeline, {m} combiner") for m in METHODS],
+                           ("picked", "pipeline as shipped (combiner picked by LOCO)")]:
+            record({"row": f"{label}", "test_tta": fmt([s[key] for s in per_seed.values()]),
+                    "note": "picked: " + ",".join(s["picked_method"] for s in per_seed.values()) if key == "picked" else ""})
+        if a.pseudo:
+            pl = {}
+            for seed in a.seeds:
+                first = [r for c in PIPELINE for r in bench.member(c.stem, seed)]
+                run_stack(first, root / "folds" / "folds.csv", root / "work" / "stack")  # what pseudo_labels reads
+                pl[seed] = bench.ensemble_scores(bench.pipeline(
+                    seed, suffix="_pl", overrides=(f"train.pseudo_threshold={a.pseudo}", *a.extra)))
+            record({"row": f"pipeline + one round of pseudo-labels (threshold {a.pseudo}), as shipped",
+                    "test_tta": fmt([s["picked"] for s in pl.values()]),
+                    "note": "picked: " + ",".join(s["picked_method"] for s in pl.values())})
+
+    for name, overrides in ROW_SETS[a.rows].items():
+        scores = []
+        for seed in a.seeds:
+            cfg_name = BASE.stem if not overrides else "abl_" + "".join(
+                ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+            bench.train(BASE, seed, "1", [f"name={cfg_name}", *overrides, *a.extra])
+            run = RunDir.of(bench.runs, cfg_name, seed, 1)
+            bench.infer(run)
+            s = bench.score_run(run)
+            if a.adabn:
+                bench.infer(run, adabn=True)
+                s |= {f"{k}_adabn": v for k, v in bench.score_run(run).items() if k.endswith("tta")}
+                bench.infer(run)  # back to plain predictions: the ensemble reads them
+            scores.append(s)
+        record({"row": name, **{k: fmt([s[k] for s in scores]) for k in scores[0]}})
+    print(f"\nwrote {out / f'accuracy-{stamp}-{tag}.txt'}")
 
 
 if __name__ == "__main__":

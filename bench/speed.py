@@ -37,6 +37,7 @@ from histoshift.data.cache import Cache, prepare  # noqa: E402
 from histoshift.data.demo import render_patch  # noqa: E402
 from histoshift.data.loader import TensorBatches, place_images  # noqa: E402
 from histoshift.models.backbone import PatchClassifier  # noqa: E402
+from histoshift.predict import resolve_precision  # noqa: E402
 
 TEST_PATCHES = 85_054
 
@@ -177,7 +178,7 @@ def sync(device):
 
 
 def bench_model(name: str, size: int, root: Path, device: torch.device, batch: int, steps: int, infer_n: int) -> dict:
-    precision = "bf16" if device.type == "cuda" else "no"
+    precision = resolve_precision("auto", name)  # what train/infer use: bf16 on a GPU except depthwise-conv families
     model = PatchClassifier(ModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).to(device)
     model.train()
     step = train_step_factory(model, device, precision)
@@ -219,14 +220,14 @@ def bench_model(name: str, size: int, root: Path, device: torch.device, batch: i
     chunk = 512 if device.type == "cuda" else 16
 
     @torch.no_grad()
-    def infer():
-        for i in range(0, len(test), chunk):
+    def infer(warmup: bool = False):
+        for i in range(0, 2 * chunk if warmup else len(test), chunk):
             x = to_float(test[i:i + chunk])
             stacked = view_stack(x, range(8), model.mean, model.std, size)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 model(stacked)
         sync(device)
-    infer()
+    infer(warmup=True)
     t0 = time.perf_counter()
     infer()
     per_patch = (time.perf_counter() - t0) / len(test)
@@ -254,7 +255,8 @@ def main():
         for r in loaders:
             print(f"{r['loader']:<95} {r['images_per_s']:>10,.0f} img/s  {r['cores_busy']:.1f} cores", flush=True)
         models = []
-        for name, size, batch in (("resnet50", 96, 256 if gpu else 32), ("vit_base_patch16_224", 224, 256 if gpu else 8)):
+        for name, size, batch in (("resnet50", 96, 256 if gpu else 32), ("tf_efficientnet_lite0", 96, 256 if gpu else 32),
+                                  ("vit_base_patch16_224", 224, 256 if gpu else 8)):
             r = bench_model(name, size, root, device, batch, steps=30 if gpu else (2 if a.quick else 4),
                             infer_n=TEST_PATCHES if gpu else 32)
             models.append(r)
@@ -262,6 +264,8 @@ def main():
                   f"ratio {r['ratio']:.2f}  infer 85,054 x 8 views {r['infer_85k_x8_s']:,.0f} s"
                   f"{'' if r['infer_measured_on'] == TEST_PATCHES else ' (scaled from %d patches)' % r['infer_measured_on']}",
                   flush=True)
+    total = sum(r["infer_85k_x8_s"] for r in models)
+    print(f"infer 85,054 x 8 views, all {len(models)} backbones together: {total:,.0f} s", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")

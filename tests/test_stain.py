@@ -47,6 +47,21 @@ def test_macenko_leaves_blank_patches_alone():
         stain_normalize(blank, "vahadane")
 
 
+def test_macenko_survives_single_stain_patches_in_a_batch():
+    """One stain everywhere gives a rank-deficient stain matrix (CUDA's lstsq raised on such a patch in
+    a real run); the batch must still normalise, each patch exactly as it would alone."""
+    tissue = _same_tissue_two_centers()[:1]
+    od = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64)[None, :, None, None] * torch.linspace(0.3, 1.5, 16,
+                                                                                                  dtype=torch.float64)[None, None, :, None]
+    one_stain = (torch.exp(-od) * 256 - 1).div(255).expand(1, 3, 16, 16).clamp(0, 1)
+    one_stain = torch.nn.functional.interpolate(one_stain, size=tissue.shape[-2:], mode="nearest")
+    both = torch.cat([tissue, one_stain])
+    out = macenko(both)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:1], macenko(tissue))
+    torch.testing.assert_close(out[1:], macenko(one_stain))
+
+
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
 def test_stain_norm_switch_trains_and_predicts(prepared_root, tmp_path, method):
     from histoshift.config import load_config

@@ -82,7 +82,10 @@ def macenko(x: torch.Tensor, beta: float = 0.15, alpha: float = 1.0) -> torch.Te
     h_first = (v1[:, 0] > v2[:, 0]).unsqueeze(1)  # hematoxylin absorbs more red
     stains = torch.stack([torch.where(h_first, v1, v2), torch.where(h_first, v2, v1)], dim=2)  # B x 3 x 2
     stains = stains / stains.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    conc = torch.linalg.lstsq(stains, od.transpose(1, 2)).solution  # B x 2 x N
+    # least squares through the (slightly ridged) normal equations: CUDA's lstsq refuses the rank-deficient
+    # stain matrices of patches without two stains, which pass unchanged below anyway
+    gram = stains.transpose(1, 2) @ stains + 1e-6 * torch.eye(2, dtype=x.dtype, device=x.device)
+    conc = torch.linalg.solve(gram, stains.transpose(1, 2) @ od.transpose(1, 2))  # B x 2 x N
     max_conc = torch.quantile(conc, 0.99, dim=2, keepdim=True).clamp_min(1e-6)
     ref_max = torch.as_tensor(MAX_CONC_REF, dtype=x.dtype, device=x.device)[None, :, None]
     conc = conc / max_conc * ref_max
