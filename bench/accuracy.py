@@ -14,8 +14,9 @@ Single-model rows (overrides of configs/lite0_dann.yaml) use the fold that holds
 a model trained on centers 0/3/4 only, as in ANCHORS.md: val = center 1, test = center 2. Each row
 is reported with TTA off (view 0) / on (8-view mean) and, with --adabn, with AdaBN.
 --ensemble runs the default pipeline per seed (configs/lite0_dann.yaml + configs/lite1_dann.yaml,
-every leave-one-center-out fold, 8-view TTA) and reports mean logits / rank average / LightGBM
-stacker / the combiner the stack stage picks by leave-one-center-out accuracy, on the test center.
+every leave-one-center-out fold, 8-view TTA, plain and AdaBN predictions) and reports mean logits /
+rank average / LightGBM stacker on each, and the choice the stack stage makes by leave-one-center-out
+accuracy, on the test center.
 --pseudo T adds one round of pseudo-labelling (train.pseudo_threshold=T) on top of each seed's
 first round. Several seeds: mean and range. Runs already in --work are reused, so phases can be
 run one after another (cheap ones first). Results go to bench/results/ after every row.
@@ -42,7 +43,7 @@ from histoshift.cli import main as cli  # noqa: E402
 from histoshift.data.cache import Cache  # noqa: E402
 from histoshift.predict import infer_run  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import METHODS, build_features, choose, compare_loco, fit_stacker, predict, run_stack  # noqa: E402
+from histoshift.stack import ADABN, METHODS, build_features, choose, compare_loco, fit_stacker, predict, run_stack  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
 PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
@@ -95,8 +96,8 @@ def build_data(pcam: Path, root: Path, train_patches: int, seed: int = 0) -> Non
 
 
 class Bench:
-    def __init__(self, root: Path, epochs: int | None):
-        self.root, self.epochs = root, epochs
+    def __init__(self, root: Path, epochs: int | None, configs: list[Path]):
+        self.root, self.epochs, self.configs = root, epochs, configs
         self.runs = root / "work" / "runs"
         self.labels = pd.read_csv(root / "input" / "test_labels.csv")
         self._cache = self._accelerator = None
@@ -115,12 +116,12 @@ class Bench:
             self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
         infer_run(run, self._cache, self._accelerator, adabn=adabn)
 
-    def test_table(self, run: RunDir) -> pd.DataFrame:
-        test = pd.read_csv(run.tta_test).drop(columns="label")
+    def test_table(self, run: RunDir, adabn: bool = False) -> pd.DataFrame:
+        test = pd.read_csv(run.tta_path("test", adabn)).drop(columns="label")
         return test.merge(self.labels, left_on="id", right_on="ID")
 
-    def score_run(self, run: RunDir) -> dict:
-        held, test = pd.read_csv(run.tta_heldout), self.test_table(run)
+    def score_run(self, run: RunDir, adabn: bool = False) -> dict:
+        held, test = pd.read_csv(run.tta_path("heldout", adabn)), self.test_table(run, adabn)
         views = [f"v{k}" for k in range(8)]
         return {"val": accuracy(held, ["v0"]), "val_tta": accuracy(held, views),
                 "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}
@@ -128,11 +129,12 @@ class Bench:
     def pipeline(self, seed: int, suffix: str = "", overrides: tuple[str, ...] = ()) -> list[RunDir]:
         """train.sh + infer.sh for one seed: every default config on every fold, TTA predictions."""
         runs = []
-        for config in PIPELINE:
+        for config in self.configs:
             name = config.stem + suffix
             self.train(config, seed, "all", [f"name={name}", *overrides])
             for run in self.member(name, seed):
                 self.infer(run)
+                self.infer(run, adabn=True)  # infer.sh runs `infer --adabn`: both sets
                 runs.append(run)
         return runs
 
@@ -140,15 +142,18 @@ class Bench:
         return [r for r in find_runs(self.runs) if r.model_name == f"{name}/seed{seed}"]
 
     def ensemble_scores(self, runs: list[RunDir]) -> dict:
-        """Test-center accuracy of each combiner and of the one the stack stage picks (LOCO on OOF)."""
-        oof, test, names = build_features(runs, self.root / "folds" / "folds.csv")
-        test = test.merge(self.labels, left_on="id", right_on="ID")
-        out = {}
-        for method in METHODS:
-            stacker = fit_stacker(oof, names) if method == "stack" else None
-            _, pred = predict(method, test, names, stacker)
-            out[method] = float((pred == test["label"].to_numpy()).mean())
-        picked = choose(compare_loco(oof, names))
+        """Test-center accuracy of each combiner on plain and AdaBN predictions, and of the one the
+        stack stage picks by leave-one-center-out accuracy on the out-of-fold predictions."""
+        out, comparisons = {}, []
+        for suffix in ("", ADABN):
+            oof, test, names = build_features(runs, self.root / "folds" / "folds.csv", adabn=bool(suffix))
+            test = test.merge(self.labels, left_on="id", right_on="ID")
+            comparisons.append(compare_loco(oof, names, suffix=suffix))
+            for method in METHODS:
+                stacker = fit_stacker(oof, names) if method == "stack" else None
+                _, pred = predict(method, test, names, stacker)
+                out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
+        picked = choose(pd.concat(comparisons))
         out["picked"] = out[picked]
         out["picked_method"] = picked
         single = [self.score_run(r)["test_tta"] for r in runs]
@@ -177,6 +182,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--ensemble", action="store_true", help="the default pipeline per seed: 2 configs x 4 folds")
     ap.add_argument("--pseudo", type=float, default=0.0, help="+ one round of pseudo-labels at this threshold")
+    ap.add_argument("--configs", nargs="+", type=Path, default=PIPELINE, help="the pipeline's configs (train.sh's CONFIGS)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. train.batch_size=64")
     ap.add_argument("--tag", default="", help="name of the results file (default: patches and epochs)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -186,7 +192,7 @@ def main():
         raise SystemExit(f"{pcam} not found: this benchmark needs the shared PCam sample")
     root = Path(a.work)
     build_data(pcam, root, a.train_patches)
-    bench = Bench(root, a.epochs)
+    bench = Bench(root, a.epochs, a.configs)
     bench.stage("prepare")
     bench.stage("folds")
     tag = a.tag or f"{a.train_patches}p-{a.epochs or 'cfg'}ep"
@@ -212,15 +218,16 @@ def main():
         for seed in a.seeds:
             per_seed[seed] = bench.ensemble_scores(bench.pipeline(seed, overrides=tuple(a.extra)))
             print(f"seed {seed}: default pipeline on the test center: {json.dumps(per_seed[seed])}", flush=True)
-        for key, label in [("single_fold_models_tta", "single fold models, TTA (mean over 8 models)"),
+        for key, label in [("single_fold_models_tta", f"single fold models, TTA (mean over {4 * len(a.configs)} models)"),
                            *[(m, f"pipeline, {m} combiner") for m in METHODS],
+                           *[(m + ADABN, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
                            ("picked", "pipeline as shipped (combiner picked by LOCO)")]:
             record({"row": f"{label}", "test_tta": fmt([s[key] for s in per_seed.values()]),
                     "note": "picked: " + ",".join(s["picked_method"] for s in per_seed.values()) if key == "picked" else ""})
         if a.pseudo:
             pl = {}
             for seed in a.seeds:
-                first = [r for c in PIPELINE for r in bench.member(c.stem, seed)]
+                first = [r for c in a.configs for r in bench.member(c.stem, seed)]
                 run_stack(first, root / "folds" / "folds.csv", root / "work" / "stack")  # what pseudo_labels reads
                 pl[seed] = bench.ensemble_scores(bench.pipeline(
                     seed, suffix="_pl", overrides=(f"train.pseudo_threshold={a.pseudo}", *a.extra)))
@@ -239,8 +246,7 @@ def main():
             s = bench.score_run(run)
             if a.adabn:
                 bench.infer(run, adabn=True)
-                s |= {f"{k}_adabn": v for k, v in bench.score_run(run).items() if k.endswith("tta")}
-                bench.infer(run)  # back to plain predictions: the ensemble reads them
+                s |= {f"{k}_adabn": v for k, v in bench.score_run(run, adabn=True).items() if k.endswith("tta")}
             scores.append(s)
         record({"row": name, **{k: fmt([s[k] for s in scores]) for k in scores[0]}})
     print(f"\nwrote {out / f'accuracy-{stamp}-{tag}.txt'}")

@@ -181,11 +181,20 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     r = ["--root", str(pipeline)]
     assert main(r + ["infer", "--adabn"]) == 0
     assert "(AdaBN)" in capsys.readouterr().out
-    after = pd.read_csv(run.tta_test)
-    assert (before.id == after.id).all() and not np.allclose(before.v0, after.v0)
-    assert main(r + ["infer", "--adabn"]) == 0 and "up to date" in capsys.readouterr().out
-    assert main(r + ["infer"]) == 0  # back to plain statistics: recomputed, same as the first time
-    np.testing.assert_allclose(pd.read_csv(run.tta_test).v0, before.v0, atol=1e-4)
+    adapted = pd.read_csv(run.tta_path("test", adabn=True))
+    assert (before.id == adapted.id).all() and not np.allclose(before.v0, adapted.v0)
+    pd.testing.assert_frame_equal(pd.read_csv(run.tta_test), before)  # plain predictions stay as they were
+    assert main(r + ["infer", "--adabn"]) == 0 and "(AdaBN) is up to date" in capsys.readouterr().out
+    # the stack stage scores both prediction sets leave-one-center-out and says which one it used
+    assert main(r + ["stack"]) == 0
+    comparison = pd.read_csv(pipeline / "work" / "stack" / "comparison.csv")
+    assert {"mean", "rank", "stack", "mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
+    choice = json.loads((pipeline / "work" / "stack" / "choice.json").read_text())
+    means = comparison.groupby("method").accuracy.mean()
+    assert means[choice["method"]] == means.max() and choice["adabn"] == choice["method"].endswith("+adabn")
+    for p in pipeline.glob("work/runs/*/seed*/fold*/tta_*_adabn.csv"):  # the other tests expect plain ones only
+        p.unlink()
+    assert main(r + ["stack"]) == 0 and not json.loads((pipeline / "work" / "stack" / "choice.json").read_text())["adabn"]
 
 
 def test_one_round_of_pseudo_labels(pipeline, capsys):

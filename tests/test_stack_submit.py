@@ -108,6 +108,50 @@ def test_run_stack_writes_scores_and_comparison(tmp_path):
     assert (tmp_path / "stack" / "comparison.csv").exists()
 
 
+def _with_adabn(runs, sharper: bool):
+    """Give every fake fold run a config, a checkpoint and AdaBN predictions: the plain ones, or sharper
+    (less noisy) held-out logits when `sharper`."""
+    import os
+
+    from histoshift.config import Config, save_config
+
+    rng = np.random.default_rng(1)
+    for run in runs:
+        save_config(Config(), run.config)
+        run.checkpoint.write_bytes(b"")
+        os.utime(run.checkpoint, (1, 1))  # older than every prediction
+        for part in ("heldout", "test"):
+            t = pd.read_csv(run.tta_path(part))
+            if sharper and part == "heldout":
+                views = [f"v{v}" for v in range(8)]
+                sign = (t.label.to_numpy()[:, None] * 2 - 1)
+                t[views] = sign * 0.5 + rng.normal(0, 3.0, (len(t), 8))  # plain: noisy
+                t.to_csv(run.tta_path(part), index=False)
+                t[views] = sign * 1.5 + rng.normal(0, 0.3, (len(t), 8))  # AdaBN: sharp
+            t.to_csv(run.tta_path(part, adabn=True), index=False)
+
+
+@pytest.mark.parametrize("sharper", [True, False])
+def test_run_stack_keeps_adabn_only_when_it_wins_leave_one_center_out(tmp_path, sharper):
+    runs, folds_csv, _ = _fake_runs(tmp_path)
+    _with_adabn(runs, sharper)
+    result = run_stack(runs, folds_csv, tmp_path / "stack")
+    comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
+    assert {"mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
+    assert result["adabn"] is sharper  # a tie (identical predictions) keeps the plain ones
+    used = pd.read_csv(tmp_path / "stack" / "oof_features.csv")
+    plain, _, names = build_features(runs, folds_csv)
+    assert np.allclose(used[f"{names[0]}__mean"], plain[f"{names[0]}__mean"]) is not sharper
+
+
+def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
+    runs, folds_csv, _ = _fake_runs(tmp_path)
+    _with_adabn(runs, sharper=True)
+    runs[0].tta_path("test", adabn=True).unlink()
+    result = run_stack(runs, folds_csv, tmp_path / "stack")
+    assert not result["adabn"] and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
+
+
 def _sub(ids, preds):
     return pd.DataFrame({"ID": ids, "Pred": preds})
 

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("infer", help="8-view TTA predictions of every finished fold run")
     s.add_argument("--force", action="store_true")
     s.add_argument("--adabn", action="store_true",
-                   help="re-estimate batch-norm statistics on each target center before predicting it")
+                   help="also predict with batch-norm statistics re-estimated on each target center (AdaBN); "
+                        "the stack stage compares both leave-one-center-out")
     s.set_defaults(fn=cmd_infer)
 
     s = sub.add_parser("stack", help="compare mean / rank / LightGBM leave-one-center-out; score the test set")

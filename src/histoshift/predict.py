@@ -7,7 +7,6 @@ was padded. Per-view logits are saved keyed by id and center.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -113,16 +112,13 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int,
 def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool = False, adabn: bool = False) -> None:
     """TTA predictions of one finished fold run for its held-out center and the test set; with
     `adabn`, each target center gets batch-norm statistics re-estimated on its own images first."""
-    targets = {"heldout": run.tta_heldout, "test": run.tta_test}
-    mode = {"adabn": adabn}
-    meta = run.path / "tta_meta.json"
-    previous = json.loads(meta.read_text()) if meta.exists() else {"adabn": False}
-    if not force and previous == mode and all(
-            p.exists() and p.stat().st_mtime >= run.checkpoint.stat().st_mtime for p in targets.values()):
-        accelerator.print(f"infer: {run.path} is up to date")
-        return
+    targets = {part: run.tta_path(part, adabn) for part in ("heldout", "test")}
     if load_config(run.config).model.frozen:
-        accelerator.print(f"infer: {run.name} is a head on cached features; training wrote its TTA predictions")
+        accelerator.print(f"infer: {run.name} is a head on cached features; training wrote its TTA predictions"
+                          + (" (nothing to adapt: the stack stage uses them for AdaBN too)" if adabn else ""))
+        return
+    if not force and run.tta_fresh(adabn):
+        accelerator.print(f"infer: {run.path}{' (AdaBN)' if adabn else ''} is up to date")
         return
     index = cache.index
     centers = sorted(index["center"].unique())
@@ -149,8 +145,6 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
         accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
                           + (" (AdaBN)" if adabn else "")
                           + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
-    if accelerator.is_main_process:
-        meta.write_text(json.dumps(mode))
     accelerator.wait_for_everyone()
 
 
@@ -165,4 +159,6 @@ def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False, adabn: b
     accelerator = Accelerator()  # precision per run, from its config (see predict_table)
     cache = Cache.open(cache_dir)
     for run in runs:
-        infer_run(run, cache, accelerator, force, adabn)
+        infer_run(run, cache, accelerator, force)
+        if adabn:  # a second set of files: the stack stage keeps AdaBN only where it wins leave-one-center-out
+            infer_run(run, cache, accelerator, force, adabn=True)

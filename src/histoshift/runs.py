@@ -7,7 +7,7 @@
   summary.json       per-center accuracy and AUC (held-out center out of fold; others in sample, <= 2,000 each)
   tta_heldout.csv    8-view logits of the held-out center (infer stage)
   tta_test.csv       8-view logits of the test center (infer stage)
-  tta_meta.json      how they were made ({"adabn": ...}); a different request recomputes them
+  tta_*_adabn.csv    the same with batch-norm statistics re-estimated on that center first (infer --adabn)
   done               written last by training: the run is complete
 """
 from __future__ import annotations
@@ -46,9 +46,18 @@ class RunDir:
     checkpoint = property(lambda self: self.path / "model.safetensors")
     oof = property(lambda self: self.path / "oof.csv")
     summary = property(lambda self: self.path / "summary.json")
-    tta_heldout = property(lambda self: self.path / "tta_heldout.csv")
-    tta_test = property(lambda self: self.path / "tta_test.csv")
+    tta_heldout = property(lambda self: self.tta_path("heldout"))
+    tta_test = property(lambda self: self.tta_path("test"))
     done = property(lambda self: self.path / "done")
+
+    def tta_path(self, part: str, adabn: bool = False) -> Path:
+        """8-view logits of `part` ('heldout' | 'test'), plain or after AdaBN on that center."""
+        return self.path / f"tta_{part}{'_adabn' if adabn else ''}.csv"
+
+    def tta_fresh(self, adabn: bool = False) -> bool:
+        """Both TTA files exist and are newer than the checkpoint they came from."""
+        paths = [self.tta_path(part, adabn) for part in ("heldout", "test")]
+        return all(p.exists() and p.stat().st_mtime >= self.checkpoint.stat().st_mtime for p in paths)
 
     @property
     def is_done(self) -> bool:

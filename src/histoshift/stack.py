@@ -12,8 +12,10 @@ Three combiners are evaluated leave-one-center-out on the out-of-fold features:
   rank   average of per-member percentile ranks, thresholded at the positive rate that `mean`
          predicts on the same patches (ranks carry no threshold of their own)
   stack  LightGBM on all features, trained on the other centers' out-of-fold rows, threshold 0.5
-The best mean per-center accuracy wins (ties go to the simpler combiner, in the order above);
-the comparison is saved beside the test scores.
+When every fold model also has AdaBN predictions (`infer --adabn`: batch-norm statistics re-estimated
+on each center before predicting it), the three combiners are also scored on those ("mean+adabn", ...).
+The best mean per-center accuracy wins (ties go to plain predictions, then to the simpler combiner,
+in the order above); the comparison is saved beside the test scores.
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from .config import load_config
 from .data.folds import read_folds
 from .predict import view_columns
 from .runs import RunDir
 
 METHODS = ("mean", "rank", "stack")
+ADABN = "+adabn"  # suffix of a combiner scored on AdaBN predictions
 LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=20,
                   subsample=0.8, subsample_freq=1, colsample_bytree=1.0, reg_lambda=1.0,
                   deterministic=True, force_row_wise=True, verbose=-1)
@@ -43,8 +47,24 @@ def _views(path: Path) -> pd.DataFrame:
                          "mean": v.mean(1), "spread": v.std(1)})
 
 
-def build_features(runs: list[RunDir], folds_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Out-of-fold features of every labelled patch and averaged features of every test patch."""
+def _frozen(run: RunDir) -> bool:
+    return load_config(run.config).model.frozen
+
+
+def adabn_ready(runs: list[RunDir]) -> bool:
+    """Every fold model has fresh AdaBN predictions (heads on frozen features have nothing to adapt)."""
+    if not any(r.tta_path("test", adabn=True).exists() for r in runs):
+        return False
+    tuned = [r for r in runs if not _frozen(r)]
+    return bool(tuned) and all(r.tta_fresh(adabn=True) for r in tuned)
+
+
+def build_features(runs: list[RunDir], folds_csv: Path, adabn: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Out-of-fold features of every labelled patch and averaged features of every test patch
+    (from the AdaBN predictions with `adabn`; frozen-feature heads have only plain ones)."""
+    def tta(run: RunDir, part: str) -> Path:
+        return run.tta_path(part, adabn and not _frozen(run))
+
     folds = read_folds(folds_csv)
     expected_folds = sorted(folds["fold"].unique())
     members: dict[str, list[RunDir]] = {}
@@ -61,16 +81,16 @@ def build_features(runs: list[RunDir], folds_csv: Path) -> tuple[pd.DataFrame, p
         names.append(name)
         parts = []
         for run in member_runs:
-            part = _views(run.tta_heldout)
+            part = _views(tta(run, "heldout"))
             want = set(folds.loc[folds["fold"] == run.fold, "id"])
             if set(part["id"]) != want or (part["center"] != run.fold).any():
-                raise ValueError(f"{run.tta_heldout}: ids are not exactly the held-out center {run.fold} "
+                raise ValueError(f"{tta(run, 'heldout')}: ids are not exactly the held-out center {run.fold} "
                                  "of folds.csv: these predictions would not be out of fold")
             parts.append(part)
         member_oof = pd.concat(parts).set_index("id")
         oof[f"{name}__mean"] = member_oof.loc[oof["id"], "mean"].to_numpy()
         oof[f"{name}__spread"] = member_oof.loc[oof["id"], "spread"].to_numpy()
-        tests = [_views(r.tta_test).sort_values("id").reset_index(drop=True) for r in member_runs]
+        tests = [_views(tta(r, "test")).sort_values("id").reset_index(drop=True) for r in member_runs]
         if test is None:
             test = tests[0][["id", "center"]].copy()
         for t in tests:
@@ -122,8 +142,9 @@ def predict(method: str, feats: pd.DataFrame, names: list[str], stacker=None) ->
     raise ValueError(f"unknown combiner {method}")
 
 
-def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0) -> pd.DataFrame:
-    """Per-center accuracy of each combiner, each center scored by a stacker that never saw it."""
+def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str = "") -> pd.DataFrame:
+    """Per-center accuracy of each combiner, each center scored by a stacker that never saw it;
+    `suffix` labels the prediction set (ADABN for AdaBN predictions)."""
     rows = []
     for center, part in oof.groupby("center"):
         rest = oof[oof["center"] != center]
@@ -132,7 +153,7 @@ def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0) -> pd.DataF
             if method == "stack" and stacker is None:
                 continue
             _, pred = predict(method, part, names, stacker)
-            rows.append({"method": method, "center": int(center), "n": len(part),
+            rows.append({"method": method + suffix, "center": int(center), "n": len(part),
                          "accuracy": float((pred == part["label"].to_numpy()).mean())})
     return pd.DataFrame(rows)
 
@@ -140,17 +161,23 @@ def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0) -> pd.DataF
 def choose(comparison: pd.DataFrame) -> str:
     means = comparison.groupby("method")["accuracy"].mean()
     best = max(means)
-    return next(m for m in METHODS if m in means and means[m] >= best - 1e-12)
+    order = [*METHODS, *(m + ADABN for m in METHODS)]
+    return next(m for m in order if m in means and means[m] >= best - 1e-12)
 
 
 def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    oof, test, names = build_features(runs, folds_csv)
-    comparison = compare_loco(oof, names, seed)
+    features = {"": build_features(runs, folds_csv)}
+    if adabn_ready(runs):
+        features[ADABN] = build_features(runs, folds_csv, adabn=True)
+    comparison = pd.concat([compare_loco(oof, names, seed, suffix) for suffix, (oof, _, names) in features.items()],
+                           ignore_index=True)
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
-    method = choose(comparison)
+    label = choose(comparison)
+    method, adabn = label.removesuffix(ADABN), label.endswith(ADABN)
+    oof, test, names = features[ADABN if adabn else ""]
     stacker = fit_stacker(oof, names, seed) if method == "stack" else None
     score, pred = predict(method, test, names, stacker)
     scores = pd.DataFrame({"id": test["id"], "score": score, "pred": pred})
@@ -158,11 +185,11 @@ def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0)
     test.to_csv(out_dir / "test_features.csv", index=False, float_format="%.6g")
     comparison.to_csv(out_dir / "comparison.csv", index=False)
     scores.to_csv(out_dir / "test_scores.csv", index=False, float_format="%.6g")
-    result = {"members": names, "method": method,
+    result = {"members": names, "method": label, "adabn": adabn,  # label: the combiner, "+adabn" on AdaBN predictions
               "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
               "test_positive_rate": float(pred.mean())}
     (out_dir / "choice.json").write_text(json.dumps(result, indent=2))
     print("stack: leave-one-center-out accuracy on out-of-fold predictions (rows: held-out center)")
     print(table.round(4).to_string())
-    print(f"stack: using '{method}' for the test center ({len(names)} members: {', '.join(names)})")
+    print(f"stack: using '{label}' for the test center ({len(names)} members: {', '.join(names)})")
     return result
