@@ -43,7 +43,7 @@ from histoshift.cli import main as cli  # noqa: E402
 from histoshift.data.cache import Cache  # noqa: E402
 from histoshift.predict import infer_run  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import ADABN, METHODS, build_features, choose, compare_loco, fit_stacker, predict, run_stack  # noqa: E402
+from histoshift.stack import ADABN, METHODS, choose, compare_prediction_sets, fit_stacker, predict, run_stack  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
 PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
@@ -111,7 +111,8 @@ class Bench:
         self.stage("train", "--config", str(config), "--fold", fold, *ov)
 
     def infer(self, run: RunDir, adabn: bool = False) -> None:
-        """The infer stage for one run (the stage itself loops `infer_run` over every run)."""
+        """The infer stage for one run (the stage itself loops `infer_run` over every run); with `adabn`
+        the AdaBN set too."""
         if self._cache is None:
             self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
         infer_run(run, self._cache, self._accelerator, adabn=adabn)
@@ -133,7 +134,6 @@ class Bench:
             name = config.stem + suffix
             self.train(config, seed, "all", [f"name={name}", *overrides])
             for run in self.member(name, seed):
-                self.infer(run)
                 self.infer(run, adabn=True)  # infer.sh runs `infer --adabn`: both sets
                 runs.append(run)
         return runs
@@ -144,16 +144,15 @@ class Bench:
     def ensemble_scores(self, runs: list[RunDir]) -> dict:
         """Test-center accuracy of each combiner on plain and AdaBN predictions, and of the one the
         stack stage picks by leave-one-center-out accuracy on the out-of-fold predictions."""
-        out, comparisons = {}, []
-        for suffix in ("", ADABN):
-            oof, test, names = build_features(runs, self.root / "folds" / "folds.csv", adabn=bool(suffix))
+        features, comparison = compare_prediction_sets(runs, self.root / "folds" / "folds.csv")
+        out = {}
+        for suffix, (oof, test, names) in features.items():
             test = test.merge(self.labels, left_on="id", right_on="ID")
-            comparisons.append(compare_loco(oof, names, suffix=suffix))
             for method in METHODS:
                 stacker = fit_stacker(oof, names) if method == "stack" else None
                 _, pred = predict(method, test, names, stacker)
                 out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
-        picked = choose(pd.concat(comparisons))
+        picked = choose(comparison)
         out["picked"] = out[picked]
         out["picked_method"] = picked
         single = [self.score_run(r)["test_tta"] for r in runs]
@@ -222,7 +221,7 @@ def main():
                            *[(m, f"pipeline, {m} combiner") for m in METHODS],
                            *[(m + ADABN, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
                            ("picked", "pipeline as shipped (combiner picked by LOCO)")]:
-            record({"row": f"{label}", "test_tta": fmt([s[key] for s in per_seed.values()]),
+            record({"row": label, "test_tta": fmt([s[key] for s in per_seed.values()]),
                     "note": "picked: " + ",".join(s["picked_method"] for s in per_seed.values()) if key == "picked" else ""})
         if a.pseudo:
             pl = {}
@@ -242,10 +241,9 @@ def main():
                 ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
             bench.train(BASE, seed, "1", [f"name={cfg_name}", *overrides, *a.extra])
             run = RunDir.of(bench.runs, cfg_name, seed, 1)
-            bench.infer(run)
+            bench.infer(run, adabn=a.adabn)
             s = bench.score_run(run)
             if a.adabn:
-                bench.infer(run, adabn=True)
                 s |= {f"{k}_adabn": v for k, v in bench.score_run(run, adabn=True).items() if k.endswith("tta")}
             scores.append(s)
         record({"row": name, **{k: fmt([s[k] for s in scores]) for k in scores[0]}})

@@ -111,14 +111,19 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int,
 
 def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool = False, adabn: bool = False) -> None:
     """TTA predictions of one finished fold run for its held-out center and the test set; with
-    `adabn`, each target center gets batch-norm statistics re-estimated on its own images first."""
-    targets = {part: run.tta_path(part, adabn) for part in ("heldout", "test")}
+    `adabn`, also a second set for which each target center gets batch-norm statistics re-estimated
+    on its own images first. The model is loaded once; sets that are up to date are kept."""
     if load_config(run.config).model.frozen:
         accelerator.print(f"infer: {run.name} is a head on cached features; training wrote its TTA predictions"
                           + (" (nothing to adapt: the stack stage uses them for AdaBN too)" if adabn else ""))
         return
-    if not force and run.tta_fresh(adabn):
-        accelerator.print(f"infer: {run.path}{' (AdaBN)' if adabn else ''} is up to date")
+    todo = []
+    for adapted in ((False, True) if adabn else (False,)):
+        if force or not run.tta_fresh(adapted):
+            todo.append(adapted)
+        else:
+            accelerator.print(f"infer: {run.path}{' (AdaBN)' if adapted else ''} is up to date")
+    if not todo:
         return
     index = cache.index
     centers = sorted(index["center"].unique())
@@ -127,24 +132,26 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
               "test": index[index["split"] == "test"]}
     cfg, trained = load_run_model(run)
     for name, table in tables.items():
-        model = copy.deepcopy(trained) if adabn else trained  # AdaBN adapts a copy to one center at a time
-        if adabn:
-            model.to(accelerator.device)
-            adapt_batchnorm(model, cache.gather(table), cfg.model.input_size, accelerator.device,
-                            stain_norm=cfg.aug.stain_norm)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model = accelerator.prepare(model)
-        out = predict_table(model, cache, table, accelerator, cfg, domain_of_center, desc=f"{run.name} {name}")
-        if name == "test":
-            out["label"] = -1
-        if accelerator.is_main_process:
-            tmp = targets[name].with_suffix(".tmp")
-            out.to_csv(tmp, index=False, float_format="%.6g")
-            tmp.replace(targets[name])
-        accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
-                          + (" (AdaBN)" if adabn else "")
-                          + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
+        for adapted in todo:
+            model = copy.deepcopy(trained) if adapted else trained  # AdaBN adapts a copy to one center at a time
+            if adapted:
+                model.to(accelerator.device)
+                adapt_batchnorm(model, cache.gather(table), cfg.model.input_size, accelerator.device,
+                                stain_norm=cfg.aug.stain_norm)
+            if cfg.train.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            model = accelerator.prepare(model)
+            out = predict_table(model, cache, table, accelerator, cfg, domain_of_center, desc=f"{run.name} {name}")
+            if name == "test":
+                out["label"] = -1
+            if accelerator.is_main_process:
+                target = run.tta_path(name, adapted)
+                tmp = target.with_suffix(".tmp")
+                out.to_csv(tmp, index=False, float_format="%.6g")
+                tmp.replace(target)
+            accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
+                              + (" (AdaBN)" if adapted else "")
+                              + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
     accelerator.wait_for_everyone()
 
 
@@ -158,7 +165,5 @@ def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False, adabn: b
         raise FileNotFoundError("infer: no finished training runs found; run the train stage first")
     accelerator = Accelerator()  # precision per run, from its config (see predict_table)
     cache = Cache.open(cache_dir)
-    for run in runs:
-        infer_run(run, cache, accelerator, force)
-        if adabn:  # a second set of files: the stack stage keeps AdaBN only where it wins leave-one-center-out
-            infer_run(run, cache, accelerator, force, adabn=True)
+    for run in runs:  # with adabn, two sets of files: the stack stage keeps AdaBN only where it wins LOCO
+        infer_run(run, cache, accelerator, force, adabn)

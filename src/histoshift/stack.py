@@ -165,14 +165,21 @@ def choose(comparison: pd.DataFrame) -> str:
     return next(m for m in order if m in means and means[m] >= best - 1e-12)
 
 
-def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, seed: int = 0) -> tuple[dict, pd.DataFrame]:
+    """Features of the plain predictions ("") and, when every fold model has them, of the AdaBN ones
+    (ADABN), and the leave-one-center-out comparison of every combiner on each set."""
     features = {"": build_features(runs, folds_csv)}
     if adabn_ready(runs):
         features[ADABN] = build_features(runs, folds_csv, adabn=True)
     comparison = pd.concat([compare_loco(oof, names, seed, suffix) for suffix, (oof, _, names) in features.items()],
                            ignore_index=True)
+    return features, comparison
+
+
+def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    features, comparison = compare_prediction_sets(runs, folds_csv, seed)
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
     label = choose(comparison)
