@@ -3,6 +3,8 @@
 #   bash train.sh                      input/*.h5 present -> competition run; absent -> offline demo
 #   CONFIGS="configs/a.yaml configs/b.yaml" SEEDS="0 1 2" bash train.sh
 #   LAUNCH="accelerate launch --num_processes 4" bash train.sh      (several GPUs or nodes)
+#   PSEUDO=0.9 bash train.sh           after train.sh + infer.sh: one round of pseudo-labelling, every
+#                                      config again as NAME_pl; then bash infer.sh ensembles both rounds
 # Finished runs are kept: running it again trains only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,7 +16,7 @@ if [ "$DEMO" = 1 ]; then "$PY" -m histoshift --root "$ROOT" demo-data; fi
 "$PY" -m histoshift --root "$ROOT" folds
 for cfg in $CONFIGS; do
   for seed in $SEEDS; do
-    $LAUNCH -m histoshift --root "$ROOT" train --config "$cfg" --seed "$seed"
+    $LAUNCH -m histoshift --root "$ROOT" train --config "$cfg" --seed "$seed" ${PSEUDO:+--pseudo "$PSEUDO"}
   done
 done
 echo "== train.sh done in $(( $(date +%s) - start )) s; next: bash infer.sh"

@@ -210,9 +210,17 @@ def test_one_round_of_pseudo_labels(pipeline, capsys):
     assert 0 < len(extra) < len(feats) and set(extra.split) == {"test"} and not extra.aberrant.any()
     sure = feats.set_index("id").loc[extra.id].filter(like="__mean").mean(axis=1)
     assert ((sure > 0).astype(int).to_numpy() == extra.label.to_numpy()).all()
-    cfg = pipeline / "tiny_pseudo.yaml"
-    cfg.write_text(yaml.safe_dump(TINY | {"train": TINY["train"] | {"pseudo_threshold": threshold, "epochs": 1}}))
-    assert main(["--root", str(pipeline), "train", "--config", str(cfg), "--fold", "3"]) == 0
-    run = next(r for r in find_runs(pipeline / "work" / "runs") if r.model_name == "tiny_pseudo/seed0")
+    # `train --pseudo T` (PSEUDO=T bash train.sh): the config again under its own name, first round kept
+    first = {r.name: r.summary.read_text() for r in find_runs(pipeline / "work" / "runs")}
+    assert main(["--root", str(pipeline), "train", "--config", str(pipeline / "tiny_dann.yaml"), "--fold", "3",
+                 "--pseudo", str(threshold), "train.epochs=1"]) == 0
+    runs = {r.name: r for r in find_runs(pipeline / "work" / "runs")}
+    assert set(runs) - set(first) == {"tiny_dann_pl/seed0/fold3"}
+    assert all(runs[name].summary.read_text() == text for name, text in first.items())
+    run = runs["tiny_dann_pl/seed0/fold3"]
+    assert yaml.safe_load(run.config.read_text())["train"]["pseudo_threshold"] == pytest.approx(threshold)
     assert json.loads(run.summary.read_text())["pseudo_labels"] == len(extra)
     assert f"+ {len(extra)} pseudo-labelled test patches" in capsys.readouterr().out
+    assert main(["--root", str(pipeline), "train", "--config", str(pipeline / "tiny_dann.yaml"), "--fold", "3",
+                 "--pseudo", "0"]) == 2
+    assert "--pseudo: expected a confidence threshold in (0.5, 1), got 0.0" in capsys.readouterr().err

@@ -71,6 +71,10 @@ def cmd_train(a, paths: Paths):
     from .train import train_fold
 
     overrides = list(a.overrides) + ([f"train.seed={a.seed}"] if a.seed is not None else [])
+    if a.pseudo is not None:  # the second round: its own run names, so the first round's runs stay
+        if not 0.5 < a.pseudo < 1:
+            raise ConfigError(f"--pseudo: expected a confidence threshold in (0.5, 1), got {a.pseudo}")
+        overrides += [f"name={load_config(a.config, overrides).name}_pl", f"train.pseudo_threshold={a.pseudo}"]
     cfg = load_config(a.config, overrides)
     known = sorted(int(f) for f in read_folds(paths.folds_csv)["fold"].unique())
     folds = known if a.fold == "all" else [int(f) for f in a.fold.split(",")]
@@ -149,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fold", default="all", help="'all' or comma-separated held-out centers")
     s.add_argument("--seed", type=int, default=None, help="shorthand for train.seed=N")
     s.add_argument("--force", action="store_true", help="retrain finished runs (the old ones are kept)")
+    s.add_argument("--pseudo", type=float, default=None, metavar="T",
+                   help="one round of pseudo-labelling after a first train/infer/stack: the config again as "
+                        "NAME_pl, with the test patches the ensemble is at least T sure of (train.pseudo_threshold)")
     s.add_argument("overrides", nargs="*", help="typed overrides, e.g. optim.lr=3e-4 train.epochs=5")
     s.set_defaults(fn=cmd_train)
 
