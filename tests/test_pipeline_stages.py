@@ -177,6 +177,14 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     with torch.no_grad():
         stem = model.backbone.conv_stem(normalize(to_float(torch.from_numpy(images)), model.mean, model.std, 64))
     torch.testing.assert_close(model.backbone.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    # a file ordered by slide (here: 30 faded patches, then the 30 originals) still gets the statistics
+    # of the whole center, not the average of homogeneous batches (batches are drawn shuffled)
+    ordered = np.concatenate([images // 3 + 170, images])
+    adapt_batchnorm(model, ordered, 64, torch.device("cpu"), batch_size=10)
+    with torch.no_grad():
+        stem = model.backbone.conv_stem(normalize(to_float(torch.from_numpy(ordered)), model.mean, model.std, 64))
+    ratio = model.backbone.bn1.running_var / stem.var(dim=(0, 2, 3))
+    assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio
     before = pd.read_csv(run.tta_test)
     r = ["--root", str(pipeline)]
     assert main(r + ["infer", "--adabn"]) == 0

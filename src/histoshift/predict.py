@@ -92,7 +92,9 @@ def view_columns(table: pd.DataFrame) -> list[str]:
 def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int, device: torch.device,
                     batch_size: int = 256, stain_norm: str = "none") -> int:
     """AdaBN (Li et al. 2016): replace every batch-norm layer's running statistics by those of the
-    target images (plain view, cumulative average over all of them). Returns the layers adapted."""
+    target images (plain view, cumulative average over all of them). Returns the layers adapted.
+    The batches are a fixed random permutation of the images: files are often ordered by slide, and
+    averaging the variances of homogeneous batches would miss the variance between them."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -100,8 +102,10 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int,
         m.momentum = None  # cumulative average over the batches (equal batches: over the images)
     was_training = model.training
     model.train()
+    order = np.random.default_rng(0).permutation(len(images))
     for i in range(0, len(images), batch_size):
-        x = to_float(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device), stain_norm)
+        batch = images[np.sort(order[i:i + batch_size])]  # sorted: sequential reads from a memory map
+        x = to_float(torch.from_numpy(np.ascontiguousarray(batch)).to(device), stain_norm)
         model(normalize(x, model.mean, model.std, input_size))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
