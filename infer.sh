@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 source scripts/env.sh
 source scripts/mode.sh
 start=$(date +%s)
-$LAUNCH -m histoshift --root "$ROOT" infer --adabn   # plain and AdaBN predictions; stack keeps the better
+$LAUNCH -m histoshift --root "$ROOT" infer --adabn   # plain and AdaBN predictions; stack keeps AdaBN unless LOCO shows it hurts
 "$PY" -m histoshift --root "$ROOT" stack
 "$PY" -m histoshift --root "$ROOT" submit
 "$PY" -m histoshift --root "$ROOT" report

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import random_items, write_h5
 from histoshift.runs import RunDir
-from histoshift.stack import build_features, choose, compare_loco, feature_columns, fit_stacker, rank_predict, run_stack
+from histoshift.stack import (build_features, choose, compare_loco, feature_columns, fit_stacker, mcnemar_z,
+                              rank_predict, run_stack)
 from histoshift.submit import SubmissionError, check_submission, write_submission
 
 
@@ -108,9 +109,9 @@ def test_run_stack_writes_scores_and_comparison(tmp_path):
     assert (tmp_path / "stack" / "comparison.csv").exists()
 
 
-def _with_adabn(runs, sharper: bool):
-    """Give every fake fold run a config, a checkpoint and AdaBN predictions: the plain ones, or sharper
-    (less noisy) held-out logits when `sharper`."""
+def _with_adabn(runs, adabn: str):
+    """Give every fake fold run a config, a checkpoint and AdaBN predictions: `same` as the plain ones,
+    or held-out logits that are sharp for one set and noisy for the other (`better`: AdaBN sharp)."""
     import os
 
     from histoshift.config import Config, save_config
@@ -122,31 +123,48 @@ def _with_adabn(runs, sharper: bool):
         os.utime(run.checkpoint, (1, 1))  # older than every prediction
         for part in ("heldout", "test"):
             t = pd.read_csv(run.tta_path(part))
-            if sharper and part == "heldout":
+            if adabn != "same" and part == "heldout":
                 views = [f"v{v}" for v in range(8)]
                 sign = (t.label.to_numpy()[:, None] * 2 - 1)
-                t[views] = sign * 0.5 + rng.normal(0, 3.0, (len(t), 8))  # plain: noisy
+                noisy = sign * 0.5 + rng.normal(0, 3.0, (len(t), 8))
+                sharp = sign * 1.5 + rng.normal(0, 0.3, (len(t), 8))
+                t[views] = noisy if adabn == "better" else sharp
                 t.to_csv(run.tta_path(part), index=False)
-                t[views] = sign * 1.5 + rng.normal(0, 0.3, (len(t), 8))  # AdaBN: sharp
+                t[views] = sharp if adabn == "better" else noisy
             t.to_csv(run.tta_path(part, adabn=True), index=False)
 
 
-@pytest.mark.parametrize("sharper", [True, False])
-def test_run_stack_keeps_adabn_only_when_it_wins_leave_one_center_out(tmp_path, sharper):
+@pytest.mark.parametrize("adabn, kept", [("better", True), ("same", True), ("worse", False)])
+def test_run_stack_keeps_adabn_unless_leave_one_center_out_shows_it_hurts(tmp_path, adabn, kept):
     runs, folds_csv, _ = _fake_runs(tmp_path)
-    _with_adabn(runs, sharper)
+    _with_adabn(runs, adabn)
     result = run_stack(runs, folds_csv, tmp_path / "stack")
     comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
     assert {"mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
-    assert result["adabn"] is sharper  # a tie (identical predictions) keeps the plain ones
+    assert result["adabn"] is kept
     used = pd.read_csv(tmp_path / "stack" / "oof_features.csv")
     plain, _, names = build_features(runs, folds_csv)
-    assert np.allclose(used[f"{names[0]}__mean"], plain[f"{names[0]}__mean"]) is not sharper
+    assert np.allclose(used[f"{names[0]}__mean"], plain[f"{names[0]}__mean"]) is (adabn != "better")
+
+
+def test_choose_keeps_adabn_unless_plain_is_significantly_better():
+    c = pd.DataFrame({"method": ["mean", "rank", "mean+adabn", "rank+adabn"], "center": [0] * 4,
+                      "accuracy": [0.80, 0.78, 0.79, 0.79]})
+    right = np.ones(100, dtype=bool)
+    plain, adabn = right.copy(), right.copy()
+    plain[:4], adabn[4:9] = False, False  # plain wins 5 patches, AdaBN 4: noise
+    hits = {"mean": plain, "rank": plain, "mean+adabn": adabn, "rank+adabn": adabn}
+    assert choose(c, hits) == "mean+adabn"  # best AdaBN combiner; ties go to the simpler one
+    adabn[10:30] = False  # now plain wins 25 patches, AdaBN 4: z = 21 / sqrt(29) = 3.9
+    assert mcnemar_z(hits["mean"], adabn) == pytest.approx(21 / np.sqrt(29))
+    assert choose(c, hits | {"mean+adabn": adabn, "rank+adabn": adabn}) == "mean"
+    with pytest.raises(ValueError, match="per-patch hits"):
+        choose(c)
 
 
 def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
-    _with_adabn(runs, sharper=True)
+    _with_adabn(runs, "better")
     runs[0].tta_path("test", adabn=True).unlink()
     result = run_stack(runs, folds_csv, tmp_path / "stack")
     assert not result["adabn"] and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)

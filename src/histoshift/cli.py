@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.add_argument("--adabn", action="store_true",
                    help="also predict with batch-norm statistics re-estimated on each target center (AdaBN); "
-                        "the stack stage compares both leave-one-center-out")
+                        "the stack stage keeps them unless leave-one-center-out shows they hurt")
     s.set_defaults(fn=cmd_infer)
 
     s = sub.add_parser("stack", help="compare mean / rank / LightGBM leave-one-center-out; score the test set")
