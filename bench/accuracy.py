@@ -43,7 +43,7 @@ from histoshift.cli import main as cli  # noqa: E402
 from histoshift.data.cache import Cache  # noqa: E402
 from histoshift.predict import infer_run  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import ADABN, METHODS, compare_prediction_sets, fit_stacker, predict, run_stack  # noqa: E402
+from histoshift.stack import ADABN, METHODS, choose, compare_prediction_sets, fit_stacker, predict, run_stack  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
 PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
@@ -144,7 +144,7 @@ class Bench:
     def ensemble_scores(self, runs: list[RunDir]) -> dict:
         """Test-center accuracy of each combiner on plain and AdaBN predictions, and of the one the
         stack stage picks by leave-one-center-out accuracy on the out-of-fold predictions."""
-        features, _, picked = compare_prediction_sets(runs, self.root / "folds" / "folds.csv")
+        features, comparison, hits = compare_prediction_sets(runs, self.root / "folds" / "folds.csv")
         out = {}
         for suffix, (oof, test, names) in features.items():
             test = test.merge(self.labels, left_on="id", right_on="ID")
@@ -152,6 +152,7 @@ class Bench:
                 stacker = fit_stacker(oof, names) if method == "stack" else None
                 _, pred = predict(method, test, names, stacker)
                 out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
+        picked = choose(comparison, hits)
         out["picked"] = out[picked]
         out["picked_method"] = picked
         single = [self.score_run(r)["test_tta"] for r in runs]

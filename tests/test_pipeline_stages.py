@@ -201,6 +201,10 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     means = comparison.groupby("method").accuracy.mean()
     same_set = [m for m in means.index if m.endswith("+adabn") == choice["adabn"]]
     assert means[choice["method"]] == means[same_set].max() and choice["adabn"] == choice["method"].endswith("+adabn")
+    evidence = choice["adabn_vs_plain"]
+    assert choice["method"] == (evidence["plain"] if evidence["z_plain_over_adabn"] > 1.96 else evidence["adabn"])
+    assert main(r + ["report"]) == 0
+    assert f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f}" in (pipeline / "work" / "report" / "report.md").read_text()
     for p in pipeline.glob("work/runs/*/seed*/fold*/tta_*_adabn.csv"):  # the other tests expect plain ones only
         p.unlink()
     assert main(r + ["stack"]) == 0 and not json.loads((pipeline / "work" / "stack" / "choice.json").read_text())["adabn"]

@@ -142,6 +142,8 @@ def test_run_stack_keeps_adabn_unless_leave_one_center_out_shows_it_hurts(tmp_pa
     comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
     assert {"mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
     assert result["adabn"] is kept
+    z = result["adabn_vs_plain"]["z_plain_over_adabn"]
+    assert {"better": z < -1.96, "same": z == 0, "worse": z > 1.96}[adabn]
     used = pd.read_csv(tmp_path / "stack" / "oof_features.csv")
     plain, _, names = build_features(runs, folds_csv)
     assert np.allclose(used[f"{names[0]}__mean"], plain[f"{names[0]}__mean"]) is (adabn != "better")

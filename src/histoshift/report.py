@@ -108,6 +108,13 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return centers
 
 
+def _adabn_line(evidence: dict | None) -> list[str]:
+    if not evidence:
+        return []
+    return [f"Plain '{evidence['plain']}' against AdaBN '{evidence['adabn']}' on the same out-of-fold patches: "
+            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)."]
+
+
 def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +136,8 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
         lines += ["## Ensemble: combiners, leave one center out (8-view TTA features)", "",
                   markdown_table(pivot.reset_index()), "",
                   f"Chosen for the test center: **{choice['method']}** over {len(choice['members'])} members "
-                  f"({', '.join(choice['members'])}).", "", "![combiners](combiners.png)", "",
+                  f"({', '.join(choice['members'])}).", *_adabn_line(choice.get("adabn_vs_plain")),
+                  "", "![combiners](combiners.png)", "",
                   "## Mean ensemble per held-out center (out of fold)", "", markdown_table(centers), "",
                   "![per center](per_center.png)", "", "![ROC and calibration](roc.png)", ""]
     path = out_dir / "report.md"

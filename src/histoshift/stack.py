@@ -179,38 +179,47 @@ def mcnemar_z(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if only_a + only_b == 0 else (only_a - only_b) / np.sqrt(only_a + only_b)
 
 
-def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) -> str:
-    """The combiner and prediction set for the test center (see the module docstring). `hits`: per
-    patch correctness of each label, from `compare_loco`; needed when AdaBN labels are present."""
+def adabn_evidence(comparison: pd.DataFrame, hits: dict | None) -> dict | None:
+    """The best plain and the best AdaBN combiner, and the paired z of plain over AdaBN (None without
+    AdaBN labels). `hits`: per-patch correctness of each label, from `compare_loco`."""
     means = comparison.groupby("method")["accuracy"].mean()
-    plain = _best(means, [m for m in METHODS if m in means])
     adabn = [m + ADABN for m in METHODS if m + ADABN in means]
     if not adabn:
-        return plain
+        return None
     if hits is None:
         raise ValueError("choosing between plain and AdaBN predictions needs the per-patch hits")
-    best_adabn = _best(means, adabn)
-    return plain if mcnemar_z(hits[plain], hits[best_adabn]) > z else best_adabn
+    plain, best_adabn = _best(means, [m for m in METHODS if m in means]), _best(means, adabn)
+    return {"plain": plain, "adabn": best_adabn, "z_plain_over_adabn": round(mcnemar_z(hits[plain], hits[best_adabn]), 3)}
 
 
-def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, seed: int = 0) -> tuple[dict, pd.DataFrame, str]:
+def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) -> str:
+    """The combiner and prediction set for the test center (see the module docstring)."""
+    evidence = adabn_evidence(comparison, hits)
+    if evidence is None:
+        means = comparison.groupby("method")["accuracy"].mean()
+        return _best(means, [m for m in METHODS if m in means])
+    return evidence["plain"] if evidence["z_plain_over_adabn"] > z else evidence["adabn"]
+
+
+def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, seed: int = 0) -> tuple[dict, pd.DataFrame, dict]:
     """Features of the plain predictions ("") and, when every fold model has them, of the AdaBN ones
-    (ADABN); the leave-one-center-out comparison of every combiner on each set; the `choose` label."""
+    (ADABN); the leave-one-center-out comparison of every combiner on each set; per-patch hits."""
     features = {"": build_features(runs, folds_csv)}
     if adabn_ready(runs):
         features[ADABN] = build_features(runs, folds_csv, adabn=True)
     hits: dict = {}  # both sets' out-of-fold rows are folds.csv's patches in id order: paired
     comparison = pd.concat([compare_loco(oof, names, seed, suffix, hits) for suffix, (oof, _, names) in features.items()],
                            ignore_index=True)
-    return features, comparison, choose(comparison, hits)
+    return features, comparison, hits
 
 
 def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    features, comparison, label = compare_prediction_sets(runs, folds_csv, seed)
+    features, comparison, hits = compare_prediction_sets(runs, folds_csv, seed)
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
+    label, evidence = choose(comparison, hits), adabn_evidence(comparison, hits)
     method, adabn = label.removesuffix(ADABN), label.endswith(ADABN)
     oof, test, names = features[ADABN if adabn else ""]
     stacker = fit_stacker(oof, names, seed) if method == "stack" else None
@@ -222,9 +231,13 @@ def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0)
     scores.to_csv(out_dir / "test_scores.csv", index=False, float_format="%.6g")
     result = {"members": names, "method": label, "adabn": adabn,  # label: the combiner, "+adabn" on AdaBN predictions
               "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
+              "adabn_vs_plain": evidence,  # AdaBN is dropped only when z_plain_over_adabn > 1.96
               "test_positive_rate": float(pred.mean())}
     (out_dir / "choice.json").write_text(json.dumps(result, indent=2))
     print("stack: leave-one-center-out accuracy on out-of-fold predictions (rows: held-out center)")
     print(table.round(4).to_string())
+    if evidence is not None:
+        print(f"stack: plain '{evidence['plain']}' over AdaBN '{evidence['adabn']}' on the same out-of-fold patches: "
+              f"paired z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)")
     print(f"stack: using '{label}' for the test center ({len(names)} members: {', '.join(names)})")
     return result
