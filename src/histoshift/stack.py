@@ -176,7 +176,7 @@ def _best(means: pd.Series, methods: list[str]) -> str:
 def mcnemar_z(a: np.ndarray, b: np.ndarray) -> float:
     """Paired evidence that predictions with hits `a` beat those with hits `b` on the same patches."""
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    return 0.0 if only_a + only_b == 0 else (only_a - only_b) / np.sqrt(only_a + only_b)
+    return 0.0 if only_a + only_b == 0 else float((only_a - only_b) / np.sqrt(only_a + only_b))
 
 
 def adabn_evidence(comparison: pd.DataFrame, hits: dict | None) -> dict | None:
