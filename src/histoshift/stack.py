@@ -18,8 +18,9 @@ Within each prediction set the best mean per-center accuracy wins (ties go to th
 in the order above). Between the sets, AdaBN is kept unless the plain winner is significantly better
 on the same out-of-fold patches (paired McNemar z > 1.96): the labelled centers are milder shifts
 than a new hospital, so their accuracies cannot tell a small AdaBN gain from noise (measured: +-0.3
-points leave-one-center-out while AdaBN gained 0.3 to 16 points on the unseen test center, README),
-but they can still veto it when it breaks a model. The comparison is saved beside the test scores.
+points leave-one-center-out while AdaBN gained 0.3 to 16 points on the unseen test center for single
+models on the full protocol, README), but they can still veto it when it breaks a model. The
+comparison is saved beside the test scores.
 """
 from __future__ import annotations
 
