@@ -152,7 +152,7 @@ class Bench:
                 stacker = fit_stacker(oof, names) if method == "stack" else None
                 _, pred = predict(method, test, names, stacker)
                 out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
-        picked = choose(comparison, hits)
+        picked, _ = choose(comparison, hits)
         out["picked"] = out[picked]
         out["picked_method"] = picked
         single = [self.score_run(r)["test_tta"] for r in runs]

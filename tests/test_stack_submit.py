@@ -95,9 +95,9 @@ def test_rank_average_keeps_the_mean_positive_count():
 def test_choose_prefers_the_simpler_combiner_on_ties():
     c = pd.DataFrame({"method": ["mean", "rank", "stack"] * 2, "center": [0] * 3 + [1] * 3,
                       "accuracy": [0.9, 0.9, 0.9, 0.8, 0.8, 0.8]})
-    assert choose(c) == "mean"
+    assert choose(c) == ("mean", None)
     c.loc[5, "accuracy"] = 0.85
-    assert choose(c) == "stack"
+    assert choose(c) == ("stack", None)
 
 
 def test_run_stack_writes_scores_and_comparison(tmp_path):
@@ -156,10 +156,11 @@ def test_choose_keeps_adabn_unless_plain_is_significantly_better():
     plain, adabn = right.copy(), right.copy()
     plain[:4], adabn[4:9] = False, False  # plain wins 5 patches, AdaBN 4: noise
     hits = {"mean": plain, "rank": plain, "mean+adabn": adabn, "rank+adabn": adabn}
-    assert choose(c, hits) == "mean+adabn"  # best AdaBN combiner; ties go to the simpler one
+    # the best AdaBN combiner (ties go to the simpler one); z = (5 - 4) / sqrt(9)
+    assert choose(c, hits) == ("mean+adabn", {"plain": "mean", "adabn": "mean+adabn", "z_plain_over_adabn": 0.333})
     adabn[10:30] = False  # now plain wins 25 patches, AdaBN 4: z = 21 / sqrt(29) = 3.9
     assert mcnemar_z(hits["mean"], adabn) == pytest.approx(21 / np.sqrt(29))
-    assert choose(c, hits | {"mean+adabn": adabn, "rank+adabn": adabn}) == "mean"
+    assert choose(c, hits | {"mean+adabn": adabn, "rank+adabn": adabn})[0] == "mean"
     with pytest.raises(ValueError, match="per-patch hits"):
         choose(c)
 

@@ -104,8 +104,8 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int,
     model.train()
     order = np.random.default_rng(0).permutation(len(images))
     for i in range(0, len(images), batch_size):
-        batch = images[np.sort(order[i:i + batch_size])]  # sorted: sequential reads from a memory map
-        x = to_float(torch.from_numpy(np.ascontiguousarray(batch)).to(device), stain_norm)
+        batch = images[np.sort(order[i:i + batch_size])]  # a copy (sorted: sequential memory-map reads)
+        x = to_float(torch.from_numpy(batch).to(device), stain_norm)
         model(normalize(x, model.mean, model.std, input_size))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum

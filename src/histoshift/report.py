@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .runs import RunDir  # noqa: E402
+from .stack import evidence_line  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -108,13 +109,6 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return centers
 
 
-def _adabn_line(evidence: dict | None) -> list[str]:
-    if not evidence:
-        return []
-    return [f"Plain '{evidence['plain']}' against AdaBN '{evidence['adabn']}' on the same out-of-fold patches: "
-            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)."]
-
-
 def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +130,8 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
         lines += ["## Ensemble: combiners, leave one center out (8-view TTA features)", "",
                   markdown_table(pivot.reset_index()), "",
                   f"Chosen for the test center: **{choice['method']}** over {len(choice['members'])} members "
-                  f"({', '.join(choice['members'])}).", *_adabn_line(choice.get("adabn_vs_plain")),
+                  f"({', '.join(choice['members'])}).", *([f"Between the prediction sets: {evidence_line(choice['adabn_vs_plain'])}."]
+                    if choice.get("adabn_vs_plain") else []),
                   "", "![combiners](combiners.png)", "",
                   "## Mean ensemble per held-out center (out of fold)", "", markdown_table(centers), "",
                   "![per center](per_center.png)", "", "![ROC and calibration](roc.png)", ""]

@@ -180,26 +180,26 @@ def mcnemar_z(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if only_a + only_b == 0 else float((only_a - only_b) / np.sqrt(only_a + only_b))
 
 
-def adabn_evidence(comparison: pd.DataFrame, hits: dict | None) -> dict | None:
-    """The best plain and the best AdaBN combiner, and the paired z of plain over AdaBN (None without
-    AdaBN labels). `hits`: per-patch correctness of each label, from `compare_loco`."""
+def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) -> tuple[str, dict | None]:
+    """The combiner and prediction set for the test center (see the module docstring), and the evidence
+    between the sets: the best plain and best AdaBN combiner and the paired z of plain over AdaBN (None
+    without AdaBN labels). `hits`: per-patch correctness of each label, from `compare_loco`."""
     means = comparison.groupby("method")["accuracy"].mean()
+    plain = _best(means, [m for m in METHODS if m in means])
     adabn = [m + ADABN for m in METHODS if m + ADABN in means]
     if not adabn:
-        return None
+        return plain, None
     if hits is None:
         raise ValueError("choosing between plain and AdaBN predictions needs the per-patch hits")
-    plain, best_adabn = _best(means, [m for m in METHODS if m in means]), _best(means, adabn)
-    return {"plain": plain, "adabn": best_adabn, "z_plain_over_adabn": round(mcnemar_z(hits[plain], hits[best_adabn]), 3)}
+    best_adabn = _best(means, adabn)
+    score = mcnemar_z(hits[plain], hits[best_adabn])
+    evidence = {"plain": plain, "adabn": best_adabn, "z_plain_over_adabn": round(score, 3)}
+    return (plain if score > z else best_adabn), evidence
 
 
-def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) -> str:
-    """The combiner and prediction set for the test center (see the module docstring)."""
-    evidence = adabn_evidence(comparison, hits)
-    if evidence is None:
-        means = comparison.groupby("method")["accuracy"].mean()
-        return _best(means, [m for m in METHODS if m in means])
-    return evidence["plain"] if evidence["z_plain_over_adabn"] > z else evidence["adabn"]
+def evidence_line(evidence: dict) -> str:
+    return (f"plain '{evidence['plain']}' against AdaBN '{evidence['adabn']}' on the same out-of-fold patches: "
+            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)")
 
 
 def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, seed: int = 0) -> tuple[dict, pd.DataFrame, dict]:
@@ -220,7 +220,7 @@ def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0)
     features, comparison, hits = compare_prediction_sets(runs, folds_csv, seed)
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
-    label, evidence = choose(comparison, hits), adabn_evidence(comparison, hits)
+    label, evidence = choose(comparison, hits)
     method, adabn = label.removesuffix(ADABN), label.endswith(ADABN)
     oof, test, names = features[ADABN if adabn else ""]
     stacker = fit_stacker(oof, names, seed) if method == "stack" else None
@@ -238,7 +238,6 @@ def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0)
     print("stack: leave-one-center-out accuracy on out-of-fold predictions (rows: held-out center)")
     print(table.round(4).to_string())
     if evidence is not None:
-        print(f"stack: plain '{evidence['plain']}' over AdaBN '{evidence['adabn']}' on the same out-of-fold patches: "
-              f"paired z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)")
+        print(f"stack: {evidence_line(evidence)}")
     print(f"stack: using '{label}' for the test center ({len(names)} members: {', '.join(names)})")
     return result
