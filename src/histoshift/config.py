@@ -20,8 +20,15 @@ class ConfigError(ValueError):
 @dataclass
 class ModelCfg:
     backbone: str = "tf_efficientnet_lite0"  # any timm name, including "hf-hub:org/name"
-    # "none" | "timm" (timm's own pretrained source: HF hub or URL) | "file:PATH" | "package:NAME"
+    # "none" | "timm" (timm's own pretrained source: HF hub or URL) | "file:PATH" | "package:NAME";
+    # with a recipe: "hub" (the Hugging Face hub or its local cache) | "dir:PATH" (a downloaded copy of
+    # the hub repo, e.g. a Kaggle dataset) | "file:PATH" (a weights file)
     weights: str = "none"
+    # a pathology foundation model by name (histoshift.models.foundation.RECIPES): the recipe states the
+    # card's backbone, input size, interpolation, mean/std, embedding rule and precision; `backbone`,
+    # `input_size` and `timm_kwargs` are then left alone and any recipe field is overridden here
+    recipe: str = ""
+    recipe_overrides: dict = field(default_factory=dict)
     input_size: int = 96  # side the backbone sees; batches are resized on the device when it differs
     # extra keyword arguments for timm.create_model (hub foundation models need some); values of
     # keys ending in "_layer" may name a class, e.g. "torch.nn.SiLU" or "timm.layers.SwiGLUPacked"
@@ -84,6 +91,13 @@ class TrainCfg:
     # "auto" (on the GPU when they fit in a third of its free memory, else pinned host memory) | "device" | "host"
     placement: str = "auto"
     feature_views: int = 8  # frozen backbones: dihedral views embedded per patch (1 or 8)
+    # frozen backbones: K extra views of every labelled patch, each a random dihedral view with HED
+    # stain jitter of this strength, so that heads learn stain invariance (test patches keep the 8 views)
+    feature_hed_views: int = 0
+    feature_hed_sigma: float = 0.05
+    # frozen backbones: patches per embedding forward (x views); 0 = fitted to free GPU memory (halved
+    # on out-of-memory), a small fixed batch on CPU
+    embed_batch_size: int = 0
     seed: int = 0
     eval_batch_size: int = 256
 
@@ -144,6 +158,8 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, prefix=f"{full}.")
+        elif isinstance(current, dict) and isinstance(value, dict):  # mappings merge: an override adds keys
+            setattr(obj, key, {**current, **_cast(value, dict, full)})
         else:
             setattr(obj, key, _cast(value, hints[key], full))
 
@@ -203,6 +219,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.feature_views: expected 1 or 8, got {cfg.train.feature_views}")
     if cfg.model.input_size < 32:
         raise ConfigError(f"model.input_size: {cfg.model.input_size} is too small")
+    if cfg.train.feature_hed_views < 0 or cfg.train.embed_batch_size < 0:
+        raise ConfigError("train.feature_hed_views and train.embed_batch_size must be >= 0")
+    if cfg.model.recipe:
+        _validate_recipe(cfg.model)
+    elif cfg.model.recipe_overrides:
+        raise ConfigError("model.recipe_overrides: set model.recipe to the foundation model they modify")
+
+
+def _validate_recipe(m: ModelCfg) -> None:
+    from .models.foundation import RecipeError, resolve_recipe  # late import: the registry imports torch
+
+    defaults = ModelCfg()
+    fixed = [k for k in ("backbone", "input_size", "timm_kwargs") if getattr(m, k) != getattr(defaults, k)]
+    if fixed:
+        raise ConfigError(f"model.recipe={m.recipe} defines the backbone: leave model.{', model.'.join(fixed)} unset "
+                          f"and override the recipe instead, e.g. model.recipe_overrides.input_size=224")
+    if not (m.weights in ("hub", "none") or m.weights.startswith(("dir:", "file:"))):
+        raise ConfigError(f"model.weights: a recipe loads from hub | dir:PATH | file:PATH | none, got '{m.weights}'")
+    try:
+        resolve_recipe(m.recipe, m.recipe_overrides)
+    except RecipeError as e:
+        raise ConfigError(f"model.recipe: {e}") from None
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")

@@ -12,6 +12,8 @@ matrix), each scaled by U(1-s, 1+s) and shifted by U(-s, s), back to RGB.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -57,10 +59,10 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
-def view_stack(x: torch.Tensor, views, mean, std, input_size: int) -> torch.Tensor:
-    """All requested dihedral views of a float batch, one after another (V*B images), normalised:
+def view_stack(x: torch.Tensor, views, preprocess: "Preprocess") -> torch.Tensor:
+    """All requested dihedral views of a float batch, one after another (V*B images), preprocessed:
     one forward pass serves every TTA view. `per_view` undoes the stacking on the outputs."""
-    return normalize(torch.cat([dihedral(x, k) for k in views]), mean, std, input_size)
+    return preprocess(torch.cat([dihedral(x, k) for k in views]))
 
 
 def per_view(out: torch.Tensor, n_views: int) -> torch.Tensor:
@@ -109,10 +111,38 @@ def to_float(images: torch.Tensor, stain_norm: str = "none") -> torch.Tensor:
     return stain_normalize(images.permute(0, 3, 1, 2).float().div_(255.0), stain_norm)
 
 
+def resize(x: torch.Tensor, size: int, interpolation: str = "bilinear", crop_pct: float = 1.0) -> torch.Tensor:
+    """Square float batch in [0, 1] -> `size` px: resized to size / crop_pct, then centre-cropped
+    (crop_pct 1: no crop). Bicubic output is clamped to [0, 1], as a PIL or uint8 pipeline does."""
+    resized = int(round(size / crop_pct))
+    if x.shape[-1] != resized:
+        x = F.interpolate(x, size=(resized, resized), mode=interpolation, antialias=interpolation != "nearest",
+                          **({} if interpolation == "nearest" else {"align_corners": False}))
+        if interpolation == "bicubic":
+            x = x.clamp(0.0, 1.0)
+    if resized != size:
+        top = (resized - size) // 2
+        x = x[..., top:top + size, top:top + size]
+    return x
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a backbone expects of a float RGB batch in [0, 1]: side, resize rule and mean/std
+    (from a foundation-model recipe, or from timm's pretrained config). Runs on the batch's device."""
+    mean: tuple
+    std: tuple
+    size: int
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(resize(x, self.size, self.interpolation, self.crop_pct), self.mean, self.std, self.size)
+
+
 def normalize(x: torch.Tensor, mean, std, input_size: int) -> torch.Tensor:
-    """Resize (when the backbone wants another side) and normalise with the backbone's mean/std."""
-    if x.shape[-1] != input_size:
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    """Resize (bilinear, when the backbone wants another side) and normalise with the backbone's mean/std."""
+    x = resize(x, input_size)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]
     return (x - mean) / std

@@ -1,0 +1,253 @@
+"""Build a recipe's backbone from its weight source, and embed by the card's rule.
+
+Weight sources (`model.weights` with a recipe):
+  hub        the Hugging Face hub through its local cache: the card's own call (timm.create_model("hf-hub:ID",
+             pretrained=True, **card kwargs) or transformers.AutoModel.from_pretrained(ID)); with
+             HF_HUB_OFFLINE=1 it reads a pre-downloaded cache (HF_HUB_CACHE / HF_HOME) and never the network
+  dir:PATH   a downloaded copy of the hub repo (config.json + weights, e.g. a Kaggle dataset): timm's
+             "local-dir:" source or transformers' from_pretrained(PATH)
+  file:PATH  a weights file alone: the architecture is built from the recipe, the weights loaded strictly
+  none       the recipe's architecture with random weights (benchmarks, tests; never a pretrained model)
+
+Whatever the source, normalisation, input side, resize rule and embedding rule come from the recipe.
+What was built is recorded (`build`), so a finished run rebuilds its backbone without the hub.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...data.augment import Preprocess
+from ..weights import WeightsError, load_into, read_state_dict
+from .recipe import Recipe, RecipeError
+
+STANDIN_KEY = "histoshift_standin"  # config.json marker of a random-weight stand-in (see standin.py)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def resolve_layer(key: str, value):
+    """'torch.nn.SiLU' -> the class, for creation arguments such as act_layer / mlp_layer."""
+    import importlib
+
+    if not (key.endswith("_layer") and isinstance(value, str) and value.startswith(("torch.", "timm."))):
+        return value
+    module_name, _, attr = value.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise WeightsError(f"{key}: cannot import {value}") from None
+
+
+def _transformers(recipe: Recipe):
+    try:
+        import transformers
+    except ImportError:
+        raise WeightsError(f"{recipe.title} is a transformers model: the optional package `transformers` is not "
+                           "installed (pip install transformers; tested with 5.23.0)") from None
+    return transformers
+
+
+def hub_error(repo: str, e: Exception) -> WeightsError:
+    """One clear line for the ways the hub can fail: offline or unreachable, gated, missing."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    page = f"https://huggingface.co/{repo}"
+    text = str(e).split("\n")[0]
+    if isinstance(e, GatedRepoError) or "gated" in str(e).lower():
+        return WeightsError(f"{repo} is gated: accept its licence at {page} while logged in, then set HF_TOKEN "
+                            f"(or run `hf auth login`) with that account's token ({text})")
+    if isinstance(e, RepositoryNotFoundError):
+        return WeightsError(f"{repo}: not found on the hub, or gated and no valid token was sent: accept the licence at "
+                            f"{page} and set HF_TOKEN ({text})")
+    if isinstance(e, LocalEntryNotFoundError) or "offline" in str(e).lower() or "connect" in str(e).lower():
+        return WeightsError(f"{repo}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be "
+                            f"reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): download it once with "
+                            f"`hf download {repo}`, or point model.weights at a local copy (dir:PATH, file:PATH)")
+    return WeightsError(f"{repo}: the Hugging Face hub failed: {type(e).__name__}: {text}")
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """A file of a hub repo through the local cache (downloaded when online and missing)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
+        raise hub_error(repo, e) from e
+
+
+def source_identity(recipe: Recipe, weights: str) -> dict:
+    """What identifies the weights without loading them: the hub snapshot's commit, or a local copy's
+    files (path, size, modification time). Part of the feature-store key."""
+    if weights == "hub":
+        snapshot = hub_file(recipe.hub_id, "config.json").parent
+        return {"hub": recipe.hub_id, "revision": snapshot.name}
+    if weights == "none":
+        return {"random_init": True}
+    path = Path(weights.split(":", 1)[1]).expanduser().resolve()
+    if not path.exists():
+        raise WeightsError(f"model.weights: {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES + (".json",)) if path.is_dir() else [path]
+    return {"path": str(path), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def _repo_config(recipe: Recipe, weights: str) -> dict:
+    """The repo's config.json (hub cache or local folder); {} for a bare weights file or random init."""
+    if weights == "hub":
+        path = hub_file(recipe.hub_id, "config.json")
+    elif weights.startswith("dir:"):
+        path = Path(weights.removeprefix("dir:")).expanduser() / "config.json"
+        if not path.is_file():
+            raise WeightsError(f"model.weights={weights}: no config.json there (expected a copy of the hub repo "
+                               f"{recipe.hub_id}: config.json + weights)")
+    else:
+        return {}
+    return json.loads(path.read_text())
+
+
+def timm_build(recipe: Recipe, repo_config: dict) -> dict:
+    """timm architecture + kwargs of the model a source holds: the repo's config.json (its model_args,
+    and the side its positional embedding was saved at) or, without one, the recipe's."""
+    if repo_config:
+        kwargs = dict(repo_config.get("model_args") or {})
+        size = (repo_config.get("pretrained_cfg") or {}).get("input_size")
+        if size and "img_size" not in kwargs:
+            kwargs["img_size"] = size[-1]
+        arch = repo_config["architecture"]
+    else:
+        kwargs, arch = dict(recipe.arch_kwargs), recipe.architecture
+    kwargs.update(recipe.create_kwargs)
+    kwargs["num_classes"] = 0
+    return {"library": "timm", "architecture": arch, "kwargs": kwargs}
+
+
+def build_network(build: dict, recipe: Recipe) -> nn.Module:
+    """The network a `build` record describes, random weights (also on the meta device)."""
+    if build["library"] == "timm":
+        import timm
+
+        kwargs = {k: resolve_layer(k, v) for k, v in build["kwargs"].items()}
+        return timm.create_model(build["architecture"], pretrained=False, **kwargs)
+    transformers = _transformers(recipe)
+    # the backbone-API fields are derived from the depth: left out, they follow a changed depth
+    config = {k: v for k, v in build["config"].items() if k.lstrip("_") not in ("out_features", "out_indices", "stage_names")}
+    config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    return getattr(transformers, build["architecture"])(config, **recipe.create_kwargs)
+
+
+def recipe_build(recipe: Recipe) -> dict:
+    """The full-size architecture from the recipe alone (no hub, no files)."""
+    if recipe.library == "timm":
+        return timm_build(recipe, {})
+    transformers = _transformers(recipe)
+    cls = getattr(transformers, recipe.architecture)
+    config = cls.config_class(**recipe.arch_kwargs).to_dict()
+    return {"library": "transformers", "architecture": recipe.architecture, "config": config}
+
+
+def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, dict]:
+    if weights in ("none",) or weights.startswith("file:"):
+        build = recipe_build(recipe)
+        net = build_network(build, recipe)
+        if weights.startswith("file:"):
+            path = Path(weights.removeprefix("file:")).expanduser()
+            load_into(net, read_state_dict(path), str(path))
+        return net, build
+    where = recipe.hub_id if weights == "hub" else str(Path(weights.removeprefix("dir:")).expanduser())
+    try:
+        if recipe.library == "timm":
+            import timm
+
+            build = timm_build(recipe, repo_config)
+            prefix = "hf-hub:" if weights == "hub" else "local-dir:"
+            kwargs = {k: resolve_layer(k, v) for k, v in recipe.create_kwargs.items()}
+            net = timm.create_model(prefix + where, pretrained=True, num_classes=0, **kwargs)
+        else:
+            transformers = _transformers(recipe)
+            net = transformers.AutoModel.from_pretrained(where, **recipe.create_kwargs)
+            if type(net).__name__ != recipe.architecture:
+                raise RecipeError(f"{where} holds a {type(net).__name__}, the {recipe.title} card a {recipe.architecture}")
+            build = {"library": "transformers", "architecture": recipe.architecture, "config": net.config.to_dict()}
+    except (WeightsError, RecipeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - hub and file failures become one line
+        if weights == "hub":
+            raise hub_error(recipe.hub_id, e) from e
+        raise WeightsError(f"model.weights={weights}: cannot load {recipe.title} from it: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return net, build
+
+
+def _check_config_constants(recipe: Recipe, repo_config: dict) -> None:
+    """Say so when the downloaded config carries other constants than the card's (the recipe wins)."""
+    pcfg = repo_config.get("pretrained_cfg") or {}
+    for key in ("mean", "std"):
+        theirs = pcfg.get(key)
+        if theirs is not None and any(abs(a - b) > 1e-6 for a, b in zip(theirs, getattr(recipe, key))):
+            print(f"note: {recipe.hub_id}'s config.json carries {key} {tuple(theirs)}; "
+                  f"the recipe normalises with the card's {getattr(recipe, key)}")
+
+
+class FoundationBackbone(nn.Module):
+    """A foundation model as its card prescribes: image batch -> tokens -> the card's embedding."""
+
+    def __init__(self, recipe: Recipe, net: nn.Module, build: dict, check_dim: bool = True):
+        super().__init__()
+        self.recipe, self.net, self.build = recipe, net, build
+        if recipe.library == "timm":
+            self.num_prefix_tokens, width = net.num_prefix_tokens, net.embed_dim
+        else:
+            self.num_prefix_tokens = 1 + getattr(net.config, "num_register_tokens", 0)
+            width = net.config.hidden_size
+        self.num_features = width * (2 if recipe.embedding == "cls+mean" else 1)
+        if self.num_features != recipe.embed_dim and check_dim:
+            raise RecipeError(f"{recipe.title}: the loaded model embeds {self.num_features} values, the card "
+                              f"{recipe.embed_dim}: another model or other creation arguments than the card's")
+        self.preprocess = Preprocess(recipe.mean, recipe.std, recipe.input_size, recipe.interpolation, recipe.crop_pct)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """B x T x D tokens after the final norm: class token, registers, patch tokens."""
+        if self.recipe.library == "timm":
+            return self.net.forward_features(x)
+        return self.net(pixel_values=x).last_hidden_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_tokens(self.tokens(x), self.recipe.embedding, self.num_prefix_tokens)
+
+    @property
+    def timm_model(self) -> nn.Module:
+        if self.recipe.library != "timm":
+            raise WeightsError(f"{self.recipe.title}: partial fine-tuning (model.train_last_blocks) needs a timm backbone")
+        return self.net
+
+
+def pool_tokens(tokens: torch.Tensor, rule: str, num_prefix_tokens: int) -> torch.Tensor:
+    """The embedding rule: 'cls' (class token), 'mean' (mean of the patch tokens, registers left out),
+    'cls+mean' (both, concatenated)."""
+    cls, patches = tokens[:, 0], tokens[:, num_prefix_tokens:]
+    if rule == "cls":
+        return cls
+    if rule == "mean":
+        return patches.mean(1)
+    return torch.cat([cls, patches.mean(1)], dim=-1)
+
+
+def load_foundation(recipe: Recipe, weights: str) -> FoundationBackbone:
+    """The recipe's backbone with weights from `weights` (hub | dir:PATH | file:PATH | none)."""
+    repo_config = _repo_config(recipe, weights)
+    net, build = _load(recipe, weights, repo_config)
+    standin = bool(repo_config.get(STANDIN_KEY))
+    if standin:
+        print(f"WARNING: {weights} holds a STAND-IN for {recipe.title} (random weights written by `histoshift "
+              "fm-standin`): the pipeline runs, the features mean nothing")
+    _check_config_constants(recipe, repo_config)
+    return FoundationBackbone(recipe, net.eval(), build, check_dim=not standin)
+
+
+def rebuild_foundation(recipe: Recipe, build: dict) -> FoundationBackbone:
+    """The backbone a finished run recorded, random weights (its checkpoint follows): no hub needed."""
+    return FoundationBackbone(recipe, build_network(build, recipe), build, check_dim=False)
