@@ -37,7 +37,7 @@ from histoshift.data.cache import Cache, prepare  # noqa: E402
 from histoshift.data.demo import render_patch  # noqa: E402
 from histoshift.data.loader import TensorBatches, place_images  # noqa: E402
 from histoshift.models.backbone import PatchClassifier  # noqa: E402
-from histoshift.predict import resolve_precision  # noqa: E402
+from histoshift.precision import resolve_precision  # noqa: E402
 
 TEST_PATCHES = 85_054
 

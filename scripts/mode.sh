@@ -14,6 +14,10 @@ else
   echo "##  under $ROOT/ -- not real tissue, not a competition submission.  ##"
   echo "######################################################################"
 fi
+if [ -n "${CONFIG_SET:-}" ]; then  # a named set of configs: configs/sets/NAME.txt, one path a line
+  [ -f "configs/sets/$CONFIG_SET.txt" ] || { echo "error: configs/sets/$CONFIG_SET.txt not found" >&2; exit 2; }
+  CONFIGS="$(grep -v '^#' "configs/sets/$CONFIG_SET.txt" | xargs)"
+fi
 SEEDS="${SEEDS:-0}"
 LAUNCH="${LAUNCH:-$PY}"   # e.g. LAUNCH="accelerate launch --num_processes 4"
 export ROOT CONFIGS DEMO SEEDS LAUNCH

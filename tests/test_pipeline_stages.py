@@ -124,7 +124,7 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
     import torch
 
     from histoshift.config import load_config
-    from histoshift.data.augment import dihedral, normalize, to_float
+    from histoshift.data.augment import dihedral, to_float
     from histoshift.data.cache import Cache
     from histoshift.models.backbone import PatchClassifier
 
@@ -149,7 +149,7 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
     x = to_float(torch.from_numpy(np.array(cache.images("val")[:2])))
     with torch.no_grad():
         for k in (0, 5):
-            want = model.backbone(normalize(dihedral(x, k), model.mean, model.std, 64))
+            want = model.backbone(model.preprocess(dihedral(x, k)))
             torch.testing.assert_close(torch.from_numpy(feats[:2, k]).float(), want, atol=2e-2, rtol=1e-2)
     runs = find_runs(root / "work" / "runs")
     assert len(runs) == 8
@@ -163,7 +163,7 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     import numpy as np
     import torch
 
-    from histoshift.data.augment import normalize, to_float
+    from histoshift.data.augment import to_float
     from histoshift.data.cache import Cache
     from histoshift.predict import adapt_batchnorm
     from histoshift.runs import load_run_model
@@ -172,17 +172,17 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     cfg, model = load_run_model(run)
     cache = Cache.open(pipeline / "work" / "cache")
     images = np.array(cache.images("test"))
-    assert adapt_batchnorm(model, images, 64, torch.device("cpu"), batch_size=10) > 0  # 3 equal batches
+    assert adapt_batchnorm(model, images, torch.device("cpu"), batch_size=10) > 0  # 3 equal batches
     model.eval()
     with torch.no_grad():
-        stem = model.backbone.conv_stem(normalize(to_float(torch.from_numpy(images)), model.mean, model.std, 64))
+        stem = model.backbone.conv_stem(model.preprocess(to_float(torch.from_numpy(images))))
     torch.testing.assert_close(model.backbone.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
     # a file ordered by slide (here: 30 faded patches, then the 30 originals) still gets the statistics
     # of the whole center, not the average of homogeneous batches (batches are drawn shuffled)
     ordered = np.concatenate([images // 3 + 170, images])
-    adapt_batchnorm(model, ordered, 64, torch.device("cpu"), batch_size=10)
+    adapt_batchnorm(model, ordered, torch.device("cpu"), batch_size=10)
     with torch.no_grad():
-        stem = model.backbone.conv_stem(normalize(to_float(torch.from_numpy(ordered)), model.mean, model.std, 64))
+        stem = model.backbone.conv_stem(model.preprocess(to_float(torch.from_numpy(ordered))))
     ratio = model.backbone.bn1.running_var / stem.var(dim=(0, 2, 3))
     assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio
     before = pd.read_csv(run.tta_test)

@@ -10,7 +10,7 @@ import yaml
 
 from histoshift.config import load_config
 from histoshift.data.loader import TensorBatches, place_images
-from histoshift.predict import resolve_precision
+from histoshift.precision import resolve_precision
 from histoshift.runs import RunDir
 from histoshift.train import train_fold
 

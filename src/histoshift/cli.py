@@ -126,6 +126,32 @@ def cmd_score(a, paths: Paths):
     return acc
 
 
+def cmd_recipes(a, paths: Paths):
+    """The foundation-model registry as a table (the README's is generated from it)."""
+    from .models.foundation import RECIPES
+
+    print("| recipe | model | hub id | library | embedding | dim | input | mean / std | precision | gated | licence |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in RECIPES.values():
+        crop = f", crop {r.crop_pct}" if r.crop_pct < 1 else ""
+        print(f"| `{r.name}` | [{r.title}]({r.card}) | `{r.hub_id}` | {r.library} | {r.embedding} | {r.embed_dim} | "
+              f"{r.input_size} {r.interpolation}{crop} | {r.mean} / {r.std} | {r.precision} | "
+              f"{'yes' if r.gated else 'no'} | {r.licence} |")
+
+
+def cmd_fm_standin(a, paths: Paths):
+    from .models.foundation import RECIPES, resolve_recipe
+    from .models.foundation.standin import standin_overrides, write_standin
+
+    names = list(RECIPES) if a.recipe == "all" else a.recipe.split(",")
+    for name in names:
+        recipe = resolve_recipe(name)
+        folder = write_standin(recipe, Path(a.out), layout=a.layout)
+        extra = standin_overrides(recipe)
+        print(f"fm-standin: {recipe.title} stand-in (RANDOM weights, not the real model) in {folder}"
+              + (f"; load it with model.recipe_overrides.create_kwargs={extra['create_kwargs']}" if extra else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histoshift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=".", help="folder holding input/, folds/, work/, submissions/")
@@ -176,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="markdown summary and plots of runs and combiners (work/report/)")
     s.set_defaults(fn=cmd_report)
 
+    s = sub.add_parser("recipes", help="list the foundation-model recipes (hub id, embedding, input, mean/std, licence)")
+    s.set_defaults(fn=cmd_recipes)
+
+    s = sub.add_parser("fm-standin", help="write small RANDOM-weight stand-ins of foundation models into a Hugging "
+                                          "Face cache or folder, to run the pipeline offline without the real weights")
+    s.add_argument("--recipe", default="all", help="recipe name(s), comma-separated, or 'all'")
+    s.add_argument("--out", required=True, help="a Hugging Face hub cache folder (point HF_HUB_CACHE at it) or, with "
+                                                "--layout dir, the folder for the repo's files")
+    s.add_argument("--layout", choices=("cache", "dir"), default="cache")
+    s.set_defaults(fn=cmd_fm_standin)
+
     s = sub.add_parser("score", help="accuracy of submissions/submission.csv against a labels CSV (ID,label)")
     s.add_argument("--labels", required=True)
     s.set_defaults(fn=cmd_score)
@@ -185,13 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .config import ConfigError
     from .data.h5_reader import InputError
+    from .models.foundation import RecipeError
     from .models.weights import WeightsError
     from .submit import SubmissionError
 
     a = build_parser().parse_args(argv)
     try:
         a.fn(a, Paths(Path(a.root)))
-    except (ConfigError, InputError, WeightsError, SubmissionError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, InputError, WeightsError, RecipeError, SubmissionError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -219,6 +219,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.feature_views: expected 1 or 8, got {cfg.train.feature_views}")
     if cfg.model.input_size < 32:
         raise ConfigError(f"model.input_size: {cfg.model.input_size} is too small")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1")
     if cfg.train.feature_hed_views < 0 or cfg.train.embed_batch_size < 0:
         raise ConfigError("train.feature_hed_views and train.embed_batch_size must be >= 0")
     if cfg.model.recipe:
@@ -241,9 +244,6 @@ def _validate_recipe(m: ModelCfg) -> None:
         resolve_recipe(m.recipe, m.recipe_overrides)
     except RecipeError as e:
         raise ConfigError(f"model.recipe: {e}") from None
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key}: must be >= 1")
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -1,15 +1,29 @@
-"""Frozen-backbone feature cache: embed every patch once (all 8 dihedral views), then train heads
-(linear, MLP, with or without the DANN domain head) on the stored features in seconds.
+"""Frozen-backbone feature store: embed every patch once (all 8 dihedral views, and optionally K
+HED-jittered views of each labelled patch), then train heads (linear, MLP, with or without the DANN
+domain head) on the stored features in seconds.
 
-work/features/<key>/ holds features_<split>.npy (N x V x D float16, rows in the cache's order)
-and meta.json; <key> names the backbone, weights, input size and view count, so every config
-that shares a frozen backbone shares one embedding. A head is a `FeatureClassifier`: the same
-`backbone`/`head` interface as `PatchClassifier`, so every algorithm trains it unchanged.
+work/features/<key>/ holds features_<split>.npy (N x V x D float16, rows in the cache's order) and
+meta.json (everything the features were computed from). <key> is a readable prefix plus a hash of
+that spec: the backbone (a foundation recipe with every field, or timm name + kwargs), the weights'
+identity (hub commit, or a local copy's files), the precision in effect, the views, the HED setting,
+stain normalisation and the cache's own manifest. Change any of them and a new store is embedded;
+nothing stale is reused.
+
+Embedding is the long step (a ViT-g over the competition runs for about an hour on one GPU), so it
+runs in fixed chunks of rows written straight into the memory-mapped arrays; a chunk's marker file is
+written after its rows are flushed, and a killed run resumes at the first chunk without a marker.
+Within a chunk, all views of a batch go through the backbone in one forward under the recipe's
+autocast precision; on a GPU the batch is fitted to free memory and halved on out-of-memory. With
+`accelerate launch` each process embeds its own share of the chunks.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,54 +34,208 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config, ModelCfg
-from .data.augment import per_view, to_float, view_stack
-from .data.cache import SPLITS, Cache, gather_by_split
-from .data.loader import PatchDataset, make_loader
+from .data.augment import apply_dihedral, hed_transform, per_view, to_float, view_stack
+from .data.cache import LABELLED, SPLITS, Cache, gather_by_split
 from .models.backbone import PatchClassifier
+from .precision import autocast
+
+CHUNK_ROWS = 2048  # rows per resumable unit (fixed: a resumed run finds the same chunks)
+CPU_IMAGES = 64  # images per forward on CPU (small batches stay in cache)
+MAX_IMAGES = 2048  # images per forward on a GPU (throughput saturates well before)
+HED_SEED = 20261124
 
 
-def store_key(cfg: Config) -> str:
-    m = cfg.model
-    raw = f"{m.backbone}-{m.weights}-{m.input_size}px-{cfg.train.feature_views}v-{cfg.aug.stain_norm}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
+def weights_identity(m: ModelCfg) -> dict:
+    """What identifies a non-recipe backbone's weights without loading them."""
+    if m.weights.startswith("file:"):
+        p = Path(m.weights.removeprefix("file:")).expanduser().resolve()
+        return {"file": str(p), "size": p.stat().st_size if p.exists() else None,
+                "mtime_ns": p.stat().st_mtime_ns if p.exists() else None}
+    return {"source": m.weights}
+
+
+def feature_spec(cfg: Config, cache_dir: Path, precision: str) -> dict:
+    """Everything that changes the stored features (the store key hashes it)."""
+    from .models.foundation import resolve_recipe
+    from .models.foundation.loader import source_identity
+
+    m, t = cfg.model, cfg.train
+    if m.recipe:
+        recipe = resolve_recipe(m.recipe, m.recipe_overrides)
+        backbone = {"recipe": dataclasses.asdict(recipe), "weights": source_identity(recipe, m.weights)}
+    else:
+        backbone = {"timm": m.backbone, "timm_kwargs": m.timm_kwargs, "input_size": m.input_size,
+                    "weights": weights_identity(m)}
+    manifest = Path(cache_dir) / "manifest.json"
+    return {"backbone": backbone, "precision": precision, "views": t.feature_views,
+            "hed_views": t.feature_hed_views, "hed_sigma": t.feature_hed_sigma if t.feature_hed_views else None,
+            "stain_norm": cfg.aug.stain_norm, "cache": json.loads(manifest.read_text()) if manifest.exists() else None}
+
+
+def store_key(spec: dict) -> str:
+    b = spec["backbone"]
+    name = b["recipe"]["name"] if "recipe" in b else b["timm"]
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    hed = f"-hed{spec['hed_views']}" if spec["hed_views"] else ""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{spec['views']}v{hed}-{spec['precision']}-{digest}")
 
 
 class FeatureStore:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
         self.arrays = {s: np.load(self.path / f"features_{s}.npy", mmap_mode="r") for s in SPLITS}
         self.dim = self.arrays["train"].shape[-1]
-        self.views = self.arrays["train"].shape[1]
+        self.views = self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
 
-    def rows(self, table: pd.DataFrame) -> np.ndarray:
-        """Features (n x V x D, float32) of the table's patches, in its order."""
-        return gather_by_split(self.arrays, table).astype(np.float32)
+    def rows(self, table: pd.DataFrame, views: int | None = None) -> np.ndarray:
+        """Features (n x V x D, float32) of the table's patches, in its order: the first `views` views, or
+        every view that all the table's splits have (labelled splits also hold the HED views)."""
+        v = views or min(self.arrays[s].shape[1] for s in table["split"].unique())
+        return gather_by_split({s: a[:, :v] for s, a in self.arrays.items()}, table).astype(np.float32)
+
+
+def _views_of(split: str, cfg: Config) -> int:
+    return cfg.train.feature_views + (cfg.train.feature_hed_views if LABELLED[split] else 0)
+
+
+def draw_jitter(n: int, k: int, sigma: float, seed: int) -> tuple[torch.Tensor, ...]:
+    """For K HED views of n images: dihedral view (k, n), HED scale U(1-s, 1+s) and shift U(-s, s) per
+    H/E/D channel (k, n, 3). Drawn per chunk from `seed`, so a resumed chunk gets the same views
+    whatever the batch size."""
+    g = torch.Generator().manual_seed(seed)
+    ks = torch.randint(0, 8, (k, n), generator=g)
+    alpha = 1 + (torch.rand(k, n, 3, generator=g) * 2 - 1) * sigma
+    beta = (torch.rand(k, n, 3, generator=g) * 2 - 1) * sigma
+    return ks, alpha, beta
+
+
+def hed_views(x: torch.Tensor, ks: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The K jittered views of a float batch, one view after another (K*B images)."""
+    return torch.cat([hed_transform(apply_dihedral(x, ks[j]), alpha[j].to(x), beta[j].to(x)) for j in range(len(ks))])
+
+
+class Embedder:
+    """Runs the backbone over uint8 batches: the views stacked into one forward, autocast, and a batch
+    size fitted to free GPU memory (halved on out-of-memory)."""
+
+    def __init__(self, backbone: nn.Module, preprocess, cfg: Config, device: torch.device, precision: str):
+        self.backbone, self.preprocess, self.cfg = backbone, preprocess, cfg
+        self.device, self.precision = device, precision
+        self.batch = cfg.train.embed_batch_size or None  # patches per forward; None: fitted on first use
+
+    def _forward(self, images: np.ndarray, n_views: int, jitter=None) -> torch.Tensor:
+        x = to_float(torch.from_numpy(images).to(self.device, non_blocking=True), self.cfg.aug.stain_norm)
+        stacked = view_stack(x, range(self.cfg.train.feature_views), self.preprocess)
+        if jitter is not None:
+            stacked = torch.cat([stacked, self.preprocess(hed_views(x, *jitter))])
+        with autocast(self.device, self.precision):
+            f = self.backbone(stacked)
+        return per_view(f.float(), n_views)
+
+    def _fit(self, images: np.ndarray, n_views: int) -> int:
+        """Patches per forward: on CPU a small fixed batch; on a GPU, what 85% of the free memory holds,
+        from the peak memory of a 2-patch probe."""
+        if self.device.type != "cuda":
+            return max(1, CPU_IMAGES // n_views)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self._forward(images[:2], n_views, self._jitter(2, n_views, 0))
+        torch.cuda.synchronize(self.device)
+        per_patch = max(1, (torch.cuda.max_memory_allocated(self.device) - base) / 2)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(max(1, min(0.85 * free / per_patch, MAX_IMAGES // n_views)))
+
+    def _jitter(self, n: int, n_views: int, seed: int):
+        k = n_views - self.cfg.train.feature_views
+        return draw_jitter(n, k, self.cfg.train.feature_hed_sigma, seed) if k > 0 else None
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, n_views: int, seed: int) -> np.ndarray:
+        """(n, V, D) float16 features of n uint8 images."""
+        if self.batch is None:
+            self.batch = self._fit(images, n_views)
+        jitter = self._jitter(len(images), n_views, seed)
+        out, i = [], 0
+        while i < len(images):
+            sl = slice(i, i + self.batch)
+            try:
+                part = self._forward(images[sl], n_views, None if jitter is None else tuple(j[:, sl] for j in jitter))
+            except torch.cuda.OutOfMemoryError:
+                if self.batch == 1:
+                    raise
+                self.batch = max(1, self.batch // 2)
+                torch.cuda.empty_cache()
+                print(f"embed: out of GPU memory, batch halved to {self.batch} patches x {n_views} views")
+                continue
+            out.append(part.half().cpu())
+            i += len(part)
+        return torch.cat(out).numpy()
+
+
+def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder, n_views: int, dim: int,
+                 accelerator: Accelerator) -> int:
+    """Fill features_<split>.npy chunk by chunk; returns the images embedded by this process."""
+    target, marks = path / f"features_{split}.npy", path / "progress"
+    n = len(images)
+    if accelerator.is_main_process and not target.exists():
+        tmp = path / f"features_{split}.tmp.npy"
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, n_views, dim)).flush()
+        tmp.replace(target)
+    accelerator.wait_for_everyone()
+    arr = np.load(target, mmap_mode="r+")
+    if arr.shape != (n, n_views, dim):
+        raise RuntimeError(f"{target}: shape {arr.shape}, expected {(n, n_views, dim)}; delete {path} and embed again")
+    starts = [s for s in range(0, n, CHUNK_ROWS) if not (marks / f"{split}-{s}").exists()]
+    mine = starts[accelerator.process_index::accelerator.num_processes]
+    done_before = n - sum(min(CHUNK_ROWS, n - s) for s in starts)
+    bar = tqdm(total=n * n_views, initial=done_before * n_views, unit="img", unit_scale=True, smoothing=0.1,
+               desc=f"embed {split} ({n_views} views)", disable=not accelerator.is_local_main_process)
+    embedded = 0
+    with ThreadPoolExecutor(1) as pool:  # reads the next chunk from the cache while the GPU works
+        load = lambda s: np.array(images[s:s + CHUNK_ROWS])  # noqa: E731 - a writable copy
+        pending = pool.submit(load, mine[0]) if mine else None
+        for k, start in enumerate(mine):
+            chunk = pending.result()
+            pending = pool.submit(load, mine[k + 1]) if k + 1 < len(mine) else None
+            arr[start:start + len(chunk)] = embedder(chunk, n_views, HED_SEED + start)
+            arr.flush()
+            (marks / f"{split}-{start}").touch()
+            embedded += len(chunk) * n_views
+            bar.update(len(chunk) * accelerator.num_processes * n_views)
+    bar.close()
+    return embedded
 
 
 @torch.no_grad()
-def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator) -> FeatureStore:
-    """Embed every cached patch with the frozen backbone (once per backbone, weights, size, views)."""
-    path = Path(root) / store_key(cfg)
+def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str) -> FeatureStore:
+    """The feature store of this config's frozen backbone: reused when complete, resumed when partial."""
+    spec = feature_spec(cfg, cache.dir, precision)
+    path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
         return FeatureStore(path)
-    model = PatchClassifier(cfg.model).eval().to(accelerator.device)
-    views = tuple(range(cfg.train.feature_views))
-    path.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        table = cache.index[cache.index["split"] == split].sort_values("row")
-        loader = accelerator.prepare(make_loader(PatchDataset(cache.images(split), table, {c: 0 for c in table.center}),
-                                                 cfg.train.eval_batch_size, train=False))
-        chunks = []
-        for batch in tqdm(loader, desc=f"embed {split}", disable=not accelerator.is_local_main_process):
-            x = to_float(batch["image"].to(accelerator.device), cfg.aug.stain_norm)
-            stacked = view_stack(x, views, model.mean, model.std, cfg.model.input_size)
-            f = per_view(model.backbone(stacked).float(), len(views))
-            chunks.append(accelerator.gather_for_metrics(f.contiguous()).cpu().half().numpy())
-        if accelerator.is_main_process:
-            np.save(path / f"features_{split}.npy", np.concatenate(chunks))
+    model = PatchClassifier(cfg.model)
+    backbone = model.backbone.eval().to(accelerator.device)
+    embedder = Embedder(backbone, model.preprocess, cfg, accelerator.device, precision)
     if accelerator.is_main_process:
-        (path / "meta.json").write_text(json.dumps({"backbone": cfg.model.backbone, "weights": cfg.model.weights,
-                                                    "input_size": cfg.model.input_size, "views": len(views)}))
+        (path / "progress").mkdir(parents=True, exist_ok=True)
+        (path / "spec.json").write_text(json.dumps(spec, indent=2, default=str))
+    accelerator.wait_for_everyone()
+    accelerator.print(f"embed: {path.name}, precision {precision}, {model.num_features} values per view")
+    t0, count = time.time(), 0
+    for split in SPLITS:
+        count += _embed_split(path, split, cache.images(split, in_memory=False), embedder, _views_of(split, cfg),
+                              model.num_features, accelerator)
+    seconds = time.time() - t0
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"spec": spec, "dim": model.num_features, "batch_patches": embedder.batch,
+                "seconds": round(seconds, 1), "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1)}
+        tmp = path / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+        tmp.replace(path / "meta.json")  # written last: the store is complete
+        accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
     accelerator.wait_for_everyone()
     return FeatureStore(path)
 
@@ -91,7 +259,7 @@ class FeatureClassifier(nn.Module):
 
 
 def random_view(x: torch.Tensor) -> torch.Tensor:
-    """B x V x D stored features -> B x D, one random dihedral view per patch (the head's augmentation)."""
+    """B x V x D stored features -> B x D, one random view per patch (the head's augmentation)."""
     pick = torch.randint(0, x.shape[1], (x.shape[0],), device=x.device)
     return x[torch.arange(x.shape[0], device=x.device), pick]
 

@@ -16,48 +16,30 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .config import Config, load_config
-from .data.augment import N_VIEWS, normalize, per_view, to_float, view_stack
+from .data.augment import N_VIEWS, per_view, to_float, view_stack
 from .data.cache import Cache
 from .data.loader import PatchDataset, make_loader
 from .models.backbone import PatchClassifier
+from .precision import autocast, config_precision
 from .runs import load_run_model, RunDir
 
 CPU_CHUNK = 64
 
 
-FP32_FAMILIES = ("efficientnet", "mobilenet", "mixnet", "mnasnet", "ghostnet")  # depthwise convs: bf16 was slower
-
-
-def resolve_precision(precision: str, backbone: str = "") -> str:
-    """'auto': bf16 on a GPU that supports it unless the backbone family runs faster in fp32; off on CPU."""
-    if precision != "auto":
-        return precision
-    if any(f in backbone for f in FP32_FAMILIES):
-        return "no"
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision for one block of work, whatever the precision of the process's Accelerator."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
-def predict_views(model: PatchClassifier, loader, accelerator: Accelerator, input_size: int,
+def predict_views(model: PatchClassifier, loader, accelerator: Accelerator,
                   views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
                   channels_last: bool = False, stain_norm: str = "none") -> pd.DataFrame:
     """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""
     model.eval()
-    unwrapped = accelerator.unwrap_model(model)
-    mean, std = unwrapped.mean, unwrapped.std
+    preprocess = accelerator.unwrap_model(model).preprocess
     ids, centers, labels, logits = [], [], [], []
     # GPUs want one big forward; CPUs run small batches faster (they stay in cache)
     chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
     bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
     for batch in bar:
         x = to_float(batch["image"].to(accelerator.device), stain_norm)
-        stacked = view_stack(x, views, mean, std, input_size)
+        stacked = view_stack(x, views, preprocess)
         if channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
         with autocast(accelerator.device, precision):
@@ -79,8 +61,7 @@ def predict_table(model, cache: Cache, table: pd.DataFrame, accelerator: Acceler
                   domain_of_center: dict[int, int], views=tuple(range(N_VIEWS)), desc: str = "predict") -> pd.DataFrame:
     ds = PatchDataset(cache.gather(table), table, domain_of_center)
     loader = accelerator.prepare(make_loader(ds, cfg.train.eval_batch_size, train=False))
-    return predict_views(model, loader, accelerator, cfg.model.input_size, views, desc,
-                         precision=resolve_precision(cfg.train.precision, cfg.model.backbone),
+    return predict_views(model, loader, accelerator, views, desc, precision=config_precision(cfg),
                          channels_last=cfg.train.channels_last, stain_norm=cfg.aug.stain_norm)
 
 
@@ -89,7 +70,7 @@ def view_columns(table: pd.DataFrame) -> list[str]:
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int, device: torch.device,
+def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, device: torch.device,
                     batch_size: int = 256, stain_norm: str = "none") -> int:
     """AdaBN (Li et al. 2016): replace every batch-norm layer's running statistics by those of the
     target images (plain view, cumulative average over all of them). Returns the layers adapted.
@@ -106,7 +87,7 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, input_size: int,
     for i in range(0, len(images), batch_size):
         batch = images[np.sort(order[i:i + batch_size])]  # a copy (sorted: sequential memory-map reads)
         x = to_float(torch.from_numpy(batch).to(device), stain_norm)
-        model(normalize(x, model.mean, model.std, input_size))
+        model(model.preprocess(x))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
@@ -140,7 +121,7 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
             model = copy.deepcopy(trained) if adapted else trained  # AdaBN adapts a copy to one center at a time
             if adapted:
                 model.to(accelerator.device)
-                adapt_batchnorm(model, cache.gather(table), cfg.model.input_size, accelerator.device,
+                adapt_batchnorm(model, cache.gather(table), accelerator.device,
                                 stain_norm=cfg.aug.stain_norm)
             if cfg.train.channels_last:
                 model = model.to(memory_format=torch.channels_last)

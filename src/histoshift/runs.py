@@ -3,6 +3,7 @@
   config.yaml        the resolved config
   metrics.jsonl      one line per epoch (append-only)
   model.safetensors  the final weights (backbone + head)
+  backbone.json      a fine-tuned foundation model's architecture as built (rebuilt from it without the hub)
   oof.csv            plain-view logits of the held-out center: id, center, label, logit
   summary.json       per-center accuracy and AUC (held-out center out of fold; others in sample, <= 2,000 each)
   tta_heldout.csv    8-view logits of the held-out center (infer stage)
@@ -12,6 +13,7 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoint = property(lambda self: self.path / "model.safetensors")
+    backbone_build = property(lambda self: self.path / "backbone.json")
     oof = property(lambda self: self.path / "oof.csv")
     summary = property(lambda self: self.path / "summary.json")
     tta_heldout = property(lambda self: self.tta_path("heldout"))
@@ -76,6 +79,7 @@ def load_run_model(run: RunDir):
     cfg = load_config(run.config)
     if cfg.model.frozen:
         raise ValueError(f"{run.path} holds a head on cached features, not an image model")
-    model = PatchClassifier(cfg.model, load_weights=False)
+    build = json.loads(run.backbone_build.read_text()) if run.backbone_build.exists() else None
+    model = PatchClassifier(cfg.model, load_weights=False, build=build)
     model.load_state_dict(load_file(str(run.checkpoint)))
     return cfg, model

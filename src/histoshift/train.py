@@ -24,14 +24,15 @@ from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
 from .config import Config, save_config, load_config
-from .data.augment import augment_batch, build_albumentations, normalize, to_float
+from .data.augment import augment_batch, build_albumentations, to_float
 from .data.cache import Cache
 from .data.folds import read_folds
 from .data.loader import PatchDataset, TensorBatches, cycle, make_loader, place_images
 from .metrics import per_center
 from .models.backbone import PatchClassifier
 from .features import FeatureClassifier, embed, random_view, view_logits, views_table
-from .predict import autocast, predict_views, resolve_precision
+from .precision import autocast, config_precision
+from .predict import predict_views
 from .runs import RunDir
 
 IN_SAMPLE_EVAL = 2000
@@ -134,7 +135,7 @@ class _ImageTask:
             self.loaders = self.acc.prepare(*self.loaders)
         self.heldout_loader = self._loader(self.heldout)
         core = self.acc.unwrap_model(self.model)
-        self.mean, self.std = core.mean, core.std
+        self.preprocess = core.preprocess
         if self.cfg.train.compile:
             core.forward = torch.compile(core.forward)
 
@@ -146,13 +147,13 @@ class _ImageTask:
         images = images.to(self.acc.device, non_blocking=True)
         aug = self.cfg.aug
         x = augment_batch(images, aug) if aug.backend == "torch" else to_float(images, aug.stain_norm)
-        x = normalize(x, self.mean, self.std, self.cfg.model.input_size)
+        x = self.preprocess(x)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
     def predict(self, model, table: pd.DataFrame | None, desc: str) -> pd.DataFrame:
         """Plain-view logits of `table` (None: the held-out center): id, center, label, v0."""
         loader = self.heldout_loader if table is None else self._loader(table)
-        return predict_views(model, loader, self.acc, self.cfg.model.input_size, views=(0,), desc=desc,
+        return predict_views(model, loader, self.acc, views=(0,), desc=desc,
                              precision=self.precision, channels_last=self.cfg.train.channels_last,
                              stain_norm=self.cfg.aug.stain_norm)
 
@@ -163,8 +164,9 @@ class _FeatureTask:
     def __init__(self, cfg: Config, cache: Cache, parts, domain_of_center, seed, accelerator, precision):
         source, heldout, target = parts
         self.acc, self.heldout = accelerator, heldout
-        self.store = embed(cfg, cache, cache.dir.parent / "features", accelerator)
+        self.store = embed(cfg, cache, cache.dir.parent / "features", accelerator, precision)
         self.model = FeatureClassifier(self.store.dim, cfg.model)
+        # labelled rows with every stored view (the HED views too), target rows with the TTA views
         self.loaders = _tensor_batches(cfg, lambda t: torch.from_numpy(self.store.rows(t)).to(accelerator.device),
                                        source, target, domain_of_center, seed, accelerator)
 
@@ -176,12 +178,12 @@ class _FeatureTask:
 
     def predict(self, model, table: pd.DataFrame | None, desc: str, views: int = 1) -> pd.DataFrame:
         table = self.heldout if table is None else table
-        feats = torch.from_numpy(self.store.rows(table)[:, :views]).to(self.acc.device)
+        feats = torch.from_numpy(self.store.rows(table, views)).to(self.acc.device)
         return views_table(table, view_logits(model, feats))
 
 
 def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = False) -> dict | None:
-    precision = resolve_precision(cfg.train.precision, cfg.model.backbone)
+    precision = config_precision(cfg)
     # bf16 needs no loss scaling: the loop's own autocast does it; fp16 needs Accelerate's scaler
     accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
     must_train = prepare_run_dir(run, cfg, force) if accelerator.is_main_process else True
@@ -280,6 +282,8 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     summary = None
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(run.checkpoint))
+        if cfg.model.recipe and not cfg.model.frozen:  # what the backbone was built as: infer rebuilds it offline
+            run.backbone_build.write_text(json.dumps(core.model.backbone.build, indent=2))
         oof.to_csv(run.oof, index=False, float_format="%.6g")
         if cfg.model.frozen:  # the stored views make TTA free: write what the infer stage would
             test = cache.index[cache.index["split"] == "test"]

@@ -71,7 +71,12 @@ def per_view(out: torch.Tensor, n_views: int) -> torch.Tensor:
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    ks = torch.randint(0, N_VIEWS, (x.shape[0],), generator=generator, device="cpu").to(x.device)
+    return apply_dihedral(x, torch.randint(0, N_VIEWS, (x.shape[0],), generator=generator, device="cpu"))
+
+
+def apply_dihedral(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Image i of the batch under dihedral view ks[i]."""
+    ks = ks.to(x.device)
     out = torch.empty_like(x)
     for k in range(N_VIEWS):
         sel = ks == k

@@ -1,7 +1,9 @@
-"""A timm backbone with a one-logit tumour head; forward returns named outputs."""
+"""A backbone with a one-logit tumour head; forward returns named outputs.
+
+The backbone is a timm model by name, or a pathology foundation model by recipe
+(`models/foundation`): then the recipe states the input side, resize rule and normalisation."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import timm
@@ -10,23 +12,21 @@ import torch
 from torch import nn
 
 from ..config import ModelCfg
+from ..data.augment import Preprocess
+from .foundation import resolve_recipe
+from .foundation.loader import load_foundation, rebuild_foundation, resolve_layer
 from .weights import WeightsError, load_into, package_state_dict, read_state_dict
 
 
-def _resolve_layer(key: str, value):
-    """'torch.nn.SiLU' -> the class, for timm kwargs such as act_layer / mlp_layer."""
-    if not (key.endswith("_layer") and isinstance(value, str) and value.startswith(("torch.", "timm."))):
-        return value
-    module_name, _, attr = value.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        raise WeightsError(f"model.timm_kwargs.{key}: cannot import {value}") from None
-
-
-def create_backbone(cfg: ModelCfg, load_weights: bool = True) -> nn.Module:
-    """timm.create_model with the configured weight source (`load_weights=False`: architecture only)."""
-    kwargs = {k: _resolve_layer(k, v) for k, v in cfg.timm_kwargs.items()}
+def create_backbone(cfg: ModelCfg, load_weights: bool = True, build: dict | None = None) -> nn.Module:
+    """timm.create_model with the configured weight source, or a foundation recipe's backbone
+    (`load_weights=False`: architecture only; with a recipe, as the run's recorded `build` describes)."""
+    if cfg.recipe:
+        recipe = resolve_recipe(cfg.recipe, cfg.recipe_overrides)
+        if not load_weights and build is not None:
+            return rebuild_foundation(recipe, build)
+        return load_foundation(recipe, cfg.weights if load_weights else "none")
+    kwargs = {k: resolve_layer(k, v) for k, v in cfg.timm_kwargs.items()}
     kwargs["num_classes"] = 0
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
@@ -60,6 +60,7 @@ def freeze_all_but_last(backbone: nn.Module, n_blocks: int) -> int:
     parameter tensors were frozen."""
     if n_blocks < 0:
         return 0
+    backbone = getattr(backbone, "timm_model", backbone)  # a foundation backbone: its timm network
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
     first_kept = max(groups) - n_blocks + 1
     keep = {name for gid, names in groups.items() if gid >= first_kept for name in names}
@@ -73,14 +74,18 @@ def freeze_all_but_last(backbone: nn.Module, n_blocks: int) -> int:
 class PatchClassifier(nn.Module):
     """Backbone -> pooled features -> dropout -> one tumour logit."""
 
-    def __init__(self, cfg: ModelCfg, load_weights: bool = True):
+    def __init__(self, cfg: ModelCfg, load_weights: bool = True, build: dict | None = None):
         super().__init__()
-        self.backbone = create_backbone(cfg, load_weights)
+        self.backbone = create_backbone(cfg, load_weights, build)
         freeze_all_but_last(self.backbone, cfg.train_last_blocks)
         self.num_features = self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
-        data_cfg = timm.data.resolve_model_data_config(self.backbone)
-        self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+        if cfg.recipe:
+            self.preprocess = self.backbone.preprocess
+        else:
+            data_cfg = timm.data.resolve_model_data_config(self.backbone)
+            interpolation = data_cfg.get("interpolation") if data_cfg.get("interpolation") in ("bicubic", "bilinear") else "bilinear"
+            self.preprocess = Preprocess(tuple(data_cfg["mean"]), tuple(data_cfg["std"]), cfg.input_size, interpolation)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)
