@@ -150,6 +150,9 @@ def recipe_build(recipe: Recipe) -> dict:
 
 
 def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, dict]:
+    if weights.startswith("file:") and recipe.library == "transformers":
+        raise WeightsError(f"{recipe.title} is a transformers model: point model.weights at a copy of the repo "
+                           f"(dir:PATH holding config.json and the weights), not at a weights file")
     if weights in ("none",) or weights.startswith("file:"):
         build = recipe_build(recipe)
         net = build_network(build, recipe)

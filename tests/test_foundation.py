@@ -1,0 +1,168 @@
+"""Foundation-model recipes without the hub: (a) every full-size architecture from the recipe alone,
+(b) every recipe from a random-weight stand-in in a Hugging Face cache, loaded offline through the
+ordinary hub code, embedded, heads trained, stacked and submitted, its embedding checked against a
+hand computation with the card's constants, (c) the feature-store key follows every feature setting."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+
+from histoshift.cli import main
+from histoshift.models.foundation import RECIPES, resolve_recipe
+from histoshift.models.foundation.loader import FoundationBackbone, build_network, recipe_build
+from histoshift.models.foundation.standin import standin_overrides, write_standin
+
+BIOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# what each card says, written out independently of the recipes:
+# hub id, mean/std, input side, resize (interpolation, crop), embedding rule, embedding length, registers
+CARDS = {
+    "hoptimus0": ("bioptimus/H-optimus-0", BIOPTIMUS, 224, "bicubic", 1.0, "cls", 1536, 4),
+    "hoptimus1": ("bioptimus/H-optimus-1", BIOPTIMUS, 224, "bicubic", 1.0, "cls", 1536, 4),
+    "h0mini": ("bioptimus/H0-mini", BIOPTIMUS, 224, "bicubic", 1.0, "cls+mean", 1536, 4),
+    "uni": ("MahmoodLab/UNI", IMAGENET, 224, "bicubic", 1.0, "cls", 1024, 0),
+    "uni2h": ("MahmoodLab/UNI2-h", IMAGENET, 224, "bicubic", 1.0, "cls", 1536, 8),
+    "virchow": ("paige-ai/Virchow", IMAGENET, 224, "bicubic", 1.0, "cls+mean", 2560, 0),
+    "virchow2": ("paige-ai/Virchow2", IMAGENET, 224, "bicubic", 1.0, "cls+mean", 2560, 4),
+    "phikon": ("owkin/phikon", IMAGENET, 224, "bilinear", 1.0, "cls", 768, 0),
+    "phikon2": ("owkin/phikon-v2", IMAGENET, 224, "bicubic", 1.0, "cls", 1024, 0),
+    "gigapath": ("prov-gigapath/prov-gigapath", IMAGENET, 224, "bicubic", 0.875, "cls", 1536, 0),
+    "dinov2_s": ("timm/vit_small_patch14_dinov2.lvd142m", IMAGENET, 224, "bicubic", 1.0, "cls", 384, 0),
+    "dinov2_b": ("timm/vit_base_patch14_dinov2.lvd142m", IMAGENET, 224, "bicubic", 1.0, "cls", 768, 0),
+    "dinov2_l": ("timm/vit_large_patch14_dinov2.lvd142m", IMAGENET, 224, "bicubic", 1.0, "cls", 1024, 0),
+    "dinov2_g": ("timm/vit_giant_patch14_dinov2.lvd142m", IMAGENET, 224, "bicubic", 1.0, "cls", 1536, 0),
+}
+NAMES = list(RECIPES)
+
+
+def test_every_recipe_has_its_card_written_out():
+    assert set(CARDS) == set(RECIPES)
+    for name, (hub, (mean, std), size, interp, crop, rule, dim, regs) in CARDS.items():
+        r = RECIPES[name]
+        assert (r.hub_id, r.mean, r.std, r.input_size, r.interpolation, r.crop_pct, r.embedding, r.embed_dim,
+                r.registers) == (hub, mean, std, size, interp, crop, rule, dim, regs), name
+        assert r.card.startswith("https://huggingface.co/") and r.licence
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_size_architecture_from_the_recipe_alone(name):
+    """(a) the card's architecture, built on the meta device by the pinned timm / transformers: token
+    layout (class token, registers, patches), embedding length and parameter count."""
+    recipe = RECIPES[name]
+    with torch.device("meta"):
+        build = recipe_build(recipe)
+        backbone = FoundationBackbone(recipe, build_network(build, recipe), build)  # checks the embedding length
+        x = torch.empty(2, 3, recipe.input_size, recipe.input_size)
+        tokens, embedding = backbone.tokens(x), backbone(x)
+    width = recipe.embed_dim // (2 if recipe.embedding == "cls+mean" else 1)
+    assert tuple(tokens.shape) == (2, recipe.tokens, width)
+    assert backbone.num_prefix_tokens == 1 + recipe.registers
+    assert tuple(embedding.shape) == (2, recipe.embed_dim)
+    params = sum(p.numel() for p in backbone.parameters()) / 1e6
+    assert abs(params / recipe.params_m - 1) < 0.01, f"{params:.1f}M parameters, the card says {recipe.params_m}M"
+
+
+def _hand_tokens(recipe_name: str, folder, images: np.ndarray, view: int = 0) -> torch.Tensor:
+    """Tokens of uint8 images, computed here from the stand-in's own files and the card's constants
+    above: dihedral view, resize (bicubic / bilinear, crop), normalise, the network."""
+    hub, (mean, std), size, interp, crop, rule, _, registers = CARDS[recipe_name]
+    recipe = RECIPES[recipe_name]
+    config = json.loads((folder / "config.json").read_text())
+    state = load_file(str(folder / "model.safetensors"))
+    if recipe.library == "timm":
+        import timm
+
+        from histoshift.models.foundation.loader import resolve_layer
+
+        kwargs = {**config["model_args"], **{k: resolve_layer(k, v) for k, v in recipe.create_kwargs.items()},
+                  **standin_overrides(recipe).get("create_kwargs", {})}
+        net = timm.create_model(config["architecture"], num_classes=0, **kwargs)
+    else:
+        import transformers
+
+        # transformers' own loader: it maps the hub's legacy key names (attention.attention.query ...)
+        net = getattr(transformers, config["architectures"][0]).from_pretrained(folder, **recipe.create_kwargs)
+    if recipe.library == "timm":
+        net.load_state_dict(state)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = torch.rot90(x, view % 4, dims=(-2, -1))
+    x = torch.flip(x, dims=(-1,)) if view >= 4 else x
+    big = round(size / crop)
+    x = F.interpolate(x, size=(big, big), mode=interp, align_corners=False, antialias=True)
+    x = x.clamp(0, 1)[..., (big - size) // 2:(big - size) // 2 + size, (big - size) // 2:(big - size) // 2 + size]
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        return net.forward_features(x) if recipe.library == "timm" else net(pixel_values=x).last_hidden_state
+
+
+def _card_rule(recipe_name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """The card's embedding by hand: class token, or class token ++ mean of the tokens after the registers."""
+    *_, rule, _, registers = CARDS[recipe_name]
+    cls, patches = tokens[:, 0], tokens[:, 1 + registers:]
+    assert patches.shape[1] == RECIPES[recipe_name].tokens - 1 - registers
+    return torch.cat([cls, patches.mean(1)], -1) if rule == "cls+mean" else cls
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache that the hub client reads (offline, as every test runs)."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert constants.HF_HUB_OFFLINE
+    return cache
+
+
+def _fm_config(path, name: str, weights: str = "hub", **train) -> None:
+    recipe = RECIPES[name]
+    model = {"recipe": name, "weights": weights, "frozen": True, "head_hidden": 16}
+    if standin_overrides(recipe):
+        model["recipe_overrides"] = standin_overrides(recipe)
+    path.write_text(yaml.safe_dump({"model": model, "algorithm": {"name": "dann"},
+                                    "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8,
+                                              "feature_hed_views": 2, **train}}))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_standin_from_a_hub_cache_runs_the_pipeline_offline(name, prepared_root, hf_cache, tmp_path, capsys):
+    """(b) the stand-in loads through the ordinary hub path with HF_HUB_OFFLINE=1; the stored features
+    are the card's embedding of the card's preprocessing; heads, stack and submission follow."""
+    folder = write_standin(RECIPES[name], hf_cache)
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    _fm_config(tmp_path / f"fm_{name}.yaml", name)
+    r = ["--root", str(root)]
+    assert main(r + ["train", "--config", str(tmp_path / f"fm_{name}.yaml")]) == 0
+    assert "STAND-IN" in capsys.readouterr().out  # never mistaken for the real model
+    (store,) = (root / "work" / "features").iterdir()
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["spec"]["backbone"]["recipe"]["name"] == name
+    assert meta["spec"]["backbone"]["weights"]["revision"] == folder.name
+    val = np.load(store / "features_val.npy")
+    test = np.load(store / "features_test.npy")
+    assert val.shape[1] == 8 + 2 and test.shape[1] == 8  # HED views for labelled patches only
+    from histoshift.data.cache import Cache
+
+    images = np.array(Cache.open(root / "work" / "cache").images("val")[:3])
+    for view in (0, 5):
+        tokens = _hand_tokens(name, folder, images, view)
+        stored = torch.from_numpy(val[:3, view]).float()
+        right = _card_rule(name, tokens)
+        torch.testing.assert_close(stored, right, atol=5e-3, rtol=5e-3)  # float16 storage
+        if RECIPES[name].embedding == "cls+mean" and RECIPES[name].registers:  # registers really left out
+            with_registers = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)
+            assert (stored - right).abs().max() * 3 < (stored - with_registers).abs().max()
+    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit"]) == 0
+    sub = pd.read_csv(root / "submissions" / "submission.csv")
+    ids = Cache.open(root / "work" / "cache").index.query("split == 'test'").id
+    assert set(sub.ID) == set(ids) and set(sub.Pred) <= {0, 1}
