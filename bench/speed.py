@@ -203,7 +203,7 @@ def bench_model(name: str, size: int, root: Path, device: torch.device, batch: i
         done = 0
         while done < n:
             for b in batches:
-                x = normalize(augment_batch(b["image"], aug), model.mean, model.std, size)
+                x = model.preprocess(augment_batch(b["image"], aug))
                 step(x, b["label"])
                 done += 1
                 if done == n:
@@ -223,7 +223,7 @@ def bench_model(name: str, size: int, root: Path, device: torch.device, batch: i
     def infer(warmup: bool = False):
         for i in range(0, 2 * chunk if warmup else len(test), chunk):
             x = to_float(test[i:i + chunk])
-            stacked = view_stack(x, range(8), model.mean, model.std, size)
+            stacked = view_stack(x, range(8), model.preprocess)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 model(stacked)
         sync(device)

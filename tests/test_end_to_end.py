@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from histoshift.data.h5_reader import list_ids
 from histoshift.submit import check_submission
@@ -41,3 +42,36 @@ def test_train_then_infer_on_the_demo(tmp_path):
     labels = pd.read_csv(demo / "input" / "test_labels.csv").merge(sub, on="ID")
     assert (labels.Pred == labels.label).mean() > 0.8
     assert (demo / "work" / "report" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
+    """`CONFIG_SET=foundation bash train.sh && bash infer.sh` with HF_HUB_OFFLINE=1 and a Hugging Face
+    cache that holds stand-ins (random weights) of the set's models: every model embeds through the
+    ordinary hub path, its heads join the stack stage as ensemble members, a submission is written."""
+    clone = tmp_path / "repo"
+    clone.mkdir()
+    for name in ("train.sh", "infer.sh", "requirements.txt", "pyproject.toml"):
+        shutil.copy(REPO / name, clone / name)
+    for name in ("src", "configs", "scripts"):
+        shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    cache = tmp_path / "hf-cache"
+    env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "TQDM_MININTERVAL": "30", "PYTHONPATH": str(clone / "src"), "CONFIG_SET": "foundation"}
+    members = [line.split("/")[-1].removesuffix(".yaml") for line in
+               (clone / "configs" / "sets" / "foundation.txt").read_text().splitlines() if line and line[0] != "#"]
+    recipes = ",".join(yaml.safe_load((clone / "configs" / f"{m}.yaml").read_text())["model"]["recipe"] for m in members)
+    subprocess.run([sys.executable, "-m", "histoshift", "fm-standin", "--recipe", recipes, "--out", str(cache)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    for script in ("train.sh", "infer.sh"):
+        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{script} failed:\n{log[-4000:]}"
+    assert log.count("STAND-IN") == 0  # infer.sh never loads a backbone: the heads' TTA predictions exist
+    demo = clone / "demo"
+    sub = pd.read_csv(demo / "submissions" / "submission.csv")
+    check_submission(sub, list_ids(demo / "input" / "test.h5"))
+    choice = json.loads((demo / "work" / "stack" / "choice.json").read_text())
+    assert sorted(m.split("/")[0] for m in choice["members"]) == sorted(members)
+    stores = sorted(p.name for p in (demo / "work" / "features").iterdir())
+    assert len(stores) == len(members) and all("-8v-hed4-" in s for s in stores)

@@ -254,3 +254,20 @@ def test_recipe_configs_reject_conflicting_settings(tmp_path):
         load_config(shipped[0], ["model.recipe=uni3"])
     with pytest.raises(ConfigError, match="hub \\| dir:PATH"):
         load_config(shipped[0], ["model.weights=package:efficientnet_lite0"])
+
+
+def test_downloaded_constants_never_override_the_card(hf_cache, tmp_path, capsys):
+    """A repo config that disagrees with the card is named in a note; the recipe's constants are used."""
+    recipe = RECIPES["virchow2"]
+    folder = write_standin(recipe, hf_cache)
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["mean"] = [0.5, 0.5, 0.5]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_foundation(recipe, "hub").preprocess.mean == recipe.mean
+    assert "paige-ai/Virchow2's downloaded config says mean [0.5, 0.5, 0.5]" in capsys.readouterr().out
+    local = write_standin(RECIPES["phikon2"], tmp_path / "phikon2", layout="dir")
+    (local / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(RECIPES["phikon2"].mean), "image_std": list(RECIPES["phikon2"].std), "resample": 2}))
+    assert load_foundation(RECIPES["phikon2"], f"dir:{local}").preprocess.interpolation == "bicubic"
+    out = capsys.readouterr().out
+    assert "says interpolation bilinear; the recipe uses bicubic" in out and "says mean" not in out

@@ -185,14 +185,40 @@ def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, d
     return net, build
 
 
-def _check_config_constants(recipe: Recipe, repo_config: dict) -> None:
-    """Say so when the downloaded config carries other constants than the card's (the recipe wins)."""
-    pcfg = repo_config.get("pretrained_cfg") or {}
-    for key in ("mean", "std"):
-        theirs = pcfg.get(key)
-        if theirs is not None and any(abs(a - b) > 1e-6 for a, b in zip(theirs, getattr(recipe, key))):
-            print(f"note: {recipe.hub_id}'s config.json carries {key} {tuple(theirs)}; "
-                  f"the recipe normalises with the card's {getattr(recipe, key)}")
+def _preprocessor_config(recipe: Recipe, weights: str) -> dict:
+    """A transformers repo's preprocessor_config.json where it is at hand (cache or folder), else {}."""
+    if weights == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(recipe.hub_id, "preprocessor_config.json")
+        path = Path(path) if isinstance(path, str) else None
+    elif weights.startswith("dir:"):
+        path = Path(weights.removeprefix("dir:")).expanduser() / "preprocessor_config.json"
+    else:
+        path = None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def downloaded_constants(recipe: Recipe, weights: str, repo_config: dict) -> dict:
+    """mean / std / interpolation as the downloaded files state them (timm's pretrained_cfg in
+    config.json, transformers' preprocessor_config.json); missing entries are left out."""
+    if recipe.library == "timm":
+        pcfg = repo_config.get("pretrained_cfg") or {}
+        return {k: pcfg[k] for k in ("mean", "std", "interpolation") if k in pcfg}
+    proc = _preprocessor_config(recipe, weights)
+    out = {"mean": proc.get("image_mean"), "std": proc.get("image_std"),
+           "interpolation": {2: "bilinear", 3: "bicubic"}.get(proc.get("resample"))}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _check_config_constants(recipe: Recipe, weights: str, repo_config: dict) -> None:
+    """Say so when the downloaded files carry other constants than the card's (the recipe wins)."""
+    for key, theirs in downloaded_constants(recipe, weights, repo_config).items():
+        ours = getattr(recipe, key)
+        differs = theirs != ours if isinstance(theirs, str) else any(abs(a - b) > 1e-6 for a, b in zip(theirs, ours))
+        if differs:
+            print(f"note: {recipe.hub_id}'s downloaded config says {key} {theirs}; the recipe uses {ours} "
+                  f"(override with model.recipe_overrides.{key} if the card says otherwise)")
 
 
 class FoundationBackbone(nn.Module):
@@ -247,7 +273,7 @@ def load_foundation(recipe: Recipe, weights: str) -> FoundationBackbone:
     if standin:
         print(f"WARNING: {weights} holds a STAND-IN for {recipe.title} (random weights written by `histoshift "
               "fm-standin`): the pipeline runs, the features mean nothing")
-    _check_config_constants(recipe, repo_config)
+    _check_config_constants(recipe, weights, repo_config)
     return FoundationBackbone(recipe, net.eval(), build, check_dim=not standin)
 
 
