@@ -18,14 +18,20 @@ from histoshift.submit import check_submission
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_train_then_infer_on_the_demo(tmp_path):
+def _clone(tmp_path) -> Path:
+    """The files a user's clone has (no .venv, no work/): the scripts run there."""
     clone = tmp_path / "repo"
     clone.mkdir()
     for name in ("train.sh", "infer.sh", "requirements.txt", "pyproject.toml"):
         shutil.copy(REPO / name, clone / name)
     for name in ("src", "configs", "scripts"):
         shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return clone
+
+
+@pytest.mark.slow
+def test_train_then_infer_on_the_demo(tmp_path):
+    clone = _clone(tmp_path)
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
     for script in ("train.sh", "infer.sh"):
         proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
@@ -49,12 +55,7 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     """`CONFIG_SET=foundation bash train.sh && bash infer.sh` with HF_HUB_OFFLINE=1 and a Hugging Face
     cache that holds stand-ins (random weights) of the set's models: every model embeds through the
     ordinary hub path, its heads join the stack stage as ensemble members, a submission is written."""
-    clone = tmp_path / "repo"
-    clone.mkdir()
-    for name in ("train.sh", "infer.sh", "requirements.txt", "pyproject.toml"):
-        shutil.copy(REPO / name, clone / name)
-    for name in ("src", "configs", "scripts"):
-        shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    clone = _clone(tmp_path)
     cache = tmp_path / "hf-cache"
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
            "TQDM_MININTERVAL": "30", "PYTHONPATH": str(clone / "src"), "CONFIG_SET": "foundation"}
