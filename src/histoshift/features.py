@@ -89,10 +89,10 @@ class FeatureStore:
         self.views = self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
 
     def rows(self, table: pd.DataFrame, views: int | None = None) -> np.ndarray:
-        """Features (n x V x D, float32) of the table's patches, in its order: the first `views` views, or
-        every view that all the table's splits have (labelled splits also hold the HED views)."""
+        """Features (n x V x D, float16 as stored) of the table's patches, in its order: the first `views`
+        views, or every view that all the table's splits have (labelled splits also hold the HED views)."""
         v = views or min(self.arrays[s].shape[1] for s in table["split"].unique())
-        return gather_by_split({s: a[:, :v] for s, a in self.arrays.items()}, table).astype(np.float32)
+        return gather_by_split({s: a[:, :v] for s, a in self.arrays.items()}, table)
 
 
 def _views_of(split: str, cfg: Config) -> int:
@@ -266,9 +266,10 @@ def random_view(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def view_logits(model: nn.Module, feats: torch.Tensor, batch: int = 8192) -> np.ndarray:
-    """Per-view logits (n x V) of stored features."""
+    """Per-view logits (n x V) of stored features (cast to float32 a batch at a time)."""
     model.eval()
-    out = [model(feats[i:i + batch].flatten(0, 1))["logits"].view(-1, feats.shape[1]) for i in range(0, len(feats), batch)]
+    out = [model(feats[i:i + batch].flatten(0, 1).float())["logits"].view(-1, feats.shape[1])
+           for i in range(0, len(feats), batch)]
     return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, feats.shape[1]), np.float32)
 
 

@@ -166,7 +166,8 @@ class _FeatureTask:
         self.acc, self.heldout = accelerator, heldout
         self.store = embed(cfg, cache, cache.dir.parent / "features", accelerator, precision)
         self.model = FeatureClassifier(self.store.dim, cfg.model)
-        # labelled rows with every stored view (the HED views too), target rows with the TTA views
+        # labelled rows with every stored view (the HED views too), target rows with the TTA views; kept
+        # in float16 on the device (a third of the competition x 12 views x 2560 values is 8 GB, not 16)
         self.loaders = _tensor_batches(cfg, lambda t: torch.from_numpy(self.store.rows(t)).to(accelerator.device),
                                        source, target, domain_of_center, seed, accelerator)
 
@@ -174,7 +175,7 @@ class _FeatureTask:
         pass
 
     def model_input(self, feats: torch.Tensor) -> torch.Tensor:
-        return random_view(feats.to(self.acc.device))
+        return random_view(feats.to(self.acc.device)).float()
 
     def predict(self, model, table: pd.DataFrame | None, desc: str, views: int = 1) -> pd.DataFrame:
         table = self.heldout if table is None else table

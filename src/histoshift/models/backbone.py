@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelCfg
 from ..data.augment import Preprocess
-from .foundation import resolve_recipe
+from .foundation import override, resolve_recipe
 from .foundation.loader import load_foundation, rebuild_foundation, resolve_layer
 from .weights import WeightsError, load_into, package_state_dict, read_state_dict
 
@@ -23,6 +23,10 @@ def create_backbone(cfg: ModelCfg, load_weights: bool = True, build: dict | None
     (`load_weights=False`: architecture only; with a recipe, as the run's recorded `build` describes)."""
     if cfg.recipe:
         recipe = resolve_recipe(cfg.recipe, cfg.recipe_overrides)
+        if cfg.drop_path_rate > 0 and not cfg.frozen:  # stochastic depth when fine-tuning
+            if recipe.library != "timm":
+                raise WeightsError(f"model.drop_path_rate: applied to timm backbones only, {recipe.title} is not one")
+            recipe = override(recipe, {"create_kwargs": {"drop_path_rate": cfg.drop_path_rate}})
         if not load_weights and build is not None:
             return rebuild_foundation(recipe, build)
         return load_foundation(recipe, cfg.weights if load_weights else "none")
