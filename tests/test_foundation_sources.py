@@ -276,3 +276,21 @@ def test_downloaded_constants_never_override_the_card(hf_cache, tmp_path, capsys
     assert load_foundation(RECIPES["phikon2"], f"dir:{local}").preprocess.interpolation == "bicubic"
     out = capsys.readouterr().out
     assert "says interpolation bilinear; the recipe uses bicubic" in out and "says mean" not in out
+
+
+def test_a_new_hub_snapshot_never_leaves_a_stale_head(hf_cache, prepared_root, tmp_path, capsys):
+    """A finished head records its feature store; new weights (the repo's refs/main moved) make the
+    rerun refuse instead of keeping a head trained on the old features; --force retrains on new ones."""
+    root = _copy(prepared_root, tmp_path)
+    write_standin(RECIPES["hoptimus0"], hf_cache)
+    _fm_config(tmp_path / "c.yaml", "hoptimus0")
+    train = ["--root", str(root), "train", "--config", str(tmp_path / "c.yaml"), "--fold", "0"]
+    assert main(train) == 0
+    assert main(train) == 0 and "is done with this config, skipping" in capsys.readouterr().out
+    write_standin(RECIPES["hoptimus0"], hf_cache, seed=1)
+    assert main(train) == 2
+    assert "other inputs (its feature store changed" in capsys.readouterr().err
+    assert main(train + ["--force"]) == 0
+    assert len(list((root / "work" / "features").iterdir())) == 2
+    run = root / "work" / "runs" / "c" / "seed0" / "fold0"
+    assert json.loads((run / "inputs.json").read_text())["features"].startswith("hoptimus0-8v-hed2-no-")

@@ -1,6 +1,7 @@
 """The fixed layout of a run folder: runs/<config name>/seed<S>/fold<K>/.
 
   config.yaml        the resolved config
+  inputs.json        what else the run was computed from (a frozen head: its feature store's key)
   metrics.jsonl      one line per epoch (append-only)
   model.safetensors  the final weights (backbone + head)
   backbone.json      a fine-tuned foundation model's architecture as built (rebuilt from it without the hub)
@@ -44,6 +45,7 @@ class RunDir:
         return int(self.path.name.removeprefix("fold"))
 
     config = property(lambda self: self.path / "config.yaml")
+    inputs = property(lambda self: self.path / "inputs.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoint = property(lambda self: self.path / "model.safetensors")
     backbone_build = property(lambda self: self.path / "backbone.json")

@@ -30,7 +30,7 @@ from .data.folds import read_folds
 from .data.loader import PatchDataset, TensorBatches, cycle, make_loader, place_images
 from .metrics import per_center
 from .models.backbone import PatchClassifier
-from .features import FeatureClassifier, embed, random_view, view_logits, views_table
+from .features import FeatureClassifier, embed, feature_spec, random_view, store_key, view_logits, views_table
 from .precision import autocast, config_precision
 from .predict import predict_views
 from .runs import RunDir
@@ -98,15 +98,18 @@ def _tensor_batches(cfg: Config, tensor_of, source, target, domain_of_center, se
         for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
 
 
-def prepare_run_dir(run: RunDir, cfg: Config, force: bool) -> bool:
-    """True when the run must be trained. A finished run with the same config is kept; a finished
-    run with another config is never overwritten without `force` (then it is moved aside)."""
+def prepare_run_dir(run: RunDir, cfg: Config, force: bool, inputs: dict | None = None) -> bool:
+    """True when the run must be trained. A finished run with the same config and inputs (a frozen
+    head: the feature store it was trained on) is kept; a finished run with another config or other
+    inputs is never overwritten without `force` (then it is moved aside)."""
     if run.is_done:
-        if load_config(run.config).to_dict() == cfg.to_dict() and not force:
+        same_inputs = (json.loads(run.inputs.read_text()) if run.inputs.exists() else {}) == (inputs or {})
+        if load_config(run.config).to_dict() == cfg.to_dict() and same_inputs and not force:
             print(f"train: {run.path} is done with this config, skipping")
             return False
         if not force:
-            raise FileExistsError(f"{run.path} holds a finished run with another config; "
+            what = "another config" if same_inputs else "other inputs (its feature store changed: new weights or cache)"
+            raise FileExistsError(f"{run.path} holds a finished run with {what}; "
                                   "pass --force to move it aside and retrain")
         aside = run.path.with_name(f"{run.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         run.path.rename(aside)
@@ -187,7 +190,9 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     precision = config_precision(cfg)
     # bf16 needs no loss scaling: the loop's own autocast does it; fp16 needs Accelerate's scaler
     accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
-    must_train = prepare_run_dir(run, cfg, force) if accelerator.is_main_process else True
+    # a head on frozen features depends on the store it was trained on (weights, cache, views...)
+    inputs = {"features": store_key(feature_spec(cfg, cache_dir, precision))} if cfg.model.frozen else {}
+    must_train = prepare_run_dir(run, cfg, force, inputs) if accelerator.is_main_process else True
     must_train = bool(accelerator.gather(torch.tensor([must_train], device=accelerator.device)).all())
     if not must_train:
         return None
@@ -196,6 +201,7 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     if accelerator.is_main_process:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
+        run.inputs.write_text(json.dumps(inputs))
 
     cache = Cache.open(cache_dir)
     source, heldout, target = split_for_fold(cache.index, read_folds(folds_csv), run.fold)
