@@ -199,7 +199,7 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
         for k, start in enumerate(mine):
             chunk = pending.result()
             pending = pool.submit(load, mine[k + 1]) if k + 1 < len(mine) else None
-            arr[start:start + len(chunk)] = embedder(chunk, n_views, HED_SEED + start)
+            arr[start:start + len(chunk)] = embedder(chunk, n_views, HED_SEED + 10**8 * SPLITS.index(split) + start)
             arr.flush()
             (marks / f"{split}-{start}").touch()
             embedded += len(chunk) * n_views
