@@ -102,7 +102,8 @@ def cmd_stack(a, paths: Paths):
 def cmd_submit(a, paths: Paths):
     from .submit import write_submission
 
-    _timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions)
+    _timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions,
+           allow_degenerate=a.allow_degenerate)
 
 
 def cmd_report(a, paths: Paths):
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_stack)
 
     s = sub.add_parser("submit", help="write submissions/submission.csv after checking it against test.h5")
+    s.add_argument("--allow-degenerate", action="store_true",
+                   help="write a submission that predicts one class for every test patch (refused otherwise)")
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("report", help="markdown summary and plots of runs and combiners (work/report/)")
@@ -224,12 +227,15 @@ def main(argv=None) -> int:
     from .data.h5_reader import InputError
     from .models.foundation import RecipeError
     from .models.weights import WeightsError
+    from .predict import PredictionError
+    from .stack import StackError
     from .submit import SubmissionError
 
     a = build_parser().parse_args(argv)
     try:
         a.fn(a, Paths(Path(a.root)))
-    except (ConfigError, InputError, WeightsError, RecipeError, SubmissionError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, InputError, WeightsError, RecipeError, PredictionError, StackError, SubmissionError, FileExistsError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,6 +26,21 @@ from .runs import load_run_model, RunDir
 CPU_CHUNK = 64
 
 
+class PredictionError(ValueError):
+    """A model produced logits that must not be saved (NaN / inf)."""
+
+
+def check_finite(table: pd.DataFrame, where: str) -> pd.DataFrame:
+    """`table` unchanged when every logit column is finite; else one line naming `where` and an id."""
+    cols = [c for c in table.columns if c == "logit" or (c.startswith("v") and c[1:].isdigit())]
+    bad = ~np.isfinite(table[cols].to_numpy(dtype=float)).all(axis=1)
+    if bad.any():
+        raise PredictionError(f"{where}: {int(bad.sum())} patches with non-finite logits (e.g. id "
+                              f"{int(table['id'][bad].iloc[0])}): the model's weights or inputs hold NaN/inf; "
+                              "retrain it (train --force) - nothing was written")
+    return table
+
+
 @torch.no_grad()
 def predict_views(model: PatchClassifier, loader, accelerator: Accelerator,
                   views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
@@ -127,6 +142,7 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
                 model = model.to(memory_format=torch.channels_last)
             model = accelerator.prepare(model)
             out = predict_table(model, cache, table, accelerator, cfg, domain_of_center, desc=f"{run.name} {name}")
+            check_finite(out, f"{run.path} ({name}{', AdaBN' if adapted else ''})")
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:

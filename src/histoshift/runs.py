@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,15 @@ class RunDir:
         return self.done.exists() and self.checkpoint.exists()
 
 
+RUN_FOLDER = re.compile(r"seed\d+/fold\d+")
+
+
 def find_runs(runs_root: Path) -> list[RunDir]:
-    """Every finished run under runs_root, sorted by path."""
-    return sorted((RunDir(p.parent) for p in Path(runs_root).glob("*/seed*/fold*/done")), key=lambda r: str(r.path))
+    """Every finished run under runs_root, sorted by path; folders moved aside by `train --force`
+    (fold1.old-<stamp>) are not runs."""
+    done = Path(runs_root).glob("*/seed*/fold*/done")
+    runs = (RunDir(p.parent) for p in done if RUN_FOLDER.fullmatch(f"{p.parent.parent.name}/{p.parent.name}"))
+    return sorted(runs, key=lambda r: str(r.path))
 
 
 def load_run_model(run: RunDir):

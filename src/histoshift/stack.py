@@ -43,11 +43,19 @@ LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child
                   deterministic=True, force_row_wise=True, verbose=-1)
 
 
+class StackError(ValueError):
+    """Predictions the stack stage must not combine (not out of fold, non-finite, inconsistent)."""
+
+
 def _views(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the infer stage first")
     t = pd.read_csv(path)
-    v = t[view_columns(t)].to_numpy()
+    v = t[view_columns(t)].to_numpy(dtype=float)
+    bad = ~np.isfinite(v).all(axis=1)
+    if bad.any():
+        raise StackError(f"{path}: {int(bad.sum())} patches with non-finite logits (e.g. id {int(t['id'][bad].iloc[0])}): "
+                         "the run's model or features hold NaN/inf; retrain it (train --force)")
     return pd.DataFrame({"id": t["id"], "center": t["center"], "label": t["label"],
                          "mean": v.mean(1), "spread": v.std(1)})
 
@@ -89,7 +97,7 @@ def build_features(runs: list[RunDir], folds_csv: Path, adabn: bool = False) -> 
             part = _views(tta(run, "heldout"))
             want = set(folds.loc[folds["fold"] == run.fold, "id"])
             if set(part["id"]) != want or (part["center"] != run.fold).any():
-                raise ValueError(f"{tta(run, 'heldout')}: ids are not exactly the held-out center {run.fold} "
+                raise StackError(f"{tta(run, 'heldout')}: ids are not exactly the held-out center {run.fold} "
                                  "of folds.csv: these predictions would not be out of fold")
             parts.append(part)
         member_oof = pd.concat(parts).set_index("id")
@@ -100,7 +108,7 @@ def build_features(runs: list[RunDir], folds_csv: Path, adabn: bool = False) -> 
             test = tests[0][["id", "center"]].copy()
         for t in tests:
             if not np.array_equal(t["id"].to_numpy(), test["id"].to_numpy()):
-                raise ValueError(f"{name}: fold models predicted different test ids")
+                raise StackError(f"{name}: fold models predicted different test ids")
         test[f"{name}__mean"] = np.mean([t["mean"] for t in tests], axis=0)
         test[f"{name}__spread"] = np.mean([t["spread"] for t in tests], axis=0)
     if not names:

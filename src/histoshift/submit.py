@@ -1,7 +1,10 @@
 """Stage `submit`: write submissions/submission.csv (ID,Pred) after checking it against test.h5.
 
-An existing submission is never overwritten silently: it is renamed with its modification time
-(submission.YYYYmmdd-HHMMSS.csv) and the rename is printed.
+An existing submission is never overwritten silently: the new one is written completely under a
+temporary name first, then the old one is renamed with its modification time
+(submission.YYYYmmdd-HHMMSS.csv, printed) and the new one takes its place; a failed write (a full
+disk) leaves the old submission where it was. A submission that predicts one class for the whole test
+center is refused unless `allow_degenerate` (the test center is balanced: that is a broken model).
 """
 from __future__ import annotations
 
@@ -40,16 +43,26 @@ def check_submission(sub: pd.DataFrame, test_ids: list[int], source: str = "subm
                               f"{len(extra)} ids not in test.h5 (e.g. {extra[:3]})")
 
 
-def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path) -> Path:
+def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool = False) -> Path:
     scores = pd.read_csv(scores_csv)
     sub = pd.DataFrame({"ID": scores["id"].astype("int64"), "Pred": scores["pred"].astype("int64")})
     check_submission(sub, list_ids(test_h5), source=str(scores_csv))
+    if sub["Pred"].nunique() == 1 and len(sub) > 1 and not allow_degenerate:
+        raise SubmissionError(f"{scores_csv}: every one of the {len(sub)} test patches is predicted {int(sub['Pred'].iloc[0])}: "
+                              "a degenerate submission (check the runs); pass --allow-degenerate to write it anyway")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "submission.csv"
     if path.exists() and pd.read_csv(path).equals(sub):
         print(f"submit: {path} already holds these predictions, nothing to do")
         return path
+    tmp = path.with_suffix(".tmp")
+    try:
+        sub.to_csv(tmp, index=False)  # complete before the old submission moves
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SubmissionError(f"{tmp}: could not write the new submission ({e.strerror or e}); "
+                              f"{'the previous one is untouched' if path.exists() else 'nothing was written'}") from None
     if path.exists():
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
         keep = out_dir / f"submission.{stamp}.csv"
@@ -58,8 +71,6 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path) -> Path:
             keep, n = out_dir / f"submission.{stamp}-{n}.csv", n + 1
         path.rename(keep)
         print(f"submit: kept the previous submission as {keep}")
-    tmp = path.with_suffix(".tmp")
-    sub.to_csv(tmp, index=False)
     tmp.replace(path)
     print(f"submit: wrote {path}: {len(sub)} rows, {int(sub['Pred'].sum())} predicted tumour "
           f"({sub['Pred'].mean():.1%})")

@@ -32,7 +32,7 @@ from .metrics import per_center
 from .models.backbone import PatchClassifier
 from .features import FeatureClassifier, embed, feature_spec, random_view, store_key, view_logits, views_table
 from .precision import autocast, config_precision
-from .predict import predict_views
+from .predict import check_finite, predict_views
 from .runs import RunDir
 
 IN_SAMPLE_EVAL = 2000
@@ -286,6 +286,7 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                       for c, part in labelled.groupby("center")]).reset_index(drop=True)
     table = per_center(task.predict(core.model, full, desc="all labelled").rename(columns={"v0": "logit"}))
     table["held_out"] = table["center"] == run.fold
+    check_finite(oof, f"{run.path} (held-out center {run.fold})")  # a diverged run is never marked done
     summary = None
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(run.checkpoint))
@@ -295,7 +296,7 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
         if cfg.model.frozen:  # the stored views make TTA free: write what the infer stage would
             test = cache.index[cache.index["split"] == "test"]
             for rows, path in ((None, run.tta_heldout), (test, run.tta_test)):
-                views = task.predict(core.model, rows, desc="tta", views=task.store.views)
+                views = check_finite(task.predict(core.model, rows, desc="tta", views=task.store.views), str(path))
                 views.assign(label=-1 if rows is not None else views["label"]).to_csv(path, index=False, float_format="%.6g")
         summary = {"run": run.name, "fold": run.fold, "seconds": round(time.time() - t0, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),

@@ -1,0 +1,125 @@
+"""Faults a user meets after a finished pipeline (issue 10, first part): moved-aside runs, NaN weights,
+degenerate submissions, a write that fails half-way. Each must end in one clear line or be harmless;
+none may yield a silently wrong submission or lose the previous one."""
+from __future__ import annotations
+
+import errno
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from histoshift.cli import main
+from histoshift.runs import find_runs
+
+FROZEN = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True},
+          "algorithm": {"name": "erm"}, "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8}}
+
+
+@pytest.fixture
+def finished(prepared_root, tmp_path):
+    """A root with one finished frozen-head member on every fold, stacked and submitted."""
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump(FROZEN))
+    r = ["--root", str(root)]
+    assert main(r + ["train", "--config", str(tmp_path / "head.yaml")]) == 0
+    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit"]) == 0
+    return root
+
+
+def _one_error_line(capsys) -> str:
+    """The refusal: exactly one `error:` line, the last thing on stderr (progress bars may precede it)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    (line,) = [l for l in err if l.startswith("error:")]
+    assert err[-1] == line
+    return line
+
+
+def test_runs_moved_aside_by_force_are_not_discovered(finished, tmp_path, capsys):
+    r = ["--root", str(finished)]
+    assert main(r + ["train", "--config", str(tmp_path / "head.yaml"), "--fold", "0", "--force"]) == 0
+    aside = list((finished / "work" / "runs" / "head" / "seed0").glob("fold0.old-*"))
+    assert len(aside) == 1 and (aside[0] / "done").exists()
+    assert sorted(run.fold for run in find_runs(finished / "work" / "runs")) == [0, 1, 3, 4]
+    assert main(r + ["stack"]) == 0 and main(r + ["report"]) == 0
+
+
+def test_nan_logits_stop_the_stage_that_meets_them(finished, capsys):
+    """Predictions with NaN never reach a submission: the stack stage names the file and an id, and a
+    model whose weights are NaN is refused by infer before anything is written."""
+    run = find_runs(finished / "work" / "runs")[0]
+    table = pd.read_csv(run.tta_test)
+    table.loc[3, "v2"] = np.nan
+    table.to_csv(run.tta_test, index=False)
+    before = (finished / "submissions" / "submission.csv").read_text()
+    assert main(["--root", str(finished), "stack"]) == 2
+    line = _one_error_line(capsys)
+    assert str(run.tta_test) in line and f"id {int(table.loc[3, 'id'])}" in line and "non-finite" in line
+    assert (finished / "submissions" / "submission.csv").read_text() == before
+
+
+def test_a_model_with_nan_weights_is_refused_at_inference(pipeline_root, capsys):
+    run = find_runs(pipeline_root / "work" / "runs")[0]
+    weights = load_file(str(run.checkpoint))
+    weights = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() and k.startswith("head") else v)
+               for k, v in weights.items()}
+    save_file(weights, str(run.checkpoint))
+    old = pd.read_csv(run.tta_test)
+    assert main(["--root", str(pipeline_root), "infer"]) == 2
+    line = _one_error_line(capsys)
+    assert str(run.path) in line and "non-finite logits" in line and "nothing was written" in line
+    pd.testing.assert_frame_equal(pd.read_csv(run.tta_test), old)
+
+
+@pytest.fixture
+def pipeline_root(prepared_root, tmp_path):
+    """A root with one finished fine-tuned (image) member, inferred."""
+    root = tmp_path / "img"
+    shutil.copytree(prepared_root, root)
+    cfg = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
+           "algorithm": {"name": "erm"}, "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8}}
+    (tmp_path / "img.yaml").write_text(yaml.safe_dump(cfg))
+    r = ["--root", str(root)]
+    assert main(r + ["train", "--config", str(tmp_path / "img.yaml"), "--fold", "0"]) == 0
+    assert main(r + ["infer"]) == 0
+    return root
+
+
+def test_degenerate_submission_needs_consent(finished, capsys):
+    scores = finished / "work" / "stack" / "test_scores.csv"
+    table = pd.read_csv(scores)
+    table["pred"] = 0
+    table.to_csv(scores, index=False)
+    before = (finished / "submissions" / "submission.csv").read_text()
+    r = ["--root", str(finished), "submit"]
+    assert main(r) == 2
+    line = _one_error_line(capsys)
+    assert f"every one of the {len(table)} test patches is predicted 0" in line and "--allow-degenerate" in line
+    assert (finished / "submissions" / "submission.csv").read_text() == before
+    assert main(r + ["--allow-degenerate"]) == 0
+    assert set(pd.read_csv(finished / "submissions" / "submission.csv").Pred) == {0}
+
+
+def test_a_failed_write_keeps_the_previous_submission(finished, monkeypatch, capsys):
+    """A full disk while writing the new submission: the old one stays as submission.csv."""
+    scores = finished / "work" / "stack" / "test_scores.csv"
+    table = pd.read_csv(scores)
+    table["pred"] = 1 - table["pred"]  # other predictions than the submitted ones
+    table.to_csv(scores, index=False)
+    subs = finished / "submissions"
+    before = (subs / "submission.csv").read_text()
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    assert main(["--root", str(finished), "submit"]) == 2
+    line = _one_error_line(capsys)
+    assert "No space left on device" in line and "the previous one is untouched" in line
+    assert (subs / "submission.csv").read_text() == before
+    assert sorted(p.name for p in subs.iterdir()) == ["submission.csv"]
