@@ -2,6 +2,7 @@
 # Stage 5-7: 8-view TTA predictions of every fold model, ensemble/stacker choice, submission.
 #   bash infer.sh                      (after bash train.sh; same demo/competition choice)
 #   LAUNCH="accelerate launch --num_processes 4" bash infer.sh
+#   ALLOW_DEGENERATE=1 bash infer.sh   write the submission even if it predicts one class for every patch
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/env.sh
@@ -9,7 +10,7 @@ source scripts/mode.sh
 start=$(date +%s)
 $LAUNCH -m histoshift --root "$ROOT" infer --adabn   # plain and AdaBN predictions; stack keeps AdaBN unless LOCO shows it hurts
 "$PY" -m histoshift --root "$ROOT" stack
-"$PY" -m histoshift --root "$ROOT" submit
+"$PY" -m histoshift --root "$ROOT" submit ${ALLOW_DEGENERATE:+--allow-degenerate}   # one class for all: refused unless set
 "$PY" -m histoshift --root "$ROOT" report
 if [ "$DEMO" = 1 ]; then
   "$PY" -m histoshift --root "$ROOT" score --labels "$ROOT/input/test_labels.csv"

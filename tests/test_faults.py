@@ -28,7 +28,8 @@ def finished(prepared_root, tmp_path):
     (tmp_path / "head.yaml").write_text(yaml.safe_dump(FROZEN))
     r = ["--root", str(root)]
     assert main(r + ["train", "--config", str(tmp_path / "head.yaml")]) == 0
-    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit"]) == 0
+    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0
+    assert main(r + ["submit", "--allow-degenerate"]) == 0  # tiny random models
     return root
 
 

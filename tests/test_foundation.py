@@ -162,7 +162,8 @@ def test_standin_from_a_hub_cache_runs_the_pipeline_offline(name, prepared_root,
         if RECIPES[name].embedding == "cls+mean" and RECIPES[name].registers:  # registers really left out
             with_registers = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)
             assert (stored - right).abs().max() * 3 < (stored - with_registers).abs().max()
-    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit"]) == 0
+    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0
+    assert main(r + ["submit", "--allow-degenerate"]) == 0  # random stand-in features may give one class
     sub = pd.read_csv(root / "submissions" / "submission.csv")
     ids = Cache.open(root / "work" / "cache").index.query("split == 'test'").id
     assert set(sub.ID) == set(ids) and set(sub.Pred) <= {0, 1}

@@ -33,7 +33,7 @@ def pipeline(tmp_path_factory):
         assert main(r + ["train", "--config", str(cfg)]) == 0
     assert main(r + ["infer"]) == 0
     assert main(r + ["stack"]) == 0
-    assert main(r + ["submit"]) == 0
+    assert main(r + ["submit", "--allow-degenerate"]) == 0  # 1-epoch tiny models may predict one class
     assert main(r + ["report"]) == 0
     return root
 
@@ -156,7 +156,7 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
     for run in runs:
         assert len(pd.read_csv(run.tta_heldout).filter(like="v").columns) == 8
         assert set(pd.read_csv(run.tta_test).id) == set(cache.index[cache.index.split == "test"].id)
-    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit"]) == 0
+    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit", "--allow-degenerate"]) == 0
 
 
 def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys):
