@@ -206,7 +206,7 @@ def test_write_submission_checks_against_test_h5_and_keeps_earlier_ones(tmp_path
     assert path.read_text() == "ID,Pred\n5,0\n6,1\n7,0\n"
     write_submission(scores, test_h5, out)  # same predictions: nothing to keep
     assert sorted(p.name for p in out.iterdir()) == ["submission.csv"]
-    pd.DataFrame({"id": [5, 6, 7], "score": 0, "pred": [1, 1, 1]}).to_csv(scores, index=False)
+    pd.DataFrame({"id": [5, 6, 7], "score": 0, "pred": [1, 1, 0]}).to_csv(scores, index=False)
     write_submission(scores, test_h5, out)
     files = sorted(p.name for p in out.iterdir())
     assert len(files) == 2 and files[1] == "submission.csv"
@@ -214,4 +214,4 @@ def test_write_submission_checks_against_test_h5_and_keeps_earlier_ones(tmp_path
     pd.DataFrame({"id": [5, 6], "score": 0, "pred": [1, 1]}).to_csv(scores, index=False)
     with pytest.raises(SubmissionError, match="missing"):
         write_submission(scores, test_h5, out)
-    assert (out / "submission.csv").read_text() == "ID,Pred\n5,1\n6,1\n7,1\n"
+    assert (out / "submission.csv").read_text() == "ID,Pred\n5,1\n6,1\n7,0\n"
