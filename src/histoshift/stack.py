@@ -33,7 +33,7 @@ import pandas as pd
 
 from .config import load_config
 from .data.folds import read_folds
-from .predict import view_columns
+from .predict import check_finite, view_columns
 from .runs import RunDir
 
 METHODS = ("mean", "rank", "stack")
@@ -44,18 +44,14 @@ LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child
 
 
 class StackError(ValueError):
-    """Predictions the stack stage must not combine (not out of fold, non-finite, inconsistent)."""
+    """Predictions the stack stage must not combine (not out of fold, inconsistent across folds)."""
 
 
 def _views(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the infer stage first")
-    t = pd.read_csv(path)
+    t = check_finite(pd.read_csv(path), str(path))  # NaN must not become a class by accident
     v = t[view_columns(t)].to_numpy(dtype=float)
-    bad = ~np.isfinite(v).all(axis=1)
-    if bad.any():
-        raise StackError(f"{path}: {int(bad.sum())} patches with non-finite logits (e.g. id {int(t['id'][bad].iloc[0])}): "
-                         "the run's model or features hold NaN/inf; retrain it (train --force)")
     return pd.DataFrame({"id": t["id"], "center": t["center"], "label": t["label"],
                          "mean": v.mean(1), "spread": v.std(1)})
 
