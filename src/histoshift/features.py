@@ -46,11 +46,14 @@ HED_SEED = 20261124
 
 
 def weights_identity(m: ModelCfg) -> dict:
-    """What identifies a non-recipe backbone's weights without loading them."""
+    """What identifies a non-recipe backbone's weights without loading them (a missing file is left
+    to the weight loader, which names it)."""
+    from .models.foundation.loader import local_identity
+
     if m.weights.startswith("file:"):
-        p = Path(m.weights.removeprefix("file:")).expanduser().resolve()
-        return {"file": str(p), "size": p.stat().st_size if p.exists() else None,
-                "mtime_ns": p.stat().st_mtime_ns if p.exists() else None}
+        path = Path(m.weights.removeprefix("file:")).expanduser().resolve()
+        if path.exists():
+            return local_identity(path)
     return {"source": m.weights}
 
 
@@ -209,9 +212,11 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
 
 
 @torch.no_grad()
-def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str) -> FeatureStore:
-    """The feature store of this config's frozen backbone: reused when complete, resumed when partial."""
-    spec = feature_spec(cfg, cache.dir, precision)
+def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str,
+          spec: dict | None = None) -> FeatureStore:
+    """The feature store of this config's frozen backbone: reused when complete, resumed when partial.
+    `spec`: this config's `feature_spec`, when the caller has computed it already."""
+    spec = spec or feature_spec(cfg, cache.dir, precision)
     path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
         return FeatureStore(path)

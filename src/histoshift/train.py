@@ -164,10 +164,10 @@ class _ImageTask:
 class _FeatureTask:
     """Frozen backbone: a head on stored features (all 8 views), a random view per step."""
 
-    def __init__(self, cfg: Config, cache: Cache, parts, domain_of_center, seed, accelerator, precision):
+    def __init__(self, cfg: Config, cache: Cache, parts, domain_of_center, seed, accelerator, precision, spec: dict):
         source, heldout, target = parts
         self.acc, self.heldout = accelerator, heldout
-        self.store = embed(cfg, cache, cache.dir.parent / "features", accelerator, precision)
+        self.store = embed(cfg, cache, cache.dir.parent / "features", accelerator, precision, spec)
         self.model = FeatureClassifier(self.store.dim, cfg.model)
         # labelled rows with every stored view (the HED views too), target rows with the TTA views; kept
         # in float16 on the device (a third of the competition x 12 views x 2560 values is 8 GB, not 16)
@@ -191,7 +191,8 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     # bf16 needs no loss scaling: the loop's own autocast does it; fp16 needs Accelerate's scaler
     accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
     # a head on frozen features depends on the store it was trained on (weights, cache, views...)
-    inputs = {"features": store_key(feature_spec(cfg, cache_dir, precision))} if cfg.model.frozen else {}
+    spec = feature_spec(cfg, cache_dir, precision) if cfg.model.frozen else None  # computed once: embed reuses it
+    inputs = {"features": store_key(spec)} if spec else {}
     must_train = prepare_run_dir(run, cfg, force, inputs) if accelerator.is_main_process else True
     must_train = bool(accelerator.gather(torch.tensor([must_train], device=accelerator.device)).all())
     if not must_train:
@@ -220,8 +221,10 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                       f"{len(target)} unlabelled target patches, precision {precision}"
                       + (", frozen backbone (head on cached features)" if cfg.model.frozen else ""))
 
-    task = (_FeatureTask if cfg.model.frozen else _ImageTask)(cfg, cache, parts, domain_of_center, seed,
-                                                               accelerator, precision)
+    if cfg.model.frozen:
+        task = _FeatureTask(cfg, cache, parts, domain_of_center, seed, accelerator, precision, spec)
+    else:
+        task = _ImageTask(cfg, cache, parts, domain_of_center, seed, accelerator, precision)
     algorithm = ALGORITHMS[cfg.algorithm.name](task.model, len(centers), cfg)
     optimizer = torch.optim.AdamW(algorithm.param_groups(), weight_decay=cfg.optim.weight_decay)
     algorithm, optimizer = accelerator.prepare(algorithm, optimizer)

@@ -91,6 +91,11 @@ def source_identity(recipe: Recipe, weights: str) -> dict:
     path = Path(weights.split(":", 1)[1]).expanduser().resolve()
     if not path.exists():
         raise WeightsError(f"model.weights: {path} does not exist")
+    return local_identity(path)
+
+
+def local_identity(path: Path) -> dict:
+    """A weights file, or a folder's weight and config files: path, and each file's name, size, mtime."""
     files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES + (".json",)) if path.is_dir() else [path]
     return {"path": str(path), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
