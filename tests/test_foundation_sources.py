@@ -289,7 +289,7 @@ def test_a_new_hub_snapshot_never_leaves_a_stale_head(hf_cache, prepared_root, t
     assert main(train) == 0 and "is done with this config, skipping" in capsys.readouterr().out
     write_standin(RECIPES["hoptimus0"], hf_cache, seed=1)
     assert main(train) == 2
-    assert "other inputs (its feature store changed" in capsys.readouterr().err
+    assert "other inputs (the feature store (new weights, views or cache) changed since)" in capsys.readouterr().err
     assert main(train + ["--force"]) == 0
     assert len(list((root / "work" / "features").iterdir())) == 2
     run = root / "work" / "runs" / "c" / "seed0" / "fold0"

@@ -1,14 +1,14 @@
 """The competition's HDF5 contract: what is accepted and every bad input's message."""
 from __future__ import annotations
 
-import shutil
 
 import h5py
 import numpy as np
 import pytest
 
 from conftest import random_items, write_h5
-from histoshift.data.cache import prepare
+from histoshift.data.cache import check_inputs, prepare
+from histoshift.lineage import StaleError
 from histoshift.data.h5_reader import InputError, iter_records
 
 
@@ -117,13 +117,18 @@ def test_mixed_sides_rejected(tmp_path):
         prepare(d, tmp_path / "cache")
 
 
-def test_a_failed_prepare_leaves_no_valid_looking_cache(tmp_path):
+def test_a_failed_prepare_keeps_the_previous_cache_and_leaves_nothing_half_built(tmp_path):
+    """The new cache is built beside the old one: a bad file stops prepare, the old cache stays whole
+    (manifest, arrays) and later stages are told that the inputs changed since it was built."""
     rng = np.random.default_rng(9)
     d = _three_files(tmp_path, rng)
     prepare(d, tmp_path / "cache")
-    shutil.copy(d / "train.h5", tmp_path / "good_train.h5")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
     with h5py.File(d / "train.h5", "a") as f:
         f["12"]["img"][0, 0, 0] = np.nan
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"train\.h5, id 12: img holds NaN"):
         prepare(d, tmp_path / "cache")
-    assert not (tmp_path / "cache" / "manifest.json").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".cache.building")] == []
+    with pytest.raises(StaleError, match=r"train\.h5 changed since the cache was built; run prepare"):
+        check_inputs(d, tmp_path / "cache")

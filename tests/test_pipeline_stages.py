@@ -215,11 +215,12 @@ def test_one_round_of_pseudo_labels(pipeline, capsys):
     from histoshift.data.cache import Cache
     from histoshift.train import pseudo_labels
 
-    index = Cache.open(pipeline / "work" / "cache").index
+    cache = Cache.open(pipeline / "work" / "cache")
+    index = cache.index
     feats = pd.read_csv(pipeline / "work" / "stack" / "test_features.csv")
     means = feats.filter(like="__mean").mean(axis=1)
     threshold = float(1 / (1 + np.exp(-means.abs().median())))  # about half the patches are that sure
-    extra = pseudo_labels(index, pipeline / "work" / "stack", threshold)
+    extra = pseudo_labels(cache, threshold)
     assert 0 < len(extra) < len(feats) and set(extra.split) == {"test"} and not extra.aberrant.any()
     sure = feats.set_index("id").loc[extra.id].filter(like="__mean").mean(axis=1)
     assert ((sure > 0).astype(int).to_numpy() == extra.label.to_numpy()).all()

@@ -1,11 +1,16 @@
 """Stacking uses out-of-fold inputs only; combiners; the submission checker and writer."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from conftest import random_items, write_h5
+from histoshift.data.cache import CACHE_VERSION, Cache
 from histoshift.runs import RunDir
 from histoshift.stack import (build_features, choose, compare_loco, feature_columns, fit_stacker, mcnemar_z,
                               rank_predict, run_stack)
@@ -39,12 +44,35 @@ def _fake_runs(tmp_path, members=("a", "b"), n=40, seed=0, leak_fold=None):
             tt.to_csv(run.tta_test, index=False)
             run.done.write_text("x")
             runs.append(run)
+    _fake_lineage(tmp_path, runs, folds, test_ids)
     return runs, tmp_path / "folds" / "folds.csv", folds
+
+
+def _fake_lineage(tmp_path, runs, folds, test_ids):
+    """A cache index and manifest for those ids, and for every run the checkpoint, inputs and
+    prediction records the train and infer stages would have written (the stack stage checks them)."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(exist_ok=True)
+    index = pd.concat([folds.assign(split=np.where(folds.center == 1, "val", "train")),
+                       pd.DataFrame({"id": test_ids, "center": 2, "label": -1, "split": "test"})])
+    index.assign(row=0, aberrant=False, reason="").to_csv(cache_dir / "index.csv", index=False)
+    digests = {s: f"digest-{s}" for s in ("train", "val", "test")}
+    (cache_dir / "manifest.json").write_text(json.dumps({"version": CACHE_VERSION, "cache_id": "c0",
+                                                         "splits": {s: {"digest": d} for s, d in digests.items()}}))
+    for run in runs:
+        save_file({"w": torch.full((2,), float(run.fold))}, str(run.checkpoint))
+        run.inputs.write_text(json.dumps({"cache": digests}))
+        refresh_predictions(run)
+
+
+def refresh_predictions(run, cache_id="c0"):
+    """Record the run's TTA files as predicted from its current checkpoint and the fake cache."""
+    run.predictions.write_text(json.dumps({p.name: run.prediction_lineage(cache_id) for p in run.path.glob("tta_*.csv")}))
 
 
 def test_features_are_out_of_fold_and_exclude_the_center(tmp_path):
     runs, folds_csv, folds = _fake_runs(tmp_path)
-    oof, test, names = build_features(runs, folds_csv)
+    oof, test, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
     assert names == ["a/seed0", "b/seed0"]
     assert sorted(oof.id) == sorted(folds.id) and oof.id.is_unique
     cols = feature_columns(names)
@@ -60,12 +88,12 @@ def test_features_are_out_of_fold_and_exclude_the_center(tmp_path):
 def test_in_fold_predictions_are_refused(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path, leak_fold=3)
     with pytest.raises(ValueError, match="would not be out of fold"):
-        build_features(runs, folds_csv)
+        build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
 
 
 def test_stacker_refuses_unlabelled_rows(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
-    oof, test, names = build_features(runs, folds_csv)
+    oof, test, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
     bad = pd.concat([oof, test.assign(label=-1)])
     with pytest.raises(ValueError, match="out-of-fold"):
         fit_stacker(bad, names)
@@ -73,7 +101,7 @@ def test_stacker_refuses_unlabelled_rows(tmp_path):
 
 def test_loco_comparison_scores_each_center_with_a_stacker_that_never_saw_it(tmp_path, monkeypatch):
     runs, folds_csv, _ = _fake_runs(tmp_path)
-    oof, _, names = build_features(runs, folds_csv)
+    oof, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
     seen = []
     import histoshift.stack as stack
 
@@ -102,7 +130,7 @@ def test_choose_prefers_the_simpler_combiner_on_ties():
 
 def test_run_stack_writes_scores_and_comparison(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
-    result = run_stack(runs, folds_csv, tmp_path / "stack")
+    result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     scores = pd.read_csv(tmp_path / "stack" / "test_scores.csv")
     assert len(scores) == 30 and set(scores.pred) <= {0, 1}
     assert result["method"] in ("mean", "rank", "stack")
@@ -110,17 +138,13 @@ def test_run_stack_writes_scores_and_comparison(tmp_path):
 
 
 def _with_adabn(runs, adabn: str):
-    """Give every fake fold run a config, a checkpoint and AdaBN predictions: `same` as the plain ones,
-    or held-out logits that are sharp for one set and noisy for the other (`better`: AdaBN sharp)."""
-    import os
-
+    """Give every fake fold run a config and AdaBN predictions: `same` as the plain ones, or held-out
+    logits that are sharp for one set and noisy for the other (`better`: AdaBN sharp)."""
     from histoshift.config import Config, save_config
 
     rng = np.random.default_rng(1)
     for run in runs:
         save_config(Config(), run.config)
-        run.checkpoint.write_bytes(b"")
-        os.utime(run.checkpoint, (1, 1))  # older than every prediction
         for part in ("heldout", "test"):
             t = pd.read_csv(run.tta_path(part))
             if adabn != "same" and part == "heldout":
@@ -132,20 +156,21 @@ def _with_adabn(runs, adabn: str):
                 t.to_csv(run.tta_path(part), index=False)
                 t[views] = sharp if adabn == "better" else noisy
             t.to_csv(run.tta_path(part, adabn=True), index=False)
+        refresh_predictions(run)
 
 
 @pytest.mark.parametrize("adabn, kept", [("better", True), ("same", True), ("worse", False)])
 def test_run_stack_keeps_adabn_unless_leave_one_center_out_shows_it_hurts(tmp_path, adabn, kept):
     runs, folds_csv, _ = _fake_runs(tmp_path)
     _with_adabn(runs, adabn)
-    result = run_stack(runs, folds_csv, tmp_path / "stack")
+    result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
     assert {"mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
     assert result["adabn"] is kept
     z = result["adabn_vs_plain"]["z_plain_over_adabn"]
     assert {"better": z < -1.96, "same": z == 0, "worse": z > 1.96}[adabn]
     used = pd.read_csv(tmp_path / "stack" / "oof_features.csv")
-    plain, _, names = build_features(runs, folds_csv)
+    plain, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
     assert np.allclose(used[f"{names[0]}__mean"], plain[f"{names[0]}__mean"]) is (adabn != "better")
 
 
@@ -169,7 +194,7 @@ def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
     _with_adabn(runs, "better")
     runs[0].tta_path("test", adabn=True).unlink()
-    result = run_stack(runs, folds_csv, tmp_path / "stack")
+    result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     assert not result["adabn"] and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
 
 

@@ -12,6 +12,7 @@ Every stage is idempotent: run again with unchanged inputs, it does nothing it h
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from dataclasses import dataclass
@@ -50,22 +51,27 @@ def cmd_demo_data(a, paths: Paths):
 
 
 def cmd_prepare(a, paths: Paths):
-    from .data.cache import prepare
+    from .data.cache import Contract, prepare
     from .data.quality import QualityRule
 
     rule = QualityRule(max_black=a.max_black, max_white_frac=a.max_white_frac)
-    _timed("prepare", prepare, paths.input, paths.cache, rule, force=a.force)
+    _timed("prepare", prepare, paths.input, paths.cache, rule, force=a.force, contract=Contract.parse(a.centers),
+           workers=a.workers)
 
 
 def cmd_folds(a, paths: Paths):
-    from .data.cache import load_index
+    from .data.cache import check_inputs, load_index
     from .data.folds import write_folds
+    from .safeio import Lock
 
-    _timed("folds", write_folds, load_index(paths.cache), paths.folds_csv, force=a.force)
+    check_inputs(paths.input, paths.cache)
+    with Lock(paths.folds_csv.with_name(".folds.lock"), f"{paths.folds_csv} (folds)"):
+        _timed("folds", write_folds, load_index(paths.cache), paths.folds_csv, force=a.force)
 
 
 def cmd_train(a, paths: Paths):
     from .config import ConfigError, load_config
+    from .data.cache import check_inputs
     from .data.folds import read_folds
     from .runs import RunDir
     from .train import train_fold
@@ -76,8 +82,12 @@ def cmd_train(a, paths: Paths):
             raise ConfigError(f"--pseudo: expected a confidence threshold in (0.5, 1), got {a.pseudo}")
         overrides += [f"name={load_config(a.config, overrides).name}_pl", f"train.pseudo_threshold={a.pseudo}"]
     cfg = load_config(a.config, overrides)
+    check_inputs(paths.input, paths.cache)
     known = sorted(int(f) for f in read_folds(paths.folds_csv)["fold"].unique())
-    folds = known if a.fold == "all" else [int(f) for f in a.fold.split(",")]
+    try:
+        folds = known if a.fold == "all" else [int(f) for f in a.fold.split(",")]
+    except ValueError:
+        raise ConfigError(f"--fold {a.fold}: expected 'all' or comma-separated held-out centers {known}") from None
     if set(folds) - set(known):
         raise ConfigError(f"--fold {a.fold}: folds are the labelled centers {known}")
     for fold in folds:
@@ -86,24 +96,28 @@ def cmd_train(a, paths: Paths):
 
 
 def cmd_infer(a, paths: Paths):
+    from .data.cache import check_inputs
     from .predict import infer_all
     from .runs import find_runs
 
+    check_inputs(paths.input, paths.cache)
     _timed("infer", infer_all, find_runs(paths.runs), paths.cache, force=a.force, adabn=a.adabn)
 
 
 def cmd_stack(a, paths: Paths):
+    from .data.cache import check_inputs
     from .runs import find_runs
     from .stack import run_stack
 
-    _timed("stack", run_stack, find_runs(paths.runs), paths.folds_csv, paths.stack, seed=a.seed)
+    check_inputs(paths.input, paths.cache)
+    _timed("stack", run_stack, find_runs(paths.runs), paths.folds_csv, paths.stack, paths.cache, seed=a.seed)
 
 
 def cmd_submit(a, paths: Paths):
     from .submit import write_submission
 
     _timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions,
-           allow_degenerate=a.allow_degenerate)
+           allow_degenerate=a.allow_degenerate, cache_dir=paths.cache)
 
 
 def cmd_report(a, paths: Paths):
@@ -169,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
     s.add_argument("--max-black", type=int, default=200)
     s.add_argument("--max-white-frac", type=float, default=0.9)
+    s.add_argument("--centers", default="train=0,3,4;val=1;test=2",
+                   help="the centers each file may hold (a patch elsewhere is refused); 'any' checks nothing")
+    s.add_argument("--workers", type=int, default=0, help="HDF5 reader processes (0: one per core, at most 8)")
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("folds", help="write folds/folds.csv (leave one center out)")
@@ -222,20 +239,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _user_errors() -> tuple:
+    """The exceptions that are refusals: one line naming the file, id or key, exit 2 (no traceback)."""
     from .config import ConfigError
+    from .data.folds import FoldsError
     from .data.h5_reader import InputError
+    from .lineage import StaleError
     from .models.foundation import RecipeError
     from .models.weights import WeightsError
     from .predict import PredictionError
+    from .safeio import DiskError, LockError
     from .stack import StackError
     from .submit import SubmissionError
 
+    return (ConfigError, InputError, FoldsError, StaleError, WeightsError, RecipeError, PredictionError, StackError,
+            SubmissionError, DiskError, LockError, FileExistsError, FileNotFoundError)
+
+
+def _os_error_line(e: OSError) -> str | None:
+    """A one-line message for the OS errors a user can cause (full disk, read-only or forbidden folder)."""
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}: disk full ({e.strerror}); free some space and run the stage again (it resumes)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}: {e.strerror}; this stage needs to write there (check the folder's permissions)"
+    return None
+
+
+def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         a.fn(a, Paths(Path(a.root)))
-    except (ConfigError, InputError, WeightsError, RecipeError, PredictionError, StackError, SubmissionError, FileExistsError,
-            FileNotFoundError) as e:
+    except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        line = _os_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,7 @@ does not exist raises `ConfigError` naming the key, so a typo never silently tra
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': the value is not a valid YAML scalar") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -185,7 +189,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
         try:
             _apply(cfg, data)
         except ConfigError as e:
@@ -217,6 +226,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.pseudo_threshold: expected 0 (off) or a value in (0.5, 1), got {cfg.train.pseudo_threshold}")
     if cfg.train.feature_views not in (1, 8):
         raise ConfigError(f"train.feature_views: expected 1 or 8, got {cfg.train.feature_views}")
+    _validate_numbers(cfg)
     if cfg.model.input_size < 32:
         raise ConfigError(f"model.input_size: {cfg.model.input_size} is too small")
     for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -228,6 +238,34 @@ def validate(cfg: Config) -> None:
         _validate_recipe(cfg.model)
     elif cfg.model.recipe_overrides:
         raise ConfigError("model.recipe_overrides: set model.recipe to the foundation model they modify")
+
+
+# (section, key): the smallest value allowed (every float must also be finite)
+MINIMUM = {("optim", "lr"): 0.0, ("optim", "backbone_lr"): 0.0, ("optim", "domain_lr"): 0.0,
+           ("optim", "weight_decay"): 0.0, ("optim", "grad_clip"): 0.0, ("algorithm", "domain_weight"): 0.0,
+           ("algorithm", "focal_gamma"): 0.0, ("algorithm", "entropy_weight"): 0.0, ("algorithm", "grl_max"): 0.0,
+           ("algorithm", "domain_hidden"): 1, ("aug", "hed_sigma"): 0.0, ("aug", "brightness"): 0.0,
+           ("aug", "contrast"): 0.0, ("model", "drop_rate"): 0.0, ("model", "drop_path_rate"): 0.0,
+           ("model", "head_hidden"): 0, ("train", "target_batch_size"): 1, ("train", "steps_per_epoch"): 0,
+           ("train", "probe_epochs"): 0, ("train", "num_workers"): 0, ("train", "feature_hed_sigma"): 0.0}
+MAXIMUM = {("optim", "warmup_frac"): 1.0, ("model", "drop_rate"): 1.0, ("model", "drop_path_rate"): 1.0}
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Every float finite; counts, rates and probabilities in their ranges (a NaN learning rate or a
+    negative step count must stop here, not hours later or never)."""
+    for section in ("model", "algorithm", "optim", "aug", "train"):
+        part = getattr(cfg, section)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name}: must be a finite number, got {value}")
+            low = MINIMUM.get((section, f.name), 0.0 if f.name == "warmup_frac" else None)
+            if low is not None and value < low:
+                raise ConfigError(f"{section}.{f.name}: must be >= {low}, got {value}")
+            high = MAXIMUM.get((section, f.name))
+            if high is not None and value > high:
+                raise ConfigError(f"{section}.{f.name}: must be <= {high}, got {value}")
 
 
 def _validate_recipe(m: ModelCfg) -> None:

@@ -7,6 +7,8 @@ was padded. Per-view logits are saved keyed by id and center.
 from __future__ import annotations
 
 import copy
+import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from .data.loader import PatchDataset, make_loader
 from .models.backbone import PatchClassifier
 from .precision import autocast, config_precision
 from .runs import load_run_model, RunDir
+from .safeio import Lock, write_csv, write_json
 
 CPU_CHUNK = 64
 
@@ -109,18 +112,37 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, device: torch.de
     return len(bns)
 
 
+def record_predictions(run: RunDir, part: str, adabn: bool, cache: Cache) -> None:
+    """Note in run/predictions.json what a TTA file was just predicted from (checkpoint, cache)."""
+    path = run.predictions
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded[run.tta_path(part, adabn).name] = run.prediction_lineage(cache.id)
+    write_json(path, recorded)
+
+
 def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool = False, adabn: bool = False) -> None:
     """TTA predictions of one finished fold run for its held-out center and the test set; with
     `adabn`, also a second set for which each target center gets batch-norm statistics re-estimated
-    on its own images first. The model is loaded once; sets that are up to date are kept."""
+    on its own images first. The model is loaded once; sets predicted from this checkpoint and this
+    cache are kept, the others (missing, or from an older checkpoint or cache) are predicted again."""
+    run.check_inputs(cache.digests)  # a model trained on other data is not silently reused
+    with Lock(run.lock, f"the run {run.path}") if accelerator.is_main_process else nullcontext():
+        _infer_run(run, cache, accelerator, force, adabn)
+
+
+def _infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool, adabn: bool) -> None:
     if load_config(run.config).model.frozen:
         accelerator.print(f"infer: {run.name} is a head on cached features; training wrote its TTA predictions"
                           + (" (nothing to adapt: the stack stage uses them for AdaBN too)" if adabn else ""))
         return
     todo = []
     for adapted in ((False, True) if adabn else (False,)):
-        if force or not run.tta_fresh(adapted):
+        stale = run.stale_predictions(cache.id, adapted)
+        if force or stale:
             todo.append(adapted)
+            old = [name for name in stale if (run.path / name).exists()]
+            if old and not force:
+                accelerator.print(f"infer: {run.name}: {', '.join(old)} predate the current checkpoint or cache; predicting again")
         else:
             accelerator.print(f"infer: {run.path}{' (AdaBN)' if adapted else ''} is up to date")
     if not todo:
@@ -146,10 +168,8 @@ def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool =
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:
-                target = run.tta_path(name, adapted)
-                tmp = target.with_suffix(".tmp")
-                out.to_csv(tmp, index=False, float_format="%.6g")
-                tmp.replace(target)
+                write_csv(run.tta_path(name, adapted), out, float_format="%.6g")
+                record_predictions(run, name, adapted, cache)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
                               + (" (AdaBN)" if adapted else "")
                               + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
@@ -166,5 +186,7 @@ def infer_all(runs: list[RunDir], cache_dir: Path, force: bool = False, adabn: b
         raise FileNotFoundError("infer: no finished training runs found; run the train stage first")
     accelerator = Accelerator()  # precision per run, from its config (see predict_table)
     cache = Cache.open(cache_dir)
+    for run in runs:  # refuse before predicting anything
+        run.check_inputs(cache.digests)
     for run in runs:  # with adabn, two sets of files: the stack stage keeps AdaBN only where it wins LOCO
         infer_run(run, cache, accelerator, force, adabn)

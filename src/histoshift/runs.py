@@ -1,8 +1,11 @@
 """The fixed layout of a run folder: runs/<config name>/seed<S>/fold<K>/.
 
   config.yaml        the resolved config
-  inputs.json        what else the run was computed from (a frozen head: its feature store's key)
-  metrics.jsonl      one line per epoch (append-only)
+  inputs.json        what else the run was computed from: the cache's split digests, the folds file's
+                     digest, a frozen head's feature store, a pseudo-label round's source
+  metrics.jsonl      one line per epoch (rewritten from the saved state on resume)
+  state-epoch<N>/    Accelerate state after epoch N (model, optimizer, scheduler, RNG, progress); a
+                     rerun after a crash resumes from the newest complete one; removed when done
   model.safetensors  the final weights (backbone + head)
   backbone.json      a fine-tuned foundation model's architecture as built (rebuilt from it without the hub)
   oof.csv            plain-view logits of the held-out center: id, center, label, logit
@@ -10,7 +13,9 @@
   tta_heldout.csv    8-view logits of the held-out center (infer stage)
   tta_test.csv       8-view logits of the test center (infer stage)
   tta_*_adabn.csv    the same with batch-norm statistics re-estimated on that center first (infer --adabn)
+  predictions.json   per TTA file: the digests of the checkpoint and of the cache it was predicted from
   done               written last by training: the run is complete
+Beside the folder, fold<K>.lock is held by the process that trains or predicts with the run.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from .config import load_config
+from .lineage import StaleError, changed, digest_file
 
 
 @dataclass(frozen=True)
@@ -55,15 +61,42 @@ class RunDir:
     tta_heldout = property(lambda self: self.tta_path("heldout"))
     tta_test = property(lambda self: self.tta_path("test"))
     done = property(lambda self: self.path / "done")
+    predictions = property(lambda self: self.path / "predictions.json")
+    lock = property(lambda self: self.path.with_name(f"{self.path.name}.lock"))
+
+    def state_dir(self, epoch: int) -> Path:
+        return self.path / f"state-epoch{epoch}"
+
+    def last_state(self) -> Path | None:
+        """The newest complete saved state (a state being written when the process died has no marker)."""
+        states = [p for p in self.path.glob("state-epoch*") if (p / "complete").exists()]
+        return max(states, key=lambda p: int(p.name.removeprefix("state-epoch")), default=None)
 
     def tta_path(self, part: str, adabn: bool = False) -> Path:
         """8-view logits of `part` ('heldout' | 'test'), plain or after AdaBN on that center."""
         return self.path / f"tta_{part}{'_adabn' if adabn else ''}.csv"
 
-    def tta_fresh(self, adabn: bool = False) -> bool:
-        """Both TTA files exist and are newer than the checkpoint they came from."""
-        paths = [self.tta_path(part, adabn) for part in ("heldout", "test")]
-        return all(p.exists() and p.stat().st_mtime >= self.checkpoint.stat().st_mtime for p in paths)
+    def prediction_lineage(self, cache_id: str) -> dict:
+        """What a TTA file of this run must have been predicted from now: this checkpoint, this cache."""
+        return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id}
+
+    def stale_predictions(self, cache_id: str, adabn: bool = False) -> list[str]:
+        """The TTA files (heldout, test) that are missing or were predicted from another checkpoint or cache."""
+        recorded = json.loads(self.predictions.read_text()) if self.predictions.exists() else {}
+        want = self.prediction_lineage(cache_id)
+        return [p.name for p in (self.tta_path(part, adabn) for part in ("heldout", "test"))
+                if not p.exists() or recorded.get(p.name) != want]
+
+    def tta_fresh(self, cache_id: str, adabn: bool = False) -> bool:
+        return not self.stale_predictions(cache_id, adabn)
+
+    def check_inputs(self, cache_digests: dict) -> None:
+        """Refuse (StaleError) a run trained on another version of the cache."""
+        recorded = json.loads(self.inputs.read_text()).get("cache", {}) if self.inputs.exists() else {}
+        moved = changed(recorded, cache_digests)
+        if moved:
+            raise StaleError(f"{self.path} was trained on another version of {', '.join(f'{s}.h5' for s in moved)}: "
+                             "retrain it (train --force) or restore the files it was trained on")
 
     @property
     def is_done(self) -> bool:
@@ -90,5 +123,14 @@ def load_run_model(run: RunDir):
         raise ValueError(f"{run.path} holds a head on cached features, not an image model")
     build = json.loads(run.backbone_build.read_text()) if run.backbone_build.exists() else None
     model = PatchClassifier(cfg.model, load_weights=False, build=build)
-    model.load_state_dict(load_file(str(run.checkpoint)))
+    try:
+        weights = load_file(str(run.checkpoint))
+    except Exception as e:  # safetensors raises its own error type, without the path
+        raise StaleError(f"{run.checkpoint}: cannot be read as safetensors ({e}); retrain the run (train --force)") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise StaleError(f"{run.checkpoint}: does not fit the model of {run.config} ({first}); "
+                         "retrain the run (train --force)") from None
     return cfg, model

@@ -24,7 +24,6 @@ comparison is saved beside the test scores.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightgbm as lgb
@@ -32,9 +31,12 @@ import numpy as np
 import pandas as pd
 
 from .config import load_config
-from .data.folds import read_folds
+from .data.cache import Cache
+from .data.folds import check_folds, read_folds
+from .lineage import StaleError, digest_file
 from .predict import check_finite, view_columns
 from .runs import RunDir
+from .safeio import Lock, write_csv, write_json
 
 METHODS = ("mean", "rank", "stack")
 ADABN = "+adabn"  # suffix of a combiner scored on AdaBN predictions
@@ -60,21 +62,34 @@ def _frozen(run: RunDir) -> bool:
     return load_config(run.config).model.frozen
 
 
-def adabn_ready(runs: list[RunDir]) -> bool:
+def adabn_ready(runs: list[RunDir], cache: Cache) -> bool:
     """Every fold model has fresh AdaBN predictions (heads on frozen features have nothing to adapt)."""
     if not any(r.tta_path("test", adabn=True).exists() for r in runs):
         return False
     tuned = [r for r in runs if not _frozen(r)]
-    return bool(tuned) and all(r.tta_fresh(adabn=True) for r in tuned)
+    return bool(tuned) and all(r.tta_fresh(cache.id, adabn=True) for r in tuned)
 
 
-def build_features(runs: list[RunDir], folds_csv: Path, adabn: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def check_lineage(runs: list[RunDir], cache: Cache, adabn: bool = False) -> None:
+    """Refuse runs trained on another cache and TTA files predicted from another checkpoint or cache."""
+    for run in runs:
+        run.check_inputs(cache.digests)
+        stale = run.stale_predictions(cache.id, adabn and not _frozen(run))
+        if stale:
+            raise StaleError(f"{run.path}: {', '.join(stale)} missing or predicted from another checkpoint or cache; "
+                             "run the infer stage")
+
+
+def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adabn: bool = False
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Out-of-fold features of every labelled patch and averaged features of every test patch
     (from the AdaBN predictions with `adabn`; frozen-feature heads have only plain ones)."""
     def tta(run: RunDir, part: str) -> Path:
         return run.tta_path(part, adabn and not _frozen(run))
 
+    check_lineage(runs, cache, adabn)
     folds = read_folds(folds_csv)
+    check_folds(folds, cache.index, folds_csv)
     expected_folds = sorted(folds["fold"].unique())
     members: dict[str, list[RunDir]] = {}
     for run in runs:
@@ -206,22 +221,28 @@ def evidence_line(evidence: dict) -> str:
             f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)")
 
 
-def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, seed: int = 0) -> tuple[dict, pd.DataFrame, dict]:
+def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0
+                            ) -> tuple[dict, pd.DataFrame, dict]:
     """Features of the plain predictions ("") and, when every fold model has them, of the AdaBN ones
     (ADABN); the leave-one-center-out comparison of every combiner on each set; per-patch hits."""
-    features = {"": build_features(runs, folds_csv)}
-    if adabn_ready(runs):
-        features[ADABN] = build_features(runs, folds_csv, adabn=True)
+    features = {"": build_features(runs, folds_csv, cache)}
+    if adabn_ready(runs, cache):
+        features[ADABN] = build_features(runs, folds_csv, cache, adabn=True)
     hits: dict = {}  # both sets' out-of-fold rows are folds.csv's patches in id order: paired
     comparison = pd.concat([compare_loco(oof, names, seed, suffix, hits) for suffix, (oof, _, names) in features.items()],
                            ignore_index=True)
     return features, comparison, hits
 
 
-def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0) -> dict:
+def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache_dir: Path, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
+    with Lock(out_dir.with_name(f".{out_dir.name}.lock"), f"the stack folder {out_dir}"):
+        return _run_stack(runs, folds_csv, out_dir, Cache.open(cache_dir), seed)
+
+
+def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache, seed: int) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    features, comparison, hits = compare_prediction_sets(runs, folds_csv, seed)
+    features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed)
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
     label, evidence = choose(comparison, hits)
@@ -230,15 +251,19 @@ def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, seed: int = 0)
     stacker = fit_stacker(oof, names, seed) if method == "stack" else None
     score, pred = predict(method, test, names, stacker)
     scores = pd.DataFrame({"id": test["id"], "score": score, "pred": pred})
-    oof.to_csv(out_dir / "oof_features.csv", index=False, float_format="%.6g")
-    test.to_csv(out_dir / "test_features.csv", index=False, float_format="%.6g")
-    comparison.to_csv(out_dir / "comparison.csv", index=False)
-    scores.to_csv(out_dir / "test_scores.csv", index=False, float_format="%.6g")
     result = {"members": names, "method": label, "adabn": adabn,  # label: the combiner, "+adabn" on AdaBN predictions
               "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
               "adabn_vs_plain": evidence,  # AdaBN is dropped only when z_plain_over_adabn > 1.96
-              "test_positive_rate": float(pred.mean())}
-    (out_dir / "choice.json").write_text(json.dumps(result, indent=2))
+              "test_positive_rate": float(pred.mean()),
+              # what the scores were computed from: submit refuses them once the cache has changed
+              "lineage": {"cache": cache.id, "folds": digest_file(folds_csv),
+                          "checkpoints": {r.name: digest_file(r.checkpoint) for r in runs}}}
+    (out_dir / "choice.json").unlink(missing_ok=True)  # scores without a choice.json are never submitted
+    write_csv(out_dir / "oof_features.csv", oof, float_format="%.6g")
+    write_csv(out_dir / "test_features.csv", test, float_format="%.6g")
+    write_csv(out_dir / "comparison.csv", comparison)
+    write_csv(out_dir / "test_scores.csv", scores, float_format="%.6g")
+    write_json(out_dir / "choice.json", result)  # last: the set is complete
     print("stack: leave-one-center-out accuracy on out-of-fold predictions (rows: held-out center)")
     print(table.round(4).to_string())
     if evidence is not None:

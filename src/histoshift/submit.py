@@ -8,12 +8,16 @@ center is refused unless `allow_degenerate` (the test center is balanced: that i
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from .data.cache import check_inputs, read_manifest
 from .data.h5_reader import list_ids
+from .lineage import StaleError
+from .safeio import Lock
 
 
 class SubmissionError(ValueError):
@@ -43,14 +47,39 @@ def check_submission(sub: pd.DataFrame, test_ids: list[int], source: str = "subm
                               f"{len(extra)} ids not in test.h5 (e.g. {extra[:3]})")
 
 
-def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool = False) -> Path:
+def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path) -> None:
+    """Refuse test scores that the stack computed from another cache, or a test.h5 changed since the
+    cache was built (the ids may match while the images do not)."""
+    check_inputs(Path(test_h5).parent, cache_dir)
+    choice = Path(scores_csv).with_name("choice.json")
+    if not choice.exists():
+        raise StaleError(f"{choice}: missing (the stack stage writes it last); run the stack stage")
+    made_from = json.loads(choice.read_text()).get("lineage", {}).get("cache")
+    current = read_manifest(cache_dir)["cache_id"]
+    if made_from != current:
+        raise StaleError(f"{scores_csv}: computed from another cache ({made_from}, now {current}); "
+                         "run infer and stack again (they say what else is stale)")
+
+
+def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool = False,
+                     cache_dir: Path | None = None) -> Path:
+    """`cache_dir`: check the scores' lineage against it first (the CLI always does)."""
+    out_dir = Path(out_dir)
+    with Lock(out_dir.with_name(f".{out_dir.name}.lock"), f"the submissions folder {out_dir}"):
+        if cache_dir is not None:
+            check_scores_current(scores_csv, test_h5, cache_dir)
+        return _write(scores_csv, test_h5, out_dir, allow_degenerate)
+
+
+def _write(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool) -> Path:
+    if not Path(scores_csv).exists():
+        raise FileNotFoundError(f"{scores_csv}: missing; run the stack stage first")
     scores = pd.read_csv(scores_csv)
     sub = pd.DataFrame({"ID": scores["id"].astype("int64"), "Pred": scores["pred"].astype("int64")})
     check_submission(sub, list_ids(test_h5), source=str(scores_csv))
     if sub["Pred"].nunique() == 1 and len(sub) > 1 and not allow_degenerate:
         raise SubmissionError(f"{scores_csv}: every one of the {len(sub)} test patches is predicted {int(sub['Pred'].iloc[0])}: "
                               "a degenerate submission (check the runs); pass --allow-degenerate to write it anyway")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "submission.csv"
     if path.exists() and pd.read_csv(path).equals(sub):

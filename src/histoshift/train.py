@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,16 @@ from .algorithms import ALGORITHMS
 from .config import Config, save_config, load_config
 from .data.augment import augment_batch, build_albumentations, to_float
 from .data.cache import Cache
-from .data.folds import read_folds
-from .data.loader import PatchDataset, TensorBatches, cycle, make_loader, place_images
+from .data.folds import check_folds, read_folds
+from .data.loader import EPOCH_STRIDE, PatchDataset, TensorBatches, cycle, make_loader, place_images
 from .metrics import per_center
 from .models.backbone import PatchClassifier
 from .features import FeatureClassifier, embed, feature_spec, random_view, store_key, view_logits, views_table
 from .precision import autocast, config_precision
-from .predict import check_finite, predict_views
+from .predict import PredictionError, check_finite, predict_views, record_predictions
+from .lineage import StaleError, changed, digest_file
 from .runs import RunDir
+from .safeio import Lock, atomic, require_free, write_csv, write_json, write_text
 
 IN_SAMPLE_EVAL = 2000
 
@@ -65,27 +68,36 @@ def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
     return source.reset_index(drop=True), heldout.reset_index(drop=True), target.reset_index(drop=True)
 
 
-def pseudo_labels(index: pd.DataFrame, stack_dir: Path, threshold: float) -> pd.DataFrame:
-    """Confident test patches of the previous round's ensemble, as labelled rows (one round)."""
-    path = Path(stack_dir) / "test_features.csv"
-    if not path.exists():
+def pseudo_source(cache: Cache) -> Path:
+    """The previous round's test features, after checking they were computed from this cache."""
+    stack_dir = cache.dir.parent / "stack"
+    path, choice = stack_dir / "test_features.csv", stack_dir / "choice.json"
+    if not path.exists() or not choice.exists():
         raise FileNotFoundError(f"{path}: pseudo-labels need a finished first round (train, infer, stack)")
-    feats = pd.read_csv(path)
+    made_from = json.loads(choice.read_text()).get("lineage", {}).get("cache")
+    if made_from != cache.id:
+        raise StaleError(f"{path}: computed from another cache ({made_from}, now {cache.id}); rerun the first round's "
+                         "infer and stack before pseudo-labelling")
+    return path
+
+
+def pseudo_labels(cache: Cache, threshold: float) -> pd.DataFrame:
+    """Confident test patches of the previous round's ensemble, as labelled rows (one round)."""
+    feats = pd.read_csv(pseudo_source(cache))
     prob = 1 / (1 + np.exp(-feats[[c for c in feats.columns if c.endswith("__mean")]].mean(axis=1)))
     sure = feats.assign(label=(prob >= 0.5).astype(int))[(prob >= threshold) | (prob <= 1 - threshold)]
+    index = cache.index
     test = index[(index["split"] == "test") & ~index["aberrant"]].drop(columns="label")
     return test.merge(sure[["id", "label"]], on="id")
 
 
 def _train_loaders(cfg: Config, cache: Cache, source, target, domain_of_center, seed: int, accelerator: Accelerator):
-    """Labelled and unlabelled training batches: per-item albumentations on DataLoader workers, or
-    whole-batch gathers from a tensor in device or host memory for the torch backend."""
+    """Labelled and unlabelled training batches: per-item albumentations on DataLoader workers (the
+    datasets here; `_ImageTask.epoch_loaders` makes each epoch's loaders), or whole-batch gathers from a
+    tensor in device or host memory for the torch backend."""
     if cfg.aug.backend == "albumentations":
         transform = build_albumentations(cfg.aug, seed)
-        return tuple(
-            make_loader(PatchDataset(cache.gather(t), t, domain_of_center, transform), bs, train=True,
-                        num_workers=cfg.train.num_workers, seed=seed + k)
-            for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
+        return tuple(PatchDataset(cache.gather(t), t, domain_of_center, transform) for t in (source, target))
     return _tensor_batches(cfg, lambda t: place_images(cache.gather(t), accelerator.device, cfg.train.placement),
                            source, target, domain_of_center, seed, accelerator)
 
@@ -98,26 +110,73 @@ def _tensor_batches(cfg: Config, tensor_of, source, target, domain_of_center, se
         for k, (t, bs) in enumerate([(source, cfg.train.batch_size), (target, cfg.train.target_batch_size)]))
 
 
-def prepare_run_dir(run: RunDir, cfg: Config, force: bool, inputs: dict | None = None) -> bool:
-    """True when the run must be trained. A finished run with the same config and inputs (a frozen
-    head: the feature store it was trained on) is kept; a finished run with another config or other
-    inputs is never overwritten without `force` (then it is moved aside)."""
+INPUT_NAMES = {"cache.train": "the cached train.h5", "cache.val": "the cached val.h5", "cache.test": "the cached test.h5",
+               "folds": "folds.csv", "features": "the feature store (new weights, views or cache)",
+               "pseudo": "the stack's test predictions it took pseudo-labels from"}
+
+
+def _what_changed(recorded: dict, current: dict) -> str:
+    return ", ".join(INPUT_NAMES.get(k, k) for k in changed(recorded, current))
+
+
+def prepare_run_dir(run: RunDir, cfg: Config, force: bool, inputs: dict) -> str:
+    """'skip', 'resume' or 'fresh'. A finished run with the same config and inputs (cache digests,
+    folds, a frozen head's feature store, pseudo-labels) is kept; a finished run with another config
+    or other inputs is never overwritten without `force` (then it is moved aside). An unfinished run
+    with a saved epoch and the same config and inputs resumes; any other unfinished run starts over."""
+    recorded = json.loads(run.inputs.read_text()) if run.inputs.exists() else {}
+    same_config = run.config.exists() and load_config(run.config).to_dict() == cfg.to_dict()
     if run.is_done:
-        same_inputs = (json.loads(run.inputs.read_text()) if run.inputs.exists() else {}) == (inputs or {})
-        if load_config(run.config).to_dict() == cfg.to_dict() and same_inputs and not force:
+        if same_config and recorded == inputs and not force:
             print(f"train: {run.path} is done with this config, skipping")
-            return False
+            return "skip"
         if not force:
-            what = "another config" if same_inputs else "other inputs (its feature store changed: new weights or cache)"
+            what = ("another config" if not same_config else
+                    f"other inputs ({_what_changed(recorded, inputs)} changed since)")
             raise FileExistsError(f"{run.path} holds a finished run with {what}; "
                                   "pass --force to move it aside and retrain")
         aside = run.path.with_name(f"{run.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         run.path.rename(aside)
         print(f"train: moved the previous run to {aside}")
     elif run.path.exists():
-        print(f"train: {run.path} holds an unfinished run; starting it again")
+        if same_config and recorded == inputs and run.last_state() is not None and not force:
+            return "resume"
+        why = "no saved epoch" if same_config and recorded == inputs else "another config or other inputs"
+        print(f"train: {run.path} holds an unfinished run ({why}); starting it again")
         shutil.rmtree(run.path)
-    return True
+    return "fresh"
+
+
+class Progress:
+    """The loop's position and history, saved with every epoch's state (Accelerate custom object)."""
+
+    def __init__(self):
+        self.epoch, self.step, self.seconds, self.records = 0, 0, 0.0, []
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seconds": self.seconds, "records": list(self.records)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step, self.seconds, self.records = (state["epoch"], state["step"], state["seconds"],
+                                                             list(state["records"]))
+
+
+def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int) -> None:
+    """Model, optimizer, scheduler, loss scaler, RNG states and progress after `epoch`, in
+    run/state-epoch<N>/ with a `complete` marker written last; older states are removed after."""
+    folder = run.state_dir(epoch)
+    if accelerator.is_main_process:
+        require_free(run.path, nbytes, f"saving the epoch {epoch} state")
+        shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / "complete").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        for old in run.path.glob("state-epoch*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 class _ImageTask:
@@ -125,7 +184,7 @@ class _ImageTask:
 
     def __init__(self, cfg: Config, cache: Cache, parts, domain_of_center, seed, accelerator, precision):
         source, heldout, target = parts
-        self.cfg, self.cache, self.acc, self.precision = cfg, cache, accelerator, precision
+        self.cfg, self.cache, self.acc, self.precision, self.seed = cfg, cache, accelerator, precision, seed
         self.domain_of_center = domain_of_center
         model = PatchClassifier(cfg.model)
         self.model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
@@ -133,9 +192,18 @@ class _ImageTask:
         self.heldout = heldout
         self.heldout_loader = None
 
+    def epoch_loaders(self, epoch: int):
+        """This epoch's labelled and unlabelled batch streams, their order a function of (seed, epoch)."""
+        if self.cfg.aug.backend == "albumentations":  # DataLoaders seeded per epoch; Accelerate shards them
+            sizes = (self.cfg.train.batch_size, self.cfg.train.target_batch_size)
+            return self.acc.prepare(*(make_loader(ds, bs, train=True, num_workers=self.cfg.train.num_workers,
+                                                  seed=self.seed + k + EPOCH_STRIDE * epoch, persistent=False)
+                                      for k, (ds, bs) in enumerate(zip(self.loaders, sizes))))
+        for stream in self.loaders:
+            stream.set_epoch(epoch)
+        return self.loaders
+
     def prepare(self):
-        if self.cfg.aug.backend == "albumentations":  # DataLoaders: Accelerate shards them
-            self.loaders = self.acc.prepare(*self.loaders)
         self.heldout_loader = self._loader(self.heldout)
         core = self.acc.unwrap_model(self.model)
         self.preprocess = core.preprocess
@@ -177,6 +245,11 @@ class _FeatureTask:
     def prepare(self):
         pass
 
+    def epoch_loaders(self, epoch: int):
+        for stream in self.loaders:
+            stream.set_epoch(epoch)
+        return self.loaders
+
     def model_input(self, feats: torch.Tensor) -> torch.Tensor:
         return random_view(feats.to(self.acc.device)).float()
 
@@ -190,25 +263,45 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     precision = config_precision(cfg)
     # bf16 needs no loss scaling: the loop's own autocast does it; fp16 needs Accelerate's scaler
     accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
+    # one process trains a run folder at a time (the lock dies with its holder, kill -9 included)
+    with Lock(run.lock, f"the run {run.path}") if accelerator.is_main_process else nullcontext():
+        return _train_fold(cfg, cache_dir, folds_csv, run, force, accelerator, precision)
+
+
+def run_inputs(cfg: Config, cache: Cache, folds_csv: Path, spec: dict | None) -> dict:
+    """What a run is computed from besides its config (recorded in inputs.json)."""
+    inputs = {"cache": cache.digests, "folds": digest_file(folds_csv)}
+    if spec:
+        inputs["features"] = store_key(spec)
+    if cfg.train.pseudo_threshold > 0:
+        inputs["pseudo"] = digest_file(pseudo_source(cache))
+    return inputs
+
+
+def _train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool, accelerator: Accelerator,
+                precision: str) -> dict | None:
+    cache = Cache.open(cache_dir)
+    folds = read_folds(folds_csv)
+    check_folds(folds, cache.index, folds_csv)  # before anything is trained: no leak, no stale ids
     # a head on frozen features depends on the store it was trained on (weights, cache, views...)
     spec = feature_spec(cfg, cache_dir, precision) if cfg.model.frozen else None  # computed once: embed reuses it
-    inputs = {"features": store_key(spec)} if spec else {}
-    must_train = prepare_run_dir(run, cfg, force, inputs) if accelerator.is_main_process else True
-    must_train = bool(accelerator.gather(torch.tensor([must_train], device=accelerator.device)).all())
-    if not must_train:
+    inputs = run_inputs(cfg, cache, folds_csv, spec)
+    mode = prepare_run_dir(run, cfg, force, inputs) if accelerator.is_main_process else "fresh"
+    modes = accelerator.gather(torch.tensor([("skip", "fresh", "resume").index(mode)], device=accelerator.device))
+    mode = ("skip", "fresh", "resume")[int(modes[0])]
+    if mode == "skip":
         return None
     seed = cfg.train.seed + 1000 * run.fold
     set_seed(seed, device_specific=True)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and mode == "fresh":
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
-        run.inputs.write_text(json.dumps(inputs))
+        write_json(run.inputs, inputs)
 
-    cache = Cache.open(cache_dir)
-    source, heldout, target = split_for_fold(cache.index, read_folds(folds_csv), run.fold)
+    source, heldout, target = split_for_fold(cache.index, folds, run.fold)
     n_pseudo = 0
     if cfg.train.pseudo_threshold > 0:
-        extra = pseudo_labels(cache.index, Path(cache_dir).parent / "stack", cfg.train.pseudo_threshold)
+        extra = pseudo_labels(cache, cfg.train.pseudo_threshold)
         n_pseudo = len(extra)
         source = pd.concat([source, extra[source.columns.intersection(extra.columns)]], ignore_index=True)
         accelerator.print(f"train {run.name}: + {n_pseudo} pseudo-labelled test patches "
@@ -231,7 +324,7 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
     core = accelerator.unwrap_model(algorithm)
     task.model = core.model
     task.prepare()
-    src_loader, tgt_loader = task.loaders
+    src_loader, _ = task.epoch_loaders(0)
     if len(src_loader) == 0:
         raise ValueError(f"fold {run.fold}: fewer labelled patches ({len(source)}) than one batch")
     steps_per_epoch = cfg.train.steps_per_epoch or len(src_loader)
@@ -243,12 +336,23 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
         return 0.0 if step < probe_steps else factor(step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [backbone_factor if g.get("name") == "backbone" else factor for g in optimizer.param_groups])
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in core.parameters())  # weights + two AdamW moments
+    if mode == "resume":
+        accelerator.load_state(str(run.last_state()))
+        accelerator.print(f"train {run.name}: resuming after epoch {progress.epoch} of {cfg.train.epochs} "
+                          f"(state saved in {run.last_state()})")
+        if accelerator.is_main_process:  # the history as of the saved epoch (a later line may predate the kill)
+            write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in progress.records))
 
-    src_iter = cycle(src_loader)
-    tgt_iter = cycle(tgt_loader) if core.uses_target else None
-    step, t0 = 0, time.time()
-    for epoch in range(cfg.train.epochs):
+    t0 = time.time() - progress.seconds
+    oof = None
+    for epoch in range(progress.epoch, cfg.train.epochs):
         algorithm.train()
+        src_loader, tgt_loader = task.epoch_loaders(epoch)  # the data order is a function of the epoch
+        src_iter = cycle(src_loader)
+        tgt_iter = cycle(tgt_loader) if core.uses_target else None
         logs: dict[str, list[float]] = {}
         bar = tqdm(range(steps_per_epoch), desc=f"{run.name} epoch {epoch + 1}/{cfg.train.epochs}",
                    unit="step", disable=not accelerator.is_local_main_process)
@@ -259,29 +363,35 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                 tb = next(tgt_iter)
                 feed.update(x_target=task.model_input(tb["image"]), domain_target=tb["domain"])
             with autocast(accelerator.device, precision):
-                out = algorithm(feed, progress=step / total)
+                out = algorithm(feed, progress=progress.step / total)
             accelerator.backward(out["loss"])
             if cfg.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(algorithm.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            progress.step += 1
             for k, v in out.items():
                 if k != "logits" and v.ndim == 0:
                     logs.setdefault(k, []).append(float(v.detach()))
             bar.set_postfix(loss=f"{np.mean(logs['loss'][-20:]):.3f}")
+        if not np.isfinite(logs["loss"]).all():
+            raise PredictionError(f"{run.path}: the training loss became non-finite in epoch {epoch + 1} "
+                                  f"(step {progress.step}); lower optim.lr or check the inputs - the run is not marked done")
         oof = task.predict(core.model, None, desc="held-out").rename(columns={"v0": "logit"})
-        held = per_center(oof).iloc[0]
-        record = {"epoch": epoch + 1, "step": step, "seconds": round(time.time() - t0, 1),
+        held = per_center(check_finite(oof, f"{run.path} (held-out center {run.fold}, epoch {epoch + 1})")).iloc[0]
+        record = {"epoch": epoch + 1, "step": progress.step, "seconds": round(time.time() - t0, 1),
                   "lr_backbone": scheduler.get_last_lr()[0],
                   **{f"train_{k}": round(float(np.mean(v)), 5) for k, v in logs.items()},
                   "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5)}
         accelerator.print(json.dumps(record))
+        progress.epoch, progress.seconds = epoch + 1, time.time() - t0
+        progress.records.append(record)
         if accelerator.is_main_process:
             with run.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-
+        if epoch + 1 < cfg.train.epochs:  # a kill from here on resumes after this epoch
+            save_epoch_state(accelerator, run, epoch + 1, state_bytes)
     # every labelled center: the held-out one out of fold (all of it), the training ones in sample
     # (for reference only; a fixed sample of at most IN_SAMPLE_EVAL patches each keeps this cheap)
     labelled = cache.index[cache.index["split"] != "test"]
@@ -289,23 +399,27 @@ def train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool = Fal
                       for c, part in labelled.groupby("center")]).reset_index(drop=True)
     table = per_center(task.predict(core.model, full, desc="all labelled").rename(columns={"v0": "logit"}))
     table["held_out"] = table["center"] == run.fold
-    check_finite(oof, f"{run.path} (held-out center {run.fold})")  # a diverged run is never marked done
     summary = None
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(run.checkpoint))
+        with atomic(run.checkpoint) as tmp:
+            save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(tmp))
         if cfg.model.recipe and not cfg.model.frozen:  # what the backbone was built as: infer rebuilds it offline
-            run.backbone_build.write_text(json.dumps(core.model.backbone.build, indent=2))
-        oof.to_csv(run.oof, index=False, float_format="%.6g")
+            write_json(run.backbone_build, core.model.backbone.build)
+        write_csv(run.oof, oof, float_format="%.6g")
         if cfg.model.frozen:  # the stored views make TTA free: write what the infer stage would
             test = cache.index[cache.index["split"] == "test"]
-            for rows, path in ((None, run.tta_heldout), (test, run.tta_test)):
-                views = check_finite(task.predict(core.model, rows, desc="tta", views=task.store.views), str(path))
-                views.assign(label=-1 if rows is not None else views["label"]).to_csv(path, index=False, float_format="%.6g")
+            for rows, part in ((None, "heldout"), (test, "test")):
+                views = check_finite(task.predict(core.model, rows, desc="tta", views=task.store.views), str(run.tta_path(part)))
+                write_csv(run.tta_path(part), views.assign(label=-1 if rows is not None else views["label"]),
+                          float_format="%.6g")
+                record_predictions(run, part, False, cache)
         summary = {"run": run.name, "fold": run.fold, "seconds": round(time.time() - t0, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
                    "pseudo_labels": n_pseudo, "per_center": table.to_dict(orient="records")}
-        run.summary.write_text(json.dumps(summary, indent=2))
-        run.done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        write_json(run.summary, summary)
+        write_text(run.done, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        for state in run.path.glob("state-epoch*"):  # done: the resumable states have served
+            shutil.rmtree(state, ignore_errors=True)
         accelerator.print(table.to_string(index=False))
     accelerator.wait_for_everyone()
     return summary

@@ -2,32 +2,78 @@
 
 The cache holds, per split, an N x S x S x 3 uint8 array (`images_<split>.npy`, memory-mappable)
 and one index table for all splits (`index.csv`: id, split, row, center, label, n_black, n_white,
-grey_std, aberrant, reason). A manifest records the inputs' size and modification time, so a
-second run with unchanged inputs does nothing. Files are written under temporary names and renamed
-only when complete: an interrupted run never leaves a cache that looks valid.
+grey_std, aberrant, reason). Its manifest records the inputs' size and modification time (a second
+run with unchanged inputs does nothing), the centers contract, and per split a digest of what was
+cached (images, ids, labels, centers); the cache id hashes them, and every later stage records it.
+
+HDF5 groups are read and validated by several processes (`workers`), a chunk of ids each, in order.
+A new cache is built in a hidden folder beside the old one and swapped in only when complete: a
+failed or interrupted prepare leaves the previous cache as it was. Free space is checked, and the
+image arrays reserved on disk, before anything is converted.
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .h5_reader import InputError, iter_records, list_ids
+from ..lineage import StaleError
+from ..safeio import DiskError, Lock, human, require_free
+from .h5_reader import InputError, open_h5, read_chunk, read_record, sorted_keys
 from .quality import QualityRule, measure
 
 SPLITS = ("train", "val", "test")
 LABELLED = {"train": True, "val": True, "test": False}
-CACHE_VERSION = 1
-CHUNK = 1024  # images per write + quality pass (bounds the float temporaries to ~110 MB)
+CACHE_VERSION = 2
+CHUNK = 1024  # images per read job, write and quality pass (bounds the float temporaries to ~110 MB)
 
 
-def _fingerprint(input_dir: Path, rule: QualityRule) -> dict:
+@dataclass(frozen=True)
+class Contract:
+    """Which centers each file may hold (Camelyon17-WILDS: train 0, 3, 4; val 1; test 2). Empty: any."""
+    train: tuple[int, ...] = (0, 3, 4)
+    val: tuple[int, ...] = (1,)
+    test: tuple[int, ...] = (2,)
+
+    @classmethod
+    def parse(cls, text: str) -> "Contract":
+        """'train=0,3,4;val=1;test=2' (a split left out keeps its default) or 'any' (no check)."""
+        if text.strip() == "any":
+            return cls((), (), ())
+        values = {}
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            split, _, centers = part.partition("=")
+            if split.strip() not in SPLITS or not centers:
+                raise InputError(f"--centers: expected 'train=0,3,4;val=1;test=2' or 'any', got {text!r}")
+            try:
+                values[split.strip()] = tuple(sorted(int(c) for c in centers.split(",")))
+            except ValueError:
+                raise InputError(f"--centers: {part!r} holds a center that is not an integer") from None
+        contract = cls(**values)
+        shared = [(a, b) for a in SPLITS for b in SPLITS if a < b and set(contract.of(a)) & set(contract.of(b))]
+        if shared:
+            raise InputError(f"--centers: {shared[0][0]} and {shared[0][1]} share a center; the splits must be disjoint")
+        return contract
+
+    def of(self, split: str) -> tuple[int, ...]:
+        return getattr(self, split)
+
+    def __str__(self) -> str:
+        if not any(self.of(s) for s in SPLITS):
+            return "any centers"
+        return "; ".join(f"{s} {','.join(map(str, self.of(s))) or 'any'}" for s in SPLITS)
+
+
+def _input_files(input_dir: Path) -> dict:
     files = {}
     for split in SPLITS:
         p = input_dir / f"{split}.h5"
@@ -35,77 +81,147 @@ def _fingerprint(input_dir: Path, rule: QualityRule) -> dict:
             raise InputError(f"{p}: file not found")
         st = p.stat()
         files[split] = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"version": CACHE_VERSION, "files": files, "rule": dataclasses.asdict(rule)}
+    return files
 
 
-def _convert_split(path: Path, split: str, out: Path, rule: QualityRule, side_hint: int | None):
-    n = len(list_ids(path))
-    images = None
-    rows: list[dict] = []
-    chunk_imgs: list[np.ndarray] = []
-    chunk_rows: list[dict] = []
+def _fingerprint(input_dir: Path, rule: QualityRule, contract: Contract) -> dict:
+    """What decides whether the cache must be rebuilt (the manifest holds this and the digests)."""
+    fp = {"version": CACHE_VERSION, "files": _input_files(input_dir), "rule": asdict(rule), "contract": asdict(contract)}
+    return json.loads(json.dumps(fp))  # as the manifest will hold it (tuples become lists)
 
-    def flush():
-        if not chunk_imgs:
-            return
-        batch = np.stack(chunk_imgs)
-        start = len(rows)
-        images[start:start + len(batch)] = batch
-        q = measure(batch, rule)
-        for k, r in enumerate(chunk_rows):
-            r.update({name: q[name][k].item() for name in q})
-        rows.extend(chunk_rows)
-        chunk_imgs.clear()
-        chunk_rows.clear()
 
-    for rec in tqdm(iter_records(path, LABELLED[split]), total=n, desc=f"prepare {split}", unit="img"):
-        side = rec.img.shape[0]
-        if side_hint is None:
-            side_hint = side
-        elif side != side_hint:
-            raise InputError(f"{path}, id {rec.id}: img side {side} differs from the {side_hint} seen before")
-        if images is None:
-            images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n, side, side, 3))
-        chunk_imgs.append(rec.img)
-        chunk_rows.append({"id": rec.id, "split": split, "row": len(rows) + len(chunk_rows),
-                           "center": rec.center, "label": rec.label})
-        if len(chunk_imgs) == CHUNK:
-            flush()
-    flush()
+def _chunk_job(path: Path, keys: list[str], labelled: bool, rule: QualityRule):
+    chunk = read_chunk(path, keys, labelled)
+    return chunk, measure(chunk.images, rule)
+
+
+def _chunks(path: Path, keys: list[str], labelled: bool, rule: QualityRule, workers: int):
+    """(Chunk, quality) in id order; read by `workers` processes (a bounded window of jobs ahead)."""
+    jobs = [keys[i:i + CHUNK] for i in range(0, len(keys), CHUNK)]
+    if workers <= 1:
+        for job in jobs:
+            yield _chunk_job(path, job, labelled, rule)
+        return
+    # spawned, not forked: the parent may hold threads (torch, tqdm) and HDF5 state
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        pending = [pool.submit(_chunk_job, path, job, labelled, rule) for job in jobs[:2 * workers]]
+        for k in range(len(jobs)):
+            result = pending.pop(0).result()
+            if k + 2 * workers < len(jobs):
+                pending.append(pool.submit(_chunk_job, path, jobs[k + 2 * workers], labelled, rule))
+            yield result
+
+
+def _reserve(path: Path, shape: tuple, what: str) -> np.memmap:
+    """A new .npy memory map whose blocks are allocated now: a full disk fails here with a message,
+    not later with SIGBUS inside a write to a sparse file."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as e:
+        raise DiskError(f"{path}: cannot reserve {human(os.path.getsize(path))} for {what} ({e.strerror}); "
+                        "free some space (the previous cache is untouched)") from None
+    finally:
+        os.close(fd)
+    return images
+
+
+def _convert_split(path: Path, split: str, out: Path, rule: QualityRule, contract: Contract,
+                   side: int, workers: int) -> tuple[pd.DataFrame, str]:
+    keys = sorted_keys(path)
+    images = _reserve(out, (len(keys), side, side, 3), f"the {split} images")
+    allowed = set(contract.of(split))
+    digest = hashlib.blake2b(digest_size=16)
+    frames, row = [], 0
+    bar = tqdm(total=len(keys), desc=f"prepare {split}", unit="img")
+    for chunk, q in _chunks(path, keys, LABELLED[split], rule, workers):
+        if chunk.images.shape[1] != side:
+            raise InputError(f"{path}, id {chunk.ids[0]}: img side {chunk.images.shape[1]} differs from the {side} seen before")
+        if allowed and not np.isin(chunk.centers, list(allowed)).all():
+            k = int(np.argmin(np.isin(chunk.centers, list(allowed))))
+            raise InputError(f"{path}, id {chunk.ids[k]}: center {chunk.centers[k]} is not a {split} center of the "
+                             f"contract ({contract}); files that follow another split: prepare --centers "
+                             "'train=..;val=..;test=..' (or 'any')")
+        images[row:row + len(chunk.ids)] = chunk.images
+        for part in (chunk.ids, chunk.labels, chunk.centers, chunk.images):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        frames.append(pd.DataFrame({"id": chunk.ids, "split": split, "row": np.arange(row, row + len(chunk.ids)),
+                                    "center": chunk.centers, "label": chunk.labels, **q}))
+        row += len(chunk.ids)
+        bar.update(len(chunk.ids))
+    bar.close()
     images.flush()
     del images
-    return pd.DataFrame(rows), side_hint
+    return pd.concat(frames, ignore_index=True), digest.hexdigest()
 
 
-def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(), force: bool = False) -> pd.DataFrame:
-    """Build the cache (or reuse it when the inputs are unchanged) and return the index table."""
+def _first_side(path: Path) -> int:
+    keys = sorted_keys(path)
+    with open_h5(path) as f:
+        return read_record(path, f, keys[0], labelled=False).img.shape[0]
+
+
+def default_workers(n_images: int) -> int:
+    return 1 if n_images < 8 * CHUNK else max(1, min(os.cpu_count() or 1, 8))
+
+
+def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(), force: bool = False,
+            contract: Contract = Contract(), workers: int = 0) -> pd.DataFrame:
+    """Build the cache (or reuse it when the inputs are unchanged) and return the index table.
+    `workers`: reader processes (0: one per core, at most 8, for files of more than 8 chunks)."""
     input_dir, cache_dir = Path(input_dir), Path(cache_dir)
-    fp = _fingerprint(input_dir, rule)
-    manifest = cache_dir / "manifest.json"
-    if not force and manifest.exists() and json.loads(manifest.read_text()) == fp:
-        print(f"prepare: cache in {cache_dir} is up to date, nothing to do")
-        return load_index(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest.unlink(missing_ok=True)  # the cache is invalid until the new manifest is written
+    with Lock(cache_dir.with_name(f".{cache_dir.name}.lock"), f"the cache {cache_dir} (prepare)"):
+        fp = _fingerprint(input_dir, rule, contract)
+        manifest = cache_dir / "manifest.json"
+        if not force and manifest.exists():
+            old = json.loads(manifest.read_text())
+            if {k: old.get(k) for k in fp} == fp:
+                print(f"prepare: cache in {cache_dir} is up to date, nothing to do")
+                return load_index(cache_dir)
+        for stale in cache_dir.parent.glob(f".{cache_dir.name}.building-*"):  # left by a killed prepare
+            shutil.rmtree(stale, ignore_errors=True)
+        paths = {split: input_dir / f"{split}.h5" for split in SPLITS}
+        counts = {split: len(sorted_keys(p)) for split, p in paths.items()}
+        side = _first_side(paths["train"])
+        require_free(cache_dir.parent, sum(counts.values()) * side * side * 3 + 200 * sum(counts.values()),
+                     f"a new cache of {sum(counts.values())} patches (built beside the old one)")
+        workers = workers or default_workers(max(counts.values()))
+        new = cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}")
+        new.mkdir(parents=True)
+        try:
+            index = _build(paths, new, rule, contract, side, workers, fp)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        if cache_dir.exists():  # swap: the old cache goes only once the new one is complete
+            old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
+            cache_dir.rename(old)
+            new.rename(cache_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            new.rename(cache_dir)
+    report = quality_report(index)
+    print("aberrant patches per center (left out of training; test patches are always predicted):")
+    print(report.to_string(index=False))
+    return index
 
-    frames, side, seen = [], None, {}
-    for split in SPLITS:
-        path = input_dir / f"{split}.h5"
-        tmp = cache_dir / f"images_{split}.tmp.npy"
-        df, side = _convert_split(path, split, tmp, rule, side)
+
+def _build(paths: dict, out: Path, rule: QualityRule, contract: Contract, side: int, workers: int, fp: dict) -> pd.DataFrame:
+    frames, digests, seen = [], {}, {}
+    for split, path in paths.items():
+        df, digests[split] = _convert_split(path, split, out / f"images_{split}.npy", rule, contract, side, workers)
         for i in df["id"]:
             if i in seen:
                 raise InputError(f"{path}, id {i}: duplicate id, already present in {seen[i]}")
             seen[i] = path
-        os.replace(tmp, cache_dir / f"images_{split}.npy")
         frames.append(df)
     index = pd.concat(frames, ignore_index=True)
-    index.to_csv(cache_dir / "index.csv", index=False)
-    report = quality_report(index)
-    report.to_csv(cache_dir / "quality_report.csv", index=False)
-    print("aberrant patches per center (left out of training; test patches are always predicted):")
-    print(report.to_string(index=False))
-    manifest.write_text(json.dumps(fp, indent=2))
+    index.to_csv(out / "index.csv", index=False)
+    quality_report(index).to_csv(out / "quality_report.csv", index=False)
+    splits = {s: {"patches": int((index["split"] == s).sum()), "digest": digests[s]} for s in SPLITS}
+    cache_id = hashlib.blake2b(json.dumps([splits, fp["rule"]], sort_keys=True).encode(), digest_size=8).hexdigest()
+    (out / "manifest.json").write_text(json.dumps({**fp, "splits": splits, "cache_id": cache_id}, indent=2))
     return index
 
 
@@ -128,16 +244,50 @@ def load_index(cache_dir: Path) -> pd.DataFrame:
     return df
 
 
+def read_manifest(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{cache_dir}: no complete cache; run the prepare stage first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != CACHE_VERSION:
+        raise StaleError(f"{cache_dir}: built by an older version of this code; run prepare --force")
+    return manifest
+
+
+def check_inputs(input_dir: Path, cache_dir: Path) -> dict:
+    """The cache's manifest, after checking that input/*.h5 are the files it was built from (size and
+    mtime; a folder without the files, e.g. inputs moved away after prepare, is not checked)."""
+    manifest = read_manifest(cache_dir)
+    input_dir = Path(input_dir)
+    moved = [s for s in SPLITS if (input_dir / f"{s}.h5").exists()
+             and {k: v for k, v in _input_files(input_dir)[s].items() if k != "path"}
+             != {k: v for k, v in manifest["files"][s].items() if k != "path"}]
+    if moved:
+        raise StaleError(f"{', '.join(str(input_dir / f'{s}.h5') for s in moved)} changed since the cache was built; "
+                         "run prepare (then the stages after it recompute or refuse what is stale)")
+    return manifest
+
+
 @dataclass
 class Cache:
     """The prepared cache: index table plus one memory-mapped image array per split."""
 
     dir: Path
     index: pd.DataFrame
+    manifest: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, cache_dir: Path) -> "Cache":
-        return cls(Path(cache_dir), load_index(cache_dir))
+        return cls(Path(cache_dir), load_index(cache_dir), read_manifest(cache_dir))
+
+    @property
+    def id(self) -> str:
+        return self.manifest["cache_id"]
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """Per split: the digest of its cached images, ids, labels and centers."""
+        return {s: v["digest"] for s, v in self.manifest["splits"].items()}
 
     def images(self, split: str, in_memory: bool = True) -> np.ndarray:
         arr = np.load(self.dir / f"images_{split}.npy", mmap_mode="r")

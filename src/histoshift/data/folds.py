@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..safeio import write_csv
+
 COLUMNS = ["id", "center", "label", "fold"]
+
+
+class FoldsError(ValueError):
+    """folds.csv is malformed or does not match the cache (stale ids, wrong labels, a center leak)."""
 
 
 def make_folds(index: pd.DataFrame) -> pd.DataFrame:
@@ -38,7 +44,7 @@ def write_folds(index: pd.DataFrame, path: Path, force: bool = False) -> pd.Data
         path.rename(backup)
         print(f"folds: kept the previous file as {backup}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    folds.to_csv(path, index=False)
+    write_csv(path, folds)
     counts = folds.groupby("fold").size().to_dict()
     print(f"folds: wrote {path}: patches per held-out center {counts}")
     return folds
@@ -48,8 +54,48 @@ def read_folds(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no folds file; run the folds stage first")
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise FoldsError(f"{path}: cannot be read as CSV ({str(e).strip().splitlines()[0]})") from None
     missing = set(COLUMNS) - set(df.columns)
     if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        raise FoldsError(f"{path}: missing columns {sorted(missing)}")
+    for col in COLUMNS:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | (values != values.round())
+        if bad.any():
+            k = int(bad.to_numpy().argmax())
+            raise FoldsError(f"{path}, row {k + 2}: {col} is {df[col].iloc[k]!r}, expected an integer")
+        df[col] = values.astype("int64")
     return df
+
+
+def check_folds(folds: pd.DataFrame, index: pd.DataFrame, path: Path) -> None:
+    """Refuse (FoldsError) folds that do not describe leave-one-center-out over the cache's labelled
+    patches: every labelled id exactly once, its center and label as cached, its fold its center. A
+    hand edit that moves patches of a center into another fold would let fold models train on the
+    center they are scored on (and the stack stage trust those scores)."""
+    dup = folds["id"][folds["id"].duplicated()]
+    if len(dup):
+        raise FoldsError(f"{path}, id {int(dup.iloc[0])}: listed more than once")
+    labelled = index.loc[index["split"] != "test", ["id", "center", "label"]]
+    merged = labelled.merge(folds, on="id", how="outer", suffixes=("", "_folds"), indicator=True)
+    for side, problem in (("left_only", "is a labelled patch of the cache but has no fold"),
+                          ("right_only", "is not a labelled patch of the cache")):
+        rows = merged[merged["_merge"] == side]
+        if len(rows):
+            raise FoldsError(f"{path}, id {int(rows['id'].iloc[0])}: {problem} ({len(rows)} such ids); the folds "
+                             "are stale: rebuild them (folds --force)")
+    for col in ("center", "label"):
+        bad = merged[merged[col] != merged[f"{col}_folds"]]
+        if len(bad):
+            r = bad.iloc[0]
+            raise FoldsError(f"{path}, id {int(r['id'])}: {col} {int(r[f'{col}_folds'])} differs from the cache's "
+                             f"{int(r[col])}; rebuild the folds (folds --force)")
+    leak = merged[merged["fold"] != merged["center"]]
+    if len(leak):
+        r = leak.iloc[0]
+        raise FoldsError(f"{path}, id {int(r['id'])}: center {int(r['center'])} placed in fold {int(r['fold'])}; leave-one-"
+                         "center-out needs fold = center, else a fold model is scored on patches of a center it trained "
+                         f"on ({len(leak)} such ids); rebuild the folds (folds --force)")

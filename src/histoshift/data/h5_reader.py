@@ -8,6 +8,7 @@ Everything that breaks the contract raises `InputError` naming the file, the id 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,13 +48,23 @@ def open_h5(path: Path) -> h5py.File:
 
 def list_ids(path: Path) -> list[int]:
     """The integer ids of a file, in sorted order, with names validated (cheap: reads no images)."""
+    return [_parse_id(path, k) for k in sorted_keys(path)]
+
+
+def sorted_keys(path: Path) -> list[str]:
+    """The group names of a file in id order, every name validated."""
     with open_h5(path) as f:
-        return sorted(_parse_id(path, k) for k in f.keys())
+        return sorted(f.keys(), key=lambda k: _parse_id(path, k))
+
+
+ID_PATTERN = re.compile(r"0|[1-9][0-9]*")  # ASCII digits only, no leading zero (007 and 7 would collide)
+MAX_ID = 2**63 - 1
 
 
 def _parse_id(path: Path, key: str) -> int:
-    if not key.isdigit():
-        raise InputError(f"{path}, id '{key}': group name is not an integer id")
+    if not ID_PATTERN.fullmatch(key) or int(key) > MAX_ID:
+        raise InputError(f"{path}, id {key!r}: group name is not an integer id "
+                         "(ASCII digits without leading zeros, at most 2^63-1)")
     return int(key)
 
 
@@ -79,44 +90,76 @@ def to_uint8_hwc(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
+def _scalar(path: Path, key: str, name: str, raw: np.ndarray, expected: str):
+    """The first element of a numeric dataset (a string or object value is refused, not coerced)."""
+    if raw.size == 0:
+        raise InputError(f"{path}, id {key}: {name} is empty, expected {expected}")
+    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
+        shown = raw.reshape(-1)[0]
+        shown = shown.decode(errors="replace") if isinstance(shown, bytes) else shown
+        raise InputError(f"{path}, id {key}: {name} holds {shown!r} of type {raw.dtype}, expected {expected}")
+    return raw.reshape(-1)[0]
+
+
 def _read_label(path: Path, key: str, group: h5py.Group, labelled: bool) -> int:
-    raw = np.asarray(group["label"][()])
     if not labelled:
         return -1
+    raw = np.asarray(group["label"][()])
     if raw.size != 1:
         raise InputError(f"{path}, id {key}: label has shape {raw.shape}, expected a scalar")
-    value = raw.reshape(-1)[0]
+    value = _scalar(path, key, "label", raw, "0 or 1")
     if not np.isfinite(value) or float(value) not in (0.0, 1.0):
         raise InputError(f"{path}, id {key}: label is {value.item()!r}, expected 0 or 1")
     return int(value)
 
 
 def _read_center(path: Path, key: str, group: h5py.Group) -> int:
-    meta = np.asarray(group["metadata"][()]).reshape(-1)
-    if meta.size == 0:
-        raise InputError(f"{path}, id {key}: metadata is empty, expected the center as its first element")
-    center = meta[0]
+    raw = np.asarray(group["metadata"][()])
+    center = _scalar(path, key, "metadata", raw, "the center as its first element (a non-negative integer)")
     if not np.isfinite(center) or float(center) != int(center) or int(center) < 0:
         raise InputError(f"{path}, id {key}: metadata[0] (center) is {center.item()!r}, expected a non-negative integer")
     return int(center)
 
 
+def read_record(path: Path, f: h5py.File, key: str, labelled: bool) -> Record:
+    """One validated group of an open file."""
+    item = f[key]
+    if not isinstance(item, h5py.Group):
+        raise InputError(f"{path}, id {key}: expected a group holding img/label/metadata, found a dataset")
+    for required in ("img", "label", "metadata"):
+        if required not in item:
+            raise InputError(f"{path}, id {key}: missing key '{required}'")
+    return Record(id=_parse_id(path, key), img=to_uint8_hwc(path, key, np.asarray(item["img"][()])),
+                  label=_read_label(path, key, item, labelled), center=_read_center(path, key, item))
+
+
 def iter_records(path: Path, labelled: bool) -> Iterator[Record]:
     """Yield validated records in sorted-id order. `labelled=False` ignores the label's value."""
     path = Path(path)
+    keys = sorted_keys(path)
     with open_h5(path) as f:
-        keys = sorted(f.keys(), key=lambda k: _parse_id(path, k))
         for key in keys:
-            item = f[key]
-            if not isinstance(item, h5py.Group):
-                raise InputError(f"{path}, id {key}: expected a group holding img/label/metadata, found a dataset")
-            for required in ("img", "label", "metadata"):
-                if required not in item:
-                    raise InputError(f"{path}, id {key}: missing key '{required}'")
-            img = to_uint8_hwc(path, key, np.asarray(item["img"][()]))
-            yield Record(
-                id=_parse_id(path, key),
-                img=img,
-                label=_read_label(path, key, item, labelled),
-                center=_read_center(path, key, item),
-            )
+            yield read_record(path, f, key, labelled)
+
+
+@dataclass
+class Chunk:
+    """Consecutive records of one file as arrays (what `prepare`'s reader processes return)."""
+    ids: np.ndarray  # int64
+    images: np.ndarray  # N x S x S x 3 uint8
+    labels: np.ndarray  # int64 (-1 when unlabelled)
+    centers: np.ndarray  # int64
+
+
+def read_chunk(path: Path, keys: list[str], labelled: bool) -> Chunk:
+    """The records `keys` of one file, validated, as one Chunk (its images share one side)."""
+    path = Path(path)
+    with open_h5(path) as f:
+        records = [read_record(path, f, key, labelled) for key in keys]
+    side = records[0].img.shape[0]
+    for r in records:
+        if r.img.shape[0] != side:
+            raise InputError(f"{path}, id {r.id}: img side {r.img.shape[0]} differs from the {side} seen before")
+    return Chunk(ids=np.array([r.id for r in records], dtype=np.int64), images=np.stack([r.img for r in records]),
+                 labels=np.array([r.label for r in records], dtype=np.int64),
+                 centers=np.array([r.center for r in records], dtype=np.int64))

@@ -49,12 +49,15 @@ def collate(batch):
     return batch if isinstance(batch, dict) else default_collate(batch)
 
 
+EPOCH_STRIDE = 100_003  # seed offset between epochs: the data order of epoch e is a function of (seed, e)
+
+
 def make_loader(dataset: PatchDataset, batch_size: int, train: bool, num_workers: int = 0,
-                seed: int = 0) -> DataLoader:
+                seed: int = 0, persistent: bool = True) -> DataLoader:
     workers = num_workers if dataset.transform is not None else 0  # a batch gather needs no workers
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-        collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed) if train else None,
     )
 
@@ -81,15 +84,19 @@ class TensorBatches:
     """Shuffled training batches gathered from one image tensor: one index operation per batch and
     no per-item Python work. Every process draws the same permutation from `seed` and takes its own
     slice of each step, so `accelerate launch` shards the data without a sampler. The permutation
-    changes every pass."""
+    changes every pass; `set_epoch` makes the order a function of (seed, epoch), so a run resumed
+    at an epoch sees the batches an uninterrupted one would."""
 
     def __init__(self, images: torch.Tensor, table: pd.DataFrame, domain_of_center: dict[int, int],
                  batch_size: int, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1):
         self.images, self.device = images, device
         self.labels = torch.as_tensor(table["label"].to_numpy(np.float32))
         self.domains = torch.as_tensor(np.array([domain_of_center[c] for c in table["center"]], dtype=np.int64))
-        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + EPOCH_STRIDE * epoch)
 
     def __len__(self) -> int:
         return len(self.labels) // (self.batch_size * self.world)
