@@ -5,7 +5,7 @@
 Writes a competition-size file set (train 100,000 / val 34,904 / test 85,054 patches, float32
 3 x 96 x 96, about 24 GB; 512 rendered demo patches, each id its own brightness jitter, so reading
 and validation do the real work) unless it is already there, then runs `python -m histoshift
-prepare --force` once per worker count (0 = the default: one reader per core, at most 8) and
+prepare` from scratch once per worker count (0 = the default: one reader per core, at most 8) and
 samples the summed resident memory of the process and its reader processes every 0.2 s. The
 file set needs about 24 GB and the cache 6.1 GB more; both are removed at the end unless --keep.
 The HDF5 files are larger than this machine's page cache, so every run reads them from disk.
@@ -51,31 +51,39 @@ def make_files(inp: Path, seed: int = 0) -> float:
     return time.time() - t0
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(resident, anonymous) bytes summed over the process and its children. Resident memory counts the
+    pages of the memory-mapped cache arrays being written, which the kernel can drop at any time;
+    anonymous memory (RssAnon) is what the process really holds."""
+    rss = anon = 0
     for p in [proc] + proc.children(recursive=True):
         try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
+            rss += p.memory_info().rss
+            with open(f"/proc/{p.pid}/status") as f:
+                anon += next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+        except (psutil.NoSuchProcess, FileNotFoundError, StopIteration):
             pass
-    return total
+    return rss, anon
 
 
 def run_prepare(root: Path, workers: int) -> dict:
+    shutil.rmtree(root / "work", ignore_errors=True)  # a fresh build each time (and room for it)
     cmd = [sys.executable, "-m", "histoshift", "--root", str(root), "prepare", "--force", "--workers", str(workers)]
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps, peak = psutil.Process(proc.pid), 0
+    ps, peak, peak_anon = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        rss, anon = tree_memory(ps)
+        peak, peak_anon = max(peak, rss), max(peak_anon, anon)
         time.sleep(0.2)
     wall = time.time() - t0
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed ({proc.returncode}):\n{out}")
     n = sum(c for c, _ in SIZES.values())
-    return {"workers": workers, "wall_s": round(wall, 1), "images_per_s": round(n / wall), "peak_rss_gb": round(peak / 1e9, 2)}
+    return {"workers": workers, "wall_s": round(wall, 1), "images_per_s": round(n / wall), "peak_rss_gb": round(peak / 1e9, 2),
+            "peak_anon_gb": round(peak_anon / 1e9, 2)}
 
 
 def main() -> None:
@@ -102,9 +110,10 @@ def main() -> None:
               "cache_gb": round(cache / 1e9, 2), "generate_s": gen, "runs": rows}
     out = Path(a.out) / f"prepare-scale-{result['date']}-{os.cpu_count()}cores.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| readers | wall | images/s | peak memory (process tree) |\n|---|---|---|---|")
+    print("| readers | wall | images/s | peak resident (process tree) | of which anonymous |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['workers'] or 'default'} | {r['wall_s']:.0f} s | {r['images_per_s']} | {r['peak_rss_gb']} GB |")
+        print(f"| {r['workers'] or 'default'} | {r['wall_s']:.0f} s | {r['images_per_s']} | {r['peak_rss_gb']} GB | "
+              f"{r.get('peak_anon_gb')} GB |")
     print(f"wrote {out}")
     if not a.keep:
         shutil.rmtree(root)

@@ -285,4 +285,6 @@ def _validate_recipe(m: ModelCfg) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .safeio import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -38,6 +38,7 @@ from .data.augment import apply_dihedral, hed_transform, per_view, to_float, vie
 from .data.cache import LABELLED, SPLITS, Cache, gather_by_split
 from .models.backbone import PatchClassifier
 from .precision import autocast
+from .safeio import reserve_npy
 
 CHUNK_ROWS = 2048  # rows per resumable unit (fixed: a resumed run finds the same chunks)
 CPU_IMAGES = 64  # images per forward on CPU (small batches stay in cache)
@@ -184,7 +185,7 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
     n = len(images)
     if accelerator.is_main_process and not target.exists():
         tmp = path / f"features_{split}.tmp.npy"
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, n_views, dim)).flush()
+        reserve_npy(tmp, (n, n_views, dim), np.float16, f"the {split} features").flush()
         tmp.replace(target)
     accelerator.wait_for_everyone()
     arr = np.load(target, mmap_mode="r+")

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .runs import RunDir  # noqa: E402
+from .safeio import write_text  # noqa: E402
 from .stack import evidence_line  # noqa: E402
 
 
@@ -136,6 +137,6 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
                   "## Mean ensemble per held-out center (out of fold)", "", markdown_table(centers), "",
                   "![per center](per_center.png)", "", "![ROC and calibration](roc.png)", ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     print(f"report: wrote {path}")
     return path

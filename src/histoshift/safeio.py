@@ -89,6 +89,25 @@ def require_free(folder: Path, nbytes: int, what: str) -> None:
                         "free some space (nothing was changed)")
 
 
+def reserve_npy(path: Path, shape: tuple, dtype, what: str):
+    """A new .npy memory map (mode w+) whose blocks are allocated now: a full disk fails here with one
+    line, not later with SIGBUS inside a write to a sparse file."""
+    import numpy as np
+
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as e:
+        del arr
+        Path(path).unlink(missing_ok=True)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        raise DiskError(f"{path}: cannot reserve {human(nbytes)} for {what} ({e.strerror}); free some space") from None
+    finally:
+        os.close(fd)
+    return arr
+
+
 class Lock:
     """`with Lock(path, "the run work/runs/x/seed0/fold0"):` - exclusive, refused at once when held."""
 

@@ -401,6 +401,7 @@ def _train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool, acc
     table["held_out"] = table["center"] == run.fold
     summary = None
     if accelerator.is_main_process:
+        require_free(run.path, state_bytes // 3, "the checkpoint")
         with atomic(run.checkpoint) as tmp:
             save_file({k: v.contiguous() for k, v in core.model.state_dict().items()}, str(tmp))
         if cfg.model.recipe and not cfg.model.frozen:  # what the backbone was built as: infer rebuilds it offline

@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..lineage import StaleError
-from ..safeio import DiskError, Lock, human, require_free
+from ..safeio import Lock, require_free, reserve_npy
 from .h5_reader import InputError, open_h5, read_chunk, read_record, sorted_keys
 from .quality import QualityRule, measure
 
@@ -59,7 +59,7 @@ class Contract:
             except ValueError:
                 raise InputError(f"--centers: {part!r} holds a center that is not an integer") from None
         contract = cls(**values)
-        shared = [(a, b) for a in SPLITS for b in SPLITS if a < b and set(contract.of(a)) & set(contract.of(b))]
+        shared = [(a, b) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:] if set(contract.of(a)) & set(contract.of(b))]
         if shared:
             raise InputError(f"--centers: {shared[0][0]} and {shared[0][1]} share a center; the splits must be disjoint")
         return contract
@@ -112,25 +112,10 @@ def _chunks(path: Path, keys: list[str], labelled: bool, rule: QualityRule, work
             yield result
 
 
-def _reserve(path: Path, shape: tuple, what: str) -> np.memmap:
-    """A new .npy memory map whose blocks are allocated now: a full disk fails here with a message,
-    not later with SIGBUS inside a write to a sparse file."""
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.path.getsize(path))
-    except OSError as e:
-        raise DiskError(f"{path}: cannot reserve {human(os.path.getsize(path))} for {what} ({e.strerror}); "
-                        "free some space (the previous cache is untouched)") from None
-    finally:
-        os.close(fd)
-    return images
-
-
 def _convert_split(path: Path, split: str, out: Path, rule: QualityRule, contract: Contract,
                    side: int, workers: int) -> tuple[pd.DataFrame, str]:
     keys = sorted_keys(path)
-    images = _reserve(out, (len(keys), side, side, 3), f"the {split} images")
+    images = reserve_npy(out, (len(keys), side, side, 3), np.uint8, f"the {split} images (the previous cache is untouched)")
     allowed = set(contract.of(split))
     digest = hashlib.blake2b(digest_size=16)
     frames, row = [], 0
@@ -185,7 +170,8 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
         counts = {split: len(sorted_keys(p)) for split, p in paths.items()}
         side = _first_side(paths["train"])
         require_free(cache_dir.parent, sum(counts.values()) * side * side * 3 + 200 * sum(counts.values()),
-                     f"a new cache of {sum(counts.values())} patches (built beside the old one)")
+                     f"a new cache of {sum(counts.values())} patches"
+                     + (f" (built beside the old one: deleting {cache_dir} first frees its space)" if cache_dir.exists() else ""))
         workers = workers or default_workers(max(counts.values()))
         new = cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}")
         new.mkdir(parents=True)
