@@ -186,10 +186,24 @@ def test_a_run_folder_in_use_is_refused(finished, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stage, lock", [(["prepare", "--force"], "work/.cache.lock"), (["folds"], "folds/.folds.lock"),
-                                         (["stack"], "work/.stack.lock"), (["submit", "--allow-degenerate"], ".submissions.lock")])
+                                         (["stack"], "work/.stack.lock"), (["submit", "--allow-degenerate"], "submissions/.lock")])
 def test_stages_in_use_are_refused(finished, capsys, stage, lock):
     with Lock(finished / lock, "test holder"):
         _refused(capsys, ["--root", str(finished)] + stage, "is in use by another process")
+
+
+def test_a_feature_store_being_embedded_elsewhere_is_refused(finished, tmp_path, capsys):
+    """Two frozen configs with the same backbone share a store: one process embeds it at a time."""
+    from histoshift.config import load_config
+    from histoshift.features import feature_spec, store_key
+
+    override = "train.feature_hed_views=1"  # a store that does not exist yet
+    store = finished / "work" / "features" / store_key(feature_spec(load_config(tmp_path / "head.yaml", [override]),
+                                                                  finished / "work" / "cache", "no"))
+    with Lock(store / ".lock", "test holder"):
+        _refused(capsys, ["--root", str(finished), "train", "--config", str(tmp_path / "head.yaml"), "--fold", "1",
+                          "--force", override], f"the feature store {store} is in use by another process")
+    assert not (store / "meta.json").exists()
 
 
 def test_a_second_training_process_is_refused_while_the_first_runs(prepared_root, tmp_path):

@@ -123,4 +123,4 @@ def test_a_failed_write_keeps_the_previous_submission(finished, monkeypatch, cap
     line = _one_error_line(capsys)
     assert "No space left on device" in line and "the previous one is untouched" in line
     assert (subs / "submission.csv").read_text() == before
-    assert sorted(p.name for p in subs.iterdir()) == ["submission.csv"]
+    assert sorted(p.name for p in subs.glob("submission*")) == ["submission.csv"]

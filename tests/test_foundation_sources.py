@@ -162,7 +162,10 @@ def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_pa
     other_cache = tmp_path / "cache2"
     shutil.copytree(cache_dir, other_cache)
     manifest = json.loads((other_cache / "manifest.json").read_text())
-    manifest["files"]["test"]["size"] += 1  # other input files
+    manifest["files"]["test"]["mtime_ns"] += 1  # the same content from files copied elsewhere: the same store
+    (other_cache / "manifest.json").write_text(json.dumps(manifest))
+    assert store_key(feature_spec(load_config(tmp_path / "c.yaml"), other_cache, "no")) == key()
+    manifest["cache_id"] = "0123456789abcdef"  # other cached images
     (other_cache / "manifest.json").write_text(json.dumps(manifest))
     assert store_key(feature_spec(load_config(tmp_path / "c.yaml"), other_cache, "no")) != key()
 

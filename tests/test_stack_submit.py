@@ -230,10 +230,10 @@ def test_write_submission_checks_against_test_h5_and_keeps_earlier_ones(tmp_path
     path = write_submission(scores, test_h5, out)
     assert path.read_text() == "ID,Pred\n5,0\n6,1\n7,0\n"
     write_submission(scores, test_h5, out)  # same predictions: nothing to keep
-    assert sorted(p.name for p in out.iterdir()) == ["submission.csv"]
+    assert sorted(p.name for p in out.glob("submission*")) == ["submission.csv"]
     pd.DataFrame({"id": [5, 6, 7], "score": 0, "pred": [1, 1, 0]}).to_csv(scores, index=False)
     write_submission(scores, test_h5, out)
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.glob("submission*"))
     assert len(files) == 2 and files[1] == "submission.csv"
     assert (out / files[0]).read_text() == "ID,Pred\n5,0\n6,1\n7,0\n"
     pd.DataFrame({"id": [5, 6], "score": 0, "pred": [1, 1]}).to_csv(scores, index=False)

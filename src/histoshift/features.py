@@ -6,7 +6,7 @@ work/features/<key>/ holds features_<split>.npy (N x V x D float16, rows in the 
 meta.json (everything the features were computed from). <key> is a readable prefix plus a hash of
 that spec: the backbone (a foundation recipe with every field, or timm name + kwargs), the weights'
 identity (hub commit, or a local copy's files), the precision in effect, the views, the HED setting,
-stain normalisation and the cache's own manifest. Change any of them and a new store is embedded;
+stain normalisation and the cache's content digest (its id). Change any of them and a new store is embedded;
 nothing stale is reused.
 
 Embedding is the long step (a ViT-g over the competition runs for about an hour on one GPU), so it
@@ -24,6 +24,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from .data.augment import apply_dihedral, hed_transform, per_view, to_float, vie
 from .data.cache import LABELLED, SPLITS, Cache, gather_by_split
 from .models.backbone import PatchClassifier
 from .precision import autocast
-from .safeio import reserve_npy
+from .safeio import Lock, reserve_npy, write_text
 
 CHUNK_ROWS = 2048  # rows per resumable unit (fixed: a resumed run finds the same chunks)
 CPU_IMAGES = 64  # images per forward on CPU (small batches stay in cache)
@@ -70,10 +71,11 @@ def feature_spec(cfg: Config, cache_dir: Path, precision: str) -> dict:
     else:
         backbone = {"timm": m.backbone, "timm_kwargs": m.timm_kwargs, "input_size": m.input_size,
                     "weights": weights_identity(m)}
-    manifest = Path(cache_dir) / "manifest.json"
+    manifest = Path(cache_dir) / "manifest.json"  # the cache's content digest (not where or when its files were made)
     return {"backbone": backbone, "precision": precision, "views": t.feature_views,
             "hed_views": t.feature_hed_views, "hed_sigma": t.feature_hed_sigma if t.feature_hed_views else None,
-            "stain_norm": cfg.aug.stain_norm, "cache": json.loads(manifest.read_text()) if manifest.exists() else None}
+            "stain_norm": cfg.aug.stain_norm,
+            "cache": json.loads(manifest.read_text()).get("cache_id") if manifest.exists() else None}
 
 
 def store_key(spec: dict) -> str:
@@ -221,6 +223,15 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
     path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
         return FeatureStore(path)
+    # one process embeds a store at a time (two frozen configs with the same backbone share it)
+    with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
+        return _embed_store(cfg, cache, path, accelerator, precision, spec)
+
+
+def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator, precision: str,
+                 spec: dict) -> FeatureStore:
+    if (path / "meta.json").exists():  # completed by another process between the first check and the lock
+        return FeatureStore(path)
     model = PatchClassifier(cfg.model)
     backbone = model.backbone.eval().to(accelerator.device)
     embedder = Embedder(backbone, model.preprocess, cfg, accelerator.device, precision)
@@ -238,9 +249,7 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
     if accelerator.is_main_process:
         meta = {"spec": spec, "dim": model.num_features, "batch_patches": embedder.batch,
                 "seconds": round(seconds, 1), "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1)}
-        tmp = path / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, default=str))
-        tmp.replace(path / "meta.json")  # written last: the store is complete
+        write_text(path / "meta.json", json.dumps(meta, indent=2, default=str))  # written last: the store is complete
         accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
     accelerator.wait_for_everyone()
     return FeatureStore(path)

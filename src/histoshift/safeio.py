@@ -99,7 +99,6 @@ def reserve_npy(path: Path, shape: tuple, dtype, what: str):
     try:
         os.posix_fallocate(fd, 0, os.path.getsize(path))
     except OSError as e:
-        del arr
         Path(path).unlink(missing_ok=True)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         raise DiskError(f"{path}: cannot reserve {human(nbytes)} for {what} ({e.strerror}); free some space") from None

@@ -65,7 +65,7 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degen
                      cache_dir: Path | None = None) -> Path:
     """`cache_dir`: check the scores' lineage against it first (the CLI always does)."""
     out_dir = Path(out_dir)
-    with Lock(out_dir.with_name(f".{out_dir.name}.lock"), f"the submissions folder {out_dir}"):
+    with Lock(out_dir / ".lock", f"the submissions folder {out_dir}"):
         if cache_dir is not None:
             check_scores_current(scores_csv, test_h5, cache_dir)
         return _write(scores_csv, test_h5, out_dir, allow_degenerate)
