@@ -144,7 +144,8 @@ class Bench:
     def ensemble_scores(self, runs: list[RunDir]) -> dict:
         """Test-center accuracy of each combiner on plain and AdaBN predictions, and of the one the
         stack stage picks by leave-one-center-out accuracy on the out-of-fold predictions."""
-        features, comparison, hits = compare_prediction_sets(runs, self.root / "folds" / "folds.csv")
+        features, comparison, hits = compare_prediction_sets(runs, self.root / "folds" / "folds.csv",
+                                                             Cache.open(self.root / "work" / "cache"))
         out = {}
         for suffix, (oof, test, names) in features.items():
             test = test.merge(self.labels, left_on="id", right_on="ID")
@@ -231,7 +232,8 @@ def main():
             pl, both = {}, {}
             for seed in a.seeds:
                 first = [r for c in a.configs for r in bench.member(c.stem, seed)]
-                run_stack(first, root / "folds" / "folds.csv", root / "work" / "stack")  # what pseudo_labels reads
+                run_stack(first, root / "folds" / "folds.csv", root / "work" / "stack",  # what pseudo_labels reads
+                          root / "work" / "cache")
                 second = bench.pipeline(seed, suffix="_pl", overrides=(f"train.pseudo_threshold={a.pseudo}", *a.extra))
                 pl[seed], both[seed] = bench.ensemble_scores(second), bench.ensemble_scores(first + second)
             for scores, label in [(pl, "second-round models only"), (both, "both rounds' models (the stack stage)")]:

@@ -1,7 +1,7 @@
 """Fault injection (issue 10): bad HDF5 files, stale inputs, hand edits, two processes at once, a full
 disk, a kill mid-fold. Each fault must end in exactly one `error:` line (exit 2) naming the file, id or
 key, or be handled (recomputed, resumed); none may yield a silently wrong result or lose what a user
-made. docs/faults.md lists them, fault -> what the user sees."""
+made. docs/reliability.md lists them, fault -> what the user sees."""
 from __future__ import annotations
 
 import errno
