@@ -1,8 +1,8 @@
 """Accuracy ablation on real tissue: PatchCamelyon patches with synthetic pseudo-center stain shifts.
 
     python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs N]
-                             [--rows none|key|more|all] [--only TEXT..] [--adabn] [--ensemble] [--pseudo 0.9]
-                             [--seeds 0 1 2] [--tag NAME] [--work DIR]
+                             [--rows none|key|more|aglr|all] [--only TEXT..] [--adabn] [--ensemble] [--pseudo 0.9]
+                             [--oracle] [--seeds 0 1 2] [--tag NAME] [--work DIR]
 
 Builds train/val/test.h5 with ../shared/data/pcam/make_competition_h5.py (real tissue and labels,
 synthetic centers: say so when reporting), keeps a random `--train-patches` of the training
@@ -18,7 +18,10 @@ every leave-one-center-out fold, 8-view TTA, plain and AdaBN predictions) and re
 rank average / LightGBM stacker on each, and the choice the stack stage makes by leave-one-center-out
 accuracy, on the test center.
 --pseudo T adds one round of pseudo-labelling (train.pseudo_threshold=T) on top of each seed's
-first round. Several seeds: mean and range. Runs already in --work are reused, so phases can be
+first round. --oracle adds the default recipe trained in-domain on half of the test center's labels
+and scored on the other half, next to the shipped fold-1 model on the same half (the headroom left;
+a reference, never a submission). --rows aglr: the Stain-AgLr switches on ERM and DANN with their
+baselines. Several seeds: mean and range. Runs already in --work are reused, so phases can be
 run one after another (cheap ones first). Results go to bench/results/ after every row.
 """
 from __future__ import annotations
@@ -43,7 +46,8 @@ from histoshift.cli import main as cli  # noqa: E402
 from histoshift.data.cache import Cache  # noqa: E402
 from histoshift.predict import infer_run  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import ADABN, METHODS, choose, compare_prediction_sets, fit_stacker, predict, run_stack  # noqa: E402
+from histoshift.stack import (ADABN, METHODS, PRIOR, choose, compare_prediction_sets, fit_stacker, predict,  # noqa: E402
+                              prior_choice, run_stack)
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
 PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
@@ -63,7 +67,42 @@ MORE_ROWS = {
     "DANN + Macenko normalisation": ["aug.stain_norm=macenko"],
     "DANN, random init": ["model.weights=none"],
 }
-ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "all": KEY_ROWS | MORE_ROWS}
+AGLR_ROWS = {  # Stain-AgLr switches (issue 11), on ERM + dihedral + HED and on the default DANN recipe
+    "ERM + dihedral + HED": KEY_ROWS["ERM + dihedral + HED"],
+    "ERM + dihedral + HED + consistency (10)": ["algorithm.name=erm", "algorithm.consistency_weight=10"],
+    "ERM + dihedral + HED + regeneration (0.1)": ["algorithm.name=erm", "algorithm.regen_weight=0.1"],
+    "DANN + dihedral + HED (default)": [],
+    "DANN + consistency (10)": ["algorithm.consistency_weight=10"],
+    "DANN + regeneration (0.1)": ["algorithm.regen_weight=0.1"],
+    "DANN + consistency (10) + regeneration (0.1)": ["algorithm.consistency_weight=10", "algorithm.regen_weight=0.1"],
+}
+ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "aglr": AGLR_ROWS, "all": KEY_ROWS | MORE_ROWS | AGLR_ROWS}
+
+
+def build_oracle(root: Path, train_patches: int, seed: int = 0) -> tuple[Path, set[int], int]:
+    """An in-domain copy of the test center (reference only, never a submission): its labelled patches
+    split in two halves by a seeded permutation; half A (at most `train_patches`) becomes the training
+    file (renamed center 0), half B the validation file (center 1) and, as the layout needs one, the
+    test file (center 2). The default recipe's fold-1 model of this root is then trained on test-center
+    labels and scored on half B, the same patches the shipped models are scored on. Returns the folder,
+    half B's ids and the number of training patches."""
+    oracle = root / "oracle"
+    labels = pd.read_csv(root / "input" / "test_labels.csv").set_index("ID")["label"]
+    ids = np.random.default_rng(seed).permutation(labels.index.to_numpy())
+    half_a, half_b = ids[: len(ids) // 2][:train_patches], ids[len(ids) // 2:]
+    inp = oracle / "input"
+    if not (inp / "test.h5").exists():
+        inp.mkdir(parents=True, exist_ok=True)
+        with h5py.File(root / "input" / "test.h5") as src:
+            for name, part, center in (("train", half_a, 0), ("val", half_b, 1), ("test", half_b, 2)):
+                with h5py.File(inp / f"{name}.h5", "w") as dst:
+                    for i in part:
+                        g = dst.create_group(str(i))
+                        g["img"] = src[str(i)]["img"][()]
+                        g["label"] = np.int64(labels[i])
+                        g["metadata"] = np.array([center, i], dtype=np.int64)
+        labels.loc[half_b].rename("label").reset_index().to_csv(inp / "test_labels.csv", index=False)
+    return oracle, set(int(i) for i in half_b), len(half_a)
 
 
 def build_data(pcam: Path, root: Path, train_patches: int, seed: int = 0) -> None:
@@ -145,7 +184,7 @@ class Bench:
         """Test-center accuracy of each combiner on plain and AdaBN predictions, and of the one the
         stack stage picks by leave-one-center-out accuracy on the out-of-fold predictions."""
         features, comparison, hits = compare_prediction_sets(runs, self.root / "folds" / "folds.csv",
-                                                             Cache.open(self.root / "work" / "cache"))
+                                                             Cache.open(self.root / "work" / "cache"), prior=0.5)
         out = {}
         for suffix, (oof, test, names) in features.items():
             test = test.merge(self.labels, left_on="id", right_on="ID")
@@ -153,9 +192,19 @@ class Bench:
                 stacker = fit_stacker(oof, names) if method == "stack" else None
                 _, pred = predict(method, test, names, stacker)
                 out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
-        picked, _ = choose(comparison, hits)
+        picked, _ = choose(comparison[~comparison["method"].str.endswith(PRIOR)], hits)
         out["picked"] = out[picked]
         out["picked_method"] = picked
+        # prior matching: the picked combiner thresholded so that half the test patches are positive
+        oof, test, names = features[ADABN if picked.endswith(ADABN) else ""]
+        test = test.merge(self.labels, left_on="id", right_on="ID")
+        method = picked.removesuffix(ADABN)
+        _, pred = predict(method, test, names, fit_stacker(oof, names) if method == "stack" else None, prior=0.5)
+        out["picked_prior"] = float((pred == test["label"].to_numpy()).mean())
+        matched = prior_choice(comparison, picked, 0.5)
+        out["prior_used"] = bool(matched["used"])
+        out["shipped"] = out["picked_prior"] if matched["used"] else out["picked"]
+        out["loco_prior"] = f"{matched['loco_with']:.4f} vs {matched['loco_without']:.4f}"
         single = [self.score_run(r)["test_tta"] for r in runs]
         out["single_fold_models_tta"] = float(np.mean(single))
         return out
@@ -184,6 +233,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--ensemble", action="store_true", help="the default pipeline per seed: 2 configs x 4 folds")
     ap.add_argument("--pseudo", type=float, default=0.0, help="+ one round of pseudo-labels at this threshold")
+    ap.add_argument("--oracle", action="store_true",
+                    help="+ the default recipe trained on half of the test center's own labels, scored on the other "
+                         "half next to the shipped model (the headroom; reference only)")
     ap.add_argument("--configs", nargs="+", type=Path, default=PIPELINE, help="the pipeline's configs (train.sh's CONFIGS)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. train.batch_size=64")
     ap.add_argument("--tag", default="", help="name of the results file (default: patches and epochs)")
@@ -223,9 +275,13 @@ def main():
         for key, label in [("single_fold_models_tta", f"single fold models, TTA (mean over {4 * len(a.configs)} models)"),
                            *[(m, f"pipeline, {m} combiner") for m in METHODS],
                            *[(m + ADABN, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
-                           ("picked", "pipeline as shipped (combiner picked by LOCO)")]:
-            record({"row": label, "test_tta": fmt([s[key] for s in per_seed.values()]),
-                    "note": "picked: " + ",".join(s["picked_method"] for s in per_seed.values()) if key == "picked" else ""})
+                           ("picked", "pipeline, combiner picked by LOCO"),
+                           ("picked_prior", "same, thresholded to the known 50% positive share (prior matching)"),
+                           ("shipped", "pipeline as shipped (prior matching only where LOCO says it helps)")]:
+            note = {"picked": "picked: " + ",".join(s["picked_method"] for s in per_seed.values()),
+                    "picked_prior": "LOCO with vs without: " + "; ".join(s["loco_prior"] for s in per_seed.values()),
+                    "shipped": "prior used: " + ",".join(str(s["prior_used"]) for s in per_seed.values())}.get(key, "")
+            record({"row": label, "test_tta": fmt([s[key] for s in per_seed.values()]), "note": note})
         if a.pseudo:
             # the second round's models alone, and both rounds together (the stack stage ensembles
             # every run in work/runs, so a second round run after the first gives the latter)
@@ -260,6 +316,30 @@ def main():
                 s |= {f"{k}_adabn": v for k, v in bench.score_run(run, adabn=True).items() if k.endswith("tta")}
             scores.append(s)
         record({"row": name, **{k: fmt([s[k] for s in scores]) for k in scores[0]}})
+    if a.oracle:
+        oracle_root, half_b, n_train = build_oracle(root, a.train_patches)
+        oracle = Bench(oracle_root, a.epochs, a.configs)
+        oracle.stage("prepare")
+        oracle.stage("folds")
+        scores = []
+        for seed in a.seeds:
+            oracle.train(BASE, seed, "1", [f"name={BASE.stem}", *a.extra])
+            orun = RunDir.of(oracle.runs, BASE.stem, seed, 1)
+            oracle.infer(orun)
+            bench.train(BASE, seed, "1", [f"name={BASE.stem}", *a.extra])  # the shipped recipe (reused when done)
+            run = RunDir.of(bench.runs, BASE.stem, seed, 1)
+            bench.infer(run)
+            shipped = bench.test_table(run)
+            shipped = shipped[shipped["id"].isin(half_b)]
+            views = [f"v{k}" for k in range(8)]
+            held = oracle.score_run(orun)
+            scores.append({"test": held["val"], "test_tta": held["val_tta"],
+                           "shipped": accuracy(shipped, ["v0"]), "shipped_tta": accuracy(shipped, views)})
+        record({"row": f"ORACLE: default recipe trained on {n_train} labelled TEST-center patches "
+                       "(in-domain, reference only)", "test": fmt([s["test"] for s in scores]),
+                "test_tta": fmt([s["test_tta"] for s in scores]),
+                "note": f"on half B of the test center ({len(half_b)} patches); the shipped DANN fold-1 model on "
+                        f"the same patches: {fmt([s['shipped'] for s in scores])} / {fmt([s['shipped_tta'] for s in scores])}"})
     print(f"\nwrote {out / f'accuracy-{stamp}-{tag}.txt'}")
 
 

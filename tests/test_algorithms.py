@@ -1,6 +1,7 @@
 """Gradient reversal, the Ganin schedule, and every registered algorithm on a tiny batch."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -130,3 +131,88 @@ def test_loss_switches(name, overrides):
         extra = out["loss"] - out["cls_loss"] - (cfg.algorithm.domain_weight * out["dom_loss"] if name == "dann" else 0)
         assert float(extra.detach()) == pytest.approx(overrides["entropy_weight"] * float(out["ent_loss"]), rel=1e-4)
     out["loss"].backward()
+
+
+def test_stain_aglr_loss_values_on_hand_made_inputs():
+    from histoshift.algorithms.losses import bernoulli_kl, consistency_loss, regeneration_loss
+
+    p, q = 0.8, 0.6
+    want = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    logit = lambda v: math.log(v / (1 - v))  # noqa: E731
+    assert float(bernoulli_kl(torch.tensor([logit(p)]), torch.tensor([logit(q)]))) == pytest.approx(want, rel=1e-5)
+    assert float(bernoulli_kl(torch.tensor([3.0, -2.0]), torch.tensor([3.0, -2.0]))) == pytest.approx(0, abs=1e-7)
+    assert float(bernoulli_kl(torch.tensor([60.0]), torch.tensor([-60.0]))) == pytest.approx(60, rel=1e-3)  # stable: log(1/q)
+    ref, alt = torch.tensor([1.0, -1.0], requires_grad=True), torch.tensor([0.0, 0.5], requires_grad=True)
+    consistency_loss(ref, alt).backward()
+    assert ref.grad is None and alt.grad.abs().sum() > 0  # the image's own prediction is the target
+    a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    assert float(regeneration_loss(a, b)) == pytest.approx(0.25)
+
+
+def _stain_batch(cfg, algo):
+    batch = _batch()
+    plain = torch.cat([batch["x"], batch["x_target"]]) if algo.uses_target else batch["x"]
+    g = torch.Generator().manual_seed(1)
+    batch["x_altered"] = plain + 0.1 * torch.randn(plain.shape, generator=g)
+    batch["regen_target"] = torch.rand(len(plain), 3, cfg.algorithm.regen_size, cfg.algorithm.regen_size, generator=g)
+    return batch
+
+
+@pytest.mark.parametrize("name", ["erm", "dann"])
+def test_stain_aglr_switches_add_their_losses_and_reach_the_backbone(name):
+    torch.manual_seed(0)
+    cfg = _cfg(name)
+    cfg.algorithm.consistency_weight, cfg.algorithm.regen_weight, cfg.algorithm.regen_size = 10.0, 0.1, 16
+    algo = ALGORITHMS[name](PatchClassifier(cfg.model, load_weights=False), 5, cfg)
+    assert algo.uses_altered and {g["name"] for g in algo.param_groups()} >= {"decoder"}
+    out = algo(_stain_batch(cfg, algo), progress=0.3)
+    rest = out["cls_loss"] + (cfg.algorithm.domain_weight * out["dom_loss"] if name == "dann" else 0)
+    extra = 10.0 * out["cons_loss"] + 0.1 * out["regen_loss"]
+    assert float((out["loss"] - rest).detach()) == pytest.approx(float(extra), rel=1e-4)
+    # each auxiliary loss alone sends gradient into the backbone (through the altered copies)
+    from histoshift.algorithms.losses import consistency_loss, regeneration_loss
+
+    batch = _stain_batch(cfg, algo)
+    o, n, m = algo.shared_forward(batch)
+    for aux in (consistency_loss(o["logits"][:m], o["logits"][m:]),
+                regeneration_loss(algo.decoder(o["features"][m:]), batch["regen_target"])):
+        algo.zero_grad()
+        aux.backward(retain_graph=True)
+        grads = [p.grad.abs().sum() for p in algo.model.backbone.parameters() if p.grad is not None]
+        assert grads and float(sum(grads)) > 0
+
+
+def test_stain_aglr_decoder_is_not_saved_with_the_model(prepared_root, tmp_path):
+    """A run trained with both switches saves the classifier only; infer loads it as any run."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from histoshift.cli import main
+    from histoshift.runs import find_runs, load_run_model
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cfg = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
+           "algorithm": {"name": "dann", "consistency_weight": 1.0, "regen_weight": 0.1, "regen_size": 16},
+           "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8}}
+    (tmp_path / "aglr.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--root", str(root), "train", "--config", str(tmp_path / "aglr.yaml"), "--fold", "0"]) == 0
+    (run,) = find_runs(root / "work" / "runs")
+    keys = load_file(str(run.checkpoint)).keys()
+    assert keys and all(k.startswith(("backbone.", "head.")) for k in keys)
+    first = [json.loads(line) for line in run.metrics.read_text().splitlines()][0]
+    assert first["train_cons_loss"] >= 0 and first["train_regen_loss"] > 0
+    _, model = load_run_model(run)
+    assert not any("decoder" in name for name, _ in model.named_modules())
+    assert main(["--root", str(root), "infer"]) == 0
+
+
+def test_stain_aglr_needs_a_fine_tuned_backbone():
+    from histoshift.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="need a fine-tuned backbone"):
+        load_config(None, ["model.frozen=true", "algorithm.consistency_weight=1"])
+    with pytest.raises(ConfigError, match="algorithm.regen_size: expected 8, 16, 32 or 64"):
+        load_config(None, ["algorithm.regen_size=20"])

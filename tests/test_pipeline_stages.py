@@ -62,13 +62,30 @@ def test_every_fold_run_has_its_files(pipeline):
 def test_stack_and_submission(pipeline):
     choice = json.loads((pipeline / "work" / "stack" / "choice.json").read_text())
     assert choice["members"] == ["tiny_dann/seed0", "tiny_erm_albu/seed0"]
-    assert set(choice["loco_accuracy"]) == {"mean", "rank", "stack"}
+    assert set(choice["loco_accuracy"]) == {"mean", "rank", "stack", "mean@prior", "rank@prior", "stack@prior"}
+    assert choice["prior_matching"]["share"] == 0.5
     sub = pd.read_csv(pipeline / "submissions" / "submission.csv")
     assert list(sub.columns) == ["ID", "Pred"] and len(sub) == 30 and set(sub.Pred) <= {0, 1}
     report = (pipeline / "work" / "report" / "report.md").read_text()
     assert "tiny_dann/seed0/fold3" in report and "Mean ensemble per held-out center" in report
-    for png in ("curves.png", "combiners.png", "per_center.png", "roc.png"):
+    for png in ("curves.png", "combiners.png", "per_center.png", "roc.png", "feature_map.png"):
         assert (pipeline / "work" / "report" / png).stat().st_size > 1000
+
+
+def test_report_shows_the_data_and_the_feature_map_of_dann_beside_erm(pipeline):
+    """The data overview prepare wrote is linked; the feature map pairs the DANN fold model with the ERM
+    run of the same fold, each with how well a linear probe tells the centers apart."""
+    cache = pipeline / "work" / "cache"
+    for name in ("overview.png", "colours.png"):
+        assert (cache / name).stat().st_size > 1000
+    stats = pd.read_csv(cache / "colour_stats.csv")
+    assert sorted(stats.center) == [0, 1, 2, 3, 4] and (stats.sampled > 0).all()
+    assert stats.set_index("center").loc[1, "E_mean"] > stats.set_index("center").loc[2, "E_mean"]  # demo stains
+    report = (pipeline / "work" / "report" / "report.md").read_text()
+    assert "](../cache/overview.png)" in report and "](../cache/colours.png)" in report
+    assert "tiny_dann/seed0/fold0 (DANN, held-out center 0): a linear probe tells the center" in report
+    assert "tiny_erm_albu/seed0/fold0 (ERM, held-out center 0)" in report and "](feature_map.png)" in report
+    assert "Prior matching (threshold at 50% positive)" in report
 
 
 def test_stages_are_idempotent(pipeline, capsys):
@@ -199,10 +216,12 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     assert {"mean", "rank", "stack", "mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
     choice = json.loads((pipeline / "work" / "stack" / "choice.json").read_text())
     means = comparison.groupby("method").accuracy.mean()
-    same_set = [m for m in means.index if m.endswith("+adabn") == choice["adabn"]]
-    assert means[choice["method"]] == means[same_set].max() and choice["adabn"] == choice["method"].endswith("+adabn")
+    base = choice["method"].removesuffix("@prior")  # prior matching is decided after the combiner and set
+    same_set = [m for m in means.index if m.endswith("+adabn") == choice["adabn"] and not m.endswith("@prior")]
+    assert means[base] == means[same_set].max() and choice["adabn"] == base.endswith("+adabn")
+    assert choice["method"].endswith("@prior") == choice["prior_matching"]["used"]
     evidence = choice["adabn_vs_plain"]
-    assert choice["method"] == (evidence["plain"] if evidence["z_plain_over_adabn"] > 1.96 else evidence["adabn"])
+    assert base == (evidence["plain"] if evidence["z_plain_over_adabn"] > 1.96 else evidence["adabn"])
     assert main(r + ["report"]) == 0
     assert f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f}" in (pipeline / "work" / "report" / "report.md").read_text()
     for p in pipeline.glob("work/runs/*/seed*/fold*/tta_*_adabn.csv"):  # the other tests expect plain ones only

@@ -240,3 +240,42 @@ def test_write_submission_checks_against_test_h5_and_keeps_earlier_ones(tmp_path
     with pytest.raises(SubmissionError, match="missing"):
         write_submission(scores, test_h5, out)
     assert (out / "submission.csv").read_text() == "ID,Pred\n5,1\n6,1\n7,0\n"
+
+
+def test_prior_match_predicts_the_share():
+    from histoshift.stack import prior_match
+
+    score = np.array([0.2, 3.0, -1.0, 0.5, 2.0, -4.0])
+    assert prior_match(score, 0.5).tolist() == [0, 1, 0, 1, 1, 0]
+    assert prior_match(score, 1 / 3).sum() == 2 and prior_match(score, 0.0).sum() == 0
+
+
+@pytest.mark.parametrize("shift", [3.0, 0.0])
+def test_prior_matching_is_used_only_where_it_helps_leave_one_center_out(tmp_path, shift):
+    """Logits biased towards tumour: the mean combiner's threshold over-calls and thresholding to the
+    known share wins leave-one-center-out; whether the chosen combiner is thresholded so on the test
+    center follows that evidence exactly."""
+    runs, folds_csv, _ = _fake_runs(tmp_path)
+    for run in runs:
+        for part in ("heldout", "test"):
+            t = pd.read_csv(run.tta_path(part))
+            t[[f"v{v}" for v in range(8)]] += shift
+            t.to_csv(run.tta_path(part), index=False)
+        refresh_predictions(run)
+    result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache", prior=0.5)
+    comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
+    assert {"mean@prior", "rank@prior", "stack@prior"} <= set(comparison.method)
+    matched = result["prior_matching"]
+    means = comparison.groupby("method").accuracy.mean()
+    base = result["method"].removesuffix("@prior")
+    assert matched["loco_with"] == pytest.approx(means[base + "@prior"], abs=1e-5)
+    assert matched["used"] == (means[base + "@prior"] > means[base])
+    if shift:
+        assert means["mean@prior"] > means["mean"] + 0.1
+    assert result["method"].endswith("@prior") == matched["used"]
+    pred = pd.read_csv(tmp_path / "stack" / "test_scores.csv")["pred"]
+    if matched["used"]:
+        assert pred.sum() == len(pred) // 2
+    never = run_stack(runs, folds_csv, tmp_path / "stack2", tmp_path / "cache", prior=None)
+    assert never["prior_matching"] is None and not never["method"].endswith("@prior")
+    assert not pd.read_csv(tmp_path / "stack2" / "comparison.csv").method.str.endswith("@prior").any()

@@ -105,12 +105,16 @@ def cmd_infer(a, paths: Paths):
 
 
 def cmd_stack(a, paths: Paths):
+    from .config import ConfigError
     from .data.cache import check_inputs
     from .runs import find_runs
     from .stack import run_stack
 
+    if not (a.prior == 0 or 0 < a.prior < 1):
+        raise ConfigError(f"--prior {a.prior}: expected a share in (0, 1), or 0 for never")
     check_inputs(paths.input, paths.cache)
-    _timed("stack", run_stack, find_runs(paths.runs), paths.folds_csv, paths.stack, paths.cache, seed=a.seed)
+    _timed("stack", run_stack, find_runs(paths.runs), paths.folds_csv, paths.stack, paths.cache, seed=a.seed,
+           prior=a.prior or None)
 
 
 def cmd_submit(a, paths: Paths):
@@ -124,7 +128,7 @@ def cmd_report(a, paths: Paths):
     from .report import write_report
     from .runs import find_runs
 
-    write_report(find_runs(paths.runs), paths.stack, paths.root / "work" / "report")
+    write_report(find_runs(paths.runs), paths.stack, paths.root / "work" / "report", paths.cache)
 
 
 def cmd_score(a, paths: Paths):
@@ -212,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stack", help="compare mean / rank / LightGBM leave-one-center-out; score the test set")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prior", type=float, default=0.5, metavar="SHARE",
+                   help="the test center's known share of tumour patches (0.5: balanced); thresholding to it is "
+                        "scored leave-one-center-out and used only where it helps (0: never)")
     s.set_defaults(fn=cmd_stack)
 
     s = sub.add_parser("submit", help="write submissions/submission.csv after checking it against test.h5")

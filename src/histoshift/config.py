@@ -50,6 +50,12 @@ class AlgorithmCfg:
     domain_loss: str = "ce"  # "ce" (cross-entropy) | "ls" (least squares on the softmax, LSGAN style)
     focal_gamma: float = 0.0  # focal loss exponent for the tumour loss (0 = plain BCE)
     entropy_weight: float = 0.0  # entropy minimisation on the unlabelled target centers (0 = off)
+    # Stain-AgLr (DART 2022) as two switches for any algorithm; each image of a step also goes through
+    # the model as a copy with HED stain alteration of strength `alter_sigma`
+    consistency_weight: float = 0.0  # KL between the predictions for an image and for its altered copy
+    regen_weight: float = 0.0  # a small decoder rebuilds the image (at regen_size px) from the copy's features
+    alter_sigma: float = 0.1  # HED alteration of the copy: scale U(1-s, 1+s), shift U(-s, s) per channel
+    regen_size: int = 32  # side of the rebuilt image (the image average-pooled to it)
 
 
 @dataclass
@@ -234,6 +240,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{key}: must be >= 1")
     if cfg.train.feature_hed_views < 0 or cfg.train.embed_batch_size < 0:
         raise ConfigError("train.feature_hed_views and train.embed_batch_size must be >= 0")
+    if cfg.algorithm.regen_size not in (8, 16, 32, 64):
+        raise ConfigError(f"algorithm.regen_size: expected 8, 16, 32 or 64, got {cfg.algorithm.regen_size}")
+    if cfg.model.frozen and (cfg.algorithm.consistency_weight or cfg.algorithm.regen_weight):
+        raise ConfigError("algorithm.consistency_weight / regen_weight alter images: they need a fine-tuned "
+                          "backbone, not a head on frozen features (model.frozen)")
     if cfg.model.recipe:
         _validate_recipe(cfg.model)
     elif cfg.model.recipe_overrides:
@@ -244,6 +255,8 @@ def validate(cfg: Config) -> None:
 MINIMUM = {("optim", "lr"): 0.0, ("optim", "backbone_lr"): 0.0, ("optim", "domain_lr"): 0.0,
            ("optim", "weight_decay"): 0.0, ("optim", "grad_clip"): 0.0, ("algorithm", "domain_weight"): 0.0,
            ("algorithm", "focal_gamma"): 0.0, ("algorithm", "entropy_weight"): 0.0, ("algorithm", "grl_max"): 0.0,
+           ("algorithm", "consistency_weight"): 0.0, ("algorithm", "regen_weight"): 0.0,
+           ("algorithm", "alter_sigma"): 0.0, ("algorithm", "regen_size"): 8,
            ("algorithm", "domain_hidden"): 1, ("aug", "hed_sigma"): 0.0, ("aug", "brightness"): 0.0,
            ("aug", "contrast"): 0.0, ("model", "drop_rate"): 0.0, ("model", "drop_path_rate"): 0.0,
            ("model", "head_hidden"): 0, ("train", "target_batch_size"): 1, ("train", "steps_per_epoch"): 0,

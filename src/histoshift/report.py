@@ -5,6 +5,10 @@ work/report/curves.png     held-out accuracy and training loss per epoch, one li
 work/report/combiners.png  leave-one-center-out accuracy of mean / rank / stack per center
 work/report/per_center.png accuracy and AUC per held-out center of the mean ensemble (out of fold)
 work/report/roc.png        ROC curve per held-out center and a reliability diagram (mean ensemble)
+work/report/feature_map.png  t-SNE of a fold model's backbone features for a sample of every center,
+                           coloured by center and by label; beside it the same fold trained without a
+                           domain head (ERM) when such a run exists
+The data overview (sample patches and stain per center) is written by prepare: work/cache/overview.png.
 """
 from __future__ import annotations
 
@@ -15,11 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .runs import RunDir  # noqa: E402
 from .safeio import write_text  # noqa: E402
-from .stack import evidence_line  # noqa: E402
+from .stack import PRIOR, evidence_line  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -49,13 +55,93 @@ def _curves(runs: list[RunDir], path: Path) -> None:
         axes[1].plot(m["epoch"], m["train_loss"], marker="o", label=run.name)
     axes[0].set(title="held-out center accuracy (plain view)", xlabel="epoch", ylabel="accuracy")
     axes[1].set(title="training loss", xlabel="epoch", ylabel="loss")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+MAP_PER_CENTER = 150  # patches per center in the feature map
+
+
+def map_pair(runs: list[RunDir]) -> list[RunDir]:
+    """The fine-tuned run the feature map shows (the first DANN run on its lowest fold) and, when one
+    exists, an ERM run of the same backbone, seed and fold: the same fold without the domain head."""
+    from .config import load_config
+
+    cfgs = {r: load_config(r.config) for r in runs}
+    tuned = [r for r in runs if not cfgs[r].model.frozen]
+    dann = sorted((r for r in tuned if cfgs[r].algorithm.name == "dann"), key=lambda r: (r.fold, r.name))
+    if not dann:
+        return tuned[:1]
+    first = dann[0]
+    erm = [r for r in tuned if cfgs[r].algorithm.name == "erm" and r.fold == first.fold
+           and r.path.parent.name == first.path.parent.name and cfgs[r].model.backbone == cfgs[first].model.backbone]
+    return [first] + erm[:1]
+
+
+def center_predictability(features: np.ndarray, centers: np.ndarray) -> float:
+    """3-fold accuracy of a logistic regression telling the center from the features (chance: 1/centers)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    return float(cross_val_score(clf, features, centers, cv=3).mean())
+
+
+def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
+    """t-SNE of backbone features (plain view) for up to MAP_PER_CENTER non-aberrant patches per center."""
+    import torch
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    from .data.augment import to_float
+    from .data.cache import Cache
+    from .runs import load_run_model
+
+    chosen = map_pair(runs)
+    if not chosen:
+        return []
+    cache = Cache.open(cache_dir)
+    ok = cache.index[~cache.index["aberrant"]]
+    sample = pd.concat([p.sample(min(len(p), MAP_PER_CENTER), random_state=0) for _, p in ok.groupby("center")])
+    images = cache.gather(sample)
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(10, 4.3 * len(chosen)), squeeze=False)
+    notes = []
+    for row, run in enumerate(chosen):
+        cfg, model = load_run_model(run)
+        model.eval()
+        with torch.no_grad():
+            feats = torch.cat([model(model.preprocess(to_float(torch.from_numpy(images[i:i + 64]), cfg.aug.stain_norm)))["features"]
+                               for i in range(0, len(images), 64)]).float().numpy()
+        reduced = PCA(n_components=min(50, feats.shape[1], len(feats) - 1), random_state=0).fit_transform(feats)
+        xy = TSNE(n_components=2, init="pca", perplexity=min(30, (len(feats) - 1) / 3), random_state=0).fit_transform(reduced)
+        score = center_predictability(feats, sample["center"].to_numpy())
+        what = f"{run.name} ({cfg.algorithm.name.upper()}, held-out center {run.fold})"
+        notes.append(f"{what}: a linear probe tells the center from these features with {score:.1%} accuracy "
+                     f"(3-fold; chance {1 / sample['center'].nunique():.0%})")
+        for center, part in sample.reset_index(drop=True).groupby("center"):
+            axes[row, 0].scatter(*xy[part.index].T, s=5, alpha=0.6, label=f"center {center}")
+        for label, name, colour in ((0, "normal", "tab:blue"), (1, "tumour", "tab:red"), (-1, "unlabelled (test)", "0.75")):
+            sel = sample["label"].to_numpy() == label
+            axes[row, 1].scatter(*xy[sel].T, s=5, alpha=0.6, c=colour, label=name)
+        axes[row, 0].set_title(f"{what}\nby center (linear probe {score:.0%})", fontsize=9)
+        axes[row, 1].set_title("by label", fontsize=9)
+        for ax in axes[row]:
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return notes
+
+
 def _combiners(comparison: pd.DataFrame, path: Path) -> None:
+    comparison = comparison[~comparison["method"].str.endswith(PRIOR)]  # the prior-matched variants: in the table
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     ax = table.plot.bar(figsize=(7, 4), rot=0)
     low = max(0.0, float(table.min().min()) - 0.05)
@@ -110,16 +196,25 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return centers
 
 
-def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
+def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path, cache_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Run report", ""]
+    if cache_dir is not None and (Path(cache_dir) / "overview.png").exists():
+        # a link relative to the report when both live under work/ (the stages' layout), else absolute
+        where = Path("..") / Path(cache_dir).name if Path(cache_dir).parent == out_dir.parent else Path(cache_dir).resolve()
+        lines += ["## Data (written by prepare)", "", f"![sample patches per center]({where / 'overview.png'})", "",
+                  f"![stain per center]({where / 'colours.png'})", ""]
     if runs:
         table = _run_table(runs)
         _curves(runs, out_dir / "curves.png")
         lines += ["## Fold models (held-out center, plain view, out of fold)", "",
                   markdown_table(table),
                   "", "![curves](curves.png)", ""]
+        notes = _feature_map(runs, cache_dir, out_dir / "feature_map.png") if cache_dir is not None else []
+        if notes:
+            lines += ["## Backbone features of every center (t-SNE)", "", *[f"- {n}" for n in notes], "",
+                      "![feature map](feature_map.png)", ""]
     comparison_csv = Path(stack_dir) / "comparison.csv"
     if comparison_csv.exists():
         comparison = pd.read_csv(comparison_csv)
@@ -133,6 +228,9 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path) -> Path:
                   f"Chosen for the test center: **{choice['method']}** over {len(choice['members'])} members "
                   f"({', '.join(choice['members'])}).", *([f"Between the prediction sets: {evidence_line(choice['adabn_vs_plain'])}."]
                     if choice.get("adabn_vs_plain") else []),
+                  *([f"Prior matching (threshold at {p['share']:.0%} positive): leave-one-center-out {p['loco_with']:.4f} "
+                     f"against {p['loco_without']:.4f} without: {'used' if p['used'] else 'not used'}."]
+                    if (p := choice.get("prior_matching")) else []),
                   "", "![combiners](combiners.png)", "",
                   "## Mean ensemble per held-out center (out of fold)", "", markdown_table(centers), "",
                   "![per center](per_center.png)", "", "![ROC and calibration](roc.png)", ""]

@@ -21,6 +21,11 @@ than a new hospital, so their accuracies cannot tell a small AdaBN gain from noi
 points leave-one-center-out while AdaBN gained 0.3 to 16 points on the unseen test center for single
 models on the full protocol, README), but they can still veto it when it breaks a model. The
 comparison is saved beside the test scores.
+
+Prior matching: the competition's test center is exactly balanced. Each combiner is also scored
+thresholded so that that share of patches is predicted positive (`mean@prior`, ...; the labelled
+centers are balanced as well); the chosen combiner is thresholded that way on the test center only
+when this raises its mean per-center accuracy leave-one-center-out (`choice.json: prior_matching`).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from .safeio import Lock, write_csv, write_json
 
 METHODS = ("mean", "rank", "stack")
 ADABN = "+adabn"  # suffix of a combiner scored on AdaBN predictions
+PRIOR = "@prior"  # suffix of a combiner thresholded to the known positive share (prior matching)
 LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=20,
                   subsample=0.8, subsample_freq=1, colsample_bytree=1.0, reg_lambda=1.0,
                   deterministic=True, force_row_wise=True, verbose=-1)
@@ -153,8 +159,20 @@ def fit_stacker(oof: pd.DataFrame, names: list[str], seed: int = 0) -> lgb.LGBMC
     return model
 
 
-def predict(method: str, feats: pd.DataFrame, names: list[str], stacker=None) -> tuple[np.ndarray, np.ndarray]:
-    """(score, 0/1 prediction) of one combiner."""
+def prior_match(score: np.ndarray, share: float) -> np.ndarray:
+    """0/1 predictions with the `share` of highest scores positive (ties broken by order)."""
+    pred = np.zeros(len(score), dtype=int)
+    pred[np.argsort(-np.asarray(score), kind="stable")[:int(round(share * len(score)))]] = 1
+    return pred
+
+
+def predict(method: str, feats: pd.DataFrame, names: list[str], stacker=None,
+            prior: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(score, 0/1 prediction) of one combiner; with `prior`, thresholded so that this share of the
+    patches is predicted positive (the combiner's own threshold otherwise)."""
+    if prior:
+        score, _ = predict(method, feats, names, stacker)
+        return score, prior_match(score, prior)
     if method == "mean":
         s = mean_score(feats, names)
         return s, (s > 0).astype(int)
@@ -167,10 +185,11 @@ def predict(method: str, feats: pd.DataFrame, names: list[str], stacker=None) ->
 
 
 def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str = "",
-                 hits: dict | None = None) -> pd.DataFrame:
+                 hits: dict | None = None, prior: float | None = None) -> pd.DataFrame:
     """Per-center accuracy of each combiner, each center scored by a stacker that never saw it;
-    `suffix` labels the prediction set (ADABN for AdaBN predictions). `hits`, when given, receives
-    per patch (in `oof` order) whether each combiner was right."""
+    `suffix` labels the prediction set (ADABN for AdaBN predictions); with `prior`, each combiner is
+    also scored thresholded to that positive share (label + PRIOR). `hits`, when given, receives per
+    patch (in `oof` order) whether each combiner was right."""
     rows, correct = [], {}
     for center, part in oof.groupby("center"):
         rest = oof[oof["center"] != center]
@@ -178,11 +197,12 @@ def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str
         for method in METHODS:
             if method == "stack" and stacker is None:
                 continue
-            _, pred = predict(method, part, names, stacker)
-            right = pd.Series(pred == part["label"].to_numpy(), index=part.index)
-            correct.setdefault(method + suffix, []).append(right)
-            rows.append({"method": method + suffix, "center": int(center), "n": len(part),
-                         "accuracy": float(right.mean())})
+            for share, tag in ((None, ""), *(((prior, PRIOR),) if prior else ())):
+                _, pred = predict(method, part, names, stacker, share)
+                right = pd.Series(pred == part["label"].to_numpy(), index=part.index)
+                correct.setdefault(method + suffix + tag, []).append(right)
+                rows.append({"method": method + suffix + tag, "center": int(center), "n": len(part),
+                             "accuracy": float(right.mean())})
     if hits is not None:
         hits.update({m: pd.concat(parts).reindex(oof.index).to_numpy() for m, parts in correct.items()})
     return pd.DataFrame(rows)
@@ -221,39 +241,56 @@ def evidence_line(evidence: dict) -> str:
             f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)")
 
 
-def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0
-                            ) -> tuple[dict, pd.DataFrame, dict]:
+def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0,
+                            prior: float | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """Features of the plain predictions ("") and, when every fold model has them, of the AdaBN ones
     (ADABN); the leave-one-center-out comparison of every combiner on each set; per-patch hits."""
     features = {"": build_features(runs, folds_csv, cache)}
     if adabn_ready(runs, cache):
         features[ADABN] = build_features(runs, folds_csv, cache, adabn=True)
     hits: dict = {}  # both sets' out-of-fold rows are folds.csv's patches in id order: paired
-    comparison = pd.concat([compare_loco(oof, names, seed, suffix, hits) for suffix, (oof, _, names) in features.items()],
-                           ignore_index=True)
+    comparison = pd.concat([compare_loco(oof, names, seed, suffix, hits, prior)
+                            for suffix, (oof, _, names) in features.items()], ignore_index=True)
     return features, comparison, hits
 
 
-def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache_dir: Path, seed: int = 0) -> dict:
+def prior_choice(comparison: pd.DataFrame, label: str, prior: float | None) -> dict | None:
+    """Whether to threshold the chosen combiner to the known positive share: only when that raises
+    its mean per-center accuracy leave-one-center-out (the labelled centers are balanced too)."""
+    if not prior:
+        return None
+    means = comparison.groupby("method")["accuracy"].mean()
+    without, with_prior = float(means[label]), float(means[label + PRIOR])
+    return {"share": prior, "loco_without": round(without, 5), "loco_with": round(with_prior, 5),
+            "used": with_prior > without + 1e-12}
+
+
+def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache_dir: Path, seed: int = 0,
+              prior: float | None = 0.5) -> dict:
+    """`prior`: the test center's known positive share (0.5: exactly balanced), tried as a threshold
+    leave-one-center-out and used when it helps there; None: never."""
     out_dir = Path(out_dir)
     with Lock(out_dir.with_name(f".{out_dir.name}.lock"), f"the stack folder {out_dir}"):
-        return _run_stack(runs, folds_csv, out_dir, Cache.open(cache_dir), seed)
+        return _run_stack(runs, folds_csv, out_dir, Cache.open(cache_dir), seed, prior)
 
 
-def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache, seed: int) -> dict:
+def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache, seed: int, prior: float | None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed)
+    features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed, prior)
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
-    label, evidence = choose(comparison, hits)
+    label, evidence = choose(comparison[~comparison["method"].str.endswith(PRIOR)], hits)
+    matched = prior_choice(comparison, label, prior)
     method, adabn = label.removesuffix(ADABN), label.endswith(ADABN)
     oof, test, names = features[ADABN if adabn else ""]
     stacker = fit_stacker(oof, names, seed) if method == "stack" else None
-    score, pred = predict(method, test, names, stacker)
+    score, pred = predict(method, test, names, stacker, prior if matched and matched["used"] else None)
     scores = pd.DataFrame({"id": test["id"], "score": score, "pred": pred})
-    result = {"members": names, "method": label, "adabn": adabn,  # label: the combiner, "+adabn" on AdaBN predictions
+    result = {"members": names, "method": label + (PRIOR if matched and matched["used"] else ""), "adabn": adabn,
+              # method: the combiner, "+adabn" on AdaBN predictions, "@prior" thresholded to the known share
               "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
               "adabn_vs_plain": evidence,  # AdaBN is dropped only when z_plain_over_adabn > 1.96
+              "prior_matching": matched,  # used only when it raises the LOCO accuracy of the chosen combiner
               "test_positive_rate": float(pred.mean()),
               # what the scores were computed from: submit refuses them once the cache has changed
               "lineage": {"cache": cache.id, "folds": digest_file(folds_csv),
@@ -268,5 +305,8 @@ def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache,
     print(table.round(4).to_string())
     if evidence is not None:
         print(f"stack: {evidence_line(evidence)}")
-    print(f"stack: using '{label}' for the test center ({len(names)} members: {', '.join(names)})")
+    if matched is not None:
+        print(f"stack: prior matching ({prior:.0%} predicted positive) leave-one-center-out: {matched['loco_with']:.4f} "
+              f"against {matched['loco_without']:.4f} without: {'used' if matched['used'] else 'not used'}")
+    print(f"stack: using '{result['method']}' for the test center ({len(names)} members: {', '.join(names)})")
     return result

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
 from .config import Config, save_config, load_config
-from .data.augment import augment_batch, build_albumentations, to_float
+from .data.augment import augment_batch, build_albumentations, random_hed, to_float
 from .data.cache import Cache
 from .data.folds import check_folds, read_folds
 from .data.loader import EPOCH_STRIDE, PatchDataset, TensorBatches, cycle, make_loader, place_images
@@ -214,12 +215,24 @@ class _ImageTask:
         ds = PatchDataset(self.cache.gather(table), table, self.domain_of_center)
         return self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
 
-    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch -> augmented float images in [0, 1] on the device (B x 3 x H x W)."""
         images = images.to(self.acc.device, non_blocking=True)
         aug = self.cfg.aug
-        x = augment_batch(images, aug) if aug.backend == "torch" else to_float(images, aug.stain_norm)
-        x = self.preprocess(x)
+        return augment_batch(images, aug) if aug.backend == "torch" else to_float(images, aug.stain_norm)
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(x)  # resize + normalise as the backbone wants
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def altered(self, x: torch.Tensor) -> dict:
+        """Stain-AgLr inputs for augmented images x in [0, 1]: their HED-altered copies (model-ready)
+        and, for the regeneration loss, x average-pooled to the decoder's side."""
+        a = self.cfg.algorithm
+        out = {"x_altered": self.to_model(random_hed(x, a.alter_sigma))}
+        if a.regen_weight > 0:
+            out["regen_target"] = F.adaptive_avg_pool2d(x, a.regen_size)
+        return out
 
     def predict(self, model, table: pd.DataFrame | None, desc: str) -> pd.DataFrame:
         """Plain-view logits of `table` (None: the held-out center): id, center, label, v0."""
@@ -250,8 +263,11 @@ class _FeatureTask:
             stream.set_epoch(epoch)
         return self.loaders
 
-    def model_input(self, feats: torch.Tensor) -> torch.Tensor:
+    def augment(self, feats: torch.Tensor) -> torch.Tensor:
         return random_view(feats.to(self.acc.device)).float()
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def predict(self, model, table: pd.DataFrame | None, desc: str, views: int = 1) -> pd.DataFrame:
         table = self.heldout if table is None else table
@@ -358,10 +374,14 @@ def _train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool, acc
                    unit="step", disable=not accelerator.is_local_main_process)
         for _ in bar:
             batch = next(src_iter)
-            feed = {"x": task.model_input(batch["image"]), "y": batch["label"], "domain": batch["domain"]}
+            plain = [task.augment(batch["image"])]
+            feed = {"x": task.to_model(plain[0]), "y": batch["label"], "domain": batch["domain"]}
             if tgt_iter is not None:
                 tb = next(tgt_iter)
-                feed.update(x_target=task.model_input(tb["image"]), domain_target=tb["domain"])
+                plain.append(task.augment(tb["image"]))
+                feed.update(x_target=task.to_model(plain[1]), domain_target=tb["domain"])
+            if core.uses_altered:  # Stain-AgLr: every image again, HED-altered
+                feed.update(task.altered(torch.cat(plain) if len(plain) > 1 else plain[0]))
             with autocast(accelerator.device, precision):
                 out = algorithm(feed, progress=progress.step / total)
             accelerator.backward(out["loss"])

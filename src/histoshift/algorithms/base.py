@@ -2,9 +2,17 @@
 
 `forward(batch, progress)` takes a dict with `x` (labelled images, normalised), `y` (0/1 labels),
 `domain` (domain index of each labelled image) and, when `uses_target`, `x_target` and
-`domain_target` (unlabelled images of the held-out and test centers). It returns a dict with
-`loss` (what the loop backpropagates), `logits` of the labelled images, and scalar logs.
-`progress` is step / total_steps in [0, 1] for schedules.
+`domain_target` (unlabelled images of the held-out and test centers); when `uses_altered`, also
+`x_altered` (every image of x and x_target again, with HED stain alteration) and, for the
+regeneration loss, `regen_target` (those images average-pooled to `algorithm.regen_size`). It
+returns a dict with `loss` (what the loop backpropagates), `logits` of the labelled images, and
+scalar logs. `progress` is step / total_steps in [0, 1] for schedules.
+
+Stain-AgLr (Stain-Agnostic Learning, DART 2022) is two switches every algorithm inherits:
+consistency regularisation (`algorithm.consistency_weight`: KL between the predictions for an image
+and for its altered copy) and stain regeneration (`algorithm.regen_weight`: a small decoder rebuilds
+the image from the altered copy's features). The decoder is part of the algorithm, not of the model:
+it is trained and dropped, never saved with the checkpoint.
 """
 from __future__ import annotations
 
@@ -13,7 +21,28 @@ from torch import nn
 
 from ..config import Config
 from ..models.backbone import PatchClassifier
-from .losses import binary_entropy, focal_bce
+from .losses import binary_entropy, consistency_loss, focal_bce, regeneration_loss
+
+
+class RegenDecoder(nn.Module):
+    """Pooled features (B x D) -> an image B x 3 x S x S in [0, 1]: a linear map to `width` x 4 x 4,
+    then (nearest upsampling x2, 3x3 conv, ReLU) until S, and a 1x1 conv to RGB."""
+
+    def __init__(self, dim: int, size: int, width: int = 64):
+        super().__init__()
+        self.width = width
+        self.fc = nn.Linear(dim, width * 16)
+        steps = []
+        side = 4
+        while side < size:
+            steps += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True)]
+            side *= 2
+        self.body = nn.Sequential(*steps)
+        self.rgb = nn.Conv2d(width, 3, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.fc(features.float()).view(-1, self.width, 4, 4)
+        return torch.sigmoid(self.rgb(self.body(x)))
 
 
 class Algorithm(nn.Module):
@@ -23,21 +52,45 @@ class Algorithm(nn.Module):
         self.model = model
         self.n_domains = n_domains
         self.cfg = cfg
+        a = cfg.algorithm
+        self.decoder = RegenDecoder(model.num_features, a.regen_size) if a.regen_weight > 0 else None
 
     @property
     def uses_target(self) -> bool:
         """Whether the loop must feed unlabelled target-center batches."""
         return self.cfg.algorithm.entropy_weight > 0
 
+    @property
+    def uses_altered(self) -> bool:
+        """Whether the loop must feed HED-altered copies of the images (Stain-AgLr switches)."""
+        a = self.cfg.algorithm
+        return a.consistency_weight > 0 or a.regen_weight > 0
+
     def classification_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return focal_bce(logits, y, self.cfg.algorithm.focal_gamma)
 
-    def shared_forward(self, batch: dict) -> tuple[dict, int]:
-        """One forward over labelled and (when used) unlabelled images: batch-norm statistics see
-        every center. Returns the model outputs and the number of labelled images first in them."""
-        n = batch["x"].shape[0]
-        x = torch.cat([batch["x"], batch["x_target"]]) if self.uses_target else batch["x"]
-        return self.model(x), n
+    def shared_forward(self, batch: dict) -> tuple[dict, int, int]:
+        """One forward over labelled, (when used) unlabelled and (when used) altered images: batch-norm
+        statistics see every center. Returns the model outputs, the number n of labelled images first
+        in them and the number m of unaltered images (labelled + unlabelled; the altered copies follow)."""
+        parts = [batch["x"]] + ([batch["x_target"]] if self.uses_target else [])
+        n, m = len(batch["x"]), sum(len(p) for p in parts)
+        if self.uses_altered:
+            parts.append(batch["x_altered"])
+        return self.model(torch.cat(parts) if len(parts) > 1 else parts[0]), n, m
+
+    def with_stain_losses(self, result: dict, out: dict, m: int, batch: dict) -> dict:
+        """Stain-AgLr: consistency and regeneration terms on the altered copies (out[m:])."""
+        a = self.cfg.algorithm
+        if a.consistency_weight > 0:
+            cons = consistency_loss(out["logits"][:m], out["logits"][m:])
+            result["loss"] = result["loss"] + a.consistency_weight * cons
+            result["cons_loss"] = cons.detach()
+        if self.decoder is not None:
+            regen = regeneration_loss(self.decoder(out["features"][m:]), batch["regen_target"])
+            result["loss"] = result["loss"] + a.regen_weight * regen
+            result["regen_loss"] = regen.detach()
+        return result
 
     def with_entropy(self, result: dict, target_logits: torch.Tensor) -> dict:
         """Entropy minimisation on the unlabelled target centers (`algorithm.entropy_weight`)."""
@@ -50,11 +103,14 @@ class Algorithm(nn.Module):
 
     def param_groups(self) -> list[dict]:
         o = self.cfg.optim
-        return [
+        groups = [
             {"params": [p for p in self.model.backbone.parameters() if p.requires_grad], "lr": o.backbone_lr,
              "name": "backbone"},
             {"params": list(self.model.head.parameters()), "lr": o.lr, "name": "head"},
         ]
+        if self.decoder is not None:
+            groups.append({"params": list(self.decoder.parameters()), "lr": o.lr, "name": "decoder"})
+        return groups
 
     def forward(self, batch: dict, progress: float = 0.0) -> dict:
         raise NotImplementedError

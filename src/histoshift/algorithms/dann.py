@@ -54,15 +54,15 @@ class DANN(Algorithm):
         ]
 
     def forward(self, batch: dict, progress: float = 0.0) -> dict:
-        out, n_src = self.shared_forward(batch)
+        out, n_src, m = self.shared_forward(batch)
         logits = out["logits"][:n_src]
         cls_loss = self.classification_loss(logits, batch["y"])
         coeff = ganin_coefficient(progress, self.cfg.algorithm.grl_max)
-        dom_logits = self.domain_head(grad_reverse(out["features"], coeff))
+        dom_logits = self.domain_head(grad_reverse(out["features"][:m], coeff))
         domains = torch.cat([batch["domain"], batch["domain_target"]])
         dom_loss = domain_loss(dom_logits, domains, self.cfg.algorithm.domain_loss)
         loss = cls_loss + self.cfg.algorithm.domain_weight * dom_loss
         dom_acc = (dom_logits.argmax(1) == domains).float().mean()
         result = {"loss": loss, "logits": logits, "cls_loss": cls_loss.detach(), "dom_loss": dom_loss.detach(),
                   "dom_acc": dom_acc.detach(), "grl": torch.tensor(coeff)}
-        return self.with_entropy(result, out["logits"][n_src:])
+        return self.with_stain_losses(self.with_entropy(result, out["logits"][n_src:m]), out, m, batch)

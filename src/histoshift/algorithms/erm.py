@@ -7,7 +7,8 @@ from .base import Algorithm
 
 class ERM(Algorithm):
     def forward(self, batch: dict, progress: float = 0.0) -> dict:
-        out, n = self.shared_forward(batch)
+        out, n, m = self.shared_forward(batch)
         logits = out["logits"][:n]
         loss = self.classification_loss(logits, batch["y"])
-        return self.with_entropy({"loss": loss, "logits": logits, "cls_loss": loss.detach()}, out["logits"][n:])
+        result = self.with_entropy({"loss": loss, "logits": logits, "cls_loss": loss.detach()}, out["logits"][n:m])
+        return self.with_stain_losses(result, out, m, batch)

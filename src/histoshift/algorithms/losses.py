@@ -29,3 +29,22 @@ def domain_loss(logits: torch.Tensor, domains: torch.Tensor, kind: str = "ce") -
         target = F.one_hot(domains, logits.shape[1]).float()
         return ((torch.softmax(logits.float(), dim=1) - target) ** 2).sum(1).mean()
     raise ValueError(f"unknown domain loss '{kind}' (ce | ls)")
+
+
+def bernoulli_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p || q) between the tumour probabilities p = sigmoid(logits_p), q = sigmoid(logits_q)."""
+    lp, lq = logits_p.float(), logits_q.float()
+    p = torch.sigmoid(lp)
+    # log p = logsigmoid(l), log (1 - p) = logsigmoid(-l): stable for large logits
+    return (p * (F.logsigmoid(lp) - F.logsigmoid(lq)) + (1 - p) * (F.logsigmoid(-lp) - F.logsigmoid(-lq))).mean()
+
+
+def consistency_loss(logits: torch.Tensor, logits_altered: torch.Tensor) -> torch.Tensor:
+    """Stain-AgLr (a): the prediction for the altered copy should match the one for the image. The
+    image's prediction is the target (no gradient), as in consistency regularisation (UDA, Xie et al.)."""
+    return bernoulli_kl(logits.detach(), logits_altered)
+
+
+def regeneration_loss(rebuilt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Stain-AgLr (b): mean squared error between the decoder's image and the (pooled) original."""
+    return F.mse_loss(rebuilt.float(), target.float())

@@ -102,13 +102,19 @@ def augment_batch(images: torch.Tensor, cfg: AugCfg, generator: torch.Generator 
         x = random_dihedral(x, generator)
     x = stain_normalize(x.float().div_(255.0), cfg.stain_norm)
     if cfg.hed_sigma > 0:
-        s, b = cfg.hed_sigma, x.shape[0]
-        alpha = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * s
-        beta = (torch.rand(b, 3, generator=generator) * 2 - 1) * s
-        x = hed_transform(x, alpha.to(x), beta.to(x))
+        x = random_hed(x, cfg.hed_sigma, generator)
     if cfg.brightness > 0 or cfg.contrast > 0:
         x = brightness_contrast(x, cfg.brightness, cfg.contrast, generator)
     return x
+
+
+def random_hed(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """HED stain jitter of a float batch in [0, 1]: per image and H/E/D channel, concentrations scaled
+    by U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma)."""
+    b = x.shape[0]
+    alpha = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
+    beta = (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
+    return hed_transform(x, alpha.to(x), beta.to(x))
 
 
 def to_float(images: torch.Tensor, stain_norm: str = "none") -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The cache holds, per split, an N x S x S x 3 uint8 array (`images_<split>.npy`, memory-mappable)
 and one index table for all splits (`index.csv`: id, split, row, center, label, n_black, n_white,
-grey_std, aberrant, reason). Its manifest records the inputs' size and modification time (a second
+grey_std, aberrant, reason), and a data overview (`overview.png`, `colours.png`, `colour_stats.csv`:
+data/overview.py). Its manifest records the inputs' size and modification time (a second
 run with unchanged inputs does nothing), the centers contract, and per split a digest of what was
 cached (images, ids, labels, centers); the cache id hashes them, and every later stage records it.
 
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from ..lineage import StaleError
 from ..safeio import Lock, require_free, reserve_npy
 from .h5_reader import InputError, open_h5, read_chunk, read_record, sorted_keys
+from .overview import write_overview
 from .quality import QualityRule, measure
 
 SPLITS = ("train", "val", "test")
@@ -190,6 +192,7 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
     report = quality_report(index)
     print("aberrant patches per center (left out of training; test patches are always predicted):")
     print(report.to_string(index=False))
+    print(f"prepare: data overview in {cache_dir / 'overview.png'}, {cache_dir / 'colours.png'} and colour_stats.csv")
     return index
 
 
@@ -205,6 +208,7 @@ def _build(paths: dict, out: Path, rule: QualityRule, contract: Contract, side: 
     index = pd.concat(frames, ignore_index=True)
     index.to_csv(out / "index.csv", index=False)
     quality_report(index).to_csv(out / "quality_report.csv", index=False)
+    write_overview(out, index)  # overview.png, colours.png, colour_stats.csv
     splits = {s: {"patches": int((index["split"] == s).sum()), "digest": digests[s]} for s in SPLITS}
     cache_id = hashlib.blake2b(json.dumps([splits, fp["rule"]], sort_keys=True).encode(), digest_size=8).hexdigest()
     (out / "manifest.json").write_text(json.dumps({**fp, "splits": splits, "cache_id": cache_id}, indent=2))
