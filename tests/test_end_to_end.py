@@ -47,7 +47,9 @@ def test_train_then_infer_on_the_demo(tmp_path):
     assert held_out > 0.8, f"held-out-center accuracy {held_out:.3f} does not beat chance clearly"
     labels = pd.read_csv(demo / "input" / "test_labels.csv").merge(sub, on="ID")
     assert (labels.Pred == labels.label).mean() > 0.8
-    assert (demo / "work" / "report" / "report.md").exists()
+    report = (demo / "work" / "report" / "report.md").read_text()
+    for picture in ("../cache/overview.png", "../cache/colours.png", "curves.png", "feature_map.png", "combiners.png"):
+        assert f"]({picture})" in report and (demo / "work" / "report" / picture).stat().st_size > 1000, picture
 
 
 @pytest.mark.slow
