@@ -94,14 +94,16 @@ def build_oracle(root: Path, train_patches: int, seed: int = 0) -> tuple[Path, s
     if not (inp / "test.h5").exists():
         inp.mkdir(parents=True, exist_ok=True)
         with h5py.File(root / "input" / "test.h5") as src:
-            for name, part, center in (("train", half_a, 0), ("val", half_b, 1), ("test", half_b, 2)):
+            # the test file repeats half B under other ids (ids are unique across the three files)
+            for name, part, center, offset in (("train", half_a, 0, 0), ("val", half_b, 1, 0), ("test", half_b, 2, 10**9)):
                 with h5py.File(inp / f"{name}.h5", "w") as dst:
                     for i in part:
-                        g = dst.create_group(str(i))
+                        g = dst.create_group(str(i + offset))
                         g["img"] = src[str(i)]["img"][()]
                         g["label"] = np.int64(labels[i])
                         g["metadata"] = np.array([center, i], dtype=np.int64)
-        labels.loc[half_b].rename("label").reset_index().to_csv(inp / "test_labels.csv", index=False)
+        test_labels = labels.loc[half_b].rename("label").reset_index()
+        test_labels.assign(ID=test_labels["ID"] + 10**9).to_csv(inp / "test_labels.csv", index=False)
     return oracle, set(int(i) for i in half_b), len(half_a)
 
 
