@@ -17,6 +17,7 @@ otherwise refuses with one line saying what changed (`StaleError`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def digest_file(path: Path) -> str:
                 h.update(block)
         _MEMO[key] = h.hexdigest()
     return _MEMO[key]
+
+
+def stack_cache_id(stack_dir: Path) -> str | None:
+    """The cache id the stack stage's outputs in `stack_dir` were computed from (None: no complete stack)."""
+    choice = Path(stack_dir) / "choice.json"
+    return json.loads(choice.read_text()).get("lineage", {}).get("cache") if choice.exists() else None
 
 
 def changed(recorded: dict, current: dict, prefix: str = "") -> list[str]:

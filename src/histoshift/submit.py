@@ -8,15 +8,14 @@ center is refused unless `allow_degenerate` (the test center is balanced: that i
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from .data.cache import check_inputs, read_manifest
+from .data.cache import check_inputs
 from .data.h5_reader import list_ids
-from .lineage import StaleError
+from .lineage import StaleError, stack_cache_id
 from .safeio import Lock
 
 
@@ -50,12 +49,11 @@ def check_submission(sub: pd.DataFrame, test_ids: list[int], source: str = "subm
 def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path) -> None:
     """Refuse test scores that the stack computed from another cache, or a test.h5 changed since the
     cache was built (the ids may match while the images do not)."""
-    check_inputs(Path(test_h5).parent, cache_dir)
-    choice = Path(scores_csv).with_name("choice.json")
-    if not choice.exists():
-        raise StaleError(f"{choice}: missing (the stack stage writes it last); run the stack stage")
-    made_from = json.loads(choice.read_text()).get("lineage", {}).get("cache")
-    current = read_manifest(cache_dir)["cache_id"]
+    current = check_inputs(Path(test_h5).parent, cache_dir)["cache_id"]
+    made_from = stack_cache_id(Path(scores_csv).parent)
+    if made_from is None:
+        raise StaleError(f"{Path(scores_csv).with_name('choice.json')}: missing (the stack stage writes it last); "
+                         "run the stack stage")
     if made_from != current:
         raise StaleError(f"{scores_csv}: computed from another cache ({made_from}, now {current}); "
                          "run infer and stack again (they say what else is stale)")

@@ -35,7 +35,7 @@ from .models.backbone import PatchClassifier
 from .features import FeatureClassifier, embed, feature_spec, random_view, store_key, view_logits, views_table
 from .precision import autocast, config_precision
 from .predict import PredictionError, check_finite, predict_views, record_predictions
-from .lineage import StaleError, changed, digest_file
+from .lineage import StaleError, changed, digest_file, stack_cache_id
 from .runs import RunDir
 from .safeio import Lock, atomic, require_free, write_csv, write_json, write_text
 
@@ -72,10 +72,9 @@ def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
 def pseudo_source(cache: Cache) -> Path:
     """The previous round's test features, after checking they were computed from this cache."""
     stack_dir = cache.dir.parent / "stack"
-    path, choice = stack_dir / "test_features.csv", stack_dir / "choice.json"
-    if not path.exists() or not choice.exists():
+    path, made_from = stack_dir / "test_features.csv", stack_cache_id(stack_dir)
+    if not path.exists() or made_from is None:
         raise FileNotFoundError(f"{path}: pseudo-labels need a finished first round (train, infer, stack)")
-    made_from = json.loads(choice.read_text()).get("lineage", {}).get("cache")
     if made_from != cache.id:
         raise StaleError(f"{path}: computed from another cache ({made_from}, now {cache.id}); rerun the first round's "
                          "infer and stack before pseudo-labelling")

@@ -114,9 +114,8 @@ def _chunks(path: Path, keys: list[str], labelled: bool, rule: QualityRule, work
             yield result
 
 
-def _convert_split(path: Path, split: str, out: Path, rule: QualityRule, contract: Contract,
+def _convert_split(path: Path, keys: list[str], split: str, out: Path, rule: QualityRule, contract: Contract,
                    side: int, workers: int) -> tuple[pd.DataFrame, str]:
-    keys = sorted_keys(path)
     images = reserve_npy(out, (len(keys), side, side, 3), np.uint8, f"the {split} images (the previous cache is untouched)")
     allowed = set(contract.of(split))
     digest = hashlib.blake2b(digest_size=16)
@@ -125,8 +124,9 @@ def _convert_split(path: Path, split: str, out: Path, rule: QualityRule, contrac
     for chunk, q in _chunks(path, keys, LABELLED[split], rule, workers):
         if chunk.images.shape[1] != side:
             raise InputError(f"{path}, id {chunk.ids[0]}: img side {chunk.images.shape[1]} differs from the {side} seen before")
-        if allowed and not np.isin(chunk.centers, list(allowed)).all():
-            k = int(np.argmin(np.isin(chunk.centers, list(allowed))))
+        inside = np.isin(chunk.centers, list(allowed)) if allowed else None
+        if inside is not None and not inside.all():
+            k = int(np.argmin(inside))
             raise InputError(f"{path}, id {chunk.ids[k]}: center {chunk.centers[k]} is not a {split} center of the "
                              f"contract ({contract}); files that follow another split: prepare --centers "
                              "'train=..;val=..;test=..' (or 'any')")
@@ -143,10 +143,9 @@ def _convert_split(path: Path, split: str, out: Path, rule: QualityRule, contrac
     return pd.concat(frames, ignore_index=True), digest.hexdigest()
 
 
-def _first_side(path: Path) -> int:
-    keys = sorted_keys(path)
+def _first_side(path: Path, first_key: str) -> int:
     with open_h5(path) as f:
-        return read_record(path, f, keys[0], labelled=False).img.shape[0]
+        return read_record(path, f, first_key, labelled=False).img.shape[0]
 
 
 def default_workers(n_images: int) -> int:
@@ -169,8 +168,9 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
         for stale in cache_dir.parent.glob(f".{cache_dir.name}.building-*"):  # left by a killed prepare
             shutil.rmtree(stale, ignore_errors=True)
         paths = {split: input_dir / f"{split}.h5" for split in SPLITS}
-        counts = {split: len(sorted_keys(p)) for split, p in paths.items()}
-        side = _first_side(paths["train"])
+        keys = {split: sorted_keys(p) for split, p in paths.items()}  # listed and validated once
+        counts = {split: len(k) for split, k in keys.items()}
+        side = _first_side(paths["train"], keys["train"][0])
         require_free(cache_dir.parent, sum(counts.values()) * side * side * 3 + 200 * sum(counts.values()),
                      f"a new cache of {sum(counts.values())} patches"
                      + (f" (built beside the old one: deleting {cache_dir} first frees its space)" if cache_dir.exists() else ""))
@@ -178,7 +178,7 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
         new = cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}")
         new.mkdir(parents=True)
         try:
-            index = _build(paths, new, rule, contract, side, workers, fp)
+            index = _build(paths, keys, new, rule, contract, side, workers, fp)
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise
@@ -196,10 +196,12 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
     return index
 
 
-def _build(paths: dict, out: Path, rule: QualityRule, contract: Contract, side: int, workers: int, fp: dict) -> pd.DataFrame:
+def _build(paths: dict, keys: dict, out: Path, rule: QualityRule, contract: Contract, side: int, workers: int,
+           fp: dict) -> pd.DataFrame:
     frames, digests, seen = [], {}, {}
     for split, path in paths.items():
-        df, digests[split] = _convert_split(path, split, out / f"images_{split}.npy", rule, contract, side, workers)
+        df, digests[split] = _convert_split(path, keys[split], split, out / f"images_{split}.npy", rule, contract,
+                                            side, workers)
         for i in df["id"]:
             if i in seen:
                 raise InputError(f"{path}, id {i}: duplicate id, already present in {seen[i]}")
