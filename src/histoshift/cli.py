@@ -1,19 +1,16 @@
-"""One entry point, one sub-command per stage: python -m histoshift <stage> [--root DIR] ...
+"""One entry point, one sub-command per stage: python -m histoshift [--root DIR] <stage> ...
 
-Every stage reads and writes under one root folder (the repository by default):
-  input/            the competition's train.h5, val.h5, test.h5 (yours; never written)
-  folds/folds.csv   leave-one-center-out folds
-  work/cache/       uint8 image arrays + index.csv          (prepare)
-  work/runs/        one folder per config / seed / fold     (train, infer)
-  work/stack/       features, combiner comparison, scores   (stack)
-  submissions/      submission.csv and the earlier ones     (submit)
-Every stage is idempotent: run again with unchanged inputs, it does nothing it has done before.
+Every stage reads and writes under one root folder (the repository by default); `input/` is yours
+and never written. Every stage is idempotent: run again with unchanged inputs, it does nothing it
+has done before; a changed input makes the stages after it recompute or refuse with one line.
+`<stage> --help` says exactly what a stage reads and writes.
 """
 from __future__ import annotations
 
 import argparse
 import errno
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,76 @@ class Paths:
     runs = property(lambda self: self.root / "work" / "runs")
     stack = property(lambda self: self.root / "work" / "stack")
     submissions = property(lambda self: self.root / "submissions")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A sub-command: what it does, what it reads and what it writes (shown by --help)."""
+    help: str
+    reads: str
+    writes: str
+    flow: str = ""  # the short form for the top-level help: what it takes -> what it makes
+
+    def description(self) -> str:
+        wrap = lambda label, text: textwrap.fill(text, 100, initial_indent=label, subsequent_indent=" " * len(label))
+        return f"{self.help}.\n\n{wrap('reads:  ', self.reads)}\n{wrap('writes: ', self.writes)}"
+
+
+STAGES = {  # in pipeline order; the paths are relative to --root
+    "demo-data": Stage("write the synthetic demo dataset (NOT tissue) in the competition layout",
+                       "nothing", "input/{train,val,test}.h5 (or --out), unless one of them exists",
+                       flow="-> input/*.h5 (synthetic)"),
+    "prepare": Stage("validate the HDF5 files and build the uint8 cache with aberrant-patch flags",
+                     "input/train.h5, input/val.h5, input/test.h5",
+                     "work/cache/: images_{train,val,test}.npy, index.csv, quality_report.csv, manifest.json "
+                     "(digests), overview.png, colours.png, colour_stats.csv",
+                     flow="input/*.h5 -> work/cache/"),
+    "folds": Stage("assign each labelled patch the fold of its center (leave one center out)",
+                   "work/cache/index.csv", "folds/folds.csv (an existing different one is kept unless --force)",
+                   flow="work/cache/ -> folds/folds.csv"),
+    "train": Stage("train one config on some or all folds (resumes a killed run from its last epoch)",
+                   "--config YAML, work/cache/, folds/folds.csv; foundation models: the hub, HF_HUB_CACHE or "
+                   "model.weights; frozen backbones: work/features/<key>/ (written on first use)",
+                   "work/runs/<name>/seed<S>/fold<K>/: config.yaml, inputs.json, metrics.jsonl, model.safetensors, "
+                   "oof.csv, summary.json, done (state-epoch<N>/ until done)",
+                   flow="configs/*.yaml, work/cache/, folds/ -> work/runs/<name>/seed<S>/fold<K>/"),
+    "infer": Stage("8-view TTA logits of every finished fold run, for its held-out center and the test center",
+                   "work/runs/*/seed*/fold*/ (finished), work/cache/",
+                   "in each run folder: tta_heldout.csv, tta_test.csv (with --adabn also tta_*_adabn.csv), "
+                   "predictions.json",
+                   flow="work/runs/ (finished) -> work/runs/.../tta_*.csv"),
+    "stack": Stage("score mean logits, rank average and a LightGBM stacker leave one center out, pick one, "
+                   "score the test center",
+                   "the runs' tta_*.csv, folds/folds.csv, work/cache/",
+                   "work/stack/: oof_features.csv, test_features.csv, comparison.csv, test_scores.csv, choice.json",
+                   flow="work/runs/.../tta_*.csv, folds/ -> work/stack/"),
+    "submit": Stage("write the submission after checking it against test.h5's ids",
+                    "work/stack/test_scores.csv, work/stack/choice.json, input/test.h5, work/cache/manifest.json",
+                    "submissions/submission.csv (the previous one is kept as submission.<time>.csv)",
+                    flow="work/stack/, input/test.h5 -> submissions/submission.csv"),
+    "report": Stage("markdown summary and plots of the runs and combiners",
+                    "work/runs/, work/stack/, work/cache/overview.png",
+                    "work/report/: report.md, curves.png, combiners.png, per_center.png, roc.png; feature_map.png "
+                    "when a fine-tuned run is present",
+                    flow="work/runs/, work/stack/ -> work/report/"),
+    "score": Stage("accuracy of the submission against a labels CSV (demo and offline benchmarks)",
+                   "submissions/submission.csv, --labels CSV (ID,label)", "nothing (prints the accuracy)",
+                   flow="submissions/submission.csv, --labels -> (prints)"),
+    "recipes": Stage("list the foundation-model recipes (hub id, embedding, input, mean/std, precision, licence)",
+                     "nothing", "nothing (prints a markdown table)",
+                     flow="-> (prints the recipe table)"),
+    "fm-standin": Stage("write small RANDOM-weight stand-ins of foundation models, to run the hub path offline "
+                        "without the real weights", "nothing",
+                        "--out: a Hugging Face hub cache (point HF_HUB_CACHE at it) or, with --layout dir, "
+                        "a folder of the repo's files",
+                        flow="-> --out (a hub cache or folder)"),
+}
+
+
+def _stage_table() -> str:
+    width = max(map(len, STAGES))
+    return ("what each stage reads -> writes (paths under --root; `<stage> --help` names the files):\n"
+            + "\n".join(f"  {name:<{width}}  {st.flow}" for name, st in STAGES.items()))
 
 
 def _timed(name: str, fn, *args, **kwargs):
@@ -172,32 +239,37 @@ def cmd_fm_standin(a, paths: Paths):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="histoshift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="histoshift", description=__doc__, epilog=_stage_table(), formatter_class=raw)
     p.add_argument("--root", default=".", help="folder holding input/, folds/, work/, submissions/")
-    sub = p.add_subparsers(dest="stage", required=True)
+    sub = p.add_subparsers(dest="stage", required=True, metavar="<stage>")
 
-    s = sub.add_parser("demo-data", help="write the synthetic demo dataset in the competition layout")
+    def stage(name: str) -> argparse.ArgumentParser:
+        st = STAGES[name]
+        return sub.add_parser(name, help=st.help, description=st.description(), formatter_class=raw)
+
+    s = stage("demo-data")
     s.add_argument("--out", default=None, help="folder for the h5 files (default: <root>/input)")
-    s.add_argument("--per-center", type=int, default=160)
-    s.add_argument("--test-size", type=int, default=240)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--per-center", type=int, default=160, help="patches per labelled center (five centers)")
+    s.add_argument("--test-size", type=int, default=240, help="patches of the test center")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
     s.set_defaults(fn=cmd_demo_data)
 
-    s = sub.add_parser("prepare", help="validate input/*.h5 and build the uint8 cache")
+    s = stage("prepare")
     s.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
-    s.add_argument("--max-black", type=int, default=200)
-    s.add_argument("--max-white-frac", type=float, default=0.9)
+    s.add_argument("--max-black", type=int, default=200, help="aberrant above this many pure-black pixels")
+    s.add_argument("--max-white-frac", type=float, default=0.9, help="aberrant above this share of white pixels")
     s.add_argument("--centers", default="train=0,3,4;val=1;test=2",
                    help="the centers each file may hold (a patch elsewhere is refused); 'any' checks nothing")
     s.add_argument("--workers", type=int, default=0, help="HDF5 reader processes (0: one per core, at most 8)")
     s.set_defaults(fn=cmd_prepare)
 
-    s = sub.add_parser("folds", help="write folds/folds.csv (leave one center out)")
+    s = stage("folds")
     s.add_argument("--force", action="store_true", help="replace a differing folds.csv (the old one is kept)")
     s.set_defaults(fn=cmd_folds)
 
-    s = sub.add_parser("train", help="train one config on some or all folds")
-    s.add_argument("--config", required=True)
+    s = stage("train")
+    s.add_argument("--config", required=True, help="one experiment's YAML file (configs/*.yaml)")
     s.add_argument("--fold", default="all", help="'all' or comma-separated held-out centers")
     s.add_argument("--seed", type=int, default=None, help="shorthand for train.seed=N")
     s.add_argument("--force", action="store_true", help="retrain finished runs (the old ones are kept)")
@@ -207,41 +279,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="typed overrides, e.g. optim.lr=3e-4 train.epochs=5")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("infer", help="8-view TTA predictions of every finished fold run")
-    s.add_argument("--force", action="store_true")
+    s = stage("infer")
+    s.add_argument("--force", action="store_true", help="predict again even when the TTA files are current")
     s.add_argument("--adabn", action="store_true",
                    help="also predict with batch-norm statistics re-estimated on each target center (AdaBN); "
                         "the stack stage keeps them unless leave-one-center-out shows they hurt")
     s.set_defaults(fn=cmd_infer)
 
-    s = sub.add_parser("stack", help="compare mean / rank / LightGBM leave-one-center-out; score the test set")
-    s.add_argument("--seed", type=int, default=0)
+    s = stage("stack")
+    s.add_argument("--seed", type=int, default=0, help="LightGBM's seed")
     s.add_argument("--prior", type=float, default=0.5, metavar="SHARE",
                    help="the test center's known share of tumour patches (0.5: balanced); thresholding to it is "
                         "scored leave-one-center-out and used only where it helps (0: never)")
     s.set_defaults(fn=cmd_stack)
 
-    s = sub.add_parser("submit", help="write submissions/submission.csv after checking it against test.h5")
+    s = stage("submit")
     s.add_argument("--allow-degenerate", action="store_true",
                    help="write a submission that predicts one class for every test patch (refused otherwise)")
     s.set_defaults(fn=cmd_submit)
 
-    s = sub.add_parser("report", help="markdown summary and plots of runs and combiners (work/report/)")
+    s = stage("report")
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("recipes", help="list the foundation-model recipes (hub id, embedding, input, mean/std, licence)")
+    s = stage("recipes")
     s.set_defaults(fn=cmd_recipes)
 
-    s = sub.add_parser("fm-standin", help="write small RANDOM-weight stand-ins of foundation models into a Hugging "
-                                          "Face cache or folder, to run the pipeline offline without the real weights")
+    s = stage("fm-standin")
     s.add_argument("--recipe", default="all", help="recipe name(s), comma-separated, or 'all'")
     s.add_argument("--out", required=True, help="a Hugging Face hub cache folder (point HF_HUB_CACHE at it) or, with "
                                                 "--layout dir, the folder for the repo's files")
-    s.add_argument("--layout", choices=("cache", "dir"), default="cache")
+    s.add_argument("--layout", choices=("cache", "dir"), default="cache",
+                   help="cache: hub-cache layout (models--org--name/snapshots/...); dir: the repo's files in --out")
     s.set_defaults(fn=cmd_fm_standin)
 
-    s = sub.add_parser("score", help="accuracy of submissions/submission.csv against a labels CSV (ID,label)")
-    s.add_argument("--labels", required=True)
+    s = stage("score")
+    s.add_argument("--labels", required=True, help="CSV with columns ID,label")
     s.set_defaults(fn=cmd_score)
     return p
 
@@ -254,7 +326,7 @@ def _user_errors() -> tuple:
     from .lineage import StaleError
     from .models.foundation import RecipeError
     from .models.weights import WeightsError
-    from .predict import PredictionError
+    from .tta import PredictionError
     from .safeio import DiskError, LockError
     from .stack import StackError
     from .submit import SubmissionError

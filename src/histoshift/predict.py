@@ -1,13 +1,10 @@
-"""Inference with 8-view dihedral TTA, and the `infer` stage over every finished fold run.
-
-All views of a batch go through the model in one forward pass. Predictions are gathered across
-processes with `gather_for_metrics`, so each id appears exactly once even when the last batch
-was padded. Per-view logits are saved keyed by id and center.
+"""The infer stage: 8-view TTA predictions of every finished fold run for its held-out center and
+the test center, plain and (with --adabn) after AdaBN on each target center. The views themselves
+are `tta.py`; the files and what they were predicted from are the run folder's (`runs.py`).
 """
 from __future__ import annotations
 
 import copy
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,64 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from .config import Config, load_config
-from .data.augment import N_VIEWS, per_view, to_float, view_stack
+from .data.augment import N_VIEWS, to_float
 from .data.cache import Cache
 from .data.loader import PatchDataset, make_loader
 from .models.backbone import PatchClassifier
-from .precision import autocast, config_precision
+from .precision import config_precision
 from .runs import load_run_model, RunDir
-from .safeio import Lock, write_csv, write_json
-
-CPU_CHUNK = 64
-
-
-class PredictionError(ValueError):
-    """A model produced logits that must not be saved (NaN / inf)."""
-
-
-def check_finite(table: pd.DataFrame, where: str) -> pd.DataFrame:
-    """`table` unchanged when every logit column is finite; else one line naming `where` and an id."""
-    cols = [c for c in table.columns if c == "logit" or (c.startswith("v") and c[1:].isdigit())]
-    bad = ~np.isfinite(table[cols].to_numpy(dtype=float)).all(axis=1)
-    if bad.any():
-        raise PredictionError(f"{where}: {int(bad.sum())} patches with non-finite logits (e.g. id "
-                              f"{int(table['id'][bad].iloc[0])}): the model's weights or inputs hold NaN/inf; "
-                              "retrain it (train --force) - nothing was written")
-    return table
-
-
-@torch.no_grad()
-def predict_views(model: PatchClassifier, loader, accelerator: Accelerator,
-                  views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
-                  channels_last: bool = False, stain_norm: str = "none") -> pd.DataFrame:
-    """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""
-    model.eval()
-    preprocess = accelerator.unwrap_model(model).preprocess
-    ids, centers, labels, logits = [], [], [], []
-    # GPUs want one big forward; CPUs run small batches faster (they stay in cache)
-    chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
-    for batch in bar:
-        x = to_float(batch["image"].to(accelerator.device), stain_norm)
-        stacked = view_stack(x, views, preprocess)
-        if channels_last:
-            stacked = stacked.contiguous(memory_format=torch.channels_last)
-        with autocast(accelerator.device, precision):
-            out = torch.cat([model(part)["logits"].float() for part in stacked.split(chunk)])
-        out = per_view(out, len(views)).contiguous()
-        g = accelerator.gather_for_metrics((batch["id"].to(accelerator.device), batch["center"].to(accelerator.device),
-                                            batch["label"].to(accelerator.device), out))
-        for store, value in zip((ids, centers, labels, logits), g):
-            store.append(value.cpu())
-    table = pd.DataFrame({"id": torch.cat(ids).numpy(), "center": torch.cat(centers).numpy(),
-                          "label": torch.cat(labels).numpy().astype(int)})
-    views_arr = torch.cat(logits).numpy()
-    for j, k in enumerate(views):
-        table[f"v{k}"] = views_arr[:, j]
-    return table
+from .safeio import Lock
+from .tta import check_finite, predict_views, view_columns
 
 
 def predict_table(model, cache: Cache, table: pd.DataFrame, accelerator: Accelerator, cfg: Config,
@@ -81,10 +30,6 @@ def predict_table(model, cache: Cache, table: pd.DataFrame, accelerator: Acceler
     loader = accelerator.prepare(make_loader(ds, cfg.train.eval_batch_size, train=False))
     return predict_views(model, loader, accelerator, views, desc, precision=config_precision(cfg),
                          channels_last=cfg.train.channels_last, stain_norm=cfg.aug.stain_norm)
-
-
-def view_columns(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c.startswith("v") and c[1:].isdigit()]
 
 
 @torch.no_grad()
@@ -110,14 +55,6 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, device: torch.de
         m.momentum = momentum
     model.train(was_training)
     return len(bns)
-
-
-def record_predictions(run: RunDir, part: str, adabn: bool, cache: Cache) -> None:
-    """Note in run/predictions.json what a TTA file was just predicted from (checkpoint, cache)."""
-    path = run.predictions
-    recorded = json.loads(path.read_text()) if path.exists() else {}
-    recorded[run.tta_path(part, adabn).name] = run.prediction_lineage(cache.id)
-    write_json(path, recorded)
 
 
 def infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool = False, adabn: bool = False) -> None:
@@ -168,8 +105,7 @@ def _infer_run(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool,
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:
-                write_csv(run.tta_path(name, adapted), out, float_format="%.6g")
-                record_predictions(run, name, adapted, cache)
+                run.write_tta(name, adapted, out, cache.id)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
                               + (" (AdaBN)" if adapted else "")
                               + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from .config import load_config
 from .lineage import StaleError, changed, digest_file
+from .safeio import write_csv, write_json
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,14 @@ class RunDir:
     def prediction_lineage(self, cache_id: str) -> dict:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache."""
         return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id}
+
+    def write_tta(self, part: str, adabn: bool, table, cache_id: str) -> None:
+        """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache)."""
+        path = self.tta_path(part, adabn)
+        write_csv(path, table, float_format="%.6g")
+        recorded = json.loads(self.predictions.read_text()) if self.predictions.exists() else {}
+        recorded[path.name] = self.prediction_lineage(cache_id)
+        write_json(self.predictions, recorded)
 
     def stale_predictions(self, cache_id: str, adabn: bool = False) -> list[str]:
         """The TTA files (heldout, test) that are missing or were predicted from another checkpoint or cache."""

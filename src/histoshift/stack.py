@@ -19,7 +19,7 @@ in the order above). Between the sets, AdaBN is kept unless the plain winner is 
 on the same out-of-fold patches (paired McNemar z > 1.96): the labelled centers are milder shifts
 than a new hospital, so their accuracies cannot tell a small AdaBN gain from noise (measured: +-0.3
 points leave-one-center-out while AdaBN gained 0.3 to 16 points on the unseen test center for single
-models on the full protocol, README), but they can still veto it when it breaks a model. The
+models on the full protocol, docs/benchmarks.md), but they can still veto it when it breaks a model. The
 comparison is saved beside the test scores.
 
 Prior matching: the competition's test center is exactly balanced. Each combiner is also scored
@@ -39,7 +39,7 @@ from .config import load_config
 from .data.cache import Cache
 from .data.folds import check_folds, read_folds
 from .lineage import StaleError, digest_file
-from .predict import check_finite, view_columns
+from .tta import check_finite, view_columns
 from .runs import RunDir
 from .safeio import Lock, write_csv, write_json
 

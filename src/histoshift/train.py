@@ -34,7 +34,7 @@ from .metrics import per_center
 from .models.backbone import PatchClassifier
 from .features import FeatureClassifier, embed, feature_spec, random_view, store_key, view_logits, views_table
 from .precision import autocast, config_precision
-from .predict import PredictionError, check_finite, predict_views, record_predictions
+from .tta import PredictionError, check_finite, predict_views
 from .lineage import StaleError, changed, digest_file, stack_cache_id
 from .runs import RunDir
 from .safeio import Lock, atomic, require_free, write_csv, write_json, write_text
@@ -430,9 +430,7 @@ def _train_fold(cfg: Config, cache_dir, folds_csv, run: RunDir, force: bool, acc
             test = cache.index[cache.index["split"] == "test"]
             for rows, part in ((None, "heldout"), (test, "test")):
                 views = check_finite(task.predict(core.model, rows, desc="tta", views=task.store.views), str(run.tta_path(part)))
-                write_csv(run.tta_path(part), views.assign(label=-1 if rows is not None else views["label"]),
-                          float_format="%.6g")
-                record_predictions(run, part, False, cache)
+                run.write_tta(part, False, views.assign(label=-1 if rows is not None else views["label"]), cache.id)
         summary = {"run": run.name, "fold": run.fold, "seconds": round(time.time() - t0, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
                    "pseudo_labels": n_pseudo, "per_center": table.to_dict(orient="records")}

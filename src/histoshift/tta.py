@@ -1,0 +1,71 @@
+"""Test-time augmentation: every patch under the 8 dihedral views, as logits keyed by patch id.
+
+The table format every later stage reads (tta_*.csv, held-out tables during training, a frozen head's
+predictions): id, center, label, v0..v7 (one logit per view). All views of a batch go through the
+model in one forward pass; predictions are gathered across processes with `gather_for_metrics`, so
+each id appears exactly once even when the last batch was padded. Used by training (held-out
+evaluation, a frozen head's TTA files) and by the infer stage (`predict.py`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .data.augment import N_VIEWS, per_view, to_float, view_stack
+from .models.backbone import PatchClassifier
+from .precision import autocast
+
+CPU_CHUNK = 64
+
+
+class PredictionError(ValueError):
+    """A model produced logits that must not be saved (NaN / inf)."""
+
+
+def check_finite(table: pd.DataFrame, where: str) -> pd.DataFrame:
+    """`table` unchanged when every logit column is finite; else one line naming `where` and an id."""
+    cols = [c for c in table.columns if c == "logit" or (c.startswith("v") and c[1:].isdigit())]
+    bad = ~np.isfinite(table[cols].to_numpy(dtype=float)).all(axis=1)
+    if bad.any():
+        raise PredictionError(f"{where}: {int(bad.sum())} patches with non-finite logits (e.g. id "
+                              f"{int(table['id'][bad].iloc[0])}): the model's weights or inputs hold NaN/inf; "
+                              "retrain it (train --force) - nothing was written")
+    return table
+
+
+@torch.no_grad()
+def predict_views(model: PatchClassifier, loader, accelerator: Accelerator,
+                  views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
+                  channels_last: bool = False, stain_norm: str = "none") -> pd.DataFrame:
+    """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""
+    model.eval()
+    preprocess = accelerator.unwrap_model(model).preprocess
+    ids, centers, labels, logits = [], [], [], []
+    # GPUs want one big forward; CPUs run small batches faster (they stay in cache)
+    chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
+    for batch in bar:
+        x = to_float(batch["image"].to(accelerator.device), stain_norm)
+        stacked = view_stack(x, views, preprocess)
+        if channels_last:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        with autocast(accelerator.device, precision):
+            out = torch.cat([model(part)["logits"].float() for part in stacked.split(chunk)])
+        out = per_view(out, len(views)).contiguous()
+        g = accelerator.gather_for_metrics((batch["id"].to(accelerator.device), batch["center"].to(accelerator.device),
+                                            batch["label"].to(accelerator.device), out))
+        for store, value in zip((ids, centers, labels, logits), g):
+            store.append(value.cpu())
+    table = pd.DataFrame({"id": torch.cat(ids).numpy(), "center": torch.cat(centers).numpy(),
+                          "label": torch.cat(labels).numpy().astype(int)})
+    views_arr = torch.cat(logits).numpy()
+    for j, k in enumerate(views):
+        table[f"v{k}"] = views_arr[:, j]
+    return table
+
+
+def view_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith("v") and c[1:].isdigit()]
