@@ -11,7 +11,7 @@
    device tensor), for resnet50 @ 96 and vit_base_patch16_224 @ 224.
 3. wall time of 8-view TTA inference over 85,054 test patches per backbone (measured on a subset
    and scaled when the full run would take too long, and then marked as such).
-Run it on a GPU and on the CPU; copy the printed table into the README with the machine and date.
+Run it on a GPU and on the CPU; copy the printed table into docs/benchmarks.md with the machine and date.
 """
 from __future__ import annotations
 
