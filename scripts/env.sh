@@ -15,6 +15,11 @@ if [ -z "${PY:-}" ]; then
     echo "$WANT" > "$STAMP"
   fi
   PY="$VENV/bin/python"
+  # the package on the venv's path (like `pip install -e .`, offline): `.venv/bin/python -m histoshift` works anywhere
+  PTH="$(ls "$VENV"/lib/python3*/site-packages/histoshift-src.pth 2>/dev/null || true)"
+  if [ -z "$PTH" ] || [ "$(cat "$PTH")" != "$REPO/src" ]; then
+    "$PY" -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "histoshift-src.pth").write_text(sys.argv[1] + "\n")' "$REPO/src"
+  fi
 fi
 export PY
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"

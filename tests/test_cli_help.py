@@ -33,6 +33,15 @@ def test_top_level_help_shows_each_stage_reads_and_writes():
     assert "input/*.h5 -> work/cache/" in out and "-> submissions/submission.csv" in out
 
 
+@pytest.mark.skipif(not sys.executable.startswith(str(REPO / ".venv")), reason="runs in the repository's own .venv")
+def test_the_venv_runs_the_cli_from_anywhere(tmp_path):
+    """scripts/env.sh puts src/ on .venv's path: the README's `python -m histoshift` needs no PYTHONPATH."""
+    out = subprocess.run([sys.executable, "-m", "histoshift", "folds", "--help"], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "writes: folds/folds.csv" in out.stdout
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_help_names_inputs_outputs_and_every_option(name, capsys):
     with pytest.raises(SystemExit) as e:
