@@ -77,6 +77,10 @@ class RunDir:
         """8-view logits of `part` ('heldout' | 'test'), plain or after AdaBN on that center."""
         return self.path / f"tta_{part}{'_adabn' if adabn else ''}.csv"
 
+    def recorded_inputs(self) -> dict:
+        """inputs.json as written by training ({} before the run has one)."""
+        return _record(self.inputs)
+
     def prediction_lineage(self, cache_id: str) -> dict:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache."""
         return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id}
@@ -85,13 +89,13 @@ class RunDir:
         """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache)."""
         path = self.tta_path(part, adabn)
         write_csv(path, table, float_format="%.6g")
-        recorded = json.loads(self.predictions.read_text()) if self.predictions.exists() else {}
+        recorded = _record(self.predictions)
         recorded[path.name] = self.prediction_lineage(cache_id)
         write_json(self.predictions, recorded)
 
     def stale_predictions(self, cache_id: str, adabn: bool = False) -> list[str]:
         """The TTA files (heldout, test) that are missing or were predicted from another checkpoint or cache."""
-        recorded = json.loads(self.predictions.read_text()) if self.predictions.exists() else {}
+        recorded = _record(self.predictions)
         want = self.prediction_lineage(cache_id)
         return [p.name for p in (self.tta_path(part, adabn) for part in ("heldout", "test"))
                 if not p.exists() or recorded.get(p.name) != want]
@@ -101,8 +105,7 @@ class RunDir:
 
     def check_inputs(self, cache_digests: dict) -> None:
         """Refuse (StaleError) a run trained on another version of the cache."""
-        recorded = json.loads(self.inputs.read_text()).get("cache", {}) if self.inputs.exists() else {}
-        moved = changed(recorded, cache_digests)
+        moved = changed(self.recorded_inputs().get("cache", {}), cache_digests)
         if moved:
             raise StaleError(f"{self.path} was trained on another version of {', '.join(f'{s}.h5' for s in moved)}: "
                              "retrain it (train --force) or restore the files it was trained on")
@@ -110,6 +113,11 @@ class RunDir:
     @property
     def is_done(self) -> bool:
         return self.done.exists() and self.checkpoint.exists()
+
+
+def _record(path: Path) -> dict:
+    """A JSON record of a run folder; {} when it is not written yet."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 RUN_FOLDER = re.compile(r"seed\d+/fold\d+")

@@ -124,7 +124,7 @@ def prepare_run_dir(run: RunDir, cfg: Config, force: bool, inputs: dict) -> str:
     folds, a frozen head's feature store, pseudo-labels) is kept; a finished run with another config
     or other inputs is never overwritten without `force` (then it is moved aside). An unfinished run
     with a saved epoch and the same config and inputs resumes; any other unfinished run starts over."""
-    recorded = json.loads(run.inputs.read_text()) if run.inputs.exists() else {}
+    recorded = run.recorded_inputs()
     same_config = run.config.exists() and load_config(run.config).to_dict() == cfg.to_dict()
     if run.is_done:
         if same_config and recorded == inputs and not force:
