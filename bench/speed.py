@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from histoshift.config import AugCfg, ModelCfg  # noqa: E402
-from histoshift.data.augment import augment_batch, normalize, to_float, view_stack  # noqa: E402
+from histoshift.data.augment import augment_batch, to_float  # noqa: E402
+from histoshift.models.preprocess import normalize  # noqa: E402
+from histoshift.tta import view_stack  # noqa: E402
 from histoshift.data.cache import Cache, prepare  # noqa: E402
 from histoshift.data.demo import render_patch  # noqa: E402
 from histoshift.data.loader import TensorBatches, place_images  # noqa: E402

@@ -35,10 +35,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config, ModelCfg
-from .data.augment import apply_dihedral, hed_transform, per_view, to_float, view_stack
+from .data.augment import apply_dihedral, to_float
+from .data.hed import hed_transform
 from .data.cache import LABELLED, SPLITS, Cache, gather_by_split
 from .models.backbone import PatchClassifier
 from .precision import autocast
+from .tta import per_view, view_stack
 from .safeio import Lock, reserve_npy, write_text
 
 CHUNK_ROWS = 2048  # rows per resumable unit (fixed: a resumed run finds the same chunks)

@@ -14,11 +14,21 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .data.augment import N_VIEWS, per_view, to_float, view_stack
-from .models.backbone import PatchClassifier
+from .data.augment import N_VIEWS, dihedral, to_float
 from .precision import autocast
 
 CPU_CHUNK = 64
+
+
+def view_stack(x: torch.Tensor, views, preprocess) -> torch.Tensor:
+    """All requested dihedral views of a float batch, one after another (V*B images), preprocessed:
+    one forward pass serves every TTA view. `per_view` undoes the stacking on the outputs."""
+    return preprocess(torch.cat([dihedral(x, k) for k in views]))
+
+
+def per_view(out: torch.Tensor, n_views: int) -> torch.Tensor:
+    """(V*B, ...) outputs of `view_stack` -> (B, V, ...)."""
+    return out.view(n_views, -1, *out.shape[1:]).transpose(0, 1)
 
 
 class PredictionError(ValueError):
@@ -37,7 +47,7 @@ def check_finite(table: pd.DataFrame, where: str) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def predict_views(model: PatchClassifier, loader, accelerator: Accelerator,
+def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
                   views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
                   channels_last: bool = False, stain_norm: str = "none") -> pd.DataFrame:
     """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import albumentations as A
 
 from ..config import AugCfg
-from .augment import hed_transform_np
+from .hed import hed_transform_np
 
 
 class HEDJitter(A.ImageOnlyTransform):

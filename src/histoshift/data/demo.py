@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .augment import RGB_FROM_HED
+from .hed import RGB_FROM_HED
 
 # center -> (hematoxylin scale, eosin scale, brightness gain)
 CENTER_STAIN = {0: (1.00, 1.00, 1.00), 3: (0.80, 1.25, 0.97), 4: (1.20, 0.80, 1.03),

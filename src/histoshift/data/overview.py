@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .augment import HED_FROM_RGB
+from .hed import HED_FROM_RGB
 
 SAMPLE = 500  # patches per center for the colour statistics
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ModelCfg
-from ..data.augment import Preprocess
+from .preprocess import Preprocess
 from .foundation import override, resolve_recipe
 from .foundation.loader import load_foundation, rebuild_foundation, resolve_layer
 from .weights import WeightsError, load_into, package_state_dict, read_state_dict
@@ -87,9 +87,11 @@ class PatchClassifier(nn.Module):
         if cfg.recipe:
             self.preprocess = self.backbone.preprocess
         else:
-            data_cfg = timm.data.resolve_model_data_config(self.backbone)
-            interpolation = data_cfg.get("interpolation") if data_cfg.get("interpolation") in ("bicubic", "bilinear") else "bilinear"
-            self.preprocess = Preprocess(tuple(data_cfg["mean"]), tuple(data_cfg["std"]), cfg.input_size, interpolation)
+            # mean/std and resize rule from timm's pretrained config; the side is the configured one and
+            # there is no centre crop: timm's crop_pct is ImageNet evaluation's, and a 96 px patch's label
+            # may depend on its whole area (the whole patch is what every view and the heads see)
+            self.preprocess = Preprocess.from_data_config(timm.data.resolve_model_data_config(self.backbone),
+                                                          size=cfg.input_size, crop_pct=1.0)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...data.augment import Preprocess
+from ..preprocess import Preprocess
 from ..weights import WeightsError, load_into, read_state_dict
 from .recipe import Recipe, RecipeError
 
@@ -241,7 +241,11 @@ class FoundationBackbone(nn.Module):
         if self.num_features != recipe.embed_dim and check_dim:
             raise RecipeError(f"{recipe.title}: the loaded model embeds {self.num_features} values, the card "
                               f"{recipe.embed_dim}: another model or other creation arguments than the card's")
-        self.preprocess = Preprocess(recipe.mean, recipe.std, recipe.input_size, recipe.interpolation, recipe.crop_pct)
+        # timm's pretrained config of the network, overlaid by the card's values (the recipe decides)
+        base = net.pretrained_cfg if recipe.library == "timm" else {}
+        self.preprocess = Preprocess.from_data_config(
+            base, mean=recipe.mean, std=recipe.std, size=recipe.input_size, interpolation=recipe.interpolation,
+            crop_pct=recipe.crop_pct)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """B x T x D tokens after the final norm: class token, registers, patch tokens."""
