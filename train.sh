@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 1-4: prepare the cache, write the folds, train every config on every fold.
+# Stages 1-4: prepare the cache, write the folds, embed (heads on frozen features), train every config on every fold.
 #   bash train.sh                      input/*.h5 present -> competition run; absent -> offline demo
 #   CONFIGS="configs/a.yaml configs/b.yaml" SEEDS="0 1 2" bash train.sh
 #   LAUNCH="accelerate launch --num_processes 4" bash train.sh      (several GPUs or nodes)
@@ -15,6 +15,7 @@ if [ "$DEMO" = 1 ]; then "$PY" -m histoshift --root "$ROOT" demo-data; fi
 "$PY" -m histoshift --root "$ROOT" prepare
 "$PY" -m histoshift --root "$ROOT" folds
 for cfg in $CONFIGS; do
+  $LAUNCH -m histoshift --root "$ROOT" embed --config "$cfg"   # a frozen backbone's features, once (others: nothing to do)
   for seed in $SEEDS; do
     $LAUNCH -m histoshift --root "$ROOT" train --config "$cfg" --seed "$seed" ${PSEUDO:+--pseudo "$PSEUDO"}
   done

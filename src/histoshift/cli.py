@@ -15,17 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Paths:
-    root: Path
-
-    input = property(lambda self: self.root / "input")
-    folds_csv = property(lambda self: self.root / "folds" / "folds.csv")
-    cache = property(lambda self: self.root / "work" / "cache")
-    runs = property(lambda self: self.root / "work" / "runs")
-    stack = property(lambda self: self.root / "work" / "stack")
-    submissions = property(lambda self: self.root / "submissions")
+from .paths import Paths
 
 
 @dataclass(frozen=True)
@@ -53,14 +43,21 @@ STAGES = {  # in pipeline order; the paths are relative to --root
     "folds": Stage("assign each labelled patch the fold of its center (leave one center out)",
                    "work/cache/index.csv", "folds/folds.csv (an existing different one is kept unless --force)",
                    flow="work/cache/ -> folds/folds.csv"),
+    "embed": Stage("embed every patch once with a config's frozen backbone (heads on features; resumes a killed "
+                   "run; a fine-tuned config has nothing to embed)",
+                   "--config YAML, work/cache/; foundation models: the hub, HF_HUB_CACHE or model.weights",
+                   "work/features/<key>/: features_{train,val,test}.npy, spec.json, meta.json (key: everything the "
+                   "features depend on)",
+                   flow="configs/*.yaml, work/cache/ -> work/features/<key>/"),
     "train": Stage("train one config on some or all folds (resumes a killed run from its last epoch)",
-                   "--config YAML, work/cache/, folds/folds.csv; foundation models: the hub, HF_HUB_CACHE or "
-                   "model.weights; frozen backbones: work/features/<key>/ (written on first use)",
+                   "--config YAML, work/cache/, folds/folds.csv; fine-tuned foundation models: the hub, HF_HUB_CACHE "
+                   "or model.weights; heads on features: work/features/<key>/ (embedded first when missing)",
                    "work/runs/<name>/seed<S>/fold<K>/: config.yaml, inputs.json, metrics.jsonl, model.safetensors, "
                    "oof.csv, summary.json, done (state-epoch<N>/ until done)",
                    flow="configs/*.yaml, work/cache/, folds/ -> work/runs/<name>/seed<S>/fold<K>/"),
-    "infer": Stage("8-view TTA logits of every finished fold run, for its held-out center and the test center",
-                   "work/runs/*/seed*/fold*/ (finished), work/cache/",
+    "infer": Stage("8-view TTA logits of every finished fold run (both kinds of model), for its held-out center and "
+                   "the test center",
+                   "work/runs/*/seed*/fold*/ (finished), work/cache/, work/features/<key>/ (heads on features)",
                    "in each run folder: tta_heldout.csv, tta_test.csv (with --adabn also tta_*_adabn.csv), "
                    "predictions.json",
                    flow="work/runs/ (finished) -> work/runs/.../tta_*.csv"),
@@ -136,19 +133,42 @@ def cmd_folds(a, paths: Paths):
         _timed("folds", write_folds, load_index(paths.cache), paths.folds_csv, force=a.force)
 
 
+def _experiment(a):
+    """The config of --config with its overrides, checked against the registries."""
+    from .tasks import load_experiment
+
+    overrides = list(a.overrides) + ([f"train.seed={a.seed}"] if getattr(a, "seed", None) is not None else [])
+    if getattr(a, "pseudo", None) is not None:  # the second round: its own run names, so the first round's runs stay
+        from .config import ConfigError
+
+        if not 0.5 < a.pseudo < 1:
+            raise ConfigError(f"--pseudo: expected a confidence threshold in (0.5, 1), got {a.pseudo}")
+        overrides += [f"name={load_experiment(a.config, overrides).name}_pl", f"train.pseudo_threshold={a.pseudo}"]
+    return load_experiment(a.config, overrides)
+
+
+def cmd_embed(a, paths: Paths):
+    from accelerate import Accelerator
+
+    from .data.cache import Cache, check_inputs
+    from .tasks import make_task
+
+    cfg = _experiment(a)
+    check_inputs(paths.input, paths.cache)
+    task = _timed("embed", make_task, cfg, Cache.open(paths.cache), paths, Accelerator())
+    store = task.lineage().get("features")
+    print(f"embed: {cfg.name}: " + (f"features in {paths.features / store}" if store else
+                                    f"a {task.kind} task reads images from the cache: nothing to embed"))
+
+
 def cmd_train(a, paths: Paths):
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .data.cache import check_inputs
     from .data.folds import read_folds
     from .runs import RunDir
     from .train import train_fold
 
-    overrides = list(a.overrides) + ([f"train.seed={a.seed}"] if a.seed is not None else [])
-    if a.pseudo is not None:  # the second round: its own run names, so the first round's runs stay
-        if not 0.5 < a.pseudo < 1:
-            raise ConfigError(f"--pseudo: expected a confidence threshold in (0.5, 1), got {a.pseudo}")
-        overrides += [f"name={load_config(a.config, overrides).name}_pl", f"train.pseudo_threshold={a.pseudo}"]
-    cfg = load_config(a.config, overrides)
+    cfg = _experiment(a)
     check_inputs(paths.input, paths.cache)
     known = sorted(int(f) for f in read_folds(paths.folds_csv)["fold"].unique())
     try:
@@ -159,7 +179,7 @@ def cmd_train(a, paths: Paths):
         raise ConfigError(f"--fold {a.fold}: folds are the labelled centers {known}")
     for fold in folds:
         run = RunDir.of(paths.runs, cfg.name, cfg.train.seed, int(fold))
-        _timed(f"train {run.name}", train_fold, cfg, paths.cache, paths.folds_csv, run, force=a.force)
+        _timed(f"train {run.name}", train_fold, cfg, paths, run, force=a.force)
 
 
 def cmd_infer(a, paths: Paths):
@@ -168,7 +188,7 @@ def cmd_infer(a, paths: Paths):
     from .runs import find_runs
 
     check_inputs(paths.input, paths.cache)
-    _timed("infer", infer_all, find_runs(paths.runs), paths.cache, force=a.force, adabn=a.adabn)
+    _timed("infer", infer_all, find_runs(paths.runs), paths, force=a.force, adabn=a.adabn)
 
 
 def cmd_stack(a, paths: Paths):
@@ -195,7 +215,7 @@ def cmd_report(a, paths: Paths):
     from .report import write_report
     from .runs import find_runs
 
-    write_report(find_runs(paths.runs), paths.stack, paths.root / "work" / "report", paths.cache)
+    write_report(find_runs(paths.runs), paths.stack, paths.report, paths.cache)
 
 
 def cmd_score(a, paths: Paths):
@@ -267,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("folds")
     s.add_argument("--force", action="store_true", help="replace a differing folds.csv (the old one is kept)")
     s.set_defaults(fn=cmd_folds)
+
+    s = stage("embed")
+    s.add_argument("--config", required=True, help="one experiment's YAML file (configs/*.yaml)")
+    s.add_argument("overrides", nargs="*", help="typed overrides, e.g. train.feature_hed_views=4")
+    s.set_defaults(fn=cmd_embed)
 
     s = stage("train")
     s.add_argument("--config", required=True, help="one experiment's YAML file (configs/*.yaml)")

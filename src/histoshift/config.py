@@ -4,7 +4,7 @@ The sections are pydantic models: every field has a type, a default and (where i
 or its allowed values next to it. Unknown keys, wrong types, NaN/inf and out-of-range values raise
 `ConfigError` naming the key, so a typo never silently trains the wrong model. Names that live in a
 registry (a foundation recipe and its overrides) are checked by the stages that use them
-(`tasks.load_experiment`), so this module imports nothing of the package.
+(`tasks.load_experiment`), so this module imports no registry (and nothing that imports torch).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .safeio import write_text
 
 ALGORITHM_NAMES = ("erm", "dann")  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
 
@@ -262,6 +264,4 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .safeio import write_text
-
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

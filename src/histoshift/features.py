@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config, ModelCfg
 from .data.augment import apply_dihedral, to_float
@@ -40,6 +39,7 @@ from .data.hed import hed_transform
 from .data.cache import LABELLED, SPLITS, Cache, gather_by_split
 from .models.backbone import PatchClassifier
 from .precision import autocast
+from .progress import bar as progress_bar
 from .tta import per_view, view_stack
 from .safeio import Lock, reserve_npy, write_text
 
@@ -198,8 +198,8 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
     starts = [s for s in range(0, n, CHUNK_ROWS) if not (marks / f"{split}-{s}").exists()]
     mine = starts[accelerator.process_index::accelerator.num_processes]
     done_before = n - sum(min(CHUNK_ROWS, n - s) for s in starts)
-    bar = tqdm(total=n * n_views, initial=done_before * n_views, unit="img", unit_scale=True, smoothing=0.1,
-               desc=f"embed {split} ({n_views} views)", disable=not accelerator.is_local_main_process)
+    bar = progress_bar(total=n * n_views, initial=done_before * n_views, unit="img", unit_scale=True, smoothing=0.1,
+               desc=f"embed {split} ({n_views} views)", main=accelerator.is_local_main_process)
     embedded = 0
     with ThreadPoolExecutor(1) as pool:  # reads the next chunk from the cache while the GPU works
         load = lambda s: np.array(images[s:s + CHUNK_ROWS])  # noqa: E731 - a writable copy
@@ -255,44 +255,3 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
         accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
     accelerator.wait_for_everyone()
     return FeatureStore(path)
-
-
-class FeatureClassifier(nn.Module):
-    """A head on stored features: `backbone` is identity (linear probe) or a hidden MLP layer."""
-
-    def __init__(self, dim: int, cfg: ModelCfg):
-        super().__init__()
-        if cfg.head_hidden > 0:
-            self.backbone = nn.Sequential(nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.drop_rate))
-            self.num_features = cfg.head_hidden
-        else:
-            self.backbone = nn.Identity()
-            self.num_features = dim
-        self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(x)
-        return {"features": features, "logits": self.head(features).squeeze(1)}
-
-
-def random_view(x: torch.Tensor) -> torch.Tensor:
-    """B x V x D stored features -> B x D, one random view per patch (the head's augmentation)."""
-    pick = torch.randint(0, x.shape[1], (x.shape[0],), device=x.device)
-    return x[torch.arange(x.shape[0], device=x.device), pick]
-
-
-@torch.no_grad()
-def view_logits(model: nn.Module, feats: torch.Tensor, batch: int = 8192) -> np.ndarray:
-    """Per-view logits (n x V) of stored features (cast to float32 a batch at a time)."""
-    model.eval()
-    out = [model(feats[i:i + batch].flatten(0, 1).float())["logits"].view(-1, feats.shape[1])
-           for i in range(0, len(feats), batch)]
-    return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, feats.shape[1]), np.float32)
-
-
-def views_table(table: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-    out = table[["id", "center", "label"]].reset_index(drop=True).copy()
-    for k in range(logits.shape[1]):
-        out[f"v{k}"] = logits[:, k]
-    return out
-

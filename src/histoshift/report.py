@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .paths import Paths  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .safeio import write_text  # noqa: E402
 from .stack import PRIOR, evidence_line  # noqa: E402
@@ -69,10 +70,8 @@ MAP_PER_CENTER = 150  # patches per center in the feature map
 def map_pair(runs: list[RunDir]) -> list[RunDir]:
     """The fine-tuned run the feature map shows (the first DANN run on its lowest fold) and, when one
     exists, an ERM run of the same backbone, seed and fold: the same fold without the domain head."""
-    from .config import load_config
-
-    cfgs = {r: load_config(r.config) for r in runs}
-    tuned = [r for r in runs if not cfgs[r].model.frozen]
+    cfgs = {r: r.cfg for r in runs}
+    tuned = [r for r in runs if r.kind == "image"]  # backbone features exist for fine-tuned models only
     dann = sorted((r for r in tuned if cfgs[r].algorithm.name == "dann"), key=lambda r: (r.fold, r.name))
     if not dann:
         return tuned[:1]
@@ -99,9 +98,11 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
+    from accelerate import Accelerator
+
     from .data.augment import to_float
     from .data.cache import Cache
-    from .runs import load_run_model
+    from .tasks import run_task
 
     chosen = map_pair(runs)
     if not chosen:
@@ -113,10 +114,12 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
     fig, axes = plt.subplots(len(chosen), 2, figsize=(10, 4.3 * len(chosen)), squeeze=False)
     notes = []
     for row, run in enumerate(chosen):
-        cfg, model = load_run_model(run)
+        cfg, acc = run.cfg, Accelerator()
+        task, model = run_task(run, cache, Paths.of_cache(cache_dir), acc)
         model.eval()
         with torch.no_grad():
-            feats = torch.cat([model(model.preprocess(to_float(torch.from_numpy(images[i:i + 64]), cfg.aug.stain_norm)))["features"]
+            feats = torch.cat([model(task.to_model(to_float(torch.from_numpy(images[i:i + 64]).to(acc.device),
+                                                            cfg.aug.stain_norm)))["features"].cpu()
                                for i in range(0, len(images), 64)]).float().numpy()
         reduced = PCA(n_components=min(50, feats.shape[1], len(feats) - 1), random_state=0).fit_transform(feats)
         xy = TSNE(n_components=2, init="pca", perplexity=min(30, (len(feats) - 1) / 3), random_state=0).fit_transform(reduced)

@@ -1,8 +1,9 @@
 """The fixed layout of a run folder: runs/<config name>/seed<S>/fold<K>/.
 
   config.yaml        the resolved config
-  inputs.json        what else the run was computed from: the cache's split digests, the folds file's
-                     digest, a frozen head's feature store, a pseudo-label round's source
+  inputs.json        the task kind ("image" | "feature", tasks.py) and what else the run was computed
+                     from: the cache's split digests, the folds file's digest, a head's feature store,
+                     a pseudo-label round's source
   metrics.jsonl      one line per epoch (rewritten from the saved state on resume)
   state-epoch<N>/    Accelerate state after epoch N (model, optimizer, scheduler, RNG, progress); a
                      rerun after a crash resumes from the newest complete one; removed when done
@@ -10,10 +11,12 @@
   backbone.json      a fine-tuned foundation model's architecture as built (rebuilt from it without the hub)
   oof.csv            plain-view logits of the held-out center: id, center, label, logit
   summary.json       per-center accuracy and AUC (held-out center out of fold; others in sample, <= 2,000 each)
-  tta_heldout.csv    8-view logits of the held-out center (infer stage)
+  tta_heldout.csv    8-view logits of the held-out center (infer stage, every kind of model)
   tta_test.csv       8-view logits of the test center (infer stage)
-  tta_*_adabn.csv    the same with batch-norm statistics re-estimated on that center first (infer --adabn)
-  predictions.json   per TTA file: the digests of the checkpoint and of the cache it was predicted from
+  tta_*_adabn.csv    the same after the task adapted the model to that center first (infer --adabn: AdaBN
+                     for fine-tuned backbones; a head on features has nothing to adapt, its files equal the plain ones)
+  predictions.json   per TTA file: the digests of the checkpoint and of the cache it was predicted from;
+                     for adapted files also how many layers the adaptation changed
   done               written last by training: the run is complete
 Beside the folder, fold<K>.lock is held by the process that trains or predicts with the run.
 """
@@ -21,14 +24,19 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from .config import load_config
+from .config import Config, load_config
 from .lineage import StaleError, changed, digest_file
 from .safeio import write_csv, write_json
+
+INPUT_NAMES = {"cache.train": "the cached train.h5", "cache.val": "the cached val.h5", "cache.test": "the cached test.h5",
+               "folds": "folds.csv", "features": "the feature store (new weights, views or cache)",
+               "pseudo": "the stack's test predictions it took pseudo-labels from", "task": "the kind of model"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,19 @@ class RunDir:
     predictions = property(lambda self: self.path / "predictions.json")
     lock = property(lambda self: self.path.with_name(f"{self.path.name}.lock"))
 
+    @cached_property
+    def cfg(self) -> Config:
+        """The run's resolved config, read once."""
+        return load_config(self.config)
+
+    @property
+    def kind(self) -> str:
+        """The task kind the run was trained as (tasks.TASKS)."""
+        kind = self.recorded_inputs().get("task")
+        if kind is None:
+            raise StaleError(f"{self.inputs}: records no task kind (a run of an older version); retrain it (train --force)")
+        return kind
+
     def state_dir(self, epoch: int) -> Path:
         return self.path / f"state-epoch{epoch}"
 
@@ -85,13 +106,21 @@ class RunDir:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache."""
         return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id}
 
-    def write_tta(self, part: str, adabn: bool, table, cache_id: str) -> None:
-        """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache)."""
+    def write_tta(self, part: str, adabn: bool, table, cache_id: str, adapted: int | None = None) -> None:
+        """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache)
+        and, for adapted predictions, how many layers the adaptation changed."""
         path = self.tta_path(part, adabn)
         write_csv(path, table, float_format="%.6g")
         recorded = _record(self.predictions)
         recorded[path.name] = self.prediction_lineage(cache_id)
+        if adapted is not None:
+            recorded[f"{path.name}:adapted"] = adapted
         write_json(self.predictions, recorded)
+
+    def adapted_layers(self) -> int:
+        """Layers the adapted TTA files changed (0: they equal the plain ones); recorded by infer --adabn."""
+        recorded = _record(self.predictions)
+        return sum(recorded.get(f"{self.tta_path(part, True).name}:adapted", 1) for part in ("heldout", "test"))
 
     def stale_predictions(self, cache_id: str, adabn: bool = False) -> list[str]:
         """The TTA files (heldout, test) that are missing or were predicted from another checkpoint or cache."""
@@ -109,6 +138,41 @@ class RunDir:
         if moved:
             raise StaleError(f"{self.path} was trained on another version of {', '.join(f'{s}.h5' for s in moved)}: "
                              "retrain it (train --force) or restore the files it was trained on")
+
+    def check_lineage(self, task_inputs: dict) -> None:
+        """Refuse a run whose task data (a head's feature store) are not the ones it was trained on."""
+        recorded = self.recorded_inputs()
+        moved = [k for k, v in task_inputs.items() if recorded.get(k) != v]
+        if moved:
+            raise StaleError(f"{self.path} was trained on another {' and '.join(INPUT_NAMES.get(k, k) for k in moved)}: "
+                             "retrain it (train --force)")
+
+    def prepare(self, cfg: Config, force: bool, inputs: dict) -> str:
+        """'skip', 'resume' or 'fresh'. A finished run with the same config and inputs (task kind, cache
+        digests, folds, a head's feature store, pseudo-labels) is kept; a finished run with another
+        config or other inputs is never overwritten without `force` (then it is moved aside). An
+        unfinished run with a saved epoch and the same config and inputs resumes; any other starts over."""
+        recorded = self.recorded_inputs()
+        same = self.config.exists() and load_config(self.config).to_dict() == cfg.to_dict()
+        if self.is_done:
+            if same and recorded == inputs and not force:
+                print(f"train: {self.path} is done with this config, skipping")
+                return "skip"
+            if not force:
+                what = ("another config" if not same else f"other inputs "
+                        f"({', '.join(INPUT_NAMES.get(k, k) for k in changed(recorded, inputs))} changed since)")
+                raise FileExistsError(f"{self.path} holds a finished run with {what}; "
+                                      "pass --force to move it aside and retrain")
+            aside = self.path.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.path.rename(aside)
+            print(f"train: moved the previous run to {aside}")
+        elif self.path.exists():
+            if same and recorded == inputs and self.last_state() is not None and not force:
+                return "resume"
+            why = "no saved epoch" if same and recorded == inputs else "another config or other inputs"
+            print(f"train: {self.path} holds an unfinished run ({why}); starting it again")
+            shutil.rmtree(self.path)
+        return "fresh"
 
     @property
     def is_done(self) -> bool:
@@ -129,25 +193,3 @@ def find_runs(runs_root: Path) -> list[RunDir]:
     done = Path(runs_root).glob("*/seed*/fold*/done")
     runs = (RunDir(p.parent) for p in done if RUN_FOLDER.fullmatch(f"{p.parent.parent.name}/{p.parent.name}"))
     return sorted(runs, key=lambda r: str(r.path))
-
-
-def load_run_model(run: RunDir):
-    """The run's resolved config and its model with the trained weights (no download, no pretrained load)."""
-    from .models.backbone import PatchClassifier
-
-    cfg = load_config(run.config)
-    if cfg.model.frozen:
-        raise ValueError(f"{run.path} holds a head on cached features, not an image model")
-    build = json.loads(run.backbone_build.read_text()) if run.backbone_build.exists() else None
-    model = PatchClassifier(cfg.model, load_weights=False, build=build)
-    try:
-        weights = load_file(str(run.checkpoint))
-    except Exception as e:  # safetensors raises its own error type, without the path
-        raise StaleError(f"{run.checkpoint}: cannot be read as safetensors ({e}); retrain the run (train --force)") from None
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise StaleError(f"{run.checkpoint}: does not fit the model of {run.config} ({first}); "
-                         "retrain the run (train --force)") from None
-    return cfg, model

@@ -35,7 +35,6 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from .config import load_config
 from .data.cache import Cache
 from .data.folds import check_folds, read_folds
 from .lineage import StaleError, digest_file
@@ -64,23 +63,19 @@ def _views(path: Path) -> pd.DataFrame:
                          "mean": v.mean(1), "spread": v.std(1)})
 
 
-def _frozen(run: RunDir) -> bool:
-    return load_config(run.config).model.frozen
-
-
 def adabn_ready(runs: list[RunDir], cache: Cache) -> bool:
-    """Every fold model has fresh AdaBN predictions (heads on frozen features have nothing to adapt)."""
-    if not any(r.tta_path("test", adabn=True).exists() for r in runs):
+    """Every fold model has fresh adapted predictions, and the adaptation changed something in at least
+    one of them (a set equal to the plain one is not a second set)."""
+    if not all(r.tta_fresh(cache.id, adabn=True) for r in runs):
         return False
-    tuned = [r for r in runs if not _frozen(r)]
-    return bool(tuned) and all(r.tta_fresh(cache.id, adabn=True) for r in tuned)
+    return any(r.adapted_layers() > 0 for r in runs)
 
 
 def check_lineage(runs: list[RunDir], cache: Cache, adabn: bool = False) -> None:
     """Refuse runs trained on another cache and TTA files predicted from another checkpoint or cache."""
     for run in runs:
         run.check_inputs(cache.digests)
-        stale = run.stale_predictions(cache.id, adabn and not _frozen(run))
+        stale = run.stale_predictions(cache.id, adabn)
         if stale:
             raise StaleError(f"{run.path}: {', '.join(stale)} missing or predicted from another checkpoint or cache; "
                              "run the infer stage")
@@ -89,9 +84,9 @@ def check_lineage(runs: list[RunDir], cache: Cache, adabn: bool = False) -> None
 def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adabn: bool = False
                    ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Out-of-fold features of every labelled patch and averaged features of every test patch
-    (from the AdaBN predictions with `adabn`; frozen-feature heads have only plain ones)."""
+    (from the adapted predictions with `adabn`)."""
     def tta(run: RunDir, part: str) -> Path:
-        return run.tta_path(part, adabn and not _frozen(run))
+        return run.tta_path(part, adabn)
 
     check_lineage(runs, cache, adabn)
     folds = read_folds(folds_csv)

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
+from torch import nn
 
 from .data.augment import N_VIEWS, dihedral, to_float
 from .precision import autocast
+from .progress import bar as progress_bar
 
 CPU_CHUNK = 64
 
@@ -56,7 +57,7 @@ def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
     ids, centers, labels, logits = [], [], [], []
     # GPUs want one big forward; CPUs run small batches faster (they stay in cache)
     chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
+    bar = progress_bar(loader, main=accelerator.is_local_main_process, desc=desc, unit="batch", leave=False)
     for batch in bar:
         x = to_float(batch["image"].to(accelerator.device), stain_norm)
         stacked = view_stack(x, views, preprocess)
@@ -79,3 +80,20 @@ def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
 
 def view_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c.startswith("v") and c[1:].isdigit()]
+
+
+@torch.no_grad()
+def view_logits(model: nn.Module, feats: torch.Tensor, batch: int = 8192) -> np.ndarray:
+    """Per-view logits (n x V) of stored features (cast to float32 a batch at a time)."""
+    model.eval()
+    out = [model(feats[i:i + batch].flatten(0, 1).float())["logits"].view(-1, feats.shape[1])
+           for i in range(0, len(feats), batch)]
+    return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, feats.shape[1]), np.float32)
+
+
+def views_table(table: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
+    out = table[["id", "center", "label"]].reset_index(drop=True).copy()
+    for k in range(logits.shape[1]):
+        out[f"v{k}"] = logits[:, k]
+    return out
+

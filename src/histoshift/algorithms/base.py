@@ -1,6 +1,8 @@
 """The algorithm interface: outputs and losses only; the training loop owns optimisation.
 
-`forward(batch, progress)` takes a dict with `x` (labelled images, normalised), `y` (0/1 labels),
+`extend_batch(batch, to_model)` runs before each forward and may add inputs the algorithm needs (the
+Stain-AgLr switches add HED-altered copies of `batch["images"]`, the step's augmented images before
+the model's preprocessing). `forward(batch, progress)` takes a dict with `x` (labelled images, normalised), `y` (0/1 labels),
 `domain` (domain index of each labelled image) and, when `uses_target`, `x_target` and
 `domain_target` (unlabelled images of the held-out and test centers); when `uses_altered`, also
 `x_altered` (every image of x and x_target again, with HED stain alteration) and, for the
@@ -17,10 +19,11 @@ it is trained and dropped, never saved with the checkpoint.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..models.backbone import PatchClassifier
+from ..data.hed import random_hed
 from .losses import binary_entropy, consistency_loss, focal_bce, regeneration_loss
 
 
@@ -47,7 +50,7 @@ class RegenDecoder(nn.Module):
 
 class Algorithm(nn.Module):
 
-    def __init__(self, model: PatchClassifier, n_domains: int, cfg: Config):
+    def __init__(self, model: nn.Module, n_domains: int, cfg: Config):
         super().__init__()
         self.model = model
         self.n_domains = n_domains
@@ -65,6 +68,16 @@ class Algorithm(nn.Module):
         """Whether the loop must feed HED-altered copies of the images (Stain-AgLr switches)."""
         a = self.cfg.algorithm
         return a.consistency_weight > 0 or a.regen_weight > 0
+
+    def extend_batch(self, batch: dict, to_model) -> dict:
+        """Stain-AgLr inputs: every image of the step again, HED-altered (model-ready), and for the
+        regeneration loss the images average-pooled to the decoder's side."""
+        if self.uses_altered:
+            a, images = self.cfg.algorithm, batch["images"]
+            batch["x_altered"] = to_model(random_hed(images, a.alter_sigma))
+            if a.regen_weight > 0:
+                batch["regen_target"] = F.adaptive_avg_pool2d(images, a.regen_size)
+        return batch
 
     def classification_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return focal_bce(logits, y, self.cfg.algorithm.focal_gamma)

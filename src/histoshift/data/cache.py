@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..lineage import StaleError
+from ..progress import bar as progress_bar
 from ..safeio import Lock, require_free, reserve_npy
 from .h5_reader import InputError, open_h5, read_chunk, read_record, sorted_keys
 from .overview import write_overview
@@ -120,7 +120,7 @@ def _convert_split(path: Path, keys: list[str], split: str, out: Path, rule: Qua
     allowed = set(contract.of(split))
     digest = hashlib.blake2b(digest_size=16)
     frames, row = [], 0
-    bar = tqdm(total=len(keys), desc=f"prepare {split}", unit="img")
+    bar = progress_bar(total=len(keys), desc=f"prepare {split}", unit="img")
     for chunk, q in _chunks(path, keys, LABELLED[split], rule, workers):
         if chunk.images.shape[1] != side:
             raise InputError(f"{path}, id {chunk.ids[0]}: img side {chunk.images.shape[1]} differs from the {side} seen before")

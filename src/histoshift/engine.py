@@ -1,0 +1,152 @@
+"""The training engine: one loop for every kind of model and every algorithm.
+
+The loop owns optimisation through Accelerate (`prepare`, `backward`, gradient clipping, the fp16
+loss scaler); the algorithm only computes outputs and losses; the task (tasks.py) supplies the batches
+and turns them into model inputs. AdamW with one parameter group per part (backbone, head, domain
+head...), linear warm-up then cosine decay, a linear probe first when asked (backbone lr 0). After
+every epoch the held-out center is scored (never used for model selection: the last epoch's weights
+are kept) and the whole state is saved, so a killed run resumes after its last finished epoch with
+the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from .config import Config
+from .metrics import per_center
+from .precision import autocast
+from .progress import bar
+from .runs import RunDir
+from .safeio import require_free, write_text
+from .tta import PredictionError, check_finite
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
+    warmup = max(1, int(round(total_steps * warmup_frac)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class Progress:
+    """The loop's position and history, saved with every epoch's state (an Accelerate custom object,
+    written as JSON-able values only)."""
+
+    def __init__(self):
+        self.epoch, self.step, self.seconds, self.records = 0, 0, 0.0, []
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seconds": self.seconds, "records": list(self.records)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
+        self.records = list(state["records"])
+
+
+def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int) -> None:
+    """Everything needed to resume after `epoch`, in run/state-epoch<N>/ with a `complete` marker
+    written last; older states are removed after."""
+    folder = run.state_dir(epoch)
+    if accelerator.is_main_process:
+        require_free(run.path, nbytes, f"saving the epoch {epoch} state")
+        shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / "complete").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        for old in run.path.glob("state-epoch*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: Accelerator, run: RunDir,
+        precision: str, resume: bool):
+    """Train `algorithm` (whose `.model` is the task's model) for cfg.train.epochs; returns the trained
+    model (unwrapped), the held-out center's plain-view table of the last epoch and the seconds spent."""
+    optimizer = torch.optim.AdamW(algorithm.param_groups(), weight_decay=cfg.optim.weight_decay)
+    algorithm, optimizer = accelerator.prepare(algorithm, optimizer)
+    core = accelerator.unwrap_model(algorithm)
+    if cfg.train.compile:
+        core.model.forward = torch.compile(core.model.forward)
+    src_loader, _ = streams.epoch(0)
+    if len(src_loader) == 0:
+        raise ValueError(f"fold {run.fold}: fewer labelled patches than one batch")
+    steps_per_epoch = cfg.train.steps_per_epoch or len(src_loader)
+    total = steps_per_epoch * cfg.train.epochs
+    factor = warmup_cosine(total, cfg.optim.warmup_frac)
+    probe_steps = cfg.train.probe_epochs * steps_per_epoch  # a linear probe first: backbone lr 0
+    schedules = [(lambda s: 0.0 if s < probe_steps else factor(s)) if g.get("name") == "backbone" else factor
+                 for g in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in core.parameters())  # weights + two AdamW moments
+    if resume:
+        accelerator.load_state(str(run.last_state()))
+        accelerator.print(f"train {run.name}: resuming after epoch {progress.epoch} of {cfg.train.epochs}")
+        if accelerator.is_main_process:  # the history as of the saved epoch (a later line may predate the kill)
+            write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in progress.records))
+
+    t0, oof = time.time() - progress.seconds, None
+    for epoch in range(progress.epoch, cfg.train.epochs):
+        algorithm.train()
+        src_loader, tgt_loader = streams.epoch(epoch)  # the data order is a function of (seed, epoch)
+        src_iter = _cycle(src_loader)
+        tgt_iter = _cycle(tgt_loader) if core.uses_target else None
+        logs: dict[str, list[float]] = {}
+        steps = bar(range(steps_per_epoch), main=accelerator.is_local_main_process, unit="step",
+                    desc=f"{run.name} epoch {epoch + 1}/{cfg.train.epochs}")
+        for _ in steps:
+            batch = task.feed(next(src_iter), next(tgt_iter) if tgt_iter is not None else None)
+            batch = core.extend_batch(batch, task.to_model)  # e.g. Stain-AgLr's altered copies
+            with autocast(accelerator.device, precision):
+                out = algorithm(batch, progress=progress.step / total)
+            accelerator.backward(out["loss"])
+            if cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(algorithm.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            for k, v in out.items():
+                if k != "logits" and v.ndim == 0:
+                    logs.setdefault(k, []).append(float(v.detach()))
+            steps.set_postfix(loss=f"{np.mean(logs['loss'][-20:]):.3f}")
+        if not np.isfinite(logs["loss"]).all():
+            raise PredictionError(f"{run.path}: the training loss became non-finite in epoch {epoch + 1} "
+                                  f"(step {progress.step}); lower optim.lr or check the inputs - the run is not marked done")
+        oof = heldout_predictor(core.model).rename(columns={"v0": "logit"})
+        held = per_center(check_finite(oof, f"{run.path} (held-out center {run.fold}, epoch {epoch + 1})")).iloc[0]
+        record = {"epoch": epoch + 1, "step": progress.step, "seconds": round(time.time() - t0, 1),
+                  "lr_backbone": scheduler.get_last_lr()[0],
+                  **{f"train_{k}": round(float(np.mean(v)), 5) for k, v in logs.items()},
+                  "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5)}
+        accelerator.print(json.dumps(record))
+        progress.epoch, progress.seconds = epoch + 1, time.time() - t0
+        progress.records.append(record)
+        if accelerator.is_main_process:
+            with run.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if epoch + 1 < cfg.train.epochs:  # a kill from here on resumes after this epoch
+            save_epoch_state(accelerator, run, epoch + 1, state_bytes)
+    return core.model, oof, time.time() - t0, state_bytes // 3
+
+
+def _cycle(loader):
+    """Endless iteration over a loader (reshuffled each pass), for the unlabelled target batches."""
+    while True:
+        yield from loader
