@@ -45,9 +45,10 @@ from accelerate import Accelerator  # noqa: E402
 from histoshift.cli import main as cli  # noqa: E402
 from histoshift.data.cache import Cache  # noqa: E402
 from histoshift.predict import infer_run  # noqa: E402
+from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import (ADABN, METHODS, PRIOR, choose, compare_prediction_sets, fit_stacker, predict,  # noqa: E402
-                              prior_choice, run_stack)
+from histoshift.stack import (ADABN, METHODS, compare_prediction_sets, decide, fit_stacker, predict,  # noqa: E402
+                              run_stack)
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
 PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
@@ -156,7 +157,7 @@ class Bench:
         the AdaBN set too."""
         if self._cache is None:
             self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
-        infer_run(run, self._cache, self._accelerator, adabn=adabn)
+        infer_run(run, self._cache, Paths(self.root), self._accelerator, adabn=adabn)
 
     def test_table(self, run: RunDir, adabn: bool = False) -> pd.DataFrame:
         test = pd.read_csv(run.tta_path("test", adabn)).drop(columns="label")
@@ -194,18 +195,18 @@ class Bench:
                 stacker = fit_stacker(oof, names) if method == "stack" else None
                 _, pred = predict(method, test, names, stacker)
                 out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
-        picked, _ = choose(comparison[~comparison["method"].str.endswith(PRIOR)], hits)
+        d = decide(features, comparison, hits, prior=0.5)  # the stack stage's own decision, as it ships
+        picked, matched = d["label"], d["prior_matching"]
         out["picked"] = out[picked]
         out["picked_method"] = picked
         # prior matching: the picked combiner thresholded so that half the test patches are positive
-        oof, test, names = features[ADABN if picked.endswith(ADABN) else ""]
-        test = test.merge(self.labels, left_on="id", right_on="ID")
+        oof, test, names = d["oof"], d["test"].merge(self.labels, left_on="id", right_on="ID"), d["names"]
         method = picked.removesuffix(ADABN)
         _, pred = predict(method, test, names, fit_stacker(oof, names) if method == "stack" else None, prior=0.5)
         out["picked_prior"] = float((pred == test["label"].to_numpy()).mean())
-        matched = prior_choice(comparison, picked, 0.5)
         out["prior_used"] = bool(matched["used"])
-        out["shipped"] = out["picked_prior"] if matched["used"] else out["picked"]
+        shipped = d["test"][["id"]].assign(pred=d["pred"]).merge(self.labels, left_on="id", right_on="ID")
+        out["shipped"] = float((shipped["pred"] == shipped["label"]).mean())
         out["loco_prior"] = f"{matched['loco_with']:.4f} vs {matched['loco_without']:.4f}"
         single = [self.score_run(r)["test_tta"] for r in runs]
         out["single_fold_models_tta"] = float(np.mean(single))

@@ -189,8 +189,13 @@ def test_stain_aglr_decoder_is_not_saved_with_the_model(prepared_root, tmp_path)
     import yaml
     from safetensors.torch import load_file
 
+    from accelerate import Accelerator
+
     from histoshift.cli import main
-    from histoshift.runs import find_runs, load_run_model
+    from histoshift.data.cache import Cache
+    from histoshift.paths import Paths
+    from histoshift.runs import find_runs
+    from histoshift.tasks import run_task
 
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
@@ -204,7 +209,7 @@ def test_stain_aglr_decoder_is_not_saved_with_the_model(prepared_root, tmp_path)
     assert keys and all(k.startswith(("backbone.", "head.")) for k in keys)
     first = [json.loads(line) for line in run.metrics.read_text().splitlines()][0]
     assert first["train_cons_loss"] >= 0 and first["train_regen_loss"] > 0
-    _, model = load_run_model(run)
+    _, model = run_task(run, Cache.open(root / "work" / "cache"), Paths(root), Accelerator())
     assert not any("decoder" in name for name, _ in model.named_modules())
     assert main(["--root", str(root), "infer"]) == 0
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from histoshift.config import AugCfg
-from histoshift.data.augment import (N_VIEWS, augment_batch, build_albumentations, dihedral, hed_transform,
-                                     hed_transform_np, normalize, random_dihedral, to_float)
+from histoshift.data.augment import N_VIEWS, augment_batch, build_albumentations, dihedral, random_dihedral, to_float
+from histoshift.data.hed import hed_transform, hed_transform_np
+from histoshift.models.preprocess import Preprocess, normalize
 
 
 def _img(seed=0, side=96):
@@ -50,7 +51,7 @@ def test_hed_identity_and_numpy_torch_agreement():
 def test_hed_jitter_moves_the_hematoxylin_channel():
     img = _img(2)
     more_h = hed_transform_np(img, np.array([1.3, 1.0, 1.0]), np.zeros(3))
-    from histoshift.data.augment import HED_FROM_RGB
+    from histoshift.data.hed import HED_FROM_RGB
 
     def h_amount(im):
         od = -np.log((im.astype(np.float64) + 1) / 256)
@@ -126,3 +127,16 @@ def test_backends_draw_from_the_same_colour_distribution(cfg):
         assert ks_2samp(a, t).pvalue > 0.001, f"channel {c}: {a.mean():.4f}+-{a.std():.4f} vs {t.mean():.4f}+-{t.std():.4f}"
         assert a.std() > 0.002  # the transform really varies the colour
         assert abs(a.std() / t.std() - 1) < 0.1
+
+
+def test_preprocess_follows_timm_data_config_with_an_overlay():
+    """One source for mean/std/resize/crop: timm's data config, overlaid by a recipe (or the configured side)."""
+    timm_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.5, 0.5, 0.5), "input_size": (3, 224, 224),
+                "interpolation": "bicubic", "crop_pct": 0.875}
+    assert Preprocess.from_data_config(timm_cfg) == Preprocess((0.1, 0.2, 0.3), (0.5, 0.5, 0.5), 224, "bicubic", 0.875)
+    ours = Preprocess.from_data_config(timm_cfg, size=96, crop_pct=1.0, mean=(0.7, 0.6, 0.7))
+    assert ours == Preprocess((0.7, 0.6, 0.7), (0.5, 0.5, 0.5), 96, "bicubic", 1.0)
+    assert Preprocess.from_data_config(timm_cfg | {"interpolation": "random"}).interpolation == "bilinear"
+    x = torch.rand(2, 3, 96, 96)
+    cropped = Preprocess.from_data_config(timm_cfg, size=64)(x)  # 96 -> 73 px, centre 64 px
+    assert cropped.shape == (2, 3, 64, 64)

@@ -12,7 +12,7 @@ from conftest import random_items, write_h5
 from histoshift.data.cache import Cache, prepare
 from histoshift.data.folds import read_folds, write_folds
 from histoshift.data.quality import QualityRule, measure
-from histoshift.train import split_for_fold
+from histoshift.data.splits import split_for_fold
 
 
 def test_cache_layout_and_index(prepared_root):

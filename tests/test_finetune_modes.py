@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from histoshift.config import ModelCfg, load_config
 from histoshift.models.backbone import PatchClassifier, freeze_all_but_last
 from histoshift.runs import RunDir
+from histoshift.paths import Paths
 from histoshift.train import train_fold
 
 
@@ -34,7 +35,7 @@ def _train(prepared_root, tmp_path, overrides):
         "train": {"epochs": 2, "batch_size": 16, "steps_per_epoch": 2, "eval_batch_size": 32}}))
     cfg = load_config(path, overrides)
     run = RunDir.of(tmp_path / "runs", cfg.name, 0, 1)
-    train_fold(cfg, prepared_root / "work" / "cache", prepared_root / "folds" / "folds.csv", run)
+    train_fold(cfg, Paths(prepared_root), run)
     torch.manual_seed(1000)  # train_fold seeds seed + 1000 * fold before building the model
     start = PatchClassifier(cfg.model, load_weights=False).state_dict()
     return start, load_file(str(run.checkpoint)), cfg

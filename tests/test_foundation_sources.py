@@ -220,7 +220,7 @@ def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monke
     def forward(batch, n_views, jitter=None):  # a device that holds at most 5 patches x 8 views
         sizes.append(len(batch))
         if len(batch) > 5:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # torch's wording
         return real_forward(batch, n_views, jitter)
 
     monkeypatch.setattr(embedder, "_forward", forward)
@@ -256,10 +256,15 @@ def test_recipe_configs_reject_conflicting_settings(tmp_path):
     assert len(shipped) >= 8 and all(load_config(p).model.recipe in RECIPES for p in shipped)
     with pytest.raises(ConfigError, match="defines the backbone"):
         load_config(shipped[0], ["model.input_size=224"])
+    # recipe names and fields are checked against the registry by the stages (config.py imports none)
+    from histoshift.tasks import load_experiment
+
     with pytest.raises(ConfigError, match="unknown recipe field 'meen'"):
-        load_config(shipped[0], ["model.recipe_overrides.meen=[0,0,0]"])
+        load_experiment(shipped[0], ["model.recipe_overrides.meen=[0,0,0]"])
     with pytest.raises(ConfigError, match="unknown foundation model"):
-        load_config(shipped[0], ["model.recipe=uni3"])
+        load_experiment(shipped[0], ["model.recipe=uni3"])
+    assert main(["recipes"]) == 0 and main(["--root", str(tmp_path), "embed", "--config", str(shipped[0]),
+                                           "model.recipe=uni3"]) == 2
     with pytest.raises(ConfigError, match="hub \\| dir:PATH"):
         load_config(shipped[0], ["model.weights=package:efficientnet_lite0"])
 

@@ -122,6 +122,7 @@ def test_bad_input_stops_prepare_with_a_message(tmp_path, capsys):
 def test_training_is_reproducible(prepared_root, tmp_path, backend, workers):
     from histoshift.config import load_config
     from histoshift.runs import RunDir
+    from histoshift.paths import Paths
     from histoshift.train import train_fold
 
     path = tmp_path / "tiny.yaml"
@@ -130,7 +131,7 @@ def test_training_is_reproducible(prepared_root, tmp_path, backend, workers):
     outs = []
     for k in range(2):
         run = RunDir.of(tmp_path / f"runs{k}", cfg.name, 0, 3)
-        train_fold(cfg, prepared_root / "work" / "cache", prepared_root / "folds" / "folds.csv", run)
+        train_fold(cfg, Paths(prepared_root), run)
         outs.append(pd.read_csv(run.oof))
     pd.testing.assert_frame_equal(outs[0], outs[1])
 
@@ -169,11 +170,18 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
             want = model.backbone(model.preprocess(dihedral(x, k)))
             torch.testing.assert_close(torch.from_numpy(feats[:2, k]).float(), want, atol=2e-2, rtol=1e-2)
     runs = find_runs(root / "work" / "runs")
-    assert len(runs) == 8
+    assert len(runs) == 8 and {run.kind for run in runs} == {"feature"}
+    assert not any(run.tta_heldout.exists() for run in runs)  # training never writes the infer stage's files
+    assert main(r + ["infer", "--adabn"]) == 0
     for run in runs:
         assert len(pd.read_csv(run.tta_heldout).filter(like="v").columns) == 8
         assert set(pd.read_csv(run.tta_test).id) == set(cache.index[cache.index.split == "test"].id)
-    assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["submit", "--allow-degenerate"]) == 0
+        # a head on stored features has nothing to adapt: its "adapted" predictions are the plain ones
+        pd.testing.assert_frame_equal(pd.read_csv(run.tta_path("test", adabn=True)), pd.read_csv(run.tta_test))
+        assert run.adapted_layers() == 0
+    assert main(r + ["stack"]) == 0 and main(r + ["submit", "--allow-degenerate"]) == 0
+    choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
+    assert choice["adabn"] is False and choice["adabn_vs_plain"] is None  # no second set to choose from
 
 
 def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys):
@@ -182,12 +190,14 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
 
     from histoshift.data.augment import to_float
     from histoshift.data.cache import Cache
-    from histoshift.predict import adapt_batchnorm
-    from histoshift.runs import load_run_model
+    from accelerate import Accelerator
+
+    from histoshift.paths import Paths
+    from histoshift.tasks import adapt_batchnorm, run_task
 
     run = find_runs(pipeline / "work" / "runs")[0]
-    cfg, model = load_run_model(run)
     cache = Cache.open(pipeline / "work" / "cache")
+    _, model = run_task(run, cache, Paths(pipeline), Accelerator())
     images = np.array(cache.images("test"))
     assert adapt_batchnorm(model, images, torch.device("cpu"), batch_size=10) > 0  # 3 equal batches
     model.eval()
@@ -232,14 +242,14 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
 def test_one_round_of_pseudo_labels(pipeline, capsys):
     """After a first round (train, infer, stack), confident test patches join the labelled data."""
     from histoshift.data.cache import Cache
-    from histoshift.train import pseudo_labels
+    from histoshift.data.splits import pseudo_labels
 
     cache = Cache.open(pipeline / "work" / "cache")
     index = cache.index
     feats = pd.read_csv(pipeline / "work" / "stack" / "test_features.csv")
     means = feats.filter(like="__mean").mean(axis=1)
     threshold = float(1 / (1 + np.exp(-means.abs().median())))  # about half the patches are that sure
-    extra = pseudo_labels(cache, threshold)
+    extra = pseudo_labels(cache, threshold, pipeline / "work" / "stack")
     assert 0 < len(extra) < len(feats) and set(extra.split) == {"test"} and not extra.aberrant.any()
     sure = feats.set_index("id").loc[extra.id].filter(like="__mean").mean(axis=1)
     assert ((sure > 0).astype(int).to_numpy() == extra.label.to_numpy()).all()

@@ -12,6 +12,7 @@ from histoshift.config import load_config
 from histoshift.data.loader import TensorBatches, place_images
 from histoshift.precision import resolve_precision
 from histoshift.runs import RunDir
+from histoshift.paths import Paths
 from histoshift.train import train_fold
 
 
@@ -50,7 +51,7 @@ def test_speed_options_train_and_predict(prepared_root, tmp_path, overrides):
         "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "steps_per_epoch": 2, "eval_batch_size": 32}}))
     cfg = load_config(path, overrides)
     run = RunDir.of(tmp_path / "runs", cfg.name, 0, 1)
-    summary = train_fold(cfg, prepared_root / "work" / "cache", prepared_root / "folds" / "folds.csv", run)
+    summary = train_fold(cfg, Paths(prepared_root), run)
     oof = pd.read_csv(run.oof)
     assert len(oof) == 24 and oof.logit.notna().all()
     assert 0.0 <= summary["heldout_accuracy"] <= 1.0

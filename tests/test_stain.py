@@ -66,6 +66,7 @@ def test_macenko_survives_single_stain_patches_in_a_batch():
 def test_stain_norm_switch_trains_and_predicts(prepared_root, tmp_path, method):
     from histoshift.config import load_config
     from histoshift.runs import RunDir
+    from histoshift.paths import Paths
     from histoshift.train import train_fold
 
     path = tmp_path / "sn.yaml"
@@ -74,5 +75,5 @@ def test_stain_norm_switch_trains_and_predicts(prepared_root, tmp_path, method):
         "aug": {"stain_norm": method},
         "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "steps_per_epoch": 2, "eval_batch_size": 32}}))
     run = RunDir.of(tmp_path / "runs", "sn", 0, 3)
-    train_fold(load_config(path), prepared_root / "work" / "cache", prepared_root / "folds" / "folds.csv", run)
+    train_fold(load_config(path), Paths(prepared_root), run)
     assert pd.read_csv(run.oof).logit.notna().all()

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from accelerate.utils import find_executable_batch_size
 from torch import nn
 
 from .config import Config, ModelCfg
@@ -161,25 +162,25 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, n_views: int, seed: int) -> np.ndarray:
-        """(n, V, D) float16 features of n uint8 images."""
+        """(n, V, D) float16 features of n uint8 images. On out-of-memory Accelerate's
+        `find_executable_batch_size` retries the chunk with the batch halved (the fitted size is kept
+        for the chunks after)."""
         if self.batch is None:
             self.batch = self._fit(images, n_views)
         jitter = self._jitter(len(images), n_views, seed)
-        out, i = [], 0
-        while i < len(images):
-            sl = slice(i, i + self.batch)
-            try:
-                part = self._forward(images[sl], n_views, None if jitter is None else tuple(j[:, sl] for j in jitter))
-            except torch.cuda.OutOfMemoryError:
-                if self.batch == 1:
-                    raise
-                self.batch = max(1, self.batch // 2)
-                torch.cuda.empty_cache()
-                print(f"embed: out of GPU memory, batch halved to {self.batch} patches x {n_views} views")
-                continue
-            out.append(part.half().cpu())
-            i += len(part)
-        return torch.cat(out).numpy()
+
+        def halve() -> int:
+            self.batch //= 2  # 0: Accelerate gives up ("no executable batch size")
+            print(f"embed: out of GPU memory, batch halved to {self.batch} patches x {n_views} views")
+            return self.batch
+
+        @find_executable_batch_size(starting_batch_size=self.batch, reduce_batch_size_fn=halve)
+        def run(batch: int) -> np.ndarray:
+            out = [self._forward(images[i:i + batch], n_views,
+                                 None if jitter is None else tuple(j[:, i:i + batch] for j in jitter)).half().cpu()
+                   for i in range(0, len(images), batch)]
+            return torch.cat(out).numpy()
+        return run()
 
 
 def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder, n_views: int, dim: int,

@@ -42,7 +42,7 @@ def _todo(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool, adab
             if old and not force:
                 accelerator.print(f"infer: {run.name}: {', '.join(old)} predate the current checkpoint or cache; predicting again")
         else:
-            accelerator.print(f"infer: {run.path}{' (adapted)' if adapted else ''} is up to date")
+            accelerator.print(f"infer: {run.path}{' (AdaBN)' if adapted else ''} is up to date")
     return todo
 
 
@@ -61,7 +61,7 @@ def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator
             if accelerator.is_main_process:
                 run.write_tta(name, adapted, out, cache.id, adapted=layers)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
-                              + (f" (adapted: {layers} layers)" if adapted else "")
+                              + (f" (AdaBN) - {layers} layers adapted" if adapted else "")
                               + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
     accelerator.wait_for_everyone()
 

@@ -269,30 +269,41 @@ def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache_dir: Pat
         return _run_stack(runs, folds_csv, out_dir, Cache.open(cache_dir), seed, prior)
 
 
-def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache, seed: int, prior: float | None) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed, prior)
-    table = comparison.pivot(index="center", columns="method", values="accuracy")
-    table.loc["mean"] = table.mean()
+def decide(features: dict, comparison: pd.DataFrame, hits: dict, prior: float | None, seed: int = 0) -> dict:
+    """The stack stage's decision, a pure function of the compared prediction sets (`compare_prediction_sets`):
+    the combiner and prediction set (see the module docstring), whether prior matching is used, and the
+    test center's scores and 0/1 predictions. The stage writes it; the accuracy benchmark scores it."""
     label, evidence = choose(comparison[~comparison["method"].str.endswith(PRIOR)], hits)
     matched = prior_choice(comparison, label, prior)
     method, adabn = label.removesuffix(ADABN), label.endswith(ADABN)
     oof, test, names = features[ADABN if adabn else ""]
     stacker = fit_stacker(oof, names, seed) if method == "stack" else None
-    score, pred = predict(method, test, names, stacker, prior if matched and matched["used"] else None)
-    scores = pd.DataFrame({"id": test["id"], "score": score, "pred": pred})
-    result = {"members": names, "method": label + (PRIOR if matched and matched["used"] else ""), "adabn": adabn,
-              # method: the combiner, "+adabn" on AdaBN predictions, "@prior" thresholded to the known share
+    used = bool(matched and matched["used"])
+    score, pred = predict(method, test, names, stacker, prior if used else None)
+    # method: the combiner, "+adabn" on adapted predictions, "@prior" thresholded to the known share
+    return {"label": label, "method": label + (PRIOR if used else ""), "adabn": adabn, "evidence": evidence,
+            "prior_matching": matched, "names": names, "oof": oof, "test": test, "score": score, "pred": pred}
+
+
+def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache, seed: int, prior: float | None) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed, prior)
+    table = comparison.pivot(index="center", columns="method", values="accuracy")
+    table.loc["mean"] = table.mean()
+    d = decide(features, comparison, hits, prior, seed)
+    names, evidence, matched = d["names"], d["evidence"], d["prior_matching"]
+    scores = pd.DataFrame({"id": d["test"]["id"], "score": d["score"], "pred": d["pred"]})
+    result = {"members": names, "method": d["method"], "adabn": d["adabn"],
               "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
               "adabn_vs_plain": evidence,  # AdaBN is dropped only when z_plain_over_adabn > 1.96
               "prior_matching": matched,  # used only when it raises the LOCO accuracy of the chosen combiner
-              "test_positive_rate": float(pred.mean()),
+              "test_positive_rate": float(d["pred"].mean()),
               # what the scores were computed from: submit refuses them once the cache has changed
               "lineage": {"cache": cache.id, "folds": digest_file(folds_csv),
                           "checkpoints": {r.name: digest_file(r.checkpoint) for r in runs}}}
     (out_dir / "choice.json").unlink(missing_ok=True)  # scores without a choice.json are never submitted
-    write_csv(out_dir / "oof_features.csv", oof, float_format="%.6g")
-    write_csv(out_dir / "test_features.csv", test, float_format="%.6g")
+    write_csv(out_dir / "oof_features.csv", d["oof"], float_format="%.6g")
+    write_csv(out_dir / "test_features.csv", d["test"], float_format="%.6g")
     write_csv(out_dir / "comparison.csv", comparison)
     write_csv(out_dir / "test_scores.csv", scores, float_format="%.6g")
     write_json(out_dir / "choice.json", result)  # last: the set is complete
