@@ -4,9 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -54,3 +57,64 @@ def prepared_root(demo_root, tmp_path_factory) -> Path:
     index = prepare(root / "input", root / "work" / "cache")
     write_folds(index, root / "folds" / "folds.csv")
     return root
+
+
+FROZEN = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True},
+          "algorithm": {"name": "erm"}, "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8}}
+
+
+@pytest.fixture(scope="session")
+def finished_template(prepared_root, tmp_path_factory):
+    """Built once per test session: a root with one finished head-on-features member on every fold,
+    inferred, stacked and submitted (tests get a copy each: `finished`)."""
+    base = tmp_path_factory.mktemp("finished")
+    root = base / "root"
+    shutil.copytree(prepared_root, root)
+    (base / "head.yaml").write_text(yaml.safe_dump(FROZEN))
+    r = ["--root", str(root)]
+    assert _main(r + ["train", "--config", str(base / "head.yaml")]) == 0
+    assert _main(r + ["infer"]) == 0 and _main(r + ["stack"]) == 0
+    assert _main(r + ["submit", "--allow-degenerate"]) == 0  # tiny random models
+    return root
+
+
+@pytest.fixture
+def finished(finished_template, tmp_path):
+    """A copy of `finished_template` for one test to change (file times kept: the cache stays current),
+    with the member's config at tmp_path/head.yaml."""
+    root = tmp_path / "root"
+    shutil.copytree(finished_template, root, symlinks=True)
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump(FROZEN))
+    return root
+
+
+IMAGE = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
+         "algorithm": {"name": "erm"}, "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8}}
+
+
+@pytest.fixture(scope="session")
+def pipeline_template(prepared_root, tmp_path_factory):
+    """Built once per test session: a root with one finished fine-tuned (image) member, inferred."""
+    base = tmp_path_factory.mktemp("img")
+    root = base / "img"
+    shutil.copytree(prepared_root, root)
+    (base / "img.yaml").write_text(yaml.safe_dump(IMAGE))
+    r = ["--root", str(root)]
+    assert _main(r + ["train", "--config", str(base / "img.yaml"), "--fold", "0"]) == 0
+    assert _main(r + ["infer"]) == 0
+    return root
+
+
+@pytest.fixture
+def pipeline_root(pipeline_template, tmp_path):
+    """A copy of `pipeline_template` for one test to change, its config at tmp_path/img.yaml."""
+    root = tmp_path / "img"
+    shutil.copytree(pipeline_template, root, symlinks=True)
+    (tmp_path / "img.yaml").write_text(yaml.safe_dump(IMAGE))
+    return root
+
+
+def _main(argv) -> int:
+    from histoshift.cli import main
+
+    return main(argv)

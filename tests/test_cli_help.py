@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from histoshift.cli import STAGES, build_parser, main
-from test_faults import finished  # noqa: F401  (fixture: a root trained, inferred, stacked, submitted)
 
 from conftest import REPO
 
@@ -64,11 +63,12 @@ def _named_files(text: str) -> set[str]:
     return names
 
 
-def test_what_the_help_says_is_written_exists(finished):  # noqa: F811
-    """prepare, folds, train (a frozen head also writes its TTA files), stack, submit, report."""
+def test_what_the_help_says_is_written_exists(finished):
+    """prepare, folds, embed, train, infer, stack, submit, report."""
     assert main(["--root", str(finished), "report"]) == 0
     run = next((finished / "work" / "runs").glob("*/seed0/fold0"))
-    where = {"prepare": finished / "work" / "cache", "folds": finished / "folds", "train": run,
+    (store,) = (finished / "work" / "features").iterdir()
+    where = {"prepare": finished / "work" / "cache", "folds": finished / "folds", "embed": store, "train": run,
              "stack": finished / "work" / "stack", "submit": finished / "submissions",
              "report": finished / "work" / "report"}
     checked = 0

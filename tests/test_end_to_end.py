@@ -32,9 +32,9 @@ def _clone(tmp_path) -> Path:
 @pytest.mark.slow
 def test_train_then_infer_on_the_demo(tmp_path):
     clone = _clone(tmp_path)
-    env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
+    env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     for script in ("train.sh", "infer.sh"):
-        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
+        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=5400)  # a bound for a hung script, not a speed test
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{script} failed:\n{log[-4000:]}"
         assert "DEMO MODE" in log
@@ -60,15 +60,15 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     clone = _clone(tmp_path)
     cache = tmp_path / "hf-cache"
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
-           "TQDM_MININTERVAL": "30", "PYTHONPATH": str(clone / "src"), "CONFIG_SET": "foundation",
+           "TQDM_DISABLE": "1", "PYTHONPATH": str(clone / "src"), "CONFIG_SET": "foundation",
            "ALLOW_DEGENERATE": "1"}  # random stand-in features: a one-class submission is possible
     members = [line.split("/")[-1].removesuffix(".yaml") for line in
                (clone / "configs" / "sets" / "foundation.txt").read_text().splitlines() if line and line[0] != "#"]
     recipes = ",".join(yaml.safe_load((clone / "configs" / f"{m}.yaml").read_text())["model"]["recipe"] for m in members)
     subprocess.run([sys.executable, "-m", "histoshift", "fm-standin", "--recipe", recipes, "--out", str(cache)],
-                   env=env, check=True, capture_output=True, timeout=300)
+                   env=env, check=True, capture_output=True, timeout=1800)
     for script in ("train.sh", "infer.sh"):
-        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
+        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=5400)  # a bound for a hung script, not a speed test
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{script} failed:\n{log[-4000:]}"
     assert log.count("STAND-IN") == 0  # infer.sh never loads a backbone: the heads' TTA predictions exist

@@ -24,7 +24,7 @@ from conftest import REPO, random_items, write_h5
 from histoshift.cli import main
 from histoshift.runs import RunDir, find_runs
 from histoshift.safeio import Lock
-from test_faults import FROZEN, _one_error_line, finished, pipeline_root  # noqa: F401 (fixtures)
+from test_faults import FROZEN, _one_error_line
 
 
 def _refused(capsys, argv, *fragments) -> str:
@@ -207,18 +207,26 @@ def test_a_feature_store_being_embedded_elsewhere_is_refused(finished, tmp_path,
 
 
 def test_a_second_training_process_is_refused_while_the_first_runs(prepared_root, tmp_path):
-    """Two real processes: the second stops at once, the first finishes its run intact."""
+    """Two real processes: the second stops at once while the first holds the run. The first is given
+    far more steps than the test waits for (no race on a busy machine), then killed: the lock dies with
+    it and the next `train` starts the run over and finishes it."""
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
     cfg = tmp_path / "slow.yaml"
     cfg.write_text(yaml.safe_dump(SLOW))
-    longer = "train.steps_per_epoch=150"  # ~10 s of training: longer than the second process takes to start
-    first = _spawn(root, cfg, longer)
+    endless = "train.steps_per_epoch=1000000"
+    first = _spawn(root, cfg, tmp_path / "first.err", endless)
     run = RunDir.of(root / "work" / "runs", "slow", 0, 0)
-    _wait_for(lambda: run.config.exists(), first)
-    second = subprocess.run(_train_cmd(root, cfg, longer), capture_output=True, text=True, env=_env(), timeout=300)
+    _wait_for(lambda: run.config.exists(), first, tmp_path / "first.err")
+    second = subprocess.run(_train_cmd(root, cfg, endless), capture_output=True, text=True, env=_env(), timeout=PATIENCE)
     assert second.returncode == 2 and f"the run {run.path} is in use by another process" in second.stderr
-    assert first.wait(timeout=300) == 0 and run.is_done
+    assert first.poll() is None  # still training: the refusal was not a race
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    third = subprocess.run(_train_cmd(root, cfg, "train.epochs=1"), capture_output=True, text=True, env=_env(),
+                           timeout=PATIENCE)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "holds an unfinished run" in third.stdout and run.is_done
     assert yaml.safe_load(run.config.read_text())["name"] == "slow"
 
 
@@ -237,15 +245,21 @@ def _train_cmd(root, cfg, *overrides):
     return [sys.executable, "-m", "histoshift", "--root", str(root), "train", "--config", str(cfg), "--fold", "0", *overrides]
 
 
-def _spawn(root, cfg, *overrides):
-    return subprocess.Popen(_train_cmd(root, cfg, *overrides), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+PATIENCE = 1800  # seconds: a bound for a hung child, never a speed requirement (CI machines may be busy)
 
 
-def _wait_for(condition, proc, timeout=300):
+def _spawn(root, cfg, err, *overrides):
+    """A training process in the background; its stderr goes to the file `err` (a pipe nobody drains
+    could fill and block the child)."""
+    with open(err, "wb") as f:
+        return subprocess.Popen(_train_cmd(root, cfg, *overrides), env=_env(), stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _wait_for(condition, proc, err, timeout=PATIENCE):
     t0 = time.time()
     while not condition():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() - t0 < timeout
+        assert proc.poll() is None, open(err, errors="replace").read()[-2000:]
+        assert time.time() - t0 < timeout, f"no progress in {timeout} s"
         time.sleep(0.02)
 
 
@@ -261,8 +275,8 @@ def test_kill_mid_fold_resumes_with_the_same_weights_and_metrics(prepared_root, 
     assert subprocess.run(_train_cmd(roots["whole"], cfg), env=_env(), capture_output=True).returncode == 0
 
     killed = RunDir.of(roots["killed"] / "work" / "runs", "slow", 0, 0)
-    proc = _spawn(roots["killed"], cfg)
-    _wait_for(lambda: killed.last_state() is not None, proc)
+    proc = _spawn(roots["killed"], cfg, tmp_path / "killed.err")
+    _wait_for(lambda: killed.last_state() is not None, proc, tmp_path / "killed.err")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not killed.is_done and killed.last_state() is not None
@@ -281,14 +295,15 @@ def test_kill_mid_fold_resumes_with_the_same_weights_and_metrics(prepared_root, 
     assert not list(killed.path.glob("state-epoch*"))  # removed once the run is done
 
 
-def test_a_killed_prepare_leaves_the_previous_cache(finished):
+def test_a_killed_prepare_leaves_the_previous_cache(finished, tmp_path):
     """A prepare killed mid-build leaves a hidden building folder only; the next prepare removes it and
     the cache in use was never touched."""
     cache = finished / "work" / "cache"
     before = (cache / "manifest.json").read_text()
-    proc = subprocess.Popen([sys.executable, "-m", "histoshift", "--root", str(finished), "prepare", "--force"],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for(lambda: list(cache.parent.glob(".cache.building-*")), proc)
+    with open(tmp_path / "prepare.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "histoshift", "--root", str(finished), "prepare", "--force"],
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+    _wait_for(lambda: list(cache.parent.glob(".cache.building-*")), proc, tmp_path / "prepare.err")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (cache / "manifest.json").read_text() == before and main(["--root", str(finished), "stack"]) == 0

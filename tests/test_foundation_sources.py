@@ -98,7 +98,7 @@ def _train_with_hub(endpoint: str, root: Path, config: Path, cache: Path) -> sub
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(cache),
            "HF_HUB_ETAG_TIMEOUT": "3", "HF_HUB_DOWNLOAD_TIMEOUT": "3", "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "histoshift", "--root", str(root), "train", "--config", str(config)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_gated_model_and_unreachable_hub_each_get_one_line(prepared_root, tmp_path):

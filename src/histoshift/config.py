@@ -176,7 +176,7 @@ _MESSAGES = {  # pydantic error type -> our wording (the tests and users know th
     "int_parsing": "expected int", "int_type": "expected int", "int_from_float": "expected an integer",
     "float_parsing": "expected float", "float_type": "expected float", "bool_parsing": "expected a boolean",
     "bool_type": "expected a boolean", "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
-    "dict_type": "expected a mapping", "string_type": "expected a string", "finite_number": "must be a finite number",
+    "dict_type": "expected a mapping", "string_type": "expected a string",
 }
 
 
@@ -190,6 +190,8 @@ def _line(error: dict) -> str:
     if kind == "value_error":  # our own validators: the model-level ones name their keys already
         text = str(ctx.get("error", error["msg"]))
         return f"{key}: {text}" if key and key not in text else text
+    if kind == "finite_number":
+        return f"{key}: must be a finite number, got {value}"
     if kind in ("greater_than_equal", "less_than_equal"):
         op, bound = (">=", ctx["ge"]) if kind == "greater_than_equal" else ("<=", ctx["le"])
         return f"{key}: must be {op} {bound}, got {value}"
