@@ -45,6 +45,7 @@ from accelerate import Accelerator  # noqa: E402
 from histoshift.cli import main as cli  # noqa: E402
 from histoshift.data.cache import Cache  # noqa: E402
 from histoshift.predict import infer_run  # noqa: E402
+from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
 from histoshift.stack import (ADABN, METHODS, compare_prediction_sets, decide, fit_stacker, predict,  # noqa: E402
@@ -213,9 +214,8 @@ class Bench:
         return out
 
 
-def accuracy(table: pd.DataFrame, views: list[str], labels: pd.Series | None = None) -> float:
-    y = table["label"] if labels is None else labels
-    return float(((table[views].mean(axis=1) > 0).astype(int).to_numpy() == y.to_numpy()).mean())
+def accuracy(table: pd.DataFrame, views: list[str]) -> float:
+    return logit_accuracy(table, views)  # the package's one definition
 
 
 def fmt(values: list[float]) -> str:

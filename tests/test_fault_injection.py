@@ -195,11 +195,12 @@ def test_stages_in_use_are_refused(finished, capsys, stage, lock):
 def test_a_feature_store_being_embedded_elsewhere_is_refused(finished, tmp_path, capsys):
     """Two frozen configs with the same backbone share a store: one process embeds it at a time."""
     from histoshift.config import load_config
+    from histoshift.data.cache import Cache
     from histoshift.features import feature_spec, store_key
 
     override = "train.feature_hed_views=1"  # a store that does not exist yet
     store = finished / "work" / "features" / store_key(feature_spec(load_config(tmp_path / "head.yaml", [override]),
-                                                                  finished / "work" / "cache", "no"))
+                                                                  Cache.open(finished / "work" / "cache"), "no"))
     with Lock(store / ".lock", "test holder"):
         _refused(capsys, ["--root", str(finished), "train", "--config", str(tmp_path / "head.yaml"), "--fold", "1",
                           "--force", override], f"the feature store {store} is in use by another process")

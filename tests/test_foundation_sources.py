@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from histoshift.cli import main
+from histoshift.data.cache import Cache
 from histoshift.config import load_config
 from histoshift.models.foundation import RECIPES, resolve_recipe
 from histoshift.models.foundation.loader import load_foundation
@@ -133,7 +134,7 @@ def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_pa
     _fm_config(tmp_path / "c.yaml", "virchow2")
 
     def key(*overrides, precision="no", weights_cache=None):
-        return store_key(feature_spec(load_config(tmp_path / "c.yaml", list(overrides)), cache_dir, precision))
+        return store_key(feature_spec(load_config(tmp_path / "c.yaml", list(overrides)), Cache.open(cache_dir), precision))
 
     base = key()
     assert base == key() and base.startswith("virchow2-8v-hed2-no-")
@@ -164,10 +165,10 @@ def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_pa
     manifest = json.loads((other_cache / "manifest.json").read_text())
     manifest["files"]["test"]["mtime_ns"] += 1  # the same content from files copied elsewhere: the same store
     (other_cache / "manifest.json").write_text(json.dumps(manifest))
-    assert store_key(feature_spec(load_config(tmp_path / "c.yaml"), other_cache, "no")) == key()
+    assert store_key(feature_spec(load_config(tmp_path / "c.yaml"), Cache.open(other_cache), "no")) == key()
     manifest["cache_id"] = "0123456789abcdef"  # other cached images
     (other_cache / "manifest.json").write_text(json.dumps(manifest))
-    assert store_key(feature_spec(load_config(tmp_path / "c.yaml"), other_cache, "no")) != key()
+    assert store_key(feature_spec(load_config(tmp_path / "c.yaml"), Cache.open(other_cache), "no")) != key()
 
 
 def test_embedding_resumes_at_the_first_unfinished_chunk(hf_cache, prepared_root, tmp_path, monkeypatch):

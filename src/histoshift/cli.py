@@ -43,8 +43,8 @@ STAGES = {  # in pipeline order; the paths are relative to --root
     "folds": Stage("assign each labelled patch the fold of its center (leave one center out)",
                    "work/cache/index.csv", "folds/folds.csv (an existing different one is kept unless --force)",
                    flow="work/cache/ -> folds/folds.csv"),
-    "embed": Stage("embed every patch once with a config's frozen backbone (heads on features; resumes a killed "
-                   "run; a fine-tuned config has nothing to embed)",
+    "embed": Stage("embed every patch once with the backbone of a heads-on-features config (model.frozen; resumes "
+                   "a killed run; a fine-tuned config has nothing to embed)",
                    "--config YAML, work/cache/; foundation models: the hub, HF_HUB_CACHE or model.weights",
                    "work/features/<key>/: features_{train,val,test}.npy, spec.json, meta.json (key: everything the "
                    "features depend on)",
@@ -222,12 +222,14 @@ def cmd_score(a, paths: Paths):
     """Accuracy of the current submission against a labels file (demo and offline benchmarks only)."""
     import pandas as pd
 
+    from .metrics import accuracy
+
     sub = pd.read_csv(paths.submissions / "submission.csv")
     labels = pd.read_csv(a.labels)
     merged = sub.merge(labels, on="ID", how="inner")
     if len(merged) != len(sub):
         raise FileNotFoundError(f"{a.labels}: labels for {len(merged)} of {len(sub)} submission ids")
-    acc = float((merged["Pred"] == merged["label"]).mean())
+    acc = accuracy(merged["label"], merged["Pred"])
     print(f"score: test accuracy {acc:.4f} on {len(merged)} patches ({a.labels})")
     return acc
 

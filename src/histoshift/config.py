@@ -157,6 +157,9 @@ class Config(Section):
         if m.frozen and (a.consistency_weight or a.regen_weight):
             raise ValueError("algorithm.consistency_weight / regen_weight alter images: they need a fine-tuned "
                              "backbone, not a head on frozen features (model.frozen)")
+        if m.frozen and m.drop_path_rate > 0:
+            raise ValueError("model.drop_path_rate: stochastic depth needs a fine-tuned backbone, not a head on "
+                             "frozen features (model.frozen)")
         if m.recipe:
             fixed = [k for k in ("backbone", "input_size", "timm_kwargs") if getattr(m, k) != ModelCfg.model_fields[k].default]
             if fixed:

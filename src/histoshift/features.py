@@ -1,4 +1,4 @@
-"""Frozen-backbone feature store: embed every patch once (all 8 dihedral views, and optionally K
+"""Stage `embed`: the feature store of a fixed backbone: embed every patch once (all 8 dihedral views, and optionally K
 HED-jittered views of each labelled patch), then train heads (linear, MLP, with or without the DANN
 domain head) on the stored features in seconds.
 
@@ -62,7 +62,7 @@ def weights_identity(m: ModelCfg) -> dict:
     return {"source": m.weights}
 
 
-def feature_spec(cfg: Config, cache_dir: Path, precision: str) -> dict:
+def feature_spec(cfg: Config, cache: Cache, precision: str) -> dict:
     """Everything that changes the stored features (the store key hashes it)."""
     from .models.foundation import resolve_recipe
     from .models.foundation.loader import source_identity
@@ -74,11 +74,10 @@ def feature_spec(cfg: Config, cache_dir: Path, precision: str) -> dict:
     else:
         backbone = {"timm": m.backbone, "timm_kwargs": m.timm_kwargs, "input_size": m.input_size,
                     "weights": weights_identity(m)}
-    manifest = Path(cache_dir) / "manifest.json"  # the cache's content digest (not where or when its files were made)
     return {"backbone": backbone, "precision": precision, "views": t.feature_views,
             "hed_views": t.feature_hed_views, "hed_sigma": t.feature_hed_sigma if t.feature_hed_views else None,
             "stain_norm": cfg.aug.stain_norm,
-            "cache": json.loads(manifest.read_text()).get("cache_id") if manifest.exists() else None}
+            "cache": cache.id}  # the cache's content digest (not where or when its files were made)
 
 
 def store_key(spec: dict) -> str:
@@ -220,13 +219,13 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
 @torch.no_grad()
 def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str,
           spec: dict | None = None) -> FeatureStore:
-    """The feature store of this config's frozen backbone: reused when complete, resumed when partial.
+    """The feature store of this config's backbone: reused when complete, resumed when partial.
     `spec`: this config's `feature_spec`, when the caller has computed it already."""
-    spec = spec or feature_spec(cfg, cache.dir, precision)
+    spec = spec or feature_spec(cfg, cache, precision)
     path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
         return FeatureStore(path)
-    # one process embeds a store at a time (two frozen configs with the same backbone share it)
+    # one process embeds a store at a time (two head configs with the same backbone share it)
     with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
         return _embed_store(cfg, cache, path, accelerator, precision, spec)
 

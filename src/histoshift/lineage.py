@@ -5,7 +5,7 @@ The chain, and where each link is recorded:
                                                  cached images, ids, labels and centers; the cache id
   cache           -> folds/folds.csv            compared with the folds of the current index (folds stage)
                                                  and checked against it before training (no leak)
-  cache + folds   -> run/inputs.json            the split digests, the folds file's digest, a frozen head's
+  cache + folds   -> run/inputs.json            the split digests, the folds file's digest, a head's
                      (+ stack/test_features.csv  feature store and a pseudo-label round's source)
                       for pseudo-labels)
   run checkpoint  -> run/predictions.json       per TTA file: the checkpoint's and the cache's digests

@@ -11,6 +11,11 @@ def accuracy(labels, pred) -> float:
     return float((labels == pred).mean()) if len(labels) else float("nan")
 
 
+def logit_accuracy(table: pd.DataFrame, columns: list[str]) -> float:
+    """Accuracy of the mean of some logit columns (e.g. TTA views), thresholded at 0, against `label`."""
+    return accuracy(table["label"], (table[columns].mean(axis=1) > 0).astype(int))
+
+
 def auc(labels, scores) -> float:
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:

@@ -3,7 +3,7 @@
   input/          yours (the competition's HDF5 files); never written
   folds/          folds.csv
   work/cache/     the validated uint8 cache (prepare)
-  work/features/  feature stores of frozen backbones, one folder per key (embed)
+  work/features/  feature stores (heads on features), one folder per key (embed)
   work/runs/      one folder per config, seed and fold (train, infer)
   work/stack/     the combiner comparison, the choice and the test scores (stack)
   work/report/    report.md and plots (report)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import pandas as pd
 from accelerate import Accelerator
 
 from .data.cache import Cache
 from .data.splits import heldout_rows, test_rows
+from .metrics import logit_accuracy
 from .paths import Paths
 from .runs import RunDir
 from .safeio import Lock
@@ -62,13 +62,9 @@ def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator
                 run.write_tta(name, adapted, out, cache.id, adapted=layers)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
                               + (f" (AdaBN) - {layers} layers adapted" if adapted else "")
-                              + (f", TTA-mean accuracy {_acc(out):.4f}" if name == "heldout" else ""))
+                              + (f", TTA-mean accuracy {logit_accuracy(out, view_columns(out)):.4f}"
+                                 if name == "heldout" else ""))
     accelerator.wait_for_everyone()
-
-
-def _acc(table: pd.DataFrame) -> float:
-    logit = table[view_columns(table)].mean(axis=1)
-    return float(((logit > 0).astype(int) == table["label"]).mean())
 
 
 def infer_all(runs: list[RunDir], paths: Paths, force: bool = False, adabn: bool = False) -> None:

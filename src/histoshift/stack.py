@@ -38,6 +38,7 @@ import pandas as pd
 from .data.cache import Cache
 from .data.folds import check_folds, read_folds
 from .lineage import StaleError, digest_file
+from .metrics import accuracy
 from .tta import check_finite, view_columns
 from .runs import RunDir
 from .safeio import Lock, write_csv, write_json
@@ -197,7 +198,7 @@ def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str
                 right = pd.Series(pred == part["label"].to_numpy(), index=part.index)
                 correct.setdefault(method + suffix + tag, []).append(right)
                 rows.append({"method": method + suffix + tag, "center": int(center), "n": len(part),
-                             "accuracy": float(right.mean())})
+                             "accuracy": accuracy(part["label"], pred)})
     if hits is not None:
         hits.update({m: pd.concat(parts).reindex(oof.index).to_numpy() for m, parts in correct.items()})
     return pd.DataFrame(rows)

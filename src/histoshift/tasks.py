@@ -3,7 +3,7 @@ report need of a model, whatever it learns from.
 
   ImageTask    fine-tunes a backbone (timm or a foundation recipe) on images from the cache,
                augmented on the device or on CPU workers; adapts to a center by AdaBN.
-  FeatureTask  trains a small head on features a frozen backbone stored once (the `embed` stage,
+  FeatureTask  trains a small head on features a fixed backbone stored once (the `embed` stage,
                features.py): a random stored view per step; its TTA views are the stored ones.
 
 The protocol (both classes implement every method; nothing else asks which kind a run is):
@@ -188,13 +188,13 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, device: torch.de
 
 
 class FeatureTask:
-    """A head on features a frozen backbone stored once (all 8 views, and HED views of labelled patches)."""
+    """A head on features a fixed backbone stored once (all 8 views, and HED views of labelled patches)."""
     kind: ClassVar[str] = "feature"
 
     def __init__(self, cfg: Config, cache: Cache, paths: Paths, accelerator: Accelerator, precision: str):
         self.cfg, self.cache, self.acc = cfg, cache, accelerator
         self.domains = domains_of(cache)
-        self.spec = feature_spec(cfg, cache.dir, precision)  # computed once: one hub lookup per run
+        self.spec = feature_spec(cfg, cache, precision)  # computed once: one hub lookup per run
         self.store: FeatureStore = embed(cfg, cache, paths.features, accelerator, precision, self.spec)
 
     def lineage(self) -> dict:

@@ -1,10 +1,10 @@
 """Test-time augmentation: every patch under the 8 dihedral views, as logits keyed by patch id.
 
-The table format every later stage reads (tta_*.csv, held-out tables during training, a frozen head's
-predictions): id, center, label, v0..v7 (one logit per view). All views of a batch go through the
-model in one forward pass; predictions are gathered across processes with `gather_for_metrics`, so
-each id appears exactly once even when the last batch was padded. Used by training (held-out
-evaluation, a frozen head's TTA files) and by the infer stage (`predict.py`).
+The table format every later stage reads (tta_*.csv, held-out tables during training): id, center,
+label, v0..v7 (one logit per view), for images (`predict_views`: all views of a batch in one forward
+pass, gathered across processes with `gather_for_metrics`, so each id appears exactly once even when
+the last batch was padded) and for stored features (`view_logits`). Used through the tasks by training
+(held-out evaluation) and by the infer stage.
 """
 from __future__ import annotations
 

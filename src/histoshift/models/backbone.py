@@ -23,7 +23,7 @@ def create_backbone(cfg: ModelCfg, load_weights: bool = True, build: dict | None
     (`load_weights=False`: architecture only; with a recipe, as the run's recorded `build` describes)."""
     if cfg.recipe:
         recipe = resolve_recipe(cfg.recipe, cfg.recipe_overrides)
-        if cfg.drop_path_rate > 0 and not cfg.frozen:  # stochastic depth when fine-tuning
+        if cfg.drop_path_rate > 0:  # stochastic depth (config.py allows it for fine-tuned backbones only)
             if recipe.library != "timm":
                 raise WeightsError(f"model.drop_path_rate: applied to timm backbones only, {recipe.title} is not one")
             recipe = override(recipe, {"create_kwargs": {"drop_path_rate": cfg.drop_path_rate}})
@@ -61,18 +61,18 @@ def create_backbone(cfg: ModelCfg, load_weights: bool = True, build: dict | None
 def freeze_all_but_last(backbone: nn.Module, n_blocks: int) -> int:
     """Partial fine-tuning: leave only the last `n_blocks` coarse block groups of a timm backbone
     trainable (timm's `group_matcher`: stem, blocks..., final norm with the last). Returns how many
-    parameter tensors were frozen."""
+    parameter tensors no longer train."""
     if n_blocks < 0:
         return 0
     backbone = getattr(backbone, "timm_model", backbone)  # a foundation backbone: its timm network
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
     first_kept = max(groups) - n_blocks + 1
     keep = {name for gid, names in groups.items() if gid >= first_kept for name in names}
-    frozen = 0
+    fixed = 0
     for name, p in backbone.named_parameters():
         p.requires_grad_(name in keep)
-        frozen += name not in keep
-    return frozen
+        fixed += name not in keep
+    return fixed
 
 
 class PatchClassifier(nn.Module):

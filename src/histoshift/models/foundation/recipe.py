@@ -9,25 +9,30 @@ weights file offline). A config names a recipe (`model.recipe`) and may override
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 EMBEDDINGS = ("cls", "cls+mean", "mean")  # class token | class token ++ mean patch token | mean patch token
 LIBRARIES = ("timm", "transformers")
 PRECISIONS = ("bf16", "fp16", "no")
 INTERPOLATIONS = ("bicubic", "bilinear")
+Triple = tuple[float, float, float]
 
 
 class RecipeError(ValueError):
     """An unknown recipe, or an override that names no field or has the wrong type."""
 
 
-@dataclass(frozen=True)
+# pydantic validates every recipe (the vendors' and every overridden one): types, literals and ranges
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class Recipe:
     name: str            # registry key, e.g. "virchow2"
     title: str           # the model's own name, e.g. "Virchow2"
     hub_id: str          # Hugging Face repo, e.g. "paige-ai/Virchow2"
     card: str            # URL of the model card the fields below come from
-    library: str         # "timm" | "transformers"
+    library: Literal["timm", "transformers"]
     # timm: architecture name; transformers: model class in `transformers` (Dinov2Model, ViTModel)
     architecture: str
     # the full-size architecture without the hub: timm model_args as the repo's config.json carries them
@@ -36,18 +41,26 @@ class Recipe:
     embed_dim: int       # length of the card's embedding (after the embedding rule)
     registers: int       # register tokens between the class token and the patch tokens
     params_m: float      # parameter count in millions, as the card (or its paper) states it
-    mean: tuple
-    std: tuple
+    mean: Triple
+    std: Triple
     licence: str
     gated: bool          # the hub asks for an accepted licence and a token
     # creation arguments the card passes on top of the repo's config (timm.create_model kwargs)
-    create_kwargs: dict = field(default_factory=dict)
-    input_size: int = 224
-    interpolation: str = "bicubic"
-    crop_pct: float = 1.0  # the card resizes to input_size / crop_pct, then centre-crops input_size
-    embedding: str = "cls"
-    precision: str = "bf16"  # the autocast dtype on a GPU: the card's where it names one (see `notes`)
+    create_kwargs: dict = dataclasses.field(default_factory=dict)
+    input_size: Annotated[int, Field(ge=32)] = 224
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    # the card resizes to input_size / crop_pct, then centre-crops input_size
+    crop_pct: Annotated[float, Field(ge=0.5, le=1.0)] = 1.0
+    embedding: Literal["cls", "cls+mean", "mean"] = "cls"
+    precision: Literal["bf16", "fp16", "no"] = "bf16"  # the autocast dtype on a GPU: the card's where it names one
     notes: str = ""
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std):
+        if min(std) <= 0:
+            raise ValueError("std values must be > 0")
+        return std
 
     @property
     def tokens(self) -> int:
@@ -58,40 +71,26 @@ class Recipe:
 
 
 def check(recipe: Recipe) -> Recipe:
-    for name, value, allowed in (("library", recipe.library, LIBRARIES), ("embedding", recipe.embedding, EMBEDDINGS),
-                                 ("precision", recipe.precision, PRECISIONS),
-                                 ("interpolation", recipe.interpolation, INTERPOLATIONS)):
-        if value not in allowed:
-            raise RecipeError(f"{recipe.name}: {name} must be one of {allowed}, got '{value}'")
-    if len(recipe.mean) != 3 or len(recipe.std) != 3 or min(recipe.std) <= 0:
-        raise RecipeError(f"{recipe.name}: mean and std need three values (std > 0)")
-    if not 0.5 <= recipe.crop_pct <= 1.0 or recipe.input_size < 32:
-        raise RecipeError(f"{recipe.name}: crop_pct in [0.5, 1] and input_size >= 32 expected")
+    """A registered recipe, validated (pydantic did so when it was built)."""
     return recipe
 
 
 def override(recipe: Recipe, overrides: dict) -> Recipe:
-    """The recipe with some fields replaced; mappings (arch_kwargs, create_kwargs) are merged."""
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
-    changes = {}
+    """The recipe with some fields replaced (mappings such as arch_kwargs and create_kwargs are merged),
+    validated like every recipe."""
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    current = dataclasses.asdict(recipe)
     for key, value in overrides.items():
         if key not in fields or key == "name":
             raise RecipeError(f"{recipe.name}: unknown recipe field '{key}' (fields: {', '.join(sorted(fields))})")
-        current = getattr(recipe, key)
-        if isinstance(current, dict):
+        if isinstance(current[key], dict):
             if not isinstance(value, dict):
                 raise RecipeError(f"{recipe.name}.{key}: expected a mapping, got {value!r}")
-            value = {**current, **value}
-        elif isinstance(current, tuple):
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
-                raise RecipeError(f"{recipe.name}.{key}: expected a list of numbers, got {value!r}")
-            value = tuple(float(v) for v in value)
-        elif isinstance(current, bool) or type(current) is str:
-            if type(value) is not type(current):
-                raise RecipeError(f"{recipe.name}.{key}: expected {type(current).__name__}, got {value!r}")
-        elif isinstance(current, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(current, int) and value != int(value)):
-                raise RecipeError(f"{recipe.name}.{key}: expected a number, got {value!r}")
-            value = type(current)(value)
-        changes[key] = value
-    return check(dataclasses.replace(recipe, **changes))
+            value = {**current[key], **value}
+        current[key] = value
+    try:
+        return Recipe(**current)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise RecipeError(f"{recipe.name}.{where}: {err['msg']}, got {err.get('input')!r}") from None
