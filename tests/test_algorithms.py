@@ -221,3 +221,10 @@ def test_stain_aglr_needs_a_fine_tuned_backbone():
         load_config(None, ["model.frozen=true", "algorithm.consistency_weight=1"])
     with pytest.raises(ConfigError, match="algorithm.regen_size: expected 8, 16, 32 or 64"):
         load_config(None, ["algorithm.regen_size=20"])
+
+
+def test_config_knows_the_registered_algorithms():
+    """config.py names the algorithms without importing the registry; the two lists must agree."""
+    from histoshift.config import ALGORITHM_NAMES
+
+    assert set(ALGORITHM_NAMES) == set(ALGORITHMS)

@@ -30,7 +30,10 @@ def pipeline(tmp_path_factory):
     assert main(r + ["prepare"]) == 0
     assert main(r + ["folds"]) == 0
     for cfg in (cfg_a, cfg_b):
+        assert main(r + ["embed", "--config", str(cfg)]) == 0  # fine-tuned: nothing to embed
         assert main(r + ["train", "--config", str(cfg)]) == 0
+    assert not (root / "work" / "features").exists()
+    assert not list(root.glob("work/runs/*/seed*/fold*/tta_*.csv"))  # the infer stage's files, not train's
     assert main(r + ["infer"]) == 0
     assert main(r + ["stack"]) == 0
     assert main(r + ["submit", "--allow-degenerate"]) == 0  # 1-epoch tiny models may predict one class
@@ -42,6 +45,7 @@ def test_every_fold_run_has_its_files(pipeline):
     runs = find_runs(pipeline / "work" / "runs")
     assert sorted(r.name for r in runs) == sorted(
         f"{c}/seed0/fold{k}" for c in ("tiny_dann", "tiny_erm_albu") for k in (0, 1, 3, 4))
+    assert {r.kind for r in runs} == {"image"}
     folds = pd.read_csv(pipeline / "folds" / "folds.csv")
     test_ids = set(pd.read_csv(pipeline / "work" / "cache" / "index.csv").query("split == 'test'").id)
     for run in runs:
@@ -155,14 +159,20 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
     for name, extra in (("probe", {"algorithm": {"name": "erm"}}),
                         ("mlp_dann", {"algorithm": {"name": "dann"}, "model": frozen["model"] | {"head_hidden": 32}})):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(frozen | extra))
+    torch.manual_seed(0)  # the embed stage builds the random-init backbone first: a known init for the check below
+    assert main(r + ["embed", "--config", str(tmp_path / "probe.yaml")]) == 0
+    (store,) = (root / "work" / "features").iterdir()
+    made = (store / "meta.json").stat().st_mtime_ns
+    for name in ("probe", "mlp_dann"):  # train finds the embed stage's store: nothing is embedded again
         assert main(r + ["train", "--config", str(tmp_path / f"{name}.yaml")]) == 0
+    assert (store / "meta.json").stat().st_mtime_ns == made
     stores = list((root / "work" / "features").iterdir())
     assert len(stores) == 1  # both configs share one embedding of the frozen backbone
     cache = Cache.open(root / "work" / "cache")
     feats = np.load(stores[0] / "features_val.npy")
     assert feats.shape == ((cache.index.split == "val").sum(), 8, 256) and feats.dtype == np.float16
     cfg = load_config(tmp_path / "probe.yaml")
-    torch.manual_seed(0)  # fold 0 embedded first, right after set_seed(0): the same random init
+    torch.manual_seed(0)  # the same random init as the embed stage's backbone
     model = PatchClassifier(cfg.model).eval()
     x = to_float(torch.from_numpy(np.array(cache.images("val")[:2])))
     with torch.no_grad():

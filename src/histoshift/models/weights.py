@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 
 import torch
+from timm.models import load_state_dict as timm_load_state_dict, remap_state_dict
+
 
 def _lite_file(module, cls_name: str) -> Path:
     return Path(getattr(module, cls_name).get_model_file_path())
@@ -40,20 +42,18 @@ class WeightsError(RuntimeError):
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file through timm's loader: safetensors, or a torch file read with weights_only=True
+    (nothing is unpickled), its `state_dict` / `model` entry taken, DDP and compile prefixes removed."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    try:
+        obj = timm_load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as e:  # pickles that need code, truncated or foreign files
+        raise WeightsError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    return obj
 
 
 def lukemelas_to_timm(sd: dict[str, torch.Tensor], block_names: list[str]) -> dict[str, torch.Tensor]:
@@ -87,16 +87,16 @@ def lukemelas_to_timm(sd: dict[str, torch.Tensor], block_names: list[str]) -> di
 
 def rename_by_order(sd: dict[str, torch.Tensor], model: torch.nn.Module, skip_prefix: str) -> dict[str, torch.Tensor]:
     """Map a state dict onto a model whose layers come in the same order under other names
-    (torchvision -> timm), checking every shape; source keys under `skip_prefix` (its classifier)
-    are left out."""
-    src = [(k, v) for k, v in sd.items() if not k.startswith(skip_prefix)]
-    dst = list(model.state_dict().items())
+    (torchvision -> timm) with timm's `remap_state_dict`, every shape checked; source keys under
+    `skip_prefix` (its classifier) are left out."""
+    src = {k: v for k, v in sd.items() if not k.startswith(skip_prefix)}
+    dst = model.state_dict()
     if len(src) != len(dst):
         raise WeightsError(f"cannot map {len(src)} source tensors onto {len(dst)} model tensors")
-    for (ks, vs), (kd, vd) in zip(src, dst):
-        if vs.shape != vd.shape:
-            raise WeightsError(f"cannot map {ks} {tuple(vs.shape)} onto {kd} {tuple(vd.shape)}")
-    return {kd: vs for (_, vs), (kd, _) in zip(src, dst)}
+    try:
+        return remap_state_dict(src, model, allow_reshape=False)
+    except AssertionError as e:  # timm states the mismatch in an assert
+        raise WeightsError(f"cannot map the source onto the model: {e}") from None
 
 
 def package_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
