@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..safeio import write_csv
+from .splits import labelled
 
 COLUMNS = ["id", "center", "label", "fold"]
 
@@ -22,8 +23,7 @@ class FoldsError(ValueError):
 
 
 def make_folds(index: pd.DataFrame) -> pd.DataFrame:
-    labelled = index[index["split"].isin(["train", "val"])]
-    folds = labelled[["id", "center", "label"]].copy()
+    folds = labelled(index)[["id", "center", "label"]].copy()
     folds["fold"] = folds["center"]
     return folds.sort_values("id").reset_index(drop=True)[COLUMNS]
 
@@ -79,8 +79,7 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame, path: Path) -> None:
     dup = folds["id"][folds["id"].duplicated()]
     if len(dup):
         raise FoldsError(f"{path}, id {int(dup.iloc[0])}: listed more than once")
-    labelled = index.loc[index["split"] != "test", ["id", "center", "label"]]
-    merged = labelled.merge(folds, on="id", how="outer", suffixes=("", "_folds"), indicator=True)
+    merged = labelled(index)[["id", "center", "label"]].merge(folds, on="id", how="outer", suffixes=("", "_folds"), indicator=True)
     for side, problem in (("left_only", "is a labelled patch of the cache but has no fold"),
                           ("right_only", "is not a labelled patch of the cache")):
         rows = merged[merged["_merge"] == side]
