@@ -34,6 +34,16 @@ def random_items(rng, ids, center, side=96, label=None):
             for i in ids}
 
 
+TRAINED_ROOTS = {"finished", "pipeline_root"}  # fixtures that train models: their tests are in the slow tier
+
+
+def pytest_collection_modifyitems(items):
+    """The quick tier (`-m "not slow"`) leaves out every test that trains models or runs the scripts."""
+    for item in items:
+        if TRAINED_ROOTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A root folder with a tiny synthetic demo dataset in input/ (read-only for tests: copy to change)."""

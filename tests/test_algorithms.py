@@ -182,6 +182,7 @@ def test_stain_aglr_switches_add_their_losses_and_reach_the_backbone(name):
         assert grads and float(sum(grads)) > 0
 
 
+@pytest.mark.slow
 def test_stain_aglr_decoder_is_not_saved_with_the_model(prepared_root, tmp_path):
     """A run trained with both switches saves the classifier only; infer loads it as any run."""
     import shutil

@@ -207,6 +207,7 @@ def test_a_feature_store_being_embedded_elsewhere_is_refused(finished, tmp_path,
     assert not (store / "meta.json").exists()
 
 
+@pytest.mark.slow
 def test_a_second_training_process_is_refused_while_the_first_runs(prepared_root, tmp_path):
     """Two real processes: the second stops at once while the first holds the run. The first is given
     far more steps than the test waits for (no race on a busy machine), then killed: the lock dies with
@@ -264,6 +265,7 @@ def _wait_for(condition, proc, err, timeout=PATIENCE):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_kill_mid_fold_resumes_with_the_same_weights_and_metrics(prepared_root, tmp_path):
     """kill -9 after the first saved epoch; the rerun continues from it and ends exactly where an
     uninterrupted run ends (CPU: weights and every metric but the wall time)."""

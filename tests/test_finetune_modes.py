@@ -41,6 +41,7 @@ def _train(prepared_root, tmp_path, overrides):
     return start, load_file(str(run.checkpoint)), cfg
 
 
+@pytest.mark.slow
 def test_partial_fine_tuning_leaves_early_blocks_untouched(prepared_root, tmp_path):
     start, end, _ = _train(prepared_root, tmp_path, ["model.train_last_blocks=1"])
     assert torch.equal(start["backbone.conv_stem.weight"], end["backbone.conv_stem.weight"])
@@ -49,6 +50,7 @@ def test_partial_fine_tuning_leaves_early_blocks_untouched(prepared_root, tmp_pa
     assert not torch.equal(start["head.1.weight"], end["head.1.weight"])
 
 
+@pytest.mark.slow
 def test_linear_probe_then_fine_tune(prepared_root, tmp_path):
     start, end, _ = _train(prepared_root, tmp_path, ["train.probe_epochs=2"])  # probe for the whole run
     assert torch.equal(start["backbone.conv_stem.weight"], end["backbone.conv_stem.weight"])

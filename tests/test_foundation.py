@@ -134,6 +134,7 @@ def _fm_config(path, name: str, weights: str = "hub", **train) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_standin_from_a_hub_cache_runs_the_pipeline_offline(name, prepared_root, hf_cache, tmp_path, capsys):
     """(b) the stand-in loads through the ordinary hub path with HF_HUB_OFFLINE=1; the stored features
     are the card's embedding of the card's preprocessing; heads, stack and submission follow."""
@@ -169,6 +170,7 @@ def test_standin_from_a_hub_cache_runs_the_pipeline_offline(name, prepared_root,
     assert set(sub.ID) == set(ids) and set(sub.Pred) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_the_embedding_benchmark_runs_tiny_on_cpu(tmp_path):
     """bench/fm.py's tiny CPU mode keeps working (its numbers are not asserted: benchmarks are not tests)."""
     import subprocess

@@ -102,6 +102,7 @@ def _train_with_hub(endpoint: str, root: Path, config: Path, cache: Path) -> sub
                           env=env, capture_output=True, text=True, timeout=1800)
 
 
+@pytest.mark.slow
 def test_gated_model_and_unreachable_hub_each_get_one_line(prepared_root, tmp_path):
     root = _copy(prepared_root, tmp_path)
     _fm_config(tmp_path / "c.yaml", "virchow2")
@@ -171,6 +172,7 @@ def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_pa
     assert store_key(feature_spec(load_config(tmp_path / "c.yaml"), Cache.open(other_cache), "no")) != key()
 
 
+@pytest.mark.slow
 def test_embedding_resumes_at_the_first_unfinished_chunk(hf_cache, prepared_root, tmp_path, monkeypatch):
     """A killed embedding keeps its finished chunks: rerun, only the chunks without a marker are computed."""
     from accelerate import Accelerator
@@ -231,6 +233,7 @@ def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monke
     assert "batch halved to 4 patches" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fine_tuned_recipe_run_infers_without_the_hub(hf_cache, prepared_root, tmp_path):
     """Partial fine-tuning of a recipe backbone; its run folder records the architecture, so `infer`
     rebuilds the model with the cache gone."""
@@ -287,6 +290,7 @@ def test_downloaded_constants_never_override_the_card(hf_cache, tmp_path, capsys
     assert "says interpolation bilinear; the recipe uses bicubic" in out and "says mean" not in out
 
 
+@pytest.mark.slow
 def test_a_new_hub_snapshot_never_leaves_a_stale_head(hf_cache, prepared_root, tmp_path, capsys):
     """A finished head records its feature store; new weights (the repo's refs/main moved) make the
     rerun refuse instead of keeping a head trained on the old features; --force retrains on new ones."""

@@ -11,6 +11,8 @@ import yaml
 from histoshift.cli import main
 from histoshift.runs import find_runs
 
+pytestmark = pytest.mark.slow  # every test here trains models (the quick tier leaves them out)
+
 TINY = {
     "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
     "algorithm": {"name": "dann"},

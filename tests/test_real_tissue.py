@@ -20,6 +20,7 @@ PER_CENTER = 80
 @pytest.mark.slow
 @pytest.mark.skipif(not (PCAM / "make_competition_h5.py").exists(),
                     reason=f"real-tissue check skipped: {PCAM} is absent (it is not part of the product)")
+@pytest.mark.slow
 def test_pipeline_on_real_tissue_beats_chance_clearly(tmp_path):
     root = tmp_path / "root"
     subprocess.run([sys.executable, str(PCAM / "make_competition_h5.py"), str(root / "input"),

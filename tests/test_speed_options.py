@@ -43,6 +43,7 @@ def test_tensor_batches_shard_every_pass_without_overlap():
 @pytest.mark.parametrize("overrides", [["train.channels_last=true"], ["train.compile=true"],
                                        ["train.placement=host", "train.precision=bf16"]],
                          ids=["channels_last", "compile", "host-bf16"])
+@pytest.mark.slow
 def test_speed_options_train_and_predict(prepared_root, tmp_path, overrides):
     path = tmp_path / "opt.yaml"
     path.write_text(yaml.safe_dump({

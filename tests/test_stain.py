@@ -63,6 +63,7 @@ def test_macenko_survives_single_stain_patches_in_a_batch():
 
 
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
+@pytest.mark.slow
 def test_stain_norm_switch_trains_and_predicts(prepared_root, tmp_path, method):
     from histoshift.config import load_config
     from histoshift.runs import RunDir
