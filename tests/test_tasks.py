@@ -8,7 +8,7 @@ import pytest
 from histoshift.config import ConfigError, load_config
 from histoshift.tasks import TASKS, FeatureTask, ImageTask, load_experiment, task_kind
 
-PROTOCOL = ("lineage", "build_model", "streams", "feed", "to_model", "predictor", "save", "load", "adapt")
+PROTOCOL = ("lineage", "stored_data", "build_model", "streams", "feed", "to_model", "predictor", "save", "load", "adapt")
 
 
 def test_both_kinds_implement_the_whole_protocol_with_the_same_signatures():

@@ -155,9 +155,9 @@ def cmd_embed(a, paths: Paths):
 
     cfg = _experiment(a)
     check_inputs(paths.input, paths.cache)
-    task = _timed("embed", make_task, cfg, Cache.open(paths.cache), paths, Accelerator())
-    store = task.lineage().get("features")
-    print(f"embed: {cfg.name}: " + (f"features in {paths.features / store}" if store else
+    task = make_task(cfg, Cache.open(paths.cache), paths, Accelerator())
+    store = _timed("embed", task.stored_data)
+    print(f"embed: {cfg.name}: " + (f"features in {store.path}" if store is not None else
                                     f"a {task.kind} task reads images from the cache: nothing to embed"))
 
 

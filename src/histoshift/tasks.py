@@ -8,6 +8,8 @@ report need of a model, whatever it learns from.
 
 The protocol (both classes implement every method; nothing else asks which kind a run is):
   lineage()                     what the task's data were computed from besides the cache (run inputs)
+  stored_data()                 the data the task stores before training (a head's feature store, embedded
+                                when missing: the `embed` stage); None for images
   build_model()                 a new model to train
   streams(source, target, seed) the labelled and unlabelled batch streams; `.epoch(e)` gives an epoch's
   feed(src, tgt)                one step's inputs for the algorithm (x, y, domain, x_target, ..., images)
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
-from functools import partial
+from functools import cached_property, partial
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -99,6 +101,9 @@ class ImageTask:
 
     def lineage(self) -> dict:
         return {}
+
+    def stored_data(self) -> None:
+        return None  # images are read from the cache
 
     def _ready(self, model: PatchClassifier) -> PatchClassifier:
         self.preprocess = model.preprocess
@@ -192,13 +197,21 @@ class FeatureTask:
     kind: ClassVar[str] = "feature"
 
     def __init__(self, cfg: Config, cache: Cache, paths: Paths, accelerator: Accelerator, precision: str):
-        self.cfg, self.cache, self.acc = cfg, cache, accelerator
+        self.cfg, self.cache, self.acc, self.paths, self.precision = cfg, cache, accelerator, paths, precision
         self.domains = domains_of(cache)
         self.spec = feature_spec(cfg, cache, precision)  # computed once: one hub lookup per run
-        self.store: FeatureStore = embed(cfg, cache, paths.features, accelerator, precision, self.spec)
 
     def lineage(self) -> dict:
         return {"features": store_key(self.spec)}
+
+    def stored_data(self) -> FeatureStore:
+        return self.store
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        """The feature store of this spec, embedded on first use when the `embed` stage has not run (after
+        the lineage checks, so a stale run is refused before anything is embedded)."""
+        return embed(self.cfg, self.cache, self.paths.features, self.acc, self.precision, self.spec)
 
     def build_model(self) -> FeatureClassifier:
         return FeatureClassifier(self.store.dim, self.cfg.model)

@@ -68,13 +68,14 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
     cache = Cache.open(paths.cache)
     folds = read_folds(paths.folds_csv)
     check_folds(folds, cache.index, paths.folds_csv)  # before anything is trained: no leak, no stale ids
-    task = make_task(cfg, cache, paths, accelerator)  # a head on features embeds its store here if missing
+    task = make_task(cfg, cache, paths, accelerator)
     inputs = run_inputs(cfg, task, cache, paths)
     mode = [run.prepare(cfg, force, inputs) if accelerator.is_main_process else None]
     mode = broadcast_object_list(mode)[0]  # every process follows the main one's decision
     if mode == "skip":
         return None
-    seed = cfg.train.seed + 1000 * run.fold
+    task.stored_data()  # a head's feature store, embedded here if the embed stage did not run: before the
+    seed = cfg.train.seed + 1000 * run.fold  # seed, so the head's init never depends on whether it did
     set_seed(seed, device_specific=True)
     if accelerator.is_main_process and mode == "fresh":
         run.path.mkdir(parents=True, exist_ok=True)
