@@ -303,6 +303,10 @@ def test_a_new_hub_snapshot_never_leaves_a_stale_head(hf_cache, prepared_root, t
     write_standin(RECIPES["hoptimus0"], hf_cache, seed=1)
     assert main(train) == 2
     assert "other inputs (the feature store (new weights, views or cache) changed since)" in capsys.readouterr().err
+    # infer refuses the head too, before embedding anything with the new weights
+    assert main(["--root", str(root), "infer"]) == 2
+    assert "the feature store (new weights, views or cache) changed since the run was trained" in capsys.readouterr().err
+    assert len(list((root / "work" / "features").iterdir())) == 1
     assert main(train + ["--force"]) == 0
     assert len(list((root / "work" / "features").iterdir())) == 2
     run = root / "work" / "runs" / "c" / "seed0" / "fold0"

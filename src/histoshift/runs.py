@@ -144,8 +144,8 @@ class RunDir:
         recorded = self.recorded_inputs()
         moved = [k for k, v in task_inputs.items() if recorded.get(k) != v]
         if moved:
-            raise StaleError(f"{self.path} was trained on another {' and '.join(INPUT_NAMES.get(k, k) for k in moved)}: "
-                             "retrain it (train --force)")
+            raise StaleError(f"{self.path}: {' and '.join(INPUT_NAMES.get(k, k) for k in moved)} changed since the run "
+                             "was trained; retrain it (train --force)")
 
     def prepare(self, cfg: Config, force: bool, inputs: dict) -> str:
         """'skip', 'resume' or 'fresh'. A finished run with the same config and inputs (task kind, cache
