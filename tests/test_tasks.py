@@ -35,3 +35,16 @@ def test_registry_names_are_checked_by_load_experiment_not_by_config(tmp_path):
 def test_settings_that_need_a_fine_tuned_backbone_are_refused_for_heads():
     with pytest.raises(ConfigError, match="stochastic depth needs a fine-tuned backbone"):
         load_config(None, ["model.frozen=true", "model.drop_path_rate=0.1"])
+
+
+def test_a_run_without_a_recorded_kind_is_refused(tmp_path):
+    from histoshift.lineage import StaleError
+    from histoshift.runs import RunDir
+
+    run = RunDir.of(tmp_path, "old", 0, 1)
+    run.path.mkdir(parents=True)
+    run.inputs.write_text('{"cache": {}, "folds": "x"}')
+    with pytest.raises(StaleError, match="records no task kind"):
+        run.kind
+    run.inputs.write_text('{"task": "feature", "cache": {}, "folds": "x"}')
+    assert run.kind == "feature"
