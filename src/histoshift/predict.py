@@ -52,7 +52,7 @@ def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator
         return
     task, trained = run_task(run, cache, paths, accelerator)
     for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
-        predict = task.predictor(table)
+        predict = task.predictor(table, desc=f"{run.name} {name}")
         for adapted in todo:
             model, layers = task.adapt(trained, table) if adapted else (trained, None)
             out = check_finite(predict(model), f"{run.path} ({name}{', adapted' if adapted else ''})")

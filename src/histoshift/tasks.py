@@ -14,7 +14,7 @@ The protocol (both classes implement every method; nothing else asks which kind 
   streams(source, target, seed) the labelled and unlabelled batch streams; `.epoch(e)` gives an epoch's
   feed(src, tgt)                one step's inputs for the algorithm (x, y, domain, x_target, ..., images)
   to_model(x)                   augmented images/features -> what the model's forward takes
-  predictor(table, views)       a callable model -> per-view logits table (id, center, label, v0..)
+  predictor(table, views, desc) a callable model -> per-view logits table (id, center, label, v0..)
   save(run, model), load(run)   the trained model to and from the run folder (safetensors, no pickle)
   adapt(model, table)           the model adapted to one center without its labels, and how many layers
                                 changed (0: the task has nothing to adapt; its predictions stay the plain ones)
@@ -143,11 +143,13 @@ class ImageTask:
         x = self.preprocess(x)  # resize + normalise as the backbone wants
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
-    def predictor(self, table: pd.DataFrame, views: int | None = None) -> Callable[[nn.Module], pd.DataFrame]:
-        """`views`: 1 (the plain view) or None (the 8 dihedral TTA views). The loader is built once."""
+    def predictor(self, table: pd.DataFrame, views: int | None = None,
+                  desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
+        """`views`: 1 (the plain view) or None (the 8 dihedral TTA views); `desc` names the progress bar.
+        The loader is built once."""
         ds = PatchDataset(self.cache.gather(table), table, self.domains)
         loader = self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
-        return partial(predict_views, loader=loader, accelerator=self.acc, views=tuple(range(views or N_VIEWS)),
+        return partial(predict_views, loader=loader, accelerator=self.acc, views=tuple(range(views or N_VIEWS)), desc=desc,
                        precision=self.precision, channels_last=self.cfg.train.channels_last,
                        stain_norm=self.cfg.aug.stain_norm)
 
@@ -238,8 +240,10 @@ class FeatureTask:
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def predictor(self, table: pd.DataFrame, views: int | None = None) -> Callable[[nn.Module], pd.DataFrame]:
-        """`views`: 1 (the plain view) or None (every stored TTA view). The rows are gathered once."""
+    def predictor(self, table: pd.DataFrame, views: int | None = None,
+                  desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
+        """`views`: 1 (the plain view) or None (every stored TTA view). The rows are gathered once (no
+        progress bar: a head predicts a whole center in well under a second)."""
         feats = torch.from_numpy(self.store.rows(table, views or self.store.views)).to(self.acc.device)
         return lambda model: views_table(table, view_logits(model, feats))
 

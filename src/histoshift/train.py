@@ -89,10 +89,11 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
                       f"{task.kind} task")
     algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(), len(task.domains), cfg)
     streams = task.streams(source, target, seed)
-    model, oof, seconds, model_bytes = fit(cfg, task, algorithm, streams, task.predictor(heldout, views=1),
-                                           accelerator, run, precision, resume=mode == "resume")
+    heldout_predictor = task.predictor(heldout, views=1, desc="held-out")
+    model, oof, seconds, model_bytes = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,
+                                           precision, resume=mode == "resume")
     # every labelled center for the summary: the held-out one out of fold, the others in sample
-    table = per_center(task.predictor(scoring_sample(cache.index, run.fold, IN_SAMPLE_EVAL), views=1)(model)
+    table = per_center(task.predictor(scoring_sample(cache.index, run.fold, IN_SAMPLE_EVAL), 1, "all labelled")(model)
                        .rename(columns={"v0": "logit"}))
     table["held_out"] = table["center"] == run.fold
     summary = None
