@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import Config
+from .data.loader import cycle
 from .metrics import per_center
 from .precision import autocast
 from .progress import bar
@@ -105,8 +106,8 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
     for epoch in range(progress.epoch, cfg.train.epochs):
         algorithm.train()
         src_loader, tgt_loader = streams.epoch(epoch)  # the data order is a function of (seed, epoch)
-        src_iter = _cycle(src_loader)
-        tgt_iter = _cycle(tgt_loader) if core.uses_target else None
+        src_iter = cycle(src_loader)
+        tgt_iter = cycle(tgt_loader) if core.uses_target else None
         logs: dict[str, list[float]] = {}
         steps = bar(range(steps_per_epoch), main=accelerator.is_local_main_process, unit="step",
                     desc=f"{run.name} epoch {epoch + 1}/{cfg.train.epochs}")
@@ -144,9 +145,3 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
         if epoch + 1 < cfg.train.epochs:  # a kill from here on resumes after this epoch
             save_epoch_state(accelerator, run, epoch + 1, state_bytes)
     return core.model, oof, time.time() - t0, state_bytes // 3
-
-
-def _cycle(loader):
-    """Endless iteration over a loader (reshuffled each pass), for the unlabelled target batches."""
-    while True:
-        yield from loader

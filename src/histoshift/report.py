@@ -112,9 +112,9 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
     sample = pd.concat([p.sample(min(len(p), MAP_PER_CENTER), random_state=0) for _, p in ok.groupby("center")])
     images = cache.gather(sample)
     fig, axes = plt.subplots(len(chosen), 2, figsize=(10, 4.3 * len(chosen)), squeeze=False)
-    notes = []
+    notes, acc = [], Accelerator()
     for row, run in enumerate(chosen):
-        cfg, acc = run.cfg, Accelerator()
+        cfg = run.cfg
         task, model = run_task(run, cache, Paths.of_cache(cache_dir), acc)
         model.eval()
         with torch.no_grad():

@@ -20,7 +20,7 @@ from .algorithms import ALGORITHMS
 from .config import Config, save_config
 from .data.cache import Cache
 from .data.folds import check_folds, read_folds
-from .data.splits import pseudo_labels, pseudo_source, scoring_sample, split_for_fold
+from .data.splits import in_sample, pseudo_labels, pseudo_source, split_for_fold
 from .engine import fit
 from .lineage import digest_file
 from .metrics import per_center
@@ -92,9 +92,10 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
     heldout_predictor = task.predictor(heldout, views=1, desc="held-out")
     model, oof, seconds, model_bytes = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,
                                            precision, resume=mode == "resume")
-    # every labelled center for the summary: the held-out one out of fold, the others in sample
-    table = per_center(task.predictor(scoring_sample(cache.index, run.fold, IN_SAMPLE_EVAL), 1, "all labelled")(model)
-                       .rename(columns={"v0": "logit"}))
+    # every labelled center for the summary: the held-out one out of fold (the last epoch's predictions,
+    # not predicted again), the training ones in sample
+    trained_on = task.predictor(in_sample(cache.index, run.fold, IN_SAMPLE_EVAL), 1, "in sample")(model)
+    table = per_center(pd.concat([oof, trained_on.rename(columns={"v0": "logit"})], ignore_index=True))
     table["held_out"] = table["center"] == run.fold
     summary = None
     if accelerator.is_main_process:

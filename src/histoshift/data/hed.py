@@ -33,7 +33,6 @@ def hed_transform(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> t
     return (rgb / 255.0).clamp(0.0, 1.0)
 
 
-
 def random_hed(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """HED stain jitter of a float batch in [0, 1]: per image and H/E/D channel, concentrations scaled
     by U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma)."""

@@ -43,11 +43,11 @@ def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
     return source.reset_index(drop=True), heldout.reset_index(drop=True), target.reset_index(drop=True)
 
 
-def scoring_sample(index: pd.DataFrame, fold: int, per_center: int) -> pd.DataFrame:
-    """Every labelled center for a fold's summary: the held-out one whole (out of fold), the training
-    ones as a fixed sample of at most `per_center` patches each (in sample, for reference only)."""
-    parts = [part if c == fold else part.sample(min(len(part), per_center), random_state=0)
-             for c, part in labelled(index).groupby("center")]
+def in_sample(index: pd.DataFrame, fold: int, per_center: int) -> pd.DataFrame:
+    """The training centers of a fold for its summary: a fixed sample of at most `per_center` labelled
+    patches of each (in sample, for reference only; the held-out center is scored out of fold)."""
+    parts = [part.sample(min(len(part), per_center), random_state=0)
+             for c, part in labelled(index).groupby("center") if c != fold]
     return pd.concat(parts).reset_index(drop=True)
 
 

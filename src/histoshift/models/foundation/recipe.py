@@ -32,7 +32,7 @@ class Recipe:
     title: str           # the model's own name, e.g. "Virchow2"
     hub_id: str          # Hugging Face repo, e.g. "paige-ai/Virchow2"
     card: str            # URL of the model card the fields below come from
-    library: Literal["timm", "transformers"]
+    library: Literal[LIBRARIES]
     # timm: architecture name; transformers: model class in `transformers` (Dinov2Model, ViTModel)
     architecture: str
     # the full-size architecture without the hub: timm model_args as the repo's config.json carries them
@@ -48,11 +48,11 @@ class Recipe:
     # creation arguments the card passes on top of the repo's config (timm.create_model kwargs)
     create_kwargs: dict = dataclasses.field(default_factory=dict)
     input_size: Annotated[int, Field(ge=32)] = 224
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    interpolation: Literal[INTERPOLATIONS] = "bicubic"
     # the card resizes to input_size / crop_pct, then centre-crops input_size
     crop_pct: Annotated[float, Field(ge=0.5, le=1.0)] = 1.0
-    embedding: Literal["cls", "cls+mean", "mean"] = "cls"
-    precision: Literal["bf16", "fp16", "no"] = "bf16"  # the autocast dtype on a GPU: the card's where it names one
+    embedding: Literal[EMBEDDINGS] = "cls"
+    precision: Literal[PRECISIONS] = "bf16"  # the autocast dtype on a GPU: the card's where it names one
     notes: str = ""
 
     @field_validator("std")
@@ -68,11 +68,6 @@ class Recipe:
         patch = (self.arch_kwargs.get("patch_size") or self.create_kwargs.get("patch_size")
                  or int(self.architecture.split("patch")[1][:2]))
         return 1 + self.registers + (self.input_size // patch) ** 2
-
-
-def check(recipe: Recipe) -> Recipe:
-    """A registered recipe, validated (pydantic did so when it was built)."""
-    return recipe
 
 
 def override(recipe: Recipe, overrides: dict) -> Recipe:
