@@ -41,19 +41,36 @@ class WeightsError(RuntimeError):
     pass
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A weights file through timm's loader: safetensors, or a torch file read with weights_only=True
-    (nothing is unpickled), its `state_dict` / `model` entry taken, DDP and compile prefixes removed."""
+def is_safetensors(path: Path) -> bool:
+    """Whether a file holds safetensors content, whatever its suffix (MedImageInsight ships a `.pt`
+    that is safetensors): an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    return head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < Path(path).stat().st_size
+
+
+def read_state_dict(path: Path, keep=None) -> dict[str, torch.Tensor]:
+    """A weights file: safetensors (by content, whatever the suffix), or a torch file through timm's
+    loader with weights_only=True (nothing is unpickled), its `state_dict` / `model` entry taken, DDP
+    and compile prefixes removed. `keep(key)` selects tensors; from safetensors only those are read
+    (a 2.5 GB vision-language file gives up its image encoder without loading the text tower)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:
+        if is_safetensors(path):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
         obj = timm_load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as e:  # pickles that need code, truncated or foreign files
         raise WeightsError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
-    return obj
+    return {k: v for k, v in obj.items() if keep is None or keep(k)}
 
 
 def lukemelas_to_timm(sd: dict[str, torch.Tensor], block_names: list[str]) -> dict[str, torch.Tensor]:

@@ -5,10 +5,11 @@ meta device, loads a stand-in from a Hugging Face cache offline, and embeds by i
 """
 from __future__ import annotations
 
-from . import bioptimus, gigapath, mahmood, meta, owkin, paige
+from . import bioptimus, gigapath, histai, kaiko, mahmood, meta, microsoft, owkin, paige
 from .recipe import Recipe, RecipeError, override
 
-RECIPES: dict[str, Recipe] = {r.name: r for module in (bioptimus, mahmood, paige, owkin, gigapath, meta)
+RECIPES: dict[str, Recipe] = {r.name: r for module in (bioptimus, paige, microsoft, kaiko, histai, mahmood, owkin,
+                                                            gigapath, meta)
                               for r in module.RECIPES}
 
 

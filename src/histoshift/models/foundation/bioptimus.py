@@ -22,7 +22,7 @@ _H_OPTIMUS = dict(
 RECIPES = (
     Recipe(name="hoptimus0", title="H-optimus-0", hub_id="bioptimus/H-optimus-0",
            card="https://huggingface.co/bioptimus/H-optimus-0", licence="Apache-2.0",
-           gated=True, **_H_OPTIMUS),  # gated with automatic approval: a token is still needed
+           gated=False, **_H_OPTIMUS),  # its model page shows no access gate (H-optimus-1 and H0-mini have one)
     Recipe(name="hoptimus1", title="H-optimus-1", hub_id="bioptimus/H-optimus-1",
            card="https://huggingface.co/bioptimus/H-optimus-1", licence="CC-BY-NC-ND-4.0", gated=True, **_H_OPTIMUS),
     Recipe(name="h0mini", title="H0-mini", hub_id="bioptimus/H0-mini", card="https://huggingface.co/bioptimus/H0-mini",

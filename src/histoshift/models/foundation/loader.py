@@ -7,6 +7,9 @@ Weight sources (`model.weights` with a recipe):
   dir:PATH   a downloaded copy of the hub repo (config.json + weights, e.g. a Kaggle dataset): timm's
              "local-dir:" source or transformers' from_pretrained(PATH)
   file:PATH  a weights file alone: the architecture is built from the recipe, the weights loaded strictly
+A recipe with an `adapter` (MedImageInsight: another codebase's files on the hub) reads the repo's
+`config_file` for the architecture and `weights_file` for the weights, renamed by the adapter
+(adapters.py) and loaded strictly, whatever the source.
   none       the recipe's architecture with random weights (benchmarks, tests; never a pretrained model)
 
 Whatever the source, normalisation, input side, resize rule and embedding rule come from the recipe.
@@ -18,14 +21,18 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..preprocess import Preprocess
 from ..weights import WeightsError, load_into, read_state_dict
-from .recipe import Recipe, RecipeError
+from .adapters import ADAPTERS
+from .recipe import STANDIN_KEY, Recipe, RecipeError
 
-STANDIN_KEY = "histoshift_standin"  # config.json marker of a random-weight stand-in (see standin.py)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+CONFIG_SUFFIXES = (".json", ".yaml")
+# tensors a card's inference never uses, allowed to be absent from (or left over in) a transformers repo
+UNUSED_MISSING = ("embeddings.mask_token",)  # DINOv2's masked-image-modelling token
 
 
 def resolve_layer(key: str, value):
@@ -84,7 +91,8 @@ def source_identity(recipe: Recipe, weights: str) -> dict:
     """What identifies the weights without loading them: the hub snapshot's commit, or a local copy's
     files (path, size, modification time). Part of the feature-store key."""
     if weights == "hub":
-        snapshot = hub_file(recipe.hub_id, "config.json").parent
+        config = hub_file(recipe.hub_id, recipe.config_file)
+        snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]  # snapshots/<revision>
         return {"hub": recipe.hub_id, "revision": snapshot.name}
     if weights == "none":
         return {"random_init": True}
@@ -95,28 +103,50 @@ def source_identity(recipe: Recipe, weights: str) -> dict:
 
 
 def local_identity(path: Path) -> dict:
-    """A weights file, or a folder's weight and config files: path, and each file's name, size, mtime."""
-    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES + (".json",)) if path.is_dir() else [path]
-    return {"path": str(path), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    """A weights file, or a folder's weight and config files (subfolders included: MedImageInsight keeps
+    them in 2024.09.27/...): path, and each file's relative name, size, mtime."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES + CONFIG_SUFFIXES)
+    else:
+        files = [path]
+    root = path if path.is_dir() else path.parent
+    return {"path": str(path), "files": [[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                                         for p in files]}
+
+
+def repo_path(recipe: Recipe, weights: str, name: str) -> Path:
+    """A file of the recipe's repo: through the hub cache (`hub`) or inside a local copy (`dir:PATH`)."""
+    if weights == "hub":
+        return hub_file(recipe.hub_id, name)
+    path = Path(weights.removeprefix("dir:")).expanduser() / name
+    if not path.is_file():
+        raise WeightsError(f"model.weights={weights}: no {name} there (expected a copy of the hub repo "
+                           f"{recipe.hub_id} in its own layout)")
+    return path
 
 
 def _repo_config(recipe: Recipe, weights: str) -> dict:
-    """The repo's config.json (hub cache or local folder); {} for a bare weights file or random init."""
-    if weights == "hub":
-        path = hub_file(recipe.hub_id, "config.json")
-    elif weights.startswith("dir:"):
-        path = Path(weights.removeprefix("dir:")).expanduser() / "config.json"
-        if not path.is_file():
-            raise WeightsError(f"model.weights={weights}: no config.json there (expected a copy of the hub repo "
-                               f"{recipe.hub_id}: config.json + weights)")
-    else:
+    """The repo's architecture file (config.json, or what the recipe's adapter reads, e.g. MedImageInsight's
+    config.yaml) from the hub cache or a local folder; {} for a bare weights file or random init."""
+    if weights != "hub" and not weights.startswith("dir:"):
         return {}
-    return json.loads(path.read_text())
+    path = repo_path(recipe, weights, recipe.config_file)
+    if recipe.adapter:
+        return ADAPTERS[recipe.adapter].read_config(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot be read as the repo's config ({type(e).__name__}: {e})") from None
 
 
 def timm_build(recipe: Recipe, repo_config: dict) -> dict:
     """timm architecture + kwargs of the model a source holds: the repo's config.json (its model_args,
-    and the side its positional embedding was saved at) or, without one, the recipe's."""
+    and the side its positional embedding was saved at) or, without one, the recipe's. An adapter
+    recipe keeps its architecture, sized by the repo's config, and records the projection width."""
+    if recipe.adapter:
+        kwargs = {**recipe.arch_kwargs, **(repo_config.get("model_args") or {}), **recipe.create_kwargs, "num_classes": 0}
+        projection = repo_config.get("projection_dim", ADAPTERS[recipe.adapter].projection_dim)
+        return {"library": "timm", "architecture": recipe.architecture, "kwargs": kwargs, "projection_dim": projection}
     if repo_config:
         kwargs = dict(repo_config.get("model_args") or {})
         size = (repo_config.get("pretrained_cfg") or {}).get("input_size")
@@ -154,17 +184,57 @@ def recipe_build(recipe: Recipe) -> dict:
     return {"library": "transformers", "architecture": recipe.architecture, "config": config}
 
 
-def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, dict]:
+def _adapted_state(recipe: Recipe, weights: str) -> tuple[dict, torch.Tensor]:
+    """An adapter recipe's weights file (hub cache, a copy's own layout, or the file alone), its image
+    tower renamed onto the timm network: (network state dict, projection)."""
+    adapter = ADAPTERS[recipe.adapter]
+    if weights.startswith("file:"):
+        path = Path(weights.removeprefix("file:")).expanduser()
+    else:
+        path = repo_path(recipe, weights, recipe.weights_file)
+    return adapter.convert(read_state_dict(path, keep=adapter.keep), str(path))
+
+
+def _transformers_load(recipe: Recipe, where: str) -> nn.Module:
+    """The card's transformers class itself (never AutoModel: a repo's auto_map names code from the hub,
+    and a native class of another model_type would load with silently missing weights), loaded strictly:
+    a missing, left-over or misshaped tensor stops with one line."""
+    transformers = _transformers(recipe)
+    net, info = getattr(transformers, recipe.architecture).from_pretrained(where, output_loading_info=True,
+                                                                           **recipe.create_kwargs)
+    skipped = ("pooler.",) if recipe.create_kwargs.get("add_pooling_layer") is False else ()
+    problems = {
+        "missing from the weights": [k for k in info.get("missing_keys", ()) if k not in UNUSED_MISSING],
+        "not in the model": [k for k in info.get("unexpected_keys", ()) if not k.startswith(skipped)],
+        "of another shape": [str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys", ())],
+    }
+    for what, keys in problems.items():
+        if keys:
+            raise WeightsError(f"{where}: {len(keys)} tensors {what} for a {recipe.architecture} as the {recipe.title} "
+                               f"card builds it, e.g. {sorted(keys)[:3]}: not the weights this recipe expects")
+    return net
+
+
+def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, dict, dict | None]:
+    """(network, build record, state to load strictly into the whole backbone or None)."""
     if weights.startswith("file:") and recipe.library == "transformers":
         raise WeightsError(f"{recipe.title} is a transformers model: point model.weights at a copy of the repo "
                            f"(dir:PATH holding config.json and the weights), not at a weights file")
+    if recipe.adapter:  # another codebase's files: our architecture, the adapter's renaming, strict loading
+        build = timm_build(recipe, repo_config)
+        if weights == "none":
+            return build_network(build, recipe), build, None
+        encoder, projection = _adapted_state(recipe, weights)
+        build["projection_dim"] = projection.shape[1]
+        state = {**{f"net.{k}": v for k, v in encoder.items()}, "projection": projection}
+        return build_network(build, recipe), build, state
     if weights in ("none",) or weights.startswith("file:"):
         build = recipe_build(recipe)
         net = build_network(build, recipe)
         if weights.startswith("file:"):
             path = Path(weights.removeprefix("file:")).expanduser()
             load_into(net, read_state_dict(path), str(path))
-        return net, build
+        return net, build, None
     where = recipe.hub_id if weights == "hub" else str(Path(weights.removeprefix("dir:")).expanduser())
     try:
         if recipe.library == "timm":
@@ -175,10 +245,7 @@ def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, d
             kwargs = {k: resolve_layer(k, v) for k, v in recipe.create_kwargs.items()}
             net = timm.create_model(prefix + where, pretrained=True, num_classes=0, **kwargs)
         else:
-            transformers = _transformers(recipe)
-            net = transformers.AutoModel.from_pretrained(where, **recipe.create_kwargs)
-            if type(net).__name__ != recipe.architecture:
-                raise RecipeError(f"{where} holds a {type(net).__name__}, the {recipe.title} card a {recipe.architecture}")
+            net = _transformers_load(recipe, where)
             build = {"library": "transformers", "architecture": recipe.architecture, "config": net.config.to_dict()}
     except (WeightsError, RecipeError):
         raise
@@ -187,7 +254,7 @@ def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, d
             raise hub_error(recipe.hub_id, e) from e
         raise WeightsError(f"model.weights={weights}: cannot load {recipe.title} from it: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    return net, build
+    return net, build, None
 
 
 def _preprocessor_config(recipe: Recipe, weights: str) -> dict:
@@ -227,20 +294,30 @@ def _check_config_constants(recipe: Recipe, weights: str, repo_config: dict) -> 
 
 
 class FoundationBackbone(nn.Module):
-    """A foundation model as its card prescribes: image batch -> tokens -> the card's embedding."""
+    """A foundation model as its card prescribes: image batch -> tokens (or pooled features) -> the card's
+    embedding; `projection` holds a vision-language model's image projection (MedImageInsight)."""
 
     def __init__(self, recipe: Recipe, net: nn.Module, build: dict, check_dim: bool = True):
         super().__init__()
         self.recipe, self.net, self.build = recipe, net, build
         if recipe.library == "timm":
-            self.num_prefix_tokens, width = net.num_prefix_tokens, net.embed_dim
+            self.num_prefix_tokens, width = getattr(net, "num_prefix_tokens", 0), net.num_features
         else:
             self.num_prefix_tokens = 1 + getattr(net.config, "num_register_tokens", 0)
             width = net.config.hidden_size
-        self.num_features = width * (2 if recipe.embedding == "cls+mean" else 1)
+        if recipe.embedding in ("pooled", "projected") and recipe.library != "timm":
+            raise RecipeError(f"{recipe.title}: embedding '{recipe.embedding}' needs a timm network (its pooled features)")
+        self.projection = None
+        if build.get("projection_dim"):  # filled by the checkpoint (strict loading), never left random in use
+            self.projection = nn.Parameter(torch.zeros(width, build["projection_dim"], device=_device(net)),
+                                           requires_grad=False)
+        if recipe.embedding == "projected" and self.projection is None:
+            raise RecipeError(f"{recipe.title}: embedding 'projected' needs a checkpoint with an image projection")
+        self.num_features = {"cls+mean": 2 * width, "projected": build.get("projection_dim")}.get(recipe.embedding, width)
         if self.num_features != recipe.embed_dim and check_dim:
             raise RecipeError(f"{recipe.title}: the loaded model embeds {self.num_features} values, the card "
-                              f"{recipe.embed_dim}: another model or other creation arguments than the card's")
+                              f"{recipe.embed_dim}: another model, other creation arguments than the card's, or an "
+                              f"embedding rule changed without recipe_overrides.embed_dim")
         # timm's pretrained config of the network, overlaid by the card's values (the recipe decides)
         base = net.pretrained_cfg if recipe.library == "timm" else {}
         self.preprocess = Preprocess.from_data_config(
@@ -254,13 +331,23 @@ class FoundationBackbone(nn.Module):
         return self.net(pixel_values=x).last_hidden_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pool_tokens(self.tokens(x), self.recipe.embedding, self.num_prefix_tokens)
+        rule = self.recipe.embedding
+        if rule not in ("pooled", "projected"):
+            return pool_tokens(self.tokens(x), rule, self.num_prefix_tokens)
+        pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)  # timm: pool (+ norm)
+        if rule == "pooled":
+            return pooled
+        return F.normalize(pooled @ self.projection.to(pooled.dtype), dim=-1)  # the card's image embedding
 
     @property
     def timm_model(self) -> nn.Module:
         if self.recipe.library != "timm":
             raise WeightsError(f"{self.recipe.title}: partial fine-tuning (model.train_last_blocks) needs a timm backbone")
         return self.net
+
+
+def _device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
 
 
 def pool_tokens(tokens: torch.Tensor, rule: str, num_prefix_tokens: int) -> torch.Tensor:
@@ -277,13 +364,17 @@ def pool_tokens(tokens: torch.Tensor, rule: str, num_prefix_tokens: int) -> torc
 def load_foundation(recipe: Recipe, weights: str) -> FoundationBackbone:
     """The recipe's backbone with weights from `weights` (hub | dir:PATH | file:PATH | none)."""
     repo_config = _repo_config(recipe, weights)
-    net, build = _load(recipe, weights, repo_config)
+    net, build, state = _load(recipe, weights, repo_config)
     standin = bool(repo_config.get(STANDIN_KEY))
     if standin:
         print(f"WARNING: {weights} holds a STAND-IN for {recipe.title} (random weights written by `histoshift "
               "fm-standin`): the pipeline runs, the features mean nothing")
     _check_config_constants(recipe, weights, repo_config)
-    return FoundationBackbone(recipe, net.eval(), build, check_dim=not standin)
+    backbone = FoundationBackbone(recipe, net.eval(), build, check_dim=not standin)
+    if state is not None:
+        where = weights if weights.startswith("file:") else f"{weights} ({recipe.weights_file})"
+        load_into(backbone, state, where)  # strict: a missing, extra or misshaped tensor stops with its name
+    return backbone
 
 
 def rebuild_foundation(recipe: Recipe, build: dict) -> FoundationBackbone:

@@ -14,11 +14,14 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
-EMBEDDINGS = ("cls", "cls+mean", "mean")  # class token | class token ++ mean patch token | mean patch token
+# class token | class token ++ mean patch token | mean patch token | the network's pooled features (timm's
+# pre-logits: a CNN or DaViT pools and normalises) | those, times the card's projection, L2-normalised
+EMBEDDINGS = ("cls", "cls+mean", "mean", "pooled", "projected")
 LIBRARIES = ("timm", "transformers")
 PRECISIONS = ("bf16", "fp16", "no")
 INTERPOLATIONS = ("bicubic", "bilinear")
 Triple = tuple[float, float, float]
+STANDIN_KEY = "histoshift_standin"  # config marker of a random-weight stand-in (see standin.py)
 
 
 class RecipeError(ValueError):
@@ -54,6 +57,15 @@ class Recipe:
     embedding: Literal[EMBEDDINGS] = "cls"
     precision: Literal[PRECISIONS] = "bf16"  # the autocast dtype on a GPU: the card's where it names one
     notes: str = ""
+    # a repo that is neither a timm nor a transformers repo (MedImageInsight: another codebase's files):
+    # its architecture file and weights file inside the repo, and the adapter (foundation/adapters.py)
+    # that reads the one and renames the other's keys onto `architecture`
+    config_file: str = "config.json"
+    weights_file: str = ""
+    adapter: str = ""
+    # config.json entries of the hub repo that differ from what the native class writes (Hibou's repos name
+    # their own code): stand-ins write them, so that tests load the layout users download
+    hub_config: dict = dataclasses.field(default_factory=dict)
 
     @field_validator("std")
     @classmethod
@@ -62,9 +74,19 @@ class Recipe:
             raise ValueError("std values must be > 0")
         return std
 
+    @field_validator("create_kwargs")
+    @classmethod
+    def _no_hub_code(cls, kwargs):
+        if kwargs.get("trust_remote_code"):
+            raise ValueError("trust_remote_code is refused: histoshift never runs code from the hub; a model "
+                             "that needs it has no recipe here until a native timm / transformers class loads it")
+        return kwargs
+
     @property
-    def tokens(self) -> int:
-        """Tokens the backbone returns at `input_size`: class token, registers, patch tokens."""
+    def tokens(self) -> int | None:
+        """Tokens a ViT returns at `input_size`: class token, registers, patch tokens (None: not a ViT)."""
+        if "patch" not in self.architecture and "patch_size" not in {**self.arch_kwargs, **self.create_kwargs}:
+            return None
         patch = (self.arch_kwargs.get("patch_size") or self.create_kwargs.get("patch_size")
                  or int(self.architecture.split("patch")[1][:2]))
         return 1 + self.registers + (self.input_size // patch) ** 2

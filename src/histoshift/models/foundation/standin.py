@@ -14,11 +14,15 @@ from pathlib import Path
 
 import torch
 
+from .adapters import ADAPTERS
 from .loader import STANDIN_KEY, build_network, recipe_build
 from .recipe import Recipe
 
 WIDTH, DEPTH, HEADS = 32, 2, 2
 SHRINK = {"depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS}
+# a DaViT four stages deep, narrow, one block each; the card's window, patch convs and strides
+DAVIT_SHRINK = {"depths": [1, 1, 1, 1], "embed_dims": [8, 16, 32, 64], "num_heads": [1, 2, 4, 8]}
+PROJECTION = 16
 
 
 def standin_overrides(recipe: Recipe) -> dict:
@@ -58,6 +62,38 @@ def _timm_standin(recipe: Recipe, folder: Path, seed: int) -> None:
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
 
 
+def _unicl_standin(recipe: Recipe, folder: Path, seed: int) -> None:
+    """MedImageInsight's layout: <version>/config.yaml and <version>/vision_model/<file> holding safetensors
+    content under its own key names (image tower, projection, and a text tower that is never read)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    adapter = ADAPTERS[recipe.adapter]
+    build = {"library": "timm", "architecture": recipe.architecture,
+             "kwargs": {**recipe.arch_kwargs, **DAVIT_SHRINK, "num_classes": 0}}
+    net = build_network(build, recipe)
+    _randomize(net, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    width = DAVIT_SHRINK["embed_dims"][-1]
+    tensors = {adapter.hub_key(k): v.contiguous() for k, v in net.state_dict().items()}
+    tensors.update({"image_projection": torch.randn(width, PROJECTION, generator=g),
+                    "lang_projection": torch.randn(12, PROJECTION, generator=g), "logit_scale": torch.ones(()),
+                    "lang_encoder.token_embedding.weight": torch.randn(10, 12, generator=g)})
+    config = {"IMAGE_ENCODER": {"NAME": "davit_v1", "NUM_CLASSES": 0, "IMAGE_SIZE": [recipe.input_size] * 2,
+                                "IMAGE_MEAN": list(recipe.mean), "IMAGE_STD": list(recipe.std),
+                                "SPEC": {"PATCH_SIZE": [7, 3, 3, 3], "PATCH_STRIDE": [4, 2, 2, 2],
+                                         "PATCH_PADDING": [3, 1, 1, 1], "PATCH_PRENORM": [False, True, True, True],
+                                         "DIM_EMBED": DAVIT_SHRINK["embed_dims"], "NUM_HEADS": DAVIT_SHRINK["num_heads"],
+                                         "NUM_GROUPS": DAVIT_SHRINK["num_heads"], "DEPTHS": DAVIT_SHRINK["depths"],
+                                         "WINDOW_SIZE": recipe.arch_kwargs["window_size"]}},
+              "UNICL_MODEL": {"DIM_PROJECTION": PROJECTION}, "AUG": {"INTERPOLATION": recipe.interpolation},
+              "TEST": {"CENTER_CROP": False}, STANDIN_KEY: True}
+    (folder / recipe.config_file).parent.mkdir(parents=True, exist_ok=True)
+    (folder / recipe.config_file).write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / recipe.weights_file).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / recipe.weights_file))  # safetensors content under the repo's `.pt` name
+
+
 def _transformers_standin(recipe: Recipe, folder: Path, seed: int) -> None:
     build = recipe_build(recipe)
     config = {**build["config"], "hidden_size": WIDTH, "num_hidden_layers": DEPTH, "num_attention_heads": HEADS}
@@ -67,7 +103,7 @@ def _transformers_standin(recipe: Recipe, folder: Path, seed: int) -> None:
     _randomize(net, seed)
     net.save_pretrained(folder)
     written = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**written, STANDIN_KEY: True}, indent=2))
+    (folder / "config.json").write_text(json.dumps({**written, **recipe.hub_config, STANDIN_KEY: True}, indent=2))
 
 
 def write_standin(recipe: Recipe, out: Path, layout: str = "cache", seed: int = 0) -> Path:
@@ -85,5 +121,6 @@ def write_standin(recipe: Recipe, out: Path, layout: str = "cache", seed: int = 
     else:
         raise ValueError(f"layout: 'cache' or 'dir', got '{layout}'")
     folder.mkdir(parents=True, exist_ok=True)
-    (_timm_standin if recipe.library == "timm" else _transformers_standin)(recipe, folder, seed)
+    write = _unicl_standin if recipe.adapter else _timm_standin if recipe.library == "timm" else _transformers_standin
+    write(recipe, folder, seed)
     return folder
