@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stages 1-4: prepare the cache, write the folds, embed (heads on frozen features), train every config on every fold.
+# Stages 0-4: preflight (weights reachable, disk, GPU memory, projected time: stops here on any problem),
+# prepare the cache, write the folds, embed (heads on frozen features), train every config on every fold.
 #   bash train.sh                      input/*.h5 present -> competition run; absent -> offline demo
 #   CONFIGS="configs/a.yaml configs/b.yaml" SEEDS="0 1 2" bash train.sh
 #   LAUNCH="accelerate launch --num_processes 4" bash train.sh      (several GPUs or nodes)
@@ -12,6 +13,7 @@ source scripts/env.sh
 source scripts/mode.sh
 start=$(date +%s)
 if [ "$DEMO" = 1 ]; then "$PY" -m histoshift --root "$ROOT" demo-data; fi
+"$PY" -m histoshift --root "$ROOT" preflight $(for cfg in $CONFIGS; do printf -- '--config %s ' "$cfg"; done)
 "$PY" -m histoshift --root "$ROOT" prepare
 "$PY" -m histoshift --root "$ROOT" folds
 for cfg in $CONFIGS; do

