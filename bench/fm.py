@@ -32,6 +32,7 @@ from histoshift.features import Embedder  # noqa: E402
 from histoshift.models.foundation import RECIPES, resolve_recipe  # noqa: E402
 from histoshift.models.foundation.loader import FoundationBackbone, build_network, recipe_build  # noqa: E402
 from histoshift.precision import autocast, resolve_precision  # noqa: E402
+from histoshift.preflight import forward_flops  # noqa: E402
 
 COMPETITION_IMAGES = 219_958 * 8
 H100_BF16_DENSE_FLOPS = 989e12
@@ -44,19 +45,17 @@ def shallow(recipe, depth: int | None):
         return recipe
     if recipe.library == "transformers":
         return resolve_recipe(recipe.name, {"arch_kwargs": {"num_hidden_layers": depth}})
+    if "depths" in recipe.arch_kwargs:  # a DaViT: `depth` blocks in its deep stage, one in the others
+        return resolve_recipe(recipe.name, {"arch_kwargs": {"depths": [1, 1, depth, 1]}})
     where = "create_kwargs" if "depth" in recipe.create_kwargs else "arch_kwargs"
     return resolve_recipe(recipe.name, {where: {"depth": depth}})
 
 
 def flops_per_image(recipe) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         build = recipe_build(recipe)
         net = FoundationBackbone(recipe, build_network(build, recipe), build, check_dim=False)
-        with FlopCounterMode(display=False) as counter:
-            net(torch.empty(1, 3, recipe.input_size, recipe.input_size))
-    return counter.get_total_flops()
+    return forward_flops(net, recipe.input_size)
 
 
 def timed(fn, device, repeats: int) -> float:

@@ -25,7 +25,7 @@ LAYERS = [
     ("train",),                               # stage: train
     ("predict",),                             # stage: infer
     ("stack",),                               # stage: stack
-    ("submit", "report"),                     # stages: submit, report
+    ("submit", "report", "preflight"),        # stages: submit, report; the check before them all
     ("cli", "__main__"),                      # the entry point
 ]
 

@@ -263,7 +263,8 @@ def cmd_recipes(a, paths: Paths):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RECIPES.values():
         crop = f", crop {r.crop_pct}" if r.crop_pct < 1 else ""
-        print(f"| `{r.name}` | [{r.title}]({r.card}) | `{r.hub_id}` | {r.library} | {r.embedding} | {r.embed_dim} | "
+        library = f"{r.library} + `{r.adapter}` adapter" if r.adapter else r.library
+        print(f"| `{r.name}` | [{r.title}]({r.card}) | `{r.hub_id}` | {library} | {r.embedding} | {r.embed_dim} | "
               f"{r.input_size} {r.interpolation}{crop} | {r.mean} / {r.std} | {r.precision} | "
               f"{'yes' if r.gated else 'no'} | {r.licence} |")
 

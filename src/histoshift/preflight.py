@@ -156,15 +156,19 @@ def _architecture(cfg: Config):
     return model, model.num_features
 
 
-def flops_per_image(cfg: Config) -> float:
-    """Forward FLOPs of one image through the config's backbone at its input side, counted on the meta device."""
+def forward_flops(backbone: torch.nn.Module, side: int) -> float:
+    """Forward FLOPs of one side x side image through a backbone built on the meta device (no weights)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, _ = _architecture(cfg)
-    side = model.preprocess.size
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        model.backbone(torch.empty(1, 3, side, side))
+        backbone(torch.empty(1, 3, side, side))
     return float(counter.get_total_flops())
+
+
+def flops_per_image(cfg: Config) -> float:
+    """Forward FLOPs of one image through the config's backbone at its input side."""
+    model, _ = _architecture(cfg)
+    return forward_flops(model.backbone, model.preprocess.size)
 
 
 def matmul_rate(device: torch.device, precision: str) -> float:
