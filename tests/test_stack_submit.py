@@ -279,3 +279,14 @@ def test_prior_matching_is_used_only_where_it_helps_leave_one_center_out(tmp_pat
     never = run_stack(runs, folds_csv, tmp_path / "stack2", tmp_path / "cache", prior=None)
     assert never["prior_matching"] is None and not never["method"].endswith("@prior")
     assert not pd.read_csv(tmp_path / "stack2" / "comparison.csv").method.str.endswith("@prior").any()
+
+
+def test_score_prints_the_accuracy_and_exits_zero(tmp_path, capsys):
+    """`score` (the demo's last line) exits 0 whatever the accuracy: it reports, it does not judge."""
+    from histoshift.cli import main
+
+    (tmp_path / "submissions").mkdir()
+    pd.DataFrame({"ID": [1, 2, 3, 4], "Pred": [1, 0, 0, 0]}).to_csv(tmp_path / "submissions" / "submission.csv", index=False)
+    pd.DataFrame({"ID": [1, 2, 3, 4], "label": [1, 1, 0, 1]}).to_csv(tmp_path / "labels.csv", index=False)
+    assert main(["--root", str(tmp_path), "score", "--labels", str(tmp_path / "labels.csv")]) == 0
+    assert "score: test accuracy 0.5000 on 4 patches" in capsys.readouterr().out

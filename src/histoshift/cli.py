@@ -252,7 +252,6 @@ def cmd_score(a, paths: Paths):
         raise FileNotFoundError(f"{a.labels}: labels for {len(merged)} of {len(sub)} submission ids")
     acc = accuracy(merged["label"], merged["Pred"])
     print(f"score: test accuracy {acc:.4f} on {len(merged)} patches ({a.labels})")
-    return acc
 
 
 def cmd_recipes(a, paths: Paths):
@@ -411,4 +410,4 @@ def main(argv=None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return 2
-    return code or 0
+    return code if isinstance(code, int) else 0  # a stage returns an exit status (preflight) or nothing

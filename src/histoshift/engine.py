@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .config import Config
+from .config import Config, ConfigError
 from .data.loader import cycle
 from .metrics import per_center
 from .precision import autocast
@@ -85,7 +85,8 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
         core.model.forward = torch.compile(core.model.forward)
     src_loader, _ = streams.epoch(0)
     if len(src_loader) == 0:
-        raise ValueError(f"fold {run.fold}: fewer labelled patches than one batch")
+        raise ConfigError(f"fold {run.fold}: fewer labelled training patches than one batch "
+                          f"(train.batch_size={cfg.train.batch_size}): lower train.batch_size")
     steps_per_epoch = cfg.train.steps_per_epoch or len(src_loader)
     total = steps_per_epoch * cfg.train.epochs
     factor = warmup_cosine(total, cfg.optim.warmup_frac)
