@@ -30,10 +30,10 @@ def _clone(tmp_path) -> Path:
 
 
 def _small_demo(clone: Path, env: dict) -> None:
-    """A smaller demo dataset (100 patches a labelled center, above the configs' batch of 256 per fold), written before train.sh (which keeps it): stand-ins of 480 px models
+    """A smaller demo dataset (90 patches a labelled center: three of them fill the configs' batch of 256), written before train.sh (which keeps it): stand-ins of 480 px models
     embed 12 views of every labelled patch on two CPU cores, and the pipeline's logic needs no more."""
-    subprocess.run([sys.executable, "-m", "histoshift", "--root", "demo", "demo-data", "--per-center", "100",
-                    "--test-size", "120"], cwd=clone, env=env, check=True, capture_output=True, timeout=1800)
+    subprocess.run([sys.executable, "-m", "histoshift", "--root", "demo", "demo-data", "--per-center", "90",
+                    "--test-size", "60"], cwd=clone, env=env, check=True, capture_output=True, timeout=1800)
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     """`CONFIG_SET=foundation bash train.sh && bash infer.sh` with HF_HUB_OFFLINE=1 and a Hugging Face
     cache that holds stand-ins (random weights) of the set's models: preflight passes, every model embeds
     through the ordinary hub path, its heads join the stack stage as ensemble members, a submission is
-    written; then `CONFIGS=configs/fm_medimageinsight_mlp.yaml bash train.sh && bash infer.sh`."""
+    written - with `CONFIGS=configs/fm_medimageinsight_mlp.yaml bash train.sh` run before infer.sh."""
     clone = _clone(tmp_path)
     cache = tmp_path / "hf-cache"
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
@@ -76,37 +76,35 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     subprocess.run([sys.executable, "-m", "histoshift", "fm-standin", "--recipe", recipes, "--out", str(cache)],
                    env=env, check=True, capture_output=True, timeout=1800)
     _small_demo(clone, env)
-    logs = {}
-    for script in ("train.sh", "infer.sh"):
-        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=5400)  # a bound for a hung script, not a speed test
-        logs[script] = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"{script} failed:\n{logs[script][-4000:]}"
-    assert logs["infer.sh"].count("STAND-IN") == 0  # infer.sh never loads a backbone: the heads' TTA predictions exist
-    assert f"preflight: {len(members)} config(s) ready" in logs["train.sh"]
+
+    def script(name: str, **extra) -> str:
+        proc = subprocess.run(["bash", name], cwd=clone, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=5400)  # a bound for a hung script, not a speed test
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{name} failed:\n{log[-4000:]}"
+        return log
+
+    log = script("train.sh")
+    assert f"preflight: {len(members)} config(s) ready" in log
+    assert log.count("| in the Hugging Face cache |") == len(members)  # preflight's table
     demo = clone / "demo"
-    sub = pd.read_csv(demo / "submissions" / "submission.csv")
-    check_submission(sub, list_ids(demo / "input" / "test.h5"))
-    choice = json.loads((demo / "work" / "stack" / "choice.json").read_text())
-    assert sorted(m.split("/")[0] for m in choice["members"]) == sorted(members)
     stores = sorted(p.name for p in (demo / "work" / "features").iterdir())
     assert len(stores) == len(members) and all("-8v-hed4-" in s for s in stores)
-    assert logs["train.sh"].count("| in the Hugging Face cache |") == len(members)  # preflight's table
-    # the published MedImageInsight recipe (frozen + MLP) next: its preflight passes, it trains on the set's
-    # MedImageInsight store (one embedding for both heads; the stand-in is in lion-ai/MedImageInsights' own
-    # layout: 2024.09.27/config.yaml, the .pt weights file with image_encoder.* keys), infer.sh stacks all
+    # the published MedImageInsight recipe (frozen + MLP) too: its preflight passes and it trains on the set's
+    # MedImageInsight store (one embedding for both heads). The stand-in is in lion-ai/MedImageInsights' own
+    # layout: 2024.09.27/config.yaml, the .pt weights file with image_encoder.* keys
     (snapshot,) = (cache / "models--lion-ai--MedImageInsights" / "snapshots").iterdir()
     assert (snapshot / "2024.09.27" / "vision_model" / "medimageinsigt-v1.0.0.pt").is_file()
-    env = {**env, "CONFIGS": "configs/fm_medimageinsight_mlp.yaml"}
-    env.pop("CONFIG_SET")
-    for script in ("train.sh", "infer.sh"):
-        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=5400)  # a bound for a hung script, not a speed test
-        assert proc.returncode == 0, f"{script} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
-        assert "embed: medimageinsight" not in proc.stdout + proc.stderr  # nothing embedded again
+    log = script("train.sh", CONFIG_SET="", CONFIGS="configs/fm_medimageinsight_mlp.yaml")
+    assert "preflight: 1 config(s) ready" in log and "embed: medimageinsight" not in log  # nothing embedded again
     assert sorted(p.name for p in (demo / "work" / "features").iterdir()) == stores
     (store,) = [demo / "work" / "features" / s for s in stores if s.startswith("medimageinsight-")]
     meta = json.loads((store / "meta.json").read_text())
     assert meta["dim"] == 16 and meta["spec"]["backbone"]["weights"]["revision"] == snapshot.name  # the stand-in's projection
-    check_submission(pd.read_csv(demo / "submissions" / "submission.csv"), list_ids(demo / "input" / "test.h5"))
+    log = script("infer.sh")
+    assert log.count("STAND-IN") == 0  # infer.sh never loads a backbone: the heads' TTA predictions exist
+    sub = pd.read_csv(demo / "submissions" / "submission.csv")
+    check_submission(sub, list_ids(demo / "input" / "test.h5"))
     choice = json.loads((demo / "work" / "stack" / "choice.json").read_text())
     assert sorted({m.split("/")[0] for m in choice["members"]}) == sorted(members + ["fm_medimageinsight_mlp"])
 

@@ -209,7 +209,21 @@ def _fm_config(path, name: str, weights: str = "hub", **train) -> None:
                                               "feature_hed_views": 2, **train}}))
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_pooled_medimageinsight_is_the_hand_computation(hf_cache):
+    """The `pooled` rule (the pipeline test below runs `projected`; the two share everything else)."""
+    from histoshift.models.foundation.loader import load_foundation
+
+    name = "medimageinsight_pooled"
+    folder = write_standin(RECIPES[name], hf_cache)
+    images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    backbone = load_foundation(RECIPES[name], "hub")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        got = backbone(backbone.preprocess(x))
+    torch.testing.assert_close(got, _hand_unicl(name, folder, images), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "medimageinsight_pooled"])
 @pytest.mark.slow
 def test_standin_from_a_hub_cache_runs_the_pipeline_offline(name, prepared_root, hf_cache, tmp_path, capsys):
     """(b) the stand-in loads through the ordinary hub path with HF_HUB_OFFLINE=1; the stored features

@@ -10,6 +10,7 @@ The projected embedding time is an estimate, not a measurement: the model's forw
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,15 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .models.foundation import RecipeError
+from .models.weights import WeightsError
 from .paths import Paths
 
 ViT_EFFICIENCY = 0.5  # share of a large matmul's rate a whole forward reaches (assumed, see bench/fm.py)
 HEADROOM = 1.05       # disk: the store plus 5%
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+# a repo's weights as timm / transformers name them (sharded ones by their index)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
+                "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class PreflightError(RuntimeError):
@@ -212,6 +217,14 @@ def _existing_store(cfg: Config, paths: Paths, precision: str) -> bool:
         return False
 
 
+def _store_identity(cfg: Config, precision: str) -> str:
+    """What two configs must share to share a feature store (features.feature_spec without the cache)."""
+    m, t = cfg.model, cfg.train
+    return json.dumps([m.recipe, m.recipe_overrides, m.backbone, m.timm_kwargs, m.input_size, m.weights, precision,
+                       t.feature_views, t.feature_hed_views, t.feature_hed_sigma, cfg.aug.stain_norm], sort_keys=True,
+                      default=str)
+
+
 def _free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
@@ -225,14 +238,18 @@ def preflight(configs: list[tuple[str, Config]], paths: Paths) -> list[Check]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     counts = patch_counts(paths)
-    checks, rates, needed = [], {}, 0.0
+    checks, rates, needed, counted = [], {}, 0.0, {}
     for name, cfg in configs:
         model = cfg.model.recipe or cfg.model.backbone
         check = Check(config=name, model=model)
         checks.append(check)
         check_weights(check, cfg)
         precision = config_precision(cfg)
-        net, dim = _architecture(cfg)
+        try:
+            net, dim = _architecture(cfg)
+        except (WeightsError, RecipeError) as e:  # e.g. an optional dependency: already said above, or say it
+            check.problems[:] = check.problems or [f"{check.config}: {e}"]
+            continue
         params = sum(p.numel() for p in net.backbone.parameters())
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -252,6 +269,11 @@ def preflight(configs: list[tuple[str, Config]], paths: Paths) -> list[Check]:
             check.store_gb, check.projected = 0.0, "stored already"
             continue
         check.store_gb = check.images * dim * 2 / 1e9  # float16 features
+        shared = _store_identity(cfg, precision)
+        if shared in counted:  # a second head on the same backbone and views: one store for both
+            check.store_gb, check.projected = 0.0, f"shared with {counted[shared]}"
+            continue
+        counted[shared] = check.config
         needed += check.store_gb
         if precision not in rates:
             rates[precision] = matmul_rate(device, precision)

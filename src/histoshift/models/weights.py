@@ -134,16 +134,15 @@ def package_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Ten
 def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
     classifier = model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else "classifier"
-    usable, skipped = {}, []
-    for key, value in sd.items():
-        if key.startswith(classifier + "."):
-            skipped.append(key)
-            continue
-        if key not in own:
-            raise WeightsError(f"{source}: key {key} does not exist in the model")
+    skipped = [k for k in sd if k.startswith(classifier + ".")]
+    usable = {k: v for k, v in sd.items() if k not in skipped}
+    unknown = [k for k in usable if k not in own]  # another model's file: say so before any shape
+    if unknown:
+        raise WeightsError(f"{source}: key {unknown[0]} does not exist in the model"
+                           + (f" ({len(unknown)} such keys)" if len(unknown) > 1 else ""))
+    for key, value in usable.items():
         if own[key].shape != value.shape:
             raise WeightsError(f"{source}: {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
-        usable[key] = value
     missing = [k for k in own if k not in usable and not k.startswith(classifier + ".")]
     if missing:
         raise WeightsError(f"{source}: {len(missing)} model weights missing from the source, e.g. {missing[:3]}")

@@ -7,10 +7,11 @@ Weight sources (`model.weights` with a recipe):
   dir:PATH   a downloaded copy of the hub repo (config.json + weights, e.g. a Kaggle dataset): timm's
              "local-dir:" source or transformers' from_pretrained(PATH)
   file:PATH  a weights file alone: the architecture is built from the recipe, the weights loaded strictly
+  none       the recipe's architecture with random weights (benchmarks, tests; never a pretrained model)
 A recipe with an `adapter` (MedImageInsight: another codebase's files on the hub) reads the repo's
 `config_file` for the architecture and `weights_file` for the weights, renamed by the adapter
-(adapters.py) and loaded strictly, whatever the source.
-  none       the recipe's architecture with random weights (benchmarks, tests; never a pretrained model)
+(adapters.py) and loaded strictly, whatever the source. transformers recipes are built from the card's
+class itself, never AutoModel, and never with code from the hub.
 
 Whatever the source, normalisation, input side, resize rule and embedding rule come from the recipe.
 What was built is recorded (`build`), so a finished run rebuilds its backbone without the hub.

@@ -21,7 +21,7 @@ from .recipe import Recipe
 WIDTH, DEPTH, HEADS = 32, 2, 2
 SHRINK = {"depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS}
 # a DaViT four stages deep, narrow, one block each; the card's window, patch convs and strides
-DAVIT_SHRINK = {"depths": [1, 1, 1, 1], "embed_dims": [4, 8, 16, 32], "num_heads": [1, 1, 2, 4]}
+DAVIT_SHRINK = {"depths": [1, 1, 1, 1], "embed_dims": [2, 4, 8, 16], "num_heads": [1, 1, 1, 2]}
 PROJECTION = 16
 
 
