@@ -87,13 +87,22 @@ def _hub_weights(check: Check, recipe) -> None:
     check.weights = "on the hub (will download)" + (" with your token" if recipe.gated else "")
 
 
-def _local(check: Check, what: str, path: Path, needs: list[str]) -> None:
-    missing = [n for n in needs if not (path / n).is_file()] if needs else ([] if path.is_file() else [path.name])
-    if not path.exists() or missing:
-        check.problems.append(f"{check.config}: model.weights={what}: {path / missing[0] if needs and path.exists() else path}"
-                              " not found")
+def _local(check: Check, what: str, wanted: list[Path]) -> None:
+    """A local copy: every wanted file present (a folder's config and weights, or the file itself)."""
+    missing = next((p for p in wanted if not p.is_file()), None)
+    if missing is not None:
+        check.problems.append(f"{check.config}: model.weights={what}: {missing} not found")
     else:
         check.weights = f"{what.split(':')[0]} present"
+
+
+def _folder_files(recipe, folder: Path) -> list[Path]:
+    """The files a copy of the recipe's repo must hold: its config and its weights file (by the recipe's
+    name for an adapter recipe, else whichever of timm's / transformers' names the copy has)."""
+    if recipe.weights_file:
+        return [folder / recipe.config_file, folder / recipe.weights_file]
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), folder / WEIGHT_FILES[0])
+    return [folder / recipe.config_file, weights]
 
 
 def check_weights(check: Check, cfg: Config) -> None:
@@ -109,10 +118,9 @@ def check_weights(check: Check, cfg: Config) -> None:
         if m.weights == "hub":
             _hub_weights(check, recipe)
         elif m.weights.startswith("dir:"):
-            needs = [recipe.config_file] + ([recipe.weights_file] if recipe.weights_file else [])
-            _local(check, m.weights, Path(m.weights[4:]).expanduser(), needs)
+            _local(check, m.weights, _folder_files(recipe, Path(m.weights[4:]).expanduser()))
         elif m.weights.startswith("file:"):
-            _local(check, m.weights, Path(m.weights[5:]).expanduser(), [])
+            _local(check, m.weights, [Path(m.weights[5:]).expanduser()])
         else:
             check.weights = "random init (NOT pretrained)"
         return
@@ -127,7 +135,7 @@ def check_weights(check: Check, cfg: Config) -> None:
         else:
             check.weights = f"package {pip_name}"
     elif m.weights.startswith("file:"):
-        _local(check, m.weights, Path(m.weights[5:]).expanduser(), [])
+        _local(check, m.weights, [Path(m.weights[5:]).expanduser()])
     else:
         check.weights = {"timm": "timm's pretrained source", "none": "random init (NOT pretrained)"}.get(m.weights, m.weights)
 

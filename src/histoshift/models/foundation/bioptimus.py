@@ -4,7 +4,9 @@ Cards: https://huggingface.co/bioptimus/H-optimus-0, https://huggingface.co/biop
 https://huggingface.co/bioptimus/H0-mini. All three normalise with Bioptimus' own mean/std (not
 ImageNet's), take 224 px tiles at 0.5 um/px and recommend float16 autocast for inference. H-optimus-0/1
 embed with the class token (timm's pooled output, 1536 values); H0-mini's card concatenates the class
-token with the mean of the patch tokens after the 4 registers (768 + 768).
+token with the mean of the patch tokens after the 4 registers (768 + 768). Access: H-optimus-0 (Apache-2.0)
+is not gated - its model page shows no access form (its card's code calls login() all the same);
+H-optimus-1 and H0-mini ask for an access request.
 """
 from .recipe import Recipe
 
