@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .safeio import write_text
 
+FEATURE_SHIFTS = ("none", "standardize", "coral")  # models/feature_shift.py implements them
 ALGORITHM_NAMES = ("erm", "dann")  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
 
 
@@ -61,6 +62,10 @@ class ModelCfg(Section):
     frozen: bool = False
     train_last_blocks: Int = -1  # partial fine-tuning: train only the last N block groups (-1 = all)
     head_hidden: Int = Field(0, ge=0)  # heads on features: 0 = linear probe, > 0 = MLP with this hidden width
+    # heads on features: a map in front of the head that `infer --adabn` re-estimates on each target center's
+    # unlabelled features (models/feature_shift.py): none | standardize (per center) | coral
+    feature_shift: Literal[FEATURE_SHIFTS] = "none"
+    coral_ridge: Float = Field(0.01, ge=0)  # CORAL: covariance + ridge x mean variance x I
 
 
 class AlgorithmCfg(Section):
@@ -157,6 +162,9 @@ class Config(Section):
         if m.frozen and (a.consistency_weight or a.regen_weight):
             raise ValueError("algorithm.consistency_weight / regen_weight alter images: they need a fine-tuned "
                              "backbone, not a head on frozen features (model.frozen)")
+        if not m.frozen and m.feature_shift != "none":
+            raise ValueError("model.feature_shift: adapts a head on frozen features (model.frozen: true); a "
+                             "fine-tuned backbone adapts its batch norms (infer --adabn)")
         if m.frozen and m.drop_path_rate > 0:
             raise ValueError("model.drop_path_rate: stochastic depth needs a fine-tuned backbone, not a head on "
                              "frozen features (model.frozen)")

@@ -92,7 +92,7 @@ def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adabn: boo
     check_lineage(runs, cache, adabn)
     folds = read_folds(folds_csv)
     check_folds(folds, cache.index, folds_csv)
-    expected_folds = sorted(folds["fold"].unique())
+    expected_folds = sorted(int(f) for f in folds["fold"].unique())
     members: dict[str, list[RunDir]] = {}
     for run in runs:
         members.setdefault(run.model_name, []).append(run)

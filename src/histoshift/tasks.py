@@ -10,7 +10,7 @@ The protocol (both classes implement every method; nothing else asks which kind 
   lineage()                     what the task's data were computed from besides the cache (run inputs)
   stored_data()                 the data the task stores before training (a head's feature store, embedded
                                 when missing: the `embed` stage); None for images
-  build_model()                 a new model to train
+  build_model(source)           a new model to train (`source`: the fold's labelled rows, None to load one)
   streams(source, target, seed) the labelled and unlabelled batch streams; `.epoch(e)` gives an epoch's
   feed(src, tgt)                one step's inputs for the algorithm (x, y, domain, x_target, ..., images)
   to_model(x)                   augmented images/features -> what the model's forward takes
@@ -42,6 +42,7 @@ from .features import FeatureStore, embed, feature_spec, store_key
 from .lineage import StaleError
 from .models.backbone import PatchClassifier
 from .models.foundation import RecipeError, resolve_recipe
+from .models.feature_shift import standardize_per_center
 from .models.head import FeatureClassifier
 from .paths import Paths
 from .precision import config_precision
@@ -109,7 +110,7 @@ class ImageTask:
         self.preprocess = model.preprocess
         return model.to(memory_format=torch.channels_last) if self.cfg.train.channels_last else model
 
-    def build_model(self) -> PatchClassifier:
+    def build_model(self, source: pd.DataFrame | None = None) -> PatchClassifier:
         return self._ready(PatchClassifier(self.cfg.model))
 
     def streams(self, source: pd.DataFrame, target: pd.DataFrame, seed: int) -> _Streams:
@@ -215,13 +216,26 @@ class FeatureTask:
         the lineage checks, so a stale run is refused before anything is embedded)."""
         return embed(self.cfg, self.cache, self.paths.features, self.acc, self.precision, self.spec)
 
-    def build_model(self) -> FeatureClassifier:
-        return FeatureClassifier(self.store.dim, self.cfg.model)
+    def build_model(self, source: pd.DataFrame | None = None) -> FeatureClassifier:
+        """A head; with the fold's labelled rows, its feature shift holds their statistics (the training
+        centers' pooled moments, or CORAL's source covariance), computed from the stored TTA views."""
+        model = FeatureClassifier(self.store.dim, self.cfg.model)
+        if source is not None and self.cfg.model.feature_shift != "none":
+            model.shift.fit_source([self._tta_rows(group) for _, group in source.groupby("center")])
+        return model
+
+    def _tta_rows(self, table: pd.DataFrame) -> torch.Tensor:
+        return torch.from_numpy(self.store.rows(table, self.store.views))
 
     def streams(self, source: pd.DataFrame, target: pd.DataFrame, seed: int) -> _Streams:
         # labelled rows with every stored view (the HED views too), target rows with the TTA views; kept
-        # in float16 on the device (a third of the competition x 12 views x 2560 values is 8 GB, not 16)
-        rows = lambda table: torch.from_numpy(self.store.rows(table)).to(self.acc.device)  # noqa: E731
+        # in float16 on the device (a third of the competition x 12 views x 2560 values is 8 GB, not 16).
+        # Per-center standardisation: every center's rows by its own moments (the target's too: label-free)
+        def rows(table: pd.DataFrame) -> torch.Tensor:
+            feats = torch.from_numpy(self.store.rows(table)).to(self.acc.device)
+            if self.cfg.model.feature_shift == "standardize":
+                feats = standardize_per_center(feats, table["center"].to_numpy())
+            return feats
         return _tensor_streams(self, rows, source, target, seed)
 
     def _view(self, feats: torch.Tensor) -> torch.Tensor:
@@ -254,8 +268,13 @@ class FeatureTask:
         return _load_weights(run, self.build_model()).to(self.acc.device)
 
     def adapt(self, model: nn.Module, table: pd.DataFrame) -> tuple[nn.Module, int]:
-        """A head on stored features keeps no statistics of its inputs: nothing to adapt."""
-        return model, 0
+        """The head's feature shift re-estimated on the center's unlabelled stored views (0 maps with
+        model.feature_shift none: the head keeps no statistics of its inputs)."""
+        if self.cfg.model.feature_shift == "none":
+            return model, 0
+        adapted = copy.deepcopy(self.acc.unwrap_model(model))
+        n = adapted.shift.adapt_to(self._tta_rows(table).to(self.acc.device))
+        return self.acc.prepare(adapted), n
 
 
 TASKS = {ImageTask.kind: ImageTask, FeatureTask.kind: FeatureTask}

@@ -87,7 +87,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
                       f"{sorted(int(c) for c in source['center'].unique())}, held-out center {run.fold} "
                       f"({len(heldout)}), {len(target)} unlabelled target patches, precision {precision}, "
                       f"{task.kind} task")
-    algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(), len(task.domains), cfg)
+    algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(source), len(task.domains), cfg)
     streams = task.streams(source, target, seed)
     heldout_predictor = task.predictor(heldout, views=1, desc="held-out")
     model, oof, seconds, model_bytes = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,

@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 from ..config import ModelCfg
+from .feature_shift import FeatureShift
 
 
 class FeatureClassifier(nn.Module):
-    """A head on stored features: `backbone` is identity (linear probe) or a hidden MLP layer."""
+    """A head on stored features: `shift` (the adaptable map in front, identity unless model.feature_shift),
+    then `backbone`, identity (linear probe) or a hidden MLP layer."""
 
     def __init__(self, dim: int, cfg: ModelCfg):
         super().__init__()
+        self.shift = FeatureShift(dim, cfg.feature_shift, cfg.coral_ridge)
         if cfg.head_hidden > 0:
             self.backbone = nn.Sequential(nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.drop_rate))
             self.num_features = cfg.head_hidden
@@ -22,5 +25,5 @@ class FeatureClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(x)
+        features = self.backbone(self.shift(x))
         return {"features": features, "logits": self.head(features).squeeze(1)}

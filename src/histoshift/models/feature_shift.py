@@ -1,0 +1,116 @@
+"""Feature-level adaptation for heads on frozen features: an affine map in front of the head that a
+target center's unlabelled features can re-estimate, as AdaBN re-estimates batch-norm statistics.
+
+  standardize  every center centred and scaled by its own mean and standard deviation: the head trains
+               on per-center standardised features; a plain prediction standardises the target with the
+               training centers' pooled statistics (the head's buffers), an adapted one with the target's
+               own - the frozen-feature analogue of AdaBN
+  coral        CORAL (Sun & Saenko 2016, "Return of frustratingly easy domain adaptation"): the target's
+               features whitened by their own (ridge-regularised) covariance and re-coloured by the
+               training centers'; the head trains on raw features, a plain prediction is the identity
+
+Only the target's features are read, never its labels. Matrix square roots by eigendecomposition in
+float64 (D up to a few thousand: well under a second).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import FEATURE_SHIFTS as SHIFTS
+
+EPS = 1e-6
+
+
+def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation over the rows of an n x D (or n x V x D: every view) tensor."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.mean(0), x.std(0, unbiased=False).clamp_min(EPS)
+
+
+def covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) of the rows of an n x D (or n x V x D) tensor."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    mean = x.mean(0)
+    centred = x - mean
+    return mean, centred.T @ centred / max(len(x) - 1, 1)
+
+
+def _sym_power(cov: torch.Tensor, power: float, ridge: float) -> torch.Tensor:
+    """(C + ridge * mean variance * I) ** power for a symmetric positive semi-definite C."""
+    reg = cov + ridge * cov.diagonal().mean().clamp_min(EPS) * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+    values, vectors = torch.linalg.eigh(reg)
+    return (vectors * values.clamp_min(EPS) ** power) @ vectors.T
+
+
+def coral_map(source_mean: torch.Tensor, source_cov: torch.Tensor, target: torch.Tensor,
+              ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map x -> x @ A + b that gives the target's rows the source's mean and covariance."""
+    t_mean, t_cov = covariance(target)
+    a = _sym_power(t_cov, -0.5, ridge) @ _sym_power(source_cov.double(), 0.5, ridge)
+    return a, source_mean.double() - t_mean @ a
+
+
+class FeatureShift(nn.Module):
+    """The affine map in front of a head (`kind` in SHIFTS). Its buffers travel in the checkpoint:
+    `mean`/`std` (standardize: the training centers' pooled statistics), `source_mean`/`source_cov`
+    (coral: what a target is re-coloured to). `adapt_to(target)` re-estimates it from a center's
+    unlabelled features and returns how many maps changed (0 for 'none')."""
+
+    def __init__(self, dim: int, kind: str = "none", ridge: float = 0.01):
+        super().__init__()
+        if kind not in SHIFTS:
+            raise ValueError(f"feature shift: expected one of {SHIFTS}, got {kind!r}")
+        self.kind, self.ridge = kind, ridge
+        if kind == "standardize":
+            self.register_buffer("mean", torch.zeros(dim))
+            self.register_buffer("std", torch.ones(dim))
+        elif kind == "coral":
+            self.register_buffer("source_mean", torch.zeros(dim))
+            self.register_buffer("source_cov", torch.eye(dim))
+            self.affine: tuple[torch.Tensor, torch.Tensor] | None = None  # set by adapt_to, never saved
+
+    @torch.no_grad()
+    def fit_source(self, per_center: list[torch.Tensor]) -> None:
+        """The training centers' statistics (each center's stored features, n x V x D)."""
+        if self.kind == "standardize":  # pooled: the average center's mean and spread
+            stats = [moments(x) for x in per_center]
+            self.mean.copy_(torch.stack([m for m, _ in stats]).mean(0))
+            self.std.copy_(torch.stack([s for _, s in stats]).pow(2).mean(0).sqrt())
+        elif self.kind == "coral":
+            mean, cov = covariance(torch.cat([x.reshape(-1, x.shape[-1]) for x in per_center]))
+            self.source_mean.copy_(mean)
+            self.source_cov.copy_(cov)
+
+    @torch.no_grad()
+    def adapt_to(self, target: torch.Tensor) -> int:
+        """Re-estimate the map from one center's unlabelled features (n x V x D)."""
+        if self.kind == "standardize":
+            mean, std = moments(target)
+            self.mean.copy_(mean)
+            self.std.copy_(std)
+        elif self.kind == "coral":
+            a, b = coral_map(self.source_mean, self.source_cov, target, self.ridge)
+            self.affine = (a.float(), b.float())
+        return int(self.kind != "none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "standardize" and not self.training:  # training rows come standardised per center
+            return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.kind == "coral" and self.affine is not None:
+            a, b = self.affine
+            return x @ a.to(x) + b.to(x)
+        return x
+
+
+def standardize_per_center(feats: torch.Tensor, centers) -> torch.Tensor:
+    """Every center's rows centred and scaled by that center's own statistics (n x V x D, any dtype)."""
+    import numpy as np
+
+    centers = np.asarray(centers)
+    out = torch.empty_like(feats)
+    for c in np.unique(centers):
+        rows = torch.from_numpy(np.flatnonzero(centers == c)).to(feats.device)
+        mean, std = moments(feats[rows])
+        out[rows] = ((feats[rows].double() - mean) / std).to(feats.dtype)
+    return out

@@ -1,0 +1,191 @@
+"""Feature-level adaptation (models/feature_shift.py) on generated features with a known shift: per-center
+standardisation and CORAL recover a classifier's accuracy on a shifted copy of its own training features,
+from the target's features alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from histoshift.config import FEATURE_SHIFTS, ModelCfg
+from histoshift.models.feature_shift import SHIFTS, FeatureShift, coral_map, covariance, moments, standardize_per_center
+from histoshift.models.head import FeatureClassifier
+
+D = 12
+
+
+def _center(n: int, seed: int, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """n x 8 views x D features of two classes (means -1 / +1 on the first 3 dimensions), optionally
+    shifted by an affine map (x @ M + b): the same biology seen through another hospital."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    mu = torch.zeros(2, D)
+    mu[:, :3] = torch.tensor([[-1.0], [1.0]])
+    x = mu[y][:, None, :] + torch.randn(n, 8, D, generator=g)
+    if transform is not None:
+        m, b = transform
+        x = x @ m + b
+    return x, y
+
+
+def _shift(seed: int):
+    """A symmetric positive-definite mixing and an offset (CORAL's affine family)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
+    m = q @ torch.diag(torch.linspace(0.3, 3.0, D)) @ q.T
+    return m, 4 * torch.randn(D, generator=g)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
+    """A linear probe by full-batch gradient descent on every view (deterministic)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(D, 1)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    xs, ys = x.reshape(-1, D), y.repeat_interleave(x.shape[1]).float()
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(head(xs).squeeze(1), ys).backward()
+        opt.step()
+    return head
+
+
+def _accuracy(head, x, y) -> float:
+    with torch.no_grad():
+        return float(((head(x.mean(1)).squeeze(1) > 0).long() == y).float().mean())
+
+
+def test_the_config_names_every_shift():
+    assert SHIFTS == FEATURE_SHIFTS and ModelCfg().feature_shift == "none"
+
+
+def test_coral_recovers_a_shifted_copy_of_the_training_features():
+    sources = [_center(400, seed) for seed in (1, 2, 3)]
+    x_src, y_src = torch.cat([x for x, _ in sources]), torch.cat([y for _, y in sources])
+    head = _fit(x_src, y_src)
+    x_tgt, y_tgt = _center(600, 4, _shift(5))
+    home = _accuracy(head, *_center(600, 4))
+    assert home > 0.9
+    assert _accuracy(head, x_tgt, y_tgt) < home - 0.2  # the hospital's shift breaks the probe
+    shift = FeatureShift(D, "coral", ridge=0.01)
+    shift.fit_source([x for x, _ in sources])
+    assert shift(x_tgt) is x_tgt  # plain: the identity until adapted
+    assert shift.adapt_to(x_tgt) == 1
+    assert _accuracy(head, shift(x_tgt), y_tgt) > home - 0.03
+    # without the ridge, the map gives the target exactly the source's moments
+    exact = FeatureShift(D, "coral", ridge=0.0)
+    exact.fit_source([x for x, _ in sources])
+    exact.adapt_to(x_tgt)
+    mean, cov = covariance(exact(x_tgt))
+    s_mean, s_cov = covariance(x_src)
+    assert torch.allclose(mean, s_mean, atol=1e-3) and torch.allclose(cov, s_cov, atol=1e-3)
+
+
+def test_per_center_standardisation_recovers_a_shifted_center():
+    centers = [_center(400, seed, _shift(10 + seed)) for seed in (1, 2, 3)]  # every center its own scanner
+    x_src = torch.cat([x for x, _ in centers])
+    y_src = torch.cat([y for _, y in centers])
+    ids = np.repeat([0, 3, 4], 400)
+    standardised = standardize_per_center(x_src, ids)
+    for c in (0, 3, 4):
+        mean, std = moments(standardised[torch.from_numpy(ids == c)])
+        assert torch.allclose(mean, torch.zeros(D, dtype=mean.dtype), atol=1e-5)
+        assert torch.allclose(std, torch.ones(D, dtype=std.dtype), atol=1e-5)
+    x_tgt, y_tgt = _center(600, 4, (torch.diag(torch.linspace(0.5, 2.5, D)), 3 * torch.ones(D)))
+    shift = FeatureShift(D, "standardize")
+    shift.fit_source([x for x, _ in centers])
+    head = _fit(standardised, y_src)
+    shift.eval()
+    plain = _accuracy(head, shift(x_tgt), y_tgt)  # the training centers' pooled moments
+    assert shift.adapt_to(x_tgt) == 1
+    adapted = _accuracy(head, shift(x_tgt), y_tgt)
+    assert adapted > 0.85 and adapted > plain + 0.1
+
+
+def test_no_label_is_read_and_none_is_the_identity():
+    """The maps see features only: scrambling the target's labels cannot change them (their signature
+    has no labels), and the same features give the same map, bit for bit."""
+    x, _ = _center(300, 7, _shift(8))
+    src = [_center(300, 1)[0]]
+    maps = []
+    for _ in range(2):
+        shift = FeatureShift(D, "coral")
+        shift.fit_source(src)
+        shift.adapt_to(x)
+        maps.append(shift.affine)
+    assert all(torch.equal(a, b) for a, b in zip(*maps))
+    none = FeatureShift(D, "none")
+    assert none.adapt_to(x) == 0 and none(x) is x and not list(none.state_dict())
+    with pytest.raises(ValueError, match="expected one of"):
+        FeatureShift(D, "whiten")
+
+
+def test_a_head_carries_its_shift_in_the_checkpoint():
+    head = FeatureClassifier(D, ModelCfg(frozen=True, feature_shift="standardize", head_hidden=8))
+    head.shift.fit_source([_center(50, 1)[0] * 3 + 1])
+    state = head.state_dict()
+    assert {"shift.mean", "shift.std"} <= set(state)
+    again = FeatureClassifier(D, ModelCfg(frozen=True, feature_shift="standardize", head_hidden=8))
+    again.load_state_dict(state)
+    assert torch.equal(again.shift.mean, head.shift.mean)
+    plain = FeatureClassifier(D, ModelCfg(frozen=True, head_hidden=8))
+    assert not any(k.startswith("shift.") for k in plain.state_dict())  # old checkpoints load unchanged
+
+
+def test_coral_map_is_the_identity_on_the_source_itself():
+    x, _ = _center(2000, 3)
+    mean, cov = covariance(x)
+    a, b = coral_map(mean, cov, x, ridge=0.0)
+    assert torch.allclose(a, torch.eye(D, dtype=a.dtype), atol=1e-6) and b.abs().max() < 1e-6
+
+
+@pytest.mark.slow
+def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path):
+    """Heads with feature_shift coral / standardize: trained on one store, `infer --adabn` re-estimates their
+    shift on every target center (1 map adapted, predictions change), the stack stage weighs plain against
+    adapted by leave-one-center-out evidence and writes it to choice.json; labels of a target center are
+    never read (scrambling them in the table handed to `adapt` gives the same adapted head)."""
+    import json
+    import shutil
+
+    import pandas as pd
+    import yaml
+    from accelerate import Accelerator
+
+    from histoshift.cli import main
+    from histoshift.data.cache import Cache
+    from histoshift.paths import Paths
+    from histoshift.runs import find_runs
+    from histoshift.tasks import load_experiment, make_task
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    r = ["--root", str(root)]
+    base = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True,
+                      "head_hidden": 16},
+            "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
+    for shift, algorithm in (("coral", "dann"), ("standardize", "erm")):
+        config = {**base, "model": {**base["model"], "feature_shift": shift}, "algorithm": {"name": algorithm}}
+        (tmp_path / f"{shift}.yaml").write_text(yaml.safe_dump(config))
+        assert main(r + ["train", "--config", str(tmp_path / f"{shift}.yaml")]) == 0
+    assert len(list((root / "work" / "features").iterdir())) == 1  # one store for both heads
+    assert main(r + ["infer", "--adabn"]) == 0
+    runs = find_runs(root / "work" / "runs")
+    assert len(runs) == 8
+    for run in runs:
+        assert run.adapted_layers() == 2  # one map, re-estimated on the held-out and on the test center
+        plain, adapted = pd.read_csv(run.tta_test), pd.read_csv(run.tta_path("test", True))
+        assert (plain.filter(like="v") - adapted.filter(like="v")).abs().to_numpy().max() > 1e-4
+    assert main(r + ["stack"]) == 0
+    choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
+    assert "adabn" in json.dumps(choice)  # the plain-or-adapted evidence is recorded
+    # no label is read: the same adapted head from a table whose labels are scrambled
+    cfg = load_experiment(tmp_path / "coral.yaml")
+    task = make_task(cfg, Cache.open(root / "work" / "cache"), Paths(root), Accelerator(cpu=True))
+    run = next(r for r in runs if r.cfg.model.feature_shift == "coral")
+    model = task.load(run)
+    table = task.cache.index.query("split == 'test'")
+    scrambled = table.assign(label=table["label"].sample(frac=1, random_state=0).to_numpy())
+    a, _ = task.adapt(model, table)
+    b, _ = task.adapt(model, scrambled)
+    assert all(torch.equal(x, y) for x, y in zip(task.acc.unwrap_model(a).shift.affine,
+                                                 task.acc.unwrap_model(b).shift.affine))
