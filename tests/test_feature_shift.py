@@ -167,17 +167,26 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
         config = {**base, "model": {**base["model"], "feature_shift": shift}, "algorithm": {"name": algorithm}}
         (tmp_path / f"{shift}.yaml").write_text(yaml.safe_dump(config))
         assert main(r + ["train", "--config", str(tmp_path / f"{shift}.yaml")]) == 0
-    assert len(list((root / "work" / "features").iterdir())) == 1  # one store for both heads
+    # and a sparse probe (no shift): its kept dimensions per fold go to summary.json and the report
+    sparse = {**base, "model": {**base["model"], "head_hidden": 0, "head_l1": 0.003}, "algorithm": {"name": "erm"}}
+    (tmp_path / "sparse.yaml").write_text(yaml.safe_dump(sparse))
+    assert main(r + ["train", "--config", str(tmp_path / "sparse.yaml")]) == 0
+    assert len(list((root / "work" / "features").iterdir())) == 1  # one store for every head
     assert main(r + ["infer", "--adabn"]) == 0
     runs = find_runs(root / "work" / "runs")
-    assert len(runs) == 8
-    for run in runs:
+    assert len(runs) == 12
+    summaries = [json.loads(run.summary.read_text()) for run in runs if run.cfg.model.head_l1 > 0]
+    assert len(summaries) == 4 and all(0 < len(s["kept_dims"]) < s["dims"] == 256 for s in summaries)
+    for run in (run for run in runs if run.cfg.model.feature_shift != "none"):
         assert run.adapted_layers() == 2  # one map, re-estimated on the held-out and on the test center
         plain, adapted = pd.read_csv(run.tta_test), pd.read_csv(run.tta_path("test", True))
         assert (plain.filter(like="v") - adapted.filter(like="v")).abs().to_numpy().max() > 1e-4
     assert main(r + ["stack"]) == 0
     choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
     assert "adabn" in json.dumps(choice)  # the plain-or-adapted evidence is recorded
+    assert main(r + ["report"]) == 0
+    report = (root / "work" / "report" / "report.md").read_text()
+    assert "## Sparse heads" in report and "| sparse/seed0 | 256 |" in report
     # no label is read: the same adapted head from a table whose labels are scrambled
     cfg = load_experiment(tmp_path / "coral.yaml")
     task = make_task(cfg, Cache.open(root / "work" / "cache"), Paths(root), Accelerator(cpu=True))
@@ -189,3 +198,36 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     b, _ = task.adapt(model, scrambled)
     assert all(torch.equal(x, y) for x, y in zip(task.acc.unwrap_model(a).shift.affine,
                                                  task.acc.unwrap_model(b).shift.affine))
+
+
+def test_the_sparse_probe_zeroes_dimensions_exactly():
+    """The proximal L1 step leaves exact zeros; a dimension the labels never need goes, one they need stays."""
+    head = FeatureClassifier(D, ModelCfg(frozen=True, head_l1=0.1, drop_rate=0.0))
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    x, y = _center(400, 1)
+    x = x[:, 0]
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(head(x)["logits"], y.float()).backward()
+        opt.step()
+        head.after_step(opt)
+    kept = head.sparsity()
+    assert kept["dims"] == D and set(kept["kept_dims"]) <= set(range(D))
+    assert {0, 1, 2} <= set(kept["kept_dims"]) and len(kept["kept_dims"]) < D  # the class lives in dims 0-2
+    weight = head.head[-1].weight.detach().flatten()
+    assert (weight == 0).sum() == D - len(kept["kept_dims"])
+    dense = FeatureClassifier(D, ModelCfg(frozen=True))
+    dense.after_step(opt)  # no L1: nothing happens, nothing reported
+    assert dense.sparsity() == {}
+
+
+def test_sparse_head_config_and_jaccard():
+    from histoshift.config import ConfigError, validated
+    from histoshift.report import jaccard
+
+    with pytest.raises(ConfigError, match="head_l1"):
+        validated({"model": {"frozen": True, "head_hidden": 16, "head_l1": 0.01}})
+    with pytest.raises(ConfigError, match="feature_shift"):
+        validated({"model": {"feature_shift": "coral"}})
+    assert jaccard([{1, 2, 3}, {2, 3, 4}]) == 0.5 and jaccard([{1}]) == 1.0
+    assert jaccard([{1, 2}, {1, 2}, {3}]) == pytest.approx((1 + 0 + 0) / 3)

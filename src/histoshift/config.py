@@ -66,6 +66,9 @@ class ModelCfg(Section):
     # unlabelled features (models/feature_shift.py): none | standardize (per center) | coral
     feature_shift: Literal[FEATURE_SHIFTS] = "none"
     coral_ridge: Float = Field(0.01, ge=0)  # CORAL: covariance + ridge x mean variance x I
+    # a sparse linear probe: L1 strength on its weights, applied as a proximal (soft-threshold) step after every
+    # optimizer step so that dropped dimensions are exactly zero; optim.weight_decay is the elastic net's L2 part
+    head_l1: NonNeg = 0.0
 
 
 class AlgorithmCfg(Section):
@@ -165,6 +168,9 @@ class Config(Section):
         if not m.frozen and m.feature_shift != "none":
             raise ValueError("model.feature_shift: adapts a head on frozen features (model.frozen: true); a "
                              "fine-tuned backbone adapts its batch norms (infer --adabn)")
+        if m.head_l1 > 0 and not (m.frozen and m.head_hidden == 0):
+            raise ValueError("model.head_l1: the sparse head is a linear probe on frozen features (model.frozen: true, "
+                             "model.head_hidden: 0)")
         if m.frozen and m.drop_path_rate > 0:
             raise ValueError("model.drop_path_rate: stochastic depth needs a fine-tuned backbone, not a head on "
                              "frozen features (model.frozen)")

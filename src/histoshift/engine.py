@@ -121,6 +121,7 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
             if cfg.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(algorithm.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            core.model.after_step(optimizer)  # e.g. a sparse probe's proximal L1 step
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1

@@ -48,6 +48,30 @@ def _run_table(runs: list[RunDir]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def jaccard(sets: list[set]) -> float:
+    """Mean pairwise Jaccard overlap |A & B| / |A | B| of the sets (1.0 for fewer than two)."""
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+    return float(np.mean([len(a & b) / max(len(a | b), 1) for a, b in pairs])) if pairs else 1.0
+
+
+def sparse_heads(runs: list[RunDir]) -> pd.DataFrame:
+    """Per sparse-probe config and seed: dimensions kept per fold (of how many), the mean pairwise Jaccard
+    overlap of the kept sets across the leave-one-center-out folds, and the mean held-out accuracy."""
+    rows = []
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        s = json.loads(run.summary.read_text())
+        if "kept_dims" in s:
+            groups.setdefault(run.model_name, []).append(s)
+    for name, summaries in sorted(groups.items()):
+        summaries.sort(key=lambda s: s["fold"])
+        rows.append({"config": name, "dims": summaries[0]["dims"],
+                     "kept per fold": ", ".join(f"{s['fold']}: {len(s['kept_dims'])}" for s in summaries),
+                     "Jaccard across folds": round(jaccard([set(s["kept_dims"]) for s in summaries]), 3),
+                     "held-out accuracy": round(float(np.mean([s["heldout_accuracy"] for s in summaries])), 4)})
+    return pd.DataFrame(rows)
+
+
 def _curves(runs: list[RunDir], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
@@ -214,6 +238,10 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path, cache_dir: 
         lines += ["## Fold models (held-out center, plain view, out of fold)", "",
                   markdown_table(table),
                   "", "![curves](curves.png)", ""]
+        sparse = sparse_heads(runs)
+        if len(sparse):
+            lines += ["## Sparse heads (model.head_l1): the dimensions they keep", "", markdown_table(sparse), "",
+                      "A stable signature keeps the same dimensions whichever center is held out (Jaccard near 1).", ""]
         notes = _feature_map(runs, cache_dir, out_dir / "feature_map.png") if cache_dir is not None else []
         if notes:
             lines += ["## Backbone features of every center (t-SNE)", "", *[f"- {n}" for n in notes], "",

@@ -105,7 +105,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
         write_csv(run.oof, oof, float_format="%.6g")
         summary = {"run": run.name, "fold": run.fold, "seconds": round(seconds, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
-                   "pseudo_labels": n_pseudo,
+                   "pseudo_labels": n_pseudo, **accelerator.unwrap_model(model).sparsity(),
                    "per_center": table.to_dict(orient="records")}
         write_json(run.summary, summary)
         write_text(run.done, time.strftime("%Y-%m-%d %H:%M:%S\n"))

@@ -93,6 +93,12 @@ class PatchClassifier(nn.Module):
             self.preprocess = Preprocess.from_data_config(timm.data.resolve_model_data_config(self.backbone),
                                                           size=cfg.input_size, crop_pct=1.0)
 
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing after an optimizer step (a sparse head on features does its proximal step here)."""
+
+    def sparsity(self) -> dict:
+        return {}
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)
         return {"features": features, "logits": self.head(features).squeeze(1)}

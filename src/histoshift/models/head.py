@@ -23,6 +23,31 @@ class FeatureClassifier(nn.Module):
             self.backbone = nn.Identity()
             self.num_features = dim
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
+        self.l1 = cfg.head_l1
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The L1 part of a sparse probe as a proximal step, w <- sign(w) max(|w| - t, 0) (plain gradient steps
+        never make a weight exactly zero). t = lr * l1 for SGD; under Adam(W) the step is preconditioned per
+        weight by 1 / (sqrt(v_hat) + eps), so the prox in that metric is t = lr * l1 / (sqrt(v_hat) + eps):
+        a dimension stays only while its loss gradient outweighs l1, the L1 optimality condition."""
+        if self.l1 <= 0:
+            return
+        weight = self.head[-1].weight
+        group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+        state = optimizer.state.get(weight, {})
+        threshold = group["lr"] * self.l1
+        if "exp_avg_sq" in state:
+            beta2, step = group["betas"][1], float(state["step"])
+            threshold = threshold / ((state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + group["eps"])
+        weight.copy_(weight.sign() * (weight.abs() - threshold).clamp_min(0))
+
+    def sparsity(self) -> dict:
+        """For a sparse probe: the input dimensions it keeps (non-zero weights) out of how many."""
+        if self.l1 <= 0:
+            return {}
+        weight = self.head[-1].weight.detach().flatten()
+        return {"kept_dims": torch.nonzero(weight).flatten().tolist(), "dims": len(weight)}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(self.shift(x))
