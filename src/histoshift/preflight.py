@@ -30,10 +30,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_mod
                 "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class PreflightError(RuntimeError):
-    """Some config cannot run here; each problem has been printed on its own line."""
-
-
 @dataclass
 class Check:
     config: str
@@ -178,12 +174,6 @@ def forward_flops(backbone: torch.nn.Module, side: int) -> float:
     return float(counter.get_total_flops())
 
 
-def flops_per_image(cfg: Config) -> float:
-    """Forward FLOPs of one image through the config's backbone at its input side."""
-    model, _ = _architecture(cfg)
-    return forward_flops(model.backbone, model.preprocess.size)
-
-
 def matmul_rate(device: torch.device, precision: str) -> float:
     """This device's measured FLOP/s on square matmuls in the run's precision (about one second)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -285,7 +275,8 @@ def preflight(configs: list[tuple[str, Config]], paths: Paths) -> list[Check]:
         needed += check.store_gb
         if precision not in rates:
             rates[precision] = matmul_rate(device, precision)
-        check.projected = _human(check.images * flops_per_image(cfg) / (rates[precision] * ViT_EFFICIENCY))
+        flops = forward_flops(net.backbone, net.preprocess.size)  # the meta-device network built above
+        check.projected = _human(check.images * flops / (rates[precision] * ViT_EFFICIENCY))
     free = _free_bytes(paths.features) / 1e9
     if needed * HEADROOM > free and checks:
         checks[-1].problems.append(f"disk: the feature stores to write need {needed:.2f} GB (+5%), {paths.features} has "

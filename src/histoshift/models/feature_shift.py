@@ -14,6 +14,7 @@ float64 (D up to a few thousand: well under a second).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -105,8 +106,6 @@ class FeatureShift(nn.Module):
 
 def standardize_per_center(feats: torch.Tensor, centers) -> torch.Tensor:
     """Every center's rows centred and scaled by that center's own statistics (n x V x D, any dtype)."""
-    import numpy as np
-
     centers = np.asarray(centers)
     out = torch.empty_like(feats)
     for c in np.unique(centers):

@@ -28,7 +28,7 @@ from .recipe import STANDIN_KEY
 
 # the one DaViT that timm's `_fl` variants implement: patch convs 7/3/3/3, strides 4/2/2/2, paddings
 # 3/1/1/1, norm before the conv in stages 1-3, as many channel-attention groups as heads
-_FIXED_SPEC = {"PATCH_SIZE": [7, 3, 3, 3], "PATCH_STRIDE": [4, 2, 2, 2], "PATCH_PADDING": [3, 1, 1, 1],
+FIXED_SPEC = {"PATCH_SIZE": [7, 3, 3, 3], "PATCH_STRIDE": [4, 2, 2, 2], "PATCH_PADDING": [3, 1, 1, 1],
                "PATCH_PRENORM": [False, True, True, True]}
 
 # MedImageInsight's block layers (after its own old->new renaming) -> timm's
@@ -73,7 +73,7 @@ class UniCLDaViT:
             raise WeightsError(f"{path}: not a MedImageInsight config.yaml ({type(e).__name__}: {e})") from None
         if enc.get("NAME") != "davit_v1":
             raise WeightsError(f"{path}: IMAGE_ENCODER.NAME is {enc.get('NAME')!r}; only davit_v1 maps onto timm's DaViT")
-        for key, want in _FIXED_SPEC.items():
+        for key, want in FIXED_SPEC.items():
             if key in spec and list(spec[key]) != want:
                 raise WeightsError(f"{path}: IMAGE_ENCODER.SPEC.{key} is {spec[key]}; timm's davit_*_fl builds {want}")
         if groups != model_args["num_heads"]:
@@ -142,10 +142,9 @@ class UniCLDaViT:
             key = f"convs.{m[1]}.{'proj' if m[2] == 'conv' else 'norm'}.{m[3]}"
         elif m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(spatial_block|channel_block)\.(cpe1\.proj|cpe2\.proj|norm1|norm2|attn|mlp)\.(.+)$",
                            timm_key):
-            attn = "window_attn" if m[3] == "spatial_block" else "channel_attn"
-            layer = {"cpe1.proj": "conv1.fn.dw", "cpe2.proj": "conv2.fn.dw", "norm1": f"{attn}.norm",
-                     "attn": f"{attn}.fn", "norm2": "ffn.norm", "mlp": "ffn.fn.net"}[m[4]]
-            key = f"blocks.{m[1]}.{m[2]}.{m[3]}.{layer}.{m[5]}"
+            other = "channel_attn" if m[3] == "spatial_block" else "window_attn"  # the other block's layers
+            inverse = {timm: ours for ours, timm in _BLOCK_LAYERS.items() if not ours.startswith(other)}
+            key = f"blocks.{m[1]}.{m[2]}.{m[3]}.{inverse[m[4]]}.{m[5]}"
         elif m := re.match(r"^head\.norm\.(.+)$", timm_key):
             key = f"norms.{m[1]}"
         else:

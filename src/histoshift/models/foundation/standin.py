@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTERS
+from .adapters import ADAPTERS, FIXED_SPEC
 from .loader import STANDIN_KEY, build_network, recipe_build
 from .recipe import Recipe
 
@@ -81,9 +81,7 @@ def _unicl_standin(recipe: Recipe, folder: Path, seed: int) -> None:
                     "lang_encoder.token_embedding.weight": torch.randn(10, 12, generator=g)})
     config = {"IMAGE_ENCODER": {"NAME": "davit_v1", "NUM_CLASSES": 0, "IMAGE_SIZE": [recipe.input_size] * 2,
                                 "IMAGE_MEAN": list(recipe.mean), "IMAGE_STD": list(recipe.std),
-                                "SPEC": {"PATCH_SIZE": [7, 3, 3, 3], "PATCH_STRIDE": [4, 2, 2, 2],
-                                         "PATCH_PADDING": [3, 1, 1, 1], "PATCH_PRENORM": [False, True, True, True],
-                                         "DIM_EMBED": DAVIT_SHRINK["embed_dims"], "NUM_HEADS": DAVIT_SHRINK["num_heads"],
+                                "SPEC": {**FIXED_SPEC, "DIM_EMBED": DAVIT_SHRINK["embed_dims"], "NUM_HEADS": DAVIT_SHRINK["num_heads"],
                                          "NUM_GROUPS": DAVIT_SHRINK["num_heads"], "DEPTHS": DAVIT_SHRINK["depths"],
                                          "WINDOW_SIZE": recipe.arch_kwargs["window_size"]}},
               "UNICL_MODEL": {"DIM_PROJECTION": PROJECTION}, "AUG": {"INTERPOLATION": recipe.interpolation},
