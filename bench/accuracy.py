@@ -89,6 +89,7 @@ AGLR_ROWS = {  # Stain-AgLr switches (issue 11), on ERM + dihedral + HED and on 
 _FROZEN = ["model.frozen=true", "train.feature_hed_views=4", "train.epochs=20", "optim.weight_decay=1.0e-4"]
 _MLP_DANN = [*_FROZEN, "algorithm.name=dann", "model.head_hidden=512"]
 _LITE1 = ["model.backbone=tf_efficientnet_lite1", "model.weights=package:efficientnet_lite1"]
+_SELF_TRAIN = ["model.self_train_rounds=3", "model.self_train_threshold=0.9"]
 FROZEN_ROWS = {
     "frozen Lite0 (ImageNet), linear probe": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=0"],
     "frozen Lite0, MLP": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=512"],
@@ -100,8 +101,18 @@ FROZEN_ROWS = {
     "frozen Lite1 (ImageNet), MLP + DANN head": [*_MLP_DANN, *_LITE1],
     "frozen Lite1, MLP + DANN head, standardize": [*_MLP_DANN, *_LITE1, "model.feature_shift=standardize"],
     "frozen Lite1, MLP + DANN head, CORAL": [*_MLP_DANN, *_LITE1, "model.feature_shift=coral"],
+    "frozen Lite0, linear probe, self-training (3 rounds, 0.9)": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=0",
+                                                                  *_SELF_TRAIN],
+    "frozen Lite0, MLP + DANN head, standardize + self-training (3 rounds, 0.9)": [
+        *_MLP_DANN, "model.feature_shift=standardize", *_SELF_TRAIN],
+    "frozen Lite1, MLP + DANN head, standardize + self-training (3 rounds, 0.9)": [
+        *_MLP_DANN, *_LITE1, "model.feature_shift=standardize", *_SELF_TRAIN],
     "fine-tuned Lite0 DANN (the default, reference)": [],
 }
+# --frozen-ensemble: the pipeline's configs (Lite0 + Lite1) with frozen backbones and the default frozen
+# head (configs/fm_*_frozen.yaml: MLP + DANN head, per-center standardisation), plus self-training, so that
+# the stack stage chooses between plain and adapted predictions by its own leave-one-center-out evidence
+FROZEN_ENSEMBLE = [*_MLP_DANN, "model.feature_shift=standardize", *_SELF_TRAIN]
 ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "aglr": AGLR_ROWS, "frozen": FROZEN_ROWS,
             "all": KEY_ROWS | MORE_ROWS | AGLR_ROWS}
 # The hidden center (issue 19): the test patches again, re-stained by the PCam script's own stain_shift with
@@ -292,6 +303,8 @@ def main():
     ap.add_argument("--adabn", action="store_true", help="also score every single-model row with AdaBN")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--ensemble", action="store_true", help="the default pipeline per seed: 2 configs x 4 folds")
+    ap.add_argument("--frozen-ensemble", action="store_true",
+                    help="the same pipeline with frozen backbones and FROZEN_ENSEMBLE's heads (ImageNet features)")
     ap.add_argument("--pseudo", type=float, default=0.0, help="+ one round of pseudo-labels at this threshold")
     ap.add_argument("--oracle", action="store_true",
                     help="+ the default recipe trained on half of the test center's own labels, scored on the other "
@@ -333,15 +346,17 @@ def main():
                 + ("# test = the HIDDEN center (the test patches re-stained with parameters fixed before any result)\n"
                    if a.hidden else "")
                 + ("# frozen rows: ImageNet features - a proxy for the frozen path's mechanics, not a prediction for "
-                   "pathology models; *_adabn = the feature shift re-estimated on the target\n" if a.rows == "frozen" else "")
+                   "pathology models; *_adabn = the feature shift re-estimated / self-training on the target\n"
+                   if a.rows == "frozen" or a.frozen_ensemble else "")
                 + table.to_string(index=False) + "\n")
         (out / f"accuracy-{stamp}-{tag}.txt").write_text(text)
 
-    if a.ensemble:
-        per_seed = {}
+    for frozen in [False] * a.ensemble + [True] * a.frozen_ensemble:
+        per_seed, pre = {}, "frozen " * frozen
+        overrides = tuple([*FROZEN_ENSEMBLE] * frozen + a.extra)
         for seed in a.seeds:
-            per_seed[seed] = bench.ensemble_scores(bench.pipeline(seed, overrides=tuple(a.extra)))
-            print(f"seed {seed}: default pipeline on the test center: {json.dumps(per_seed[seed])}", flush=True)
+            per_seed[seed] = bench.ensemble_scores(bench.pipeline(seed, "_frozen" * frozen, overrides))
+            print(f"seed {seed}: {pre}pipeline on the test center: {json.dumps(per_seed[seed])}", flush=True)
         for key, label in [("single_fold_models_tta", f"single fold models, TTA (mean over {4 * len(a.configs)} models)"),
                            *[(m, f"pipeline, {m} combiner") for m in METHODS],
                            *[(m + ADABN, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
@@ -351,7 +366,7 @@ def main():
             note = {"picked": "picked: " + ",".join(s["picked_method"] for s in per_seed.values()),
                     "picked_prior": "LOCO with vs without: " + "; ".join(s["loco_prior"] for s in per_seed.values()),
                     "shipped": "prior used: " + ",".join(str(s["prior_used"]) for s in per_seed.values())}.get(key, "")
-            record({"row": label, "test_tta": fmt([s[key] for s in per_seed.values()]), "note": note})
+            record({"row": pre + label, "test_tta": fmt([s[key] for s in per_seed.values()]), "note": note})
         if a.pseudo:
             # the second round's models alone, and both rounds together (the stack stage ensembles
             # every run in work/runs, so a second round run after the first gives the latter)

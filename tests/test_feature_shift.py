@@ -154,6 +154,7 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     from histoshift.cli import main
     from histoshift.data.cache import Cache
     from histoshift.paths import Paths
+    from histoshift.data.splits import training_rows
     from histoshift.runs import find_runs
     from histoshift.tasks import load_experiment, make_task
 
@@ -163,8 +164,9 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     base = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True,
                       "head_hidden": 16},
             "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
-    for shift, algorithm in (("coral", "dann"), ("standardize", "erm")):
-        config = {**base, "model": {**base["model"], "feature_shift": shift}, "algorithm": {"name": algorithm}}
+    for shift, algorithm, rounds in (("coral", "dann", 0), ("standardize", "erm", 2)):
+        config = {**base, "model": {**base["model"], "feature_shift": shift, "self_train_rounds": rounds,
+                                    "self_train_threshold": 0.501}, "algorithm": {"name": algorithm}}
         (tmp_path / f"{shift}.yaml").write_text(yaml.safe_dump(config))
         assert main(r + ["train", "--config", str(tmp_path / f"{shift}.yaml")]) == 0
     # and a sparse probe (no shift): its kept dimensions per fold go to summary.json and the report
@@ -178,26 +180,42 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     summaries = [json.loads(run.summary.read_text()) for run in runs if run.cfg.model.head_l1 > 0]
     assert len(summaries) == 4 and all(0 < len(s["kept_dims"]) < s["dims"] == 256 for s in summaries)
     for run in (run for run in runs if run.cfg.model.feature_shift != "none"):
-        assert run.adapted_layers() == 2  # one map, re-estimated on the held-out and on the test center
+        # one map (+ 2 self-training rounds), re-estimated on the held-out and on the test center
+        assert run.adapted_layers() == 2 * (1 + run.cfg.model.self_train_rounds)
         plain, adapted = pd.read_csv(run.tta_test), pd.read_csv(run.tta_path("test", True))
         assert (plain.filter(like="v") - adapted.filter(like="v")).abs().to_numpy().max() > 1e-4
+        recorded = json.loads(run.predictions.read_text()).get("tta_test_adabn.csv:adaptation")
+        if run.cfg.model.self_train_rounds:  # the threshold and the pseudo-labels per round are recorded
+            st = recorded["self_training"]
+            assert recorded["method"] == "feature shift standardize + self-training x2"
+            assert st["threshold"] == 0.501 and len(st["pseudo_labelled"]) == 2 and st["pseudo_labelled"][0] > 0
+        else:
+            assert recorded == {"method": "feature shift coral"}
     assert main(r + ["stack"]) == 0
     choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
     assert "adabn" in json.dumps(choice)  # the plain-or-adapted evidence is recorded
     assert main(r + ["report"]) == 0
     report = (root / "work" / "report" / "report.md").read_text()
     assert "## Sparse heads" in report and "| sparse/seed0 | 256 |" in report
-    # no label is read: the same adapted head from a table whose labels are scrambled
-    cfg = load_experiment(tmp_path / "coral.yaml")
-    task = make_task(cfg, Cache.open(root / "work" / "cache"), Paths(root), Accelerator(cpu=True))
-    run = next(r for r in runs if r.cfg.model.feature_shift == "coral")
-    model = task.load(run)
-    table = task.cache.index.query("split == 'test'")
-    scrambled = table.assign(label=table["label"].sample(frac=1, random_state=0).to_numpy())
-    a, _ = task.adapt(model, table)
-    b, _ = task.adapt(model, scrambled)
-    assert all(torch.equal(x, y) for x, y in zip(task.acc.unwrap_model(a).shift.affine,
-                                                 task.acc.unwrap_model(b).shift.affine))
+    adaptations = choice["adaptations"]  # how every fold model's adapted predictions were made, in the report too
+    assert len(adaptations) == 12 and adaptations["coral/seed0/fold0"] == {"method": "feature shift coral"}
+    assert "- standardize/seed0/fold0: feature shift standardize + self-training x2 (confidence >= 0.501" in report
+    # no label of the target is read: the same adapted head from a table whose labels are scrambled (the
+    # held-out center's labels are real, so scrambling them would show a leak)
+    for shift in ("coral", "standardize"):
+        task = make_task(load_experiment(tmp_path / f"{shift}.yaml"), Cache.open(root / "work" / "cache"),
+                         Paths(root), Accelerator(cpu=True))
+        run = next(r for r in runs if r.cfg.model.feature_shift == shift)
+        model = task.load(run)
+        table = task.cache.index.query(f"center == {run.fold}")
+        scrambled = table.assign(label=table["label"].sample(frac=1, random_state=0).to_numpy())
+        source = training_rows(task.cache.index, run.fold)
+        (a, rec_a), (b, rec_b) = task.adapt(model, table, source), task.adapt(model, scrambled, source)
+        assert rec_a == rec_b
+        a, b = task.acc.unwrap_model(a), task.acc.unwrap_model(b)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        if shift == "coral":
+            assert all(torch.equal(x, y) for x, y in zip(a.shift.affine, b.shift.affine))
 
 
 def test_the_sparse_probe_zeroes_dimensions_exactly():

@@ -69,6 +69,10 @@ class ModelCfg(Section):
     # a sparse linear probe: L1 strength on its weights, applied as a proximal (soft-threshold) step after every
     # optimizer step so that dropped dimensions are exactly zero; optim.weight_decay is the elastic net's L2 part
     head_l1: NonNeg = 0.0
+    # heads on frozen features: rounds of self-training on the target center's confident predictions that
+    # `infer --adabn` runs after the feature shift (models/self_training.py); 0 = off
+    self_train_rounds: Int = Field(0, ge=0)
+    self_train_threshold: Float = Field(0.9, gt=0.5, lt=1)  # the confidence a pseudo-label needs
 
 
 class AlgorithmCfg(Section):
@@ -167,6 +171,9 @@ class Config(Section):
                              "backbone, not a head on frozen features (model.frozen)")
         if not m.frozen and m.feature_shift != "none":
             raise ValueError("model.feature_shift: adapts a head on frozen features (model.frozen: true); a "
+                             "fine-tuned backbone adapts its batch norms (infer --adabn)")
+        if m.self_train_rounds and not m.frozen:
+            raise ValueError("model.self_train_rounds: self-trains a head on frozen features (model.frozen: true); a "
                              "fine-tuned backbone adapts its batch norms (infer --adabn)")
         if m.head_l1 > 0 and not (m.frozen and m.head_hidden == 0):
             raise ValueError("model.head_l1: the sparse head is a linear probe on frozen features (model.frozen: true, "

@@ -1,6 +1,7 @@
 """The infer stage: 8-view TTA predictions of every finished fold run - any kind of model - for its
 held-out center and the test center, plain and (with --adabn) after the task adapted the model to each
-target center (AdaBN for fine-tuned backbones; a head on stored features has nothing to adapt). The
+target center (AdaBN for fine-tuned backbones; for a head on stored features its feature shift and
+self-training, when its config has them). The
 model and its views are the task's (`tasks.py`); the files and what they were predicted from are the
 run folder's (`runs.py`).
 """
@@ -11,7 +12,7 @@ from contextlib import nullcontext
 from accelerate import Accelerator
 
 from .data.cache import Cache
-from .data.splits import heldout_rows, test_rows
+from .data.splits import heldout_rows, test_rows, training_rows
 from .metrics import logit_accuracy
 from .paths import Paths
 from .runs import RunDir
@@ -51,20 +52,30 @@ def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator
     if not todo:
         return
     task, trained = run_task(run, cache, paths, accelerator)
+    source = training_rows(cache.index, run.fold)  # adaptations that need labels read the fold's own
     for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
         predict = task.predictor(table, desc=f"{run.name} {name}")
         for adapted in todo:
-            model, layers = task.adapt(trained, table) if adapted else (trained, None)
+            model, record = task.adapt(trained, table, source) if adapted else (trained, None)
             out = check_finite(predict(model), f"{run.path} ({name}{', adapted' if adapted else ''})")
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:
-                run.write_tta(name, adapted, out, cache.id, adapted=layers)
+                run.write_tta(name, adapted, out, cache.id, adaptation=record)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
-                              + (f" (AdaBN) - {layers} layers adapted" if adapted else "")
+                              + (f" {describe(record)}" if adapted else "")
                               + (f", TTA-mean accuracy {logit_accuracy(out, view_columns(out)):.4f}"
                                  if name == "heldout" else ""))
     accelerator.wait_for_everyone()
+
+
+def describe(record: dict) -> str:
+    """One line for an adaptation record (tasks' `adapt`)."""
+    text = f"({record['method']}) - {record['changed']} layers/maps/rounds changed"
+    if "self_training" in record:
+        st = record["self_training"]
+        text += f", self-training at confidence {st['threshold']}: {st['pseudo_labelled']} pseudo-labelled per round"
+    return text
 
 
 def infer_all(runs: list[RunDir], paths: Paths, force: bool = False, adabn: bool = False) -> None:

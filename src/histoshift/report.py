@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .paths import Paths  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .safeio import write_text  # noqa: E402
-from .stack import PRIOR, evidence_line  # noqa: E402
+from .stack import PRIOR, adaptation_lines, evidence_line  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -259,6 +259,9 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path, cache_dir: 
                   f"Chosen for the test center: **{choice['method']}** over {len(choice['members'])} members "
                   f"({', '.join(choice['members'])}).", *([f"Between the prediction sets: {evidence_line(choice['adabn_vs_plain'])}."]
                     if choice.get("adabn_vs_plain") else []),
+                  *(["", "Adapted predictions (per fold model, test center):", "",
+                     *[f"- {line}" for line in adaptation_lines(choice.get("adaptations"))], ""]
+                    if choice.get("adaptations") else []),
                   *([f"Prior matching (threshold at {p['share']:.0%} positive): leave-one-center-out {p['loco_with']:.4f} "
                      f"against {p['loco_without']:.4f} without: {'used' if p['used'] else 'not used'}."]
                     if (p := choice.get("prior_matching")) else []),

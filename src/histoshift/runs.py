@@ -14,9 +14,11 @@
   tta_heldout.csv    8-view logits of the held-out center (infer stage, every kind of model)
   tta_test.csv       8-view logits of the test center (infer stage)
   tta_*_adabn.csv    the same after the task adapted the model to that center first (infer --adabn: AdaBN
-                     for fine-tuned backbones; a head on features has nothing to adapt, its files equal the plain ones)
+                     for fine-tuned backbones; a head on features re-estimates its feature shift and
+                     self-trains when its config says so, else its files equal the plain ones)
   predictions.json   per TTA file: the digests of the checkpoint and of the cache it was predicted from;
-                     for adapted files also how many layers the adaptation changed
+                     for adapted files also how many layers the adaptation changed and, for self-training,
+                     its confidence threshold and pseudo-label counts
   done               written last by training: the run is complete
 Beside the folder, fold<K>.lock is held by the process that trains or predicts with the run.
 """
@@ -106,21 +108,28 @@ class RunDir:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache."""
         return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id}
 
-    def write_tta(self, part: str, adabn: bool, table, cache_id: str, adapted: int | None = None) -> None:
+    def write_tta(self, part: str, adabn: bool, table, cache_id: str, adaptation: dict | None = None) -> None:
         """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache)
-        and, for adapted predictions, how many layers the adaptation changed."""
+        and, for adapted predictions, how many layers the adaptation changed and what else it recorded
+        (self-training: its confidence threshold and pseudo-label counts)."""
         path = self.tta_path(part, adabn)
         write_csv(path, table, float_format="%.6g")
         recorded = _record(self.predictions)
         recorded[path.name] = self.prediction_lineage(cache_id)
-        if adapted is not None:
-            recorded[f"{path.name}:adapted"] = adapted
+        if adaptation is not None:
+            recorded[f"{path.name}:adapted"] = adaptation["changed"]
+            if len(adaptation) > 1:
+                recorded[f"{path.name}:adaptation"] = {k: v for k, v in adaptation.items() if k != "changed"}
         write_json(self.predictions, recorded)
 
     def adapted_layers(self) -> int:
         """Layers the adapted TTA files changed (0: they equal the plain ones); recorded by infer --adabn."""
         recorded = _record(self.predictions)
         return sum(recorded.get(f"{self.tta_path(part, True).name}:adapted", 1) for part in ("heldout", "test"))
+
+    def adaptation(self, part: str = "test") -> dict | None:
+        """What the adapted TTA file of `part` was adapted by (method; self-training: threshold, pseudo-labels)."""
+        return _record(self.predictions).get(f"{self.tta_path(part, True).name}:adaptation")
 
     def stale_predictions(self, cache_id: str, adabn: bool = False) -> list[str]:
         """The TTA files (heldout, test) that are missing or were predicted from another checkpoint or cache."""

@@ -12,8 +12,9 @@ Three combiners are evaluated leave-one-center-out on the out-of-fold features:
   rank   average of per-member percentile ranks, thresholded at the positive rate that `mean`
          predicts on the same patches (ranks carry no threshold of their own)
   stack  LightGBM on all features, trained on the other centers' out-of-fold rows, threshold 0.5
-When every fold model also has AdaBN predictions (`infer --adabn`: batch-norm statistics re-estimated
-on each center before predicting it), the three combiners are also scored on those ("mean+adabn", ...).
+When every fold model also has adapted predictions (`infer --adabn`: a fine-tuned backbone's batch-norm
+statistics, a head's feature shift and self-training, re-done on each center from its unlabelled patches
+before predicting it), the three combiners are also scored on those ("mean+adabn", ...).
 Within each prediction set the best mean per-center accuracy wins (ties go to the simpler combiner,
 in the order above). Between the sets, AdaBN is kept unless the plain winner is significantly better
 on the same out-of-fold patches (paired McNemar z > 1.96): the labelled centers are milder shifts
@@ -233,8 +234,21 @@ def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) 
 
 
 def evidence_line(evidence: dict) -> str:
-    return (f"plain '{evidence['plain']}' against AdaBN '{evidence['adabn']}' on the same out-of-fold patches: "
-            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (AdaBN is dropped only above 1.96)")
+    return (f"plain '{evidence['plain']}' against adapted '{evidence['adabn']}' on the same out-of-fold patches: "
+            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (the adapted set is dropped only above 1.96)")
+
+
+def adaptation_lines(adaptations: dict | None) -> list[str]:
+    """One line per fold model: how its adapted test predictions were made (choice.json 'adaptations')."""
+    lines = []
+    for run, rec in (adaptations or {}).items():
+        line = f"{run}: {rec['method'] if rec else 'AdaBN'}"
+        if rec and "self_training" in rec:
+            st = rec["self_training"]
+            line += (f" (confidence >= {st['threshold']}; pseudo-labelled test patches per round "
+                     f"{st['pseudo_labelled']}, positive share {st['positive_share']})")
+        lines.append(line)
+    return lines
 
 
 def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0,
@@ -297,6 +311,8 @@ def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache,
     result = {"members": names, "method": d["method"], "adabn": d["adabn"],
               "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
               "adabn_vs_plain": evidence,  # AdaBN is dropped only when z_plain_over_adabn > 1.96
+              # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
+              "adaptations": {r.name: r.adaptation() for r in runs} if ADABN in features else None,
               "prior_matching": matched,  # used only when it raises the LOCO accuracy of the chosen combiner
               "test_positive_rate": float(d["pred"].mean()),
               # what the scores were computed from: submit refuses them once the cache has changed

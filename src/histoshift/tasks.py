@@ -43,6 +43,7 @@ from .lineage import StaleError
 from .models.backbone import PatchClassifier
 from .models.foundation import RecipeError, resolve_recipe
 from .models.feature_shift import standardize_per_center
+from .models.self_training import SelfTraining
 from .models.head import FeatureClassifier
 from .paths import Paths
 from .precision import config_precision
@@ -164,11 +165,12 @@ class ImageTask:
         model = _load_weights(run, PatchClassifier(self.cfg.model, load_weights=False, build=build))
         return self.acc.prepare(self._ready(model.to(self.acc.device)))
 
-    def adapt(self, model: nn.Module, table: pd.DataFrame) -> tuple[nn.Module, int]:
-        """AdaBN: a copy whose batch-norm statistics are those of the center's images."""
+    def adapt(self, model: nn.Module, table: pd.DataFrame, source: pd.DataFrame) -> tuple[nn.Module, dict]:
+        """AdaBN: a copy whose batch-norm statistics are those of the center's images ('changed': the layers;
+        the labelled `source` rows are not needed)."""
         adapted = copy.deepcopy(self.acc.unwrap_model(model))
         n = adapt_batchnorm(adapted, self.cache.gather(table), self.acc.device, stain_norm=self.cfg.aug.stain_norm)
-        return self.acc.prepare(adapted), n
+        return self.acc.prepare(adapted), {"changed": n, "method": "AdaBN"}
 
 
 @torch.no_grad()
@@ -231,12 +233,7 @@ class FeatureTask:
         # labelled rows with every stored view (the HED views too), target rows with the TTA views; kept
         # in float16 on the device (a third of the competition x 12 views x 2560 values is 8 GB, not 16).
         # Per-center standardisation: every center's rows by its own moments (the target's too: label-free)
-        def rows(table: pd.DataFrame) -> torch.Tensor:
-            feats = torch.from_numpy(self.store.rows(table)).to(self.acc.device)
-            if self.cfg.model.feature_shift == "standardize":
-                feats = standardize_per_center(feats, table["center"].to_numpy())
-            return feats
-        return _tensor_streams(self, rows, source, target, seed)
+        return _tensor_streams(self, self._inputs, source, target, seed)
 
     def _view(self, feats: torch.Tensor) -> torch.Tensor:
         """B x V x D stored features -> B x D, one random view per patch (the head's augmentation)."""
@@ -267,14 +264,35 @@ class FeatureTask:
     def load(self, run: RunDir) -> nn.Module:
         return _load_weights(run, self.build_model()).to(self.acc.device)
 
-    def adapt(self, model: nn.Module, table: pd.DataFrame) -> tuple[nn.Module, int]:
-        """The head's feature shift re-estimated on the center's unlabelled stored views (0 maps with
-        model.feature_shift none: the head keeps no statistics of its inputs)."""
-        if self.cfg.model.feature_shift == "none":
-            return model, 0
-        adapted = copy.deepcopy(self.acc.unwrap_model(model))
-        n = adapted.shift.adapt_to(self._tta_rows(table).to(self.acc.device))
-        return self.acc.prepare(adapted), n
+    def _inputs(self, source: pd.DataFrame) -> torch.Tensor:
+        """Labelled rows (every stored view) in the head's input space, as training saw them."""
+        feats = torch.from_numpy(self.store.rows(source)).to(self.acc.device)
+        if self.cfg.model.feature_shift == "standardize":
+            feats = standardize_per_center(feats, source["center"].to_numpy())
+        return feats
+
+    def adapt(self, model: nn.Module, table: pd.DataFrame, source: pd.DataFrame) -> tuple[nn.Module, dict]:
+        """The head adapted to one center from its unlabelled stored views: the feature shift re-estimated on
+        them, then (model.self_train_rounds) self-training on its confident predictions beside the fold's
+        labelled `source` rows. 'changed' counts the maps re-estimated and the rounds that trained (0 with
+        neither: the head keeps no statistics of its inputs and does not self-train)."""
+        m = self.cfg.model
+        if m.feature_shift == "none" and not m.self_train_rounds:
+            return model, {"changed": 0, "method": "none"}
+        adapted = copy.deepcopy(self.acc.unwrap_model(model)).eval()
+        target = self._tta_rows(table).to(self.acc.device)
+        steps = [f"feature shift {m.feature_shift}"] * (m.feature_shift != "none") + \
+            [f"self-training x{m.self_train_rounds}"] * bool(m.self_train_rounds)
+        record = {"changed": adapted.shift.adapt_to(target), "method": " + ".join(steps)}
+        if m.self_train_rounds:
+            with torch.no_grad():  # the target through its re-estimated shift, kept in float16 like the streams
+                target = torch.cat([adapted.shift(target[i:i + 4096].float()).half() for i in range(0, len(target), 4096)])
+            labels = torch.tensor(source["label"].to_numpy(), device=self.acc.device)
+            train = SelfTraining(m.self_train_rounds, m.self_train_threshold, self.cfg.optim.lr,
+                                 self.cfg.train.batch_size, self.cfg.train.seed)
+            record.update(train(adapted, self._inputs(source), labels, target))
+            record["changed"] += sum(n > 0 for n in record["self_training"]["pseudo_labelled"])  # rounds that trained
+        return self.acc.prepare(adapted), record
 
 
 TASKS = {ImageTask.kind: ImageTask, FeatureTask.kind: FeatureTask}

@@ -28,6 +28,12 @@ def heldout_rows(index: pd.DataFrame, center: int) -> pd.DataFrame:
     return lab[lab["center"] == center]
 
 
+def training_rows(index: pd.DataFrame, center: int) -> pd.DataFrame:
+    """The labelled rows a center-wise fold trains on: every other labelled center, no aberrant patch."""
+    lab = labelled(index)
+    return lab[(lab["center"] != center) & ~lab["aberrant"]].reset_index(drop=True)
+
+
 def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
     """Labelled training rows, held-out rows and unlabelled target rows of one fold."""
     lab = labelled(index).merge(folds[["id", "fold"]], on="id", how="left")

@@ -49,6 +49,10 @@ class FeatureClassifier(nn.Module):
         weight = self.head[-1].weight.detach().flatten()
         return {"kept_dims": torch.nonzero(weight).flatten().tolist(), "dims": len(weight)}
 
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Tumour logits of inputs already through the shift (self-training trains these layers only)."""
+        return self.head(self.backbone(z)).squeeze(1)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(self.shift(x))
         return {"features": features, "logits": self.head(features).squeeze(1)}
