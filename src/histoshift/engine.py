@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 import time
 from typing import Callable
@@ -19,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as load_weights_only  # torch.load, weights_only=True, numpy RNG allowed
 
 from .config import Config, ConfigError
 from .data.loader import cycle
@@ -26,7 +28,8 @@ from .metrics import per_center
 from .precision import autocast
 from .progress import bar
 from .runs import RunDir
-from .safeio import require_free, write_text
+from .lineage import StaleError
+from .safeio import require_free, write_json, write_text
 from .tta import PredictionError, check_finite
 
 
@@ -42,8 +45,7 @@ def warmup_cosine(total_steps: int, warmup_frac: float) -> Callable[[int], float
 
 
 class Progress:
-    """The loop's position and history, saved with every epoch's state (an Accelerate custom object,
-    written as JSON-able values only)."""
+    """The loop's position and history, saved with every epoch's state as JSON (`loop.json`)."""
 
     def __init__(self):
         self.epoch, self.step, self.seconds, self.records = 0, 0, 0.0, []
@@ -56,9 +58,16 @@ class Progress:
         self.records = list(state["records"])
 
 
-def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int) -> None:
+LOOP_STATE = "loop.json"  # the loop's own state in a saved epoch (progress, schedule): JSON, never a pickle
+
+
+def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int, scheduler, progress: Progress) -> None:
     """Everything needed to resume after `epoch`, in run/state-epoch<N>/ with a `complete` marker
-    written last; older states are removed after."""
+    written last; older states are removed after. Accelerate writes the model (safetensors), the optimizer
+    and the RNG states, which its `load_state` reads with torch's weights_only loader; the scheduler and the
+    progress go to loop.json. Nothing is registered as an Accelerate custom object: those are read back with
+    weights_only=False (accelerate's checkpointing.load_custom_state), and a run folder is input - a pickle
+    planted in an unfinished run's state folder would run its code on the next `train`."""
     folder = run.state_dir(epoch)
     if accelerator.is_main_process:
         require_free(run.path, nbytes, f"saving the epoch {epoch} state")
@@ -67,11 +76,38 @@ def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: 
     accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json(folder / LOOP_STATE, {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()})
         (folder / "complete").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
         for old in run.path.glob("state-epoch*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def load_epoch_state(accelerator: Accelerator, folder, scheduler, progress: Progress) -> None:
+    """The state `save_epoch_state` wrote, without unpickling anything: Accelerate's loader reads the
+    optimizer and RNG files with weights_only=True (a file that needs more is refused, one line) and no
+    custom object is registered, so a `custom_checkpoint_*.pkl` in the folder is never opened."""
+    loop = folder / LOOP_STATE
+    try:
+        state = json.loads(loop.read_text())
+        scheduler.load_state_dict(state["scheduler"])
+        progress.load_state_dict(state["progress"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StaleError(f"{loop}: not a saved loop state ({type(e).__name__}: {e}); "
+                         "train --force starts the fold again") from None
+    foreign = sorted(p.name for p in folder.glob("custom_checkpoint_*"))
+    if foreign:  # this repository never writes them: a planted or foreign state, never opened
+        raise StaleError(f"{folder}: holds {', '.join(foreign)}, which this repository never writes (a state "
+                         "from elsewhere); not loaded. train --force starts the fold again")
+    try:
+        for rng in sorted(folder.glob("random_states_*.pkl")):  # Accelerate would skip a bad one in silence
+            load_weights_only(rng)  # and resume with other random numbers: checked here first
+        accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as e:  # what torch's weights_only loader raises for anything but tensors
+        first = str(e).strip().splitlines()[0]
+        raise StaleError(f"{folder}: a file of the saved state holds more than tensors and is not loaded "
+                         f"({first}); train --force starts the fold again") from None
 
 
 def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: Accelerator, run: RunDir,
@@ -95,10 +131,9 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
                  for g in optimizer.param_groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in core.parameters())  # weights + two AdamW moments
     if resume:
-        accelerator.load_state(str(run.last_state()))
+        load_epoch_state(accelerator, run.last_state(), scheduler, progress)
         accelerator.print(f"train {run.name}: resuming after epoch {progress.epoch} of {cfg.train.epochs}")
         if accelerator.is_main_process:  # the history as of the saved epoch (a later line may predate the kill)
             write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in progress.records))
@@ -145,5 +180,5 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
             with run.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if epoch + 1 < cfg.train.epochs:  # a kill from here on resumes after this epoch
-            save_epoch_state(accelerator, run, epoch + 1, state_bytes)
+            save_epoch_state(accelerator, run, epoch + 1, state_bytes, scheduler, progress)
     return core.model, oof, time.time() - t0, state_bytes // 3
