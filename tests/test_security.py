@@ -95,3 +95,79 @@ def test_a_broken_loop_state_is_one_line(prepared_root, tmp_path, monkeypatch, c
     capsys.readouterr()
     assert main(argv) == 2
     assert "loop.json: not a saved loop state" in _one_error_line(capsys)
+
+
+# ---- nothing is written through a symlink ----------------------------------------------------------------
+
+def test_a_lock_never_opens_a_symlink(tmp_path):
+    from histoshift.safeio import Lock, LockError
+
+    victim = tmp_path / "outside.txt"
+    victim.write_text("precious")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / ".cache.lock").symlink_to(victim)
+    with pytest.raises(LockError, match=r"\.cache\.lock: is a symbolic link"):
+        with Lock(tmp_path / "work" / ".cache.lock", "the cache"):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_writes_replace_a_planted_link_never_its_target(tmp_path):
+    import numpy as np
+
+    from histoshift.safeio import reserve_npy, write_text
+
+    victim = tmp_path / "outside.txt"
+    victim.write_text("precious")
+    for name in ("report.md", "features_train.npy"):
+        (tmp_path / name).symlink_to(victim)
+    write_text(tmp_path / "report.md", "new")
+    arr = reserve_npy(tmp_path / "features_train.npy", (4, 3), np.float16, "a test")
+    arr[:] = 1
+    del arr
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "report.md").is_symlink() and (tmp_path / "report.md").read_text() == "new"
+    assert not (tmp_path / "features_train.npy").is_symlink()
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
+
+
+def test_submit_never_writes_through_a_symlink(finished, tmp_path, capsys):
+    import pandas as pd
+
+    subs = finished / "submissions"
+    victim = tmp_path / "outside.csv"
+    victim.write_text("precious")
+    (subs / "submission.tmp").symlink_to(victim)  # the old fixed temporary name
+    scores = finished / "work" / "stack" / "test_scores.csv"
+    table = pd.read_csv(scores)
+    table["pred"] = 1 - table["pred"]  # a new submission to write
+    table.to_csv(scores, index=False)
+    r = ["--root", str(finished), "submit", "--allow-degenerate"]
+    assert main(r) == 0
+    assert victim.read_text() == "precious"
+    assert not (subs / "submission.csv").is_symlink()
+    sub = pd.read_csv(subs / "submission.csv")
+    assert dict(zip(sub["ID"], sub["Pred"])) == dict(zip(table["id"], table["pred"]))  # the new predictions
+    # a symlink at submission.csv itself: refused, its target untouched
+    (subs / "submission.csv").unlink()
+    (subs / "submission.csv").symlink_to(victim)
+    capsys.readouterr()
+    assert main(r) == 2
+    assert "submission.csv: is a symbolic link" in _one_error_line(capsys)
+    assert victim.read_text() == "precious"
+
+
+# ---- run names are plain folder names ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../../../x", "/some/abs/path", "a/b", "", 'a,b "c"', "..", ".hidden"])
+def test_run_names_that_are_not_plain_folders_are_refused_before_training(prepared_root, tmp_path, capsys, name):
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["--root", str(root), "train", "--config", str(cfg), "--fold", "0", f"name={name}"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: name: must be a plain folder") and repr(name) in line
+    assert not (root / "work" / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == before

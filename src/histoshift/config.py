@@ -8,12 +8,13 @@ registry (a foundation recipe and its overrides) are checked by the stages that 
 """
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .safeio import write_text
 
@@ -23,6 +24,16 @@ ALGORITHM_NAMES = ("erm", "dann")  # the keys of histoshift.algorithms.ALGORITHM
 
 class ConfigError(ValueError):
     """An unknown key or a value of the wrong type in a config file or override."""
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def _run_name(value: str) -> str:
+    if not RUN_NAME.fullmatch(value):
+        raise ValueError("must be a plain folder: 1-100 letters, digits, '.', '_' or '-', not starting with '.' "
+                         f"(the run is written to work/runs/<it>/), got {value!r}")
+    return value
 
 
 def _no_bool(value):
@@ -156,7 +167,9 @@ class TrainCfg(Section):
 
 
 class Config(Section):
-    name: str = "experiment"
+    # the run's folder name under work/runs/ and its name in the stack's tables: a plain name (letters,
+    # digits, '.', '_', '-'; not starting with '.'), never a path
+    name: Annotated[str, AfterValidator(_run_name)] = "experiment"
     model: ModelCfg = ModelCfg()
     algorithm: AlgorithmCfg = AlgorithmCfg()
     optim: OptimCfg = OptimCfg()

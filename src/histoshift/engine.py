@@ -71,13 +71,15 @@ def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: 
     folder = run.state_dir(epoch)
     if accelerator.is_main_process:
         require_free(run.path, nbytes, f"saving the epoch {epoch} state")
+        if folder.is_symlink():  # rmtree refuses a link and Accelerate would write into its target
+            folder.unlink()
         shutil.rmtree(folder, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(folder / LOOP_STATE, {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()})
-        (folder / "complete").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        write_text(folder / "complete", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         for old in run.path.glob("state-epoch*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)

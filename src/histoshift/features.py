@@ -239,7 +239,7 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
     embedder = Embedder(backbone, model.preprocess, cfg, accelerator.device, precision)
     if accelerator.is_main_process:
         (path / "progress").mkdir(parents=True, exist_ok=True)
-        (path / "spec.json").write_text(json.dumps(spec, indent=2, default=str))
+        write_text(path / "spec.json", json.dumps(spec, indent=2, default=str))
     accelerator.wait_for_everyone()
     accelerator.print(f"embed: {path.name}, precision {precision}, {model.num_features} values per view")
     t0, count = time.time(), 0

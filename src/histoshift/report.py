@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .paths import Paths  # noqa: E402
 from .runs import RunDir  # noqa: E402
-from .safeio import write_text  # noqa: E402
+from .safeio import write_figure, write_text  # noqa: E402
 from .stack import PRIOR, adaptation_lines, evidence_line  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def _curves(runs: list[RunDir], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -162,7 +162,7 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
             ax.set_xticks([]), ax.set_yticks([])
             ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_figure(fig, path, dpi=100)
     plt.close(fig)
     return notes
 
@@ -175,7 +175,7 @@ def _combiners(comparison: pd.DataFrame, path: Path) -> None:
     ax.set(title="leave-one-center-out accuracy of the combiners", xlabel="held-out center",
            ylabel="accuracy", ylim=(low, 1.0))
     ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=110)
+    write_figure(ax.figure, path, dpi=110)
     plt.close(ax.figure)
 
 
@@ -194,7 +194,7 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     ax.set(title="mean ensemble, held-out centers (out of fold)", xlabel="held-out center",
            ylim=(max(0.0, float(centers[["accuracy", "auc"]].min().min()) - 0.05), 1.0))
     ax.figure.tight_layout()
-    ax.figure.savefig(out_dir / "per_center.png", dpi=110)
+    write_figure(ax.figure, out_dir / "per_center.png", dpi=110)
     plt.close(ax.figure)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     prob = 1 / (1 + np.exp(-table["logit"].to_numpy()))
@@ -218,7 +218,7 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     axes[1].set(title="calibration (all held-out centers)", xlabel="mean predicted tumour probability",
                 ylabel="observed tumour share")
     fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=110)
+    write_figure(fig, out_dir / "roc.png", dpi=110)
     plt.close(fig)
     return centers
 

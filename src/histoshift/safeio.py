@@ -1,7 +1,9 @@
 """Writes that cannot leave half a file, free-space checks, and locks between processes.
 
-- `atomic(path)`: yields a temporary name beside `path`; renamed over it only when the block ends
-  without an error, removed otherwise. Every artefact a stage writes goes through it.
+- `atomic(path)`: yields a temporary file beside `path`, created exclusively under a random name (a symlink
+  planted at a predictable name is never followed); renamed over `path` only when the block ends without
+  an error (the rename replaces a symlink at `path`, never its target), removed otherwise. Every artefact a
+  stage writes goes through it (`write_text`, `write_json`, `write_csv`, `write_figure`).
 - `require_free(folder, nbytes, what)`: one clear line (`DiskError`) instead of a SIGBUS or a
   half-written file when the disk cannot hold what a stage is about to write.
 - `Lock(path, what)`: an advisory `flock` held while a stage works on a folder; a second process
@@ -15,9 +17,13 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: temporary files get the permissions a plain open() would have given
 
 
 class DiskError(RuntimeError):
@@ -32,14 +38,17 @@ class LockError(RuntimeError):
 def atomic(path: Path):
     """A temporary path beside `path` (same folder, so the final rename is atomic)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL: never follows
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
         _cleanup(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskError(f"disk full while writing {path} (nothing was replaced)") from None
+            raise DiskError(f"disk full while writing {path} ({e.strerror}; nothing was replaced)") from None
         raise
     except BaseException:
         _cleanup(tmp)
@@ -47,10 +56,7 @@ def atomic(path: Path):
 
 
 def _cleanup(tmp: Path) -> None:
-    if tmp.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -66,6 +72,22 @@ def write_csv(path: Path, table, **kwargs) -> None:
     kwargs.setdefault("index", False)
     with atomic(path) as tmp:
         table.to_csv(tmp, **kwargs)
+
+
+def write_figure(fig, path: Path, **kwargs) -> None:
+    """A matplotlib figure, atomically (its format from the suffix)."""
+    path = Path(path)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs)
+
+
+def new_file_path(path: Path) -> Path:
+    """`path` cleared for a library that opens it by name to create it (a memory map, an HDF5 file): a symlink
+    or file there is removed first (unlink never follows), so nothing is written through a planted link."""
+    path = Path(path)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    return path
 
 
 def human(nbytes: float) -> str:
@@ -94,8 +116,8 @@ def reserve_npy(path: Path, shape: tuple, dtype, what: str):
     line, not later with SIGBUS inside a write to a sparse file."""
     import numpy as np
 
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    fd = os.open(path, os.O_RDWR)
+    arr = np.lib.format.open_memmap(new_file_path(path), mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     try:
         os.posix_fallocate(fd, 0, os.path.getsize(path))
     except OSError as e:
@@ -115,7 +137,13 @@ class Lock:
 
     def __enter__(self) -> "Lock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink: the holder's pid would overwrite the link's target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise LockError(f"{self.path}: is a symbolic link; a lock file is never opened through one "
+                            "(remove the link)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -16,7 +16,7 @@ import pandas as pd
 from .data.cache import check_inputs
 from .data.h5_reader import list_ids
 from .lineage import StaleError, stack_cache_id
-from .safeio import Lock
+from .safeio import DiskError, Lock, atomic
 
 
 class SubmissionError(ValueError):
@@ -83,22 +83,26 @@ def _write(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: boo
     if path.exists() and pd.read_csv(path).equals(sub):
         print(f"submit: {path} already holds these predictions, nothing to do")
         return path
-    tmp = path.with_suffix(".tmp")
+    if path.is_symlink():
+        raise SubmissionError(f"{path}: is a symbolic link; the submission is never written through one "
+                              "(remove or rename it)")
     try:
-        sub.to_csv(tmp, index=False)  # complete before the old submission moves
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SubmissionError(f"{tmp}: could not write the new submission ({e.strerror or e}); "
+        with atomic(path) as tmp:
+            sub.to_csv(tmp, index=False)  # complete before the old submission moves
+            if path.exists():
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+                keep = out_dir / f"submission.{stamp}.csv"
+                n = 1
+                while keep.exists() or keep.is_symlink():
+                    keep, n = out_dir / f"submission.{stamp}-{n}.csv", n + 1
+                path.rename(keep)
+                print(f"submit: kept the previous submission as {keep}")
+    except DiskError as e:
+        raise SubmissionError(f"the new submission: {e}; "
                               f"{'the previous one is untouched' if path.exists() else 'nothing was written'}") from None
-    if path.exists():
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        keep = out_dir / f"submission.{stamp}.csv"
-        n = 1
-        while keep.exists():
-            keep, n = out_dir / f"submission.{stamp}-{n}.csv", n + 1
-        path.rename(keep)
-        print(f"submit: kept the previous submission as {keep}")
-    tmp.replace(path)
+    except OSError as e:
+        raise SubmissionError(f"{path}: could not write the new submission ({e.strerror or e}); "
+                              f"{'the previous one is untouched' if path.exists() else 'nothing was written'}") from None
     print(f"submit: wrote {path}: {len(sub)} rows, {int(sub['Pred'].sum())} predicted tumour "
           f"({sub['Pred'].mean():.1%})")
     return path

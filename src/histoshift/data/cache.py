@@ -28,7 +28,7 @@ import pandas as pd
 
 from ..lineage import StaleError
 from ..progress import bar as progress_bar
-from ..safeio import Lock, require_free, reserve_npy
+from ..safeio import Lock, require_free, reserve_npy, write_csv, write_json
 from .h5_reader import InputError, open_h5, read_chunk, read_record, sorted_keys
 from .overview import write_overview
 from .quality import QualityRule, measure
@@ -208,12 +208,12 @@ def _build(paths: dict, keys: dict, out: Path, rule: QualityRule, contract: Cont
             seen[i] = path
         frames.append(df)
     index = pd.concat(frames, ignore_index=True)
-    index.to_csv(out / "index.csv", index=False)
-    quality_report(index).to_csv(out / "quality_report.csv", index=False)
+    write_csv(out / "index.csv", index)
+    write_csv(out / "quality_report.csv", quality_report(index))
     write_overview(out, index)  # overview.png, colours.png, colour_stats.csv
     splits = {s: {"patches": int((index["split"] == s).sum()), "digest": digests[s]} for s in SPLITS}
     cache_id = hashlib.blake2b(json.dumps([splits, fp["rule"]], sort_keys=True).encode(), digest_size=8).hexdigest()
-    (out / "manifest.json").write_text(json.dumps({**fp, "splits": splits, "cache_id": cache_id}, indent=2))
+    write_json(out / "manifest.json", {**fp, "splits": splits, "cache_id": cache_id})
     return index
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..safeio import atomic, write_text
 from .hed import RGB_FROM_HED
 
 # center -> (hematoxylin scale, eosin scale, brightness gain)
@@ -86,8 +87,7 @@ def make_demo(out_dir: Path, per_center: int = 160, test_size: int = 240, n_aber
     test_labels = []
     for split, centers in SPLIT_CENTERS.items():
         path = out_dir / f"{split}.h5"
-        tmp = path.with_suffix(".tmp")
-        with h5py.File(tmp, "w") as f:
+        with atomic(path) as tmp, h5py.File(tmp, "w") as f:
             for center in centers:
                 n = sizes[center]
                 labels = rng.permutation(np.arange(n) % 2)
@@ -103,7 +103,5 @@ def make_demo(out_dir: Path, per_center: int = 160, test_size: int = 240, n_aber
                     g["metadata"] = np.array([center, k], dtype=np.int64)
                     if split == "test":
                         test_labels.append((i, int(labels[k])))
-        tmp.replace(path)
-    with open(out_dir / "test_labels.csv", "w") as f:
-        f.write("ID,label\n" + "".join(f"{i},{y}\n" for i, y in test_labels))
+    write_text(out_dir / "test_labels.csv", "ID,label\n" + "".join(f"{i},{y}\n" for i, y in test_labels))
     return out_dir

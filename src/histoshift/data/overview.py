@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..safeio import write_csv, write_figure
 from .hed import HED_FROM_RGB
 
 SAMPLE = 500  # patches per center for the colour statistics
@@ -69,7 +70,7 @@ def write_overview(cache_dir: Path, index: pd.DataFrame, per_center: int = 8, se
                           **{f"{k}_std": round(float(table[k].std()), 4) for k in table.columns}})
     fig.suptitle("sample patches per center (aberrant ones framed red, left out of training)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(cache_dir / "overview.png", dpi=100)
+    write_figure(fig, cache_dir / "overview.png", dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -79,7 +80,7 @@ def write_overview(cache_dir: Path, index: pd.DataFrame, per_center: int = 8, se
            ylabel="mean eosin concentration")
     ax.legend(markerscale=3, fontsize=8)
     fig.tight_layout()
-    fig.savefig(cache_dir / "colours.png", dpi=100)
+    write_figure(fig, cache_dir / "colours.png", dpi=100)
     plt.close(fig)
-    pd.DataFrame(stats).to_csv(cache_dir / "colour_stats.csv", index=False)
+    write_csv(cache_dir / "colour_stats.csv", pd.DataFrame(stats))
     return [cache_dir / "overview.png", cache_dir / "colours.png", cache_dir / "colour_stats.csv"]
