@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 source scripts/env.sh
 source scripts/mode.sh
 start=$(date +%s)
+"$PY" -m histoshift --root "$ROOT" prepare --verify   # the inputs' bytes against the cache's digests (a rebuild makes what follows recompute or refuse)
 $LAUNCH -m histoshift --root "$ROOT" infer --adabn   # plain and AdaBN predictions; stack keeps AdaBN unless LOCO shows it hurts
 "$PY" -m histoshift --root "$ROOT" stack
 "$PY" -m histoshift --root "$ROOT" submit ${ALLOW_DEGENERATE:+--allow-degenerate}   # one class for all: refused unless set

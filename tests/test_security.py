@@ -2,6 +2,7 @@
 code, write outside its root or train on what it should not. Each test here fails on the code before it."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -13,6 +14,7 @@ from histoshift import engine
 from histoshift.cli import main
 from histoshift.runs import RunDir
 from test_faults import _one_error_line
+from test_foundation import hf_cache  # noqa: F401 - the fixture
 
 TINY = {"name": "tiny", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
         "algorithm": {"name": "dann"}, "train": {"epochs": 2, "batch_size": 8, "target_batch_size": 8,
@@ -171,3 +173,126 @@ def test_run_names_that_are_not_plain_folders_are_refused_before_training(prepar
     line = _one_error_line(capsys)
     assert line.startswith("error: name: must be a plain folder") and repr(name) in line
     assert not (root / "work" / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---- the feature store: checksums per chunk, the weights' content identity ----------------------------------
+
+HEAD = {"name": "head", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True,
+                                  "head_hidden": 16},
+        "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
+
+
+def _store(root):
+    (path,) = (root / "work" / "features").iterdir()
+    return path
+
+
+@pytest.mark.parametrize("damage", ["random", "nan", "legacy-marker"])
+def test_a_damaged_store_chunk_is_embedded_again_never_trained_on(prepared_root, tmp_path, capsys, damage):
+    import numpy as np
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cfg = tmp_path / "head.yaml"
+    cfg.write_text(yaml.safe_dump(HEAD))
+    embed = ["--root", str(root), "embed", "--config", str(cfg)]
+    assert main(embed) == 0
+    store = _store(root)
+    good = np.load(store / "features_train.npy").copy()
+    arr = np.load(store / "features_train.npy", mmap_mode="r+")  # header kept, bytes changed
+    if damage == "random":
+        arr[3:7] = np.random.default_rng(0).standard_normal(arr[3:7].shape).astype(np.float16)
+    elif damage == "nan":
+        arr[5] = np.nan
+    else:  # a marker from before checksums (empty)
+        (store / "progress" / "train-0").write_text("")
+    arr.flush()
+    del arr
+    capsys.readouterr()
+    assert main(embed) == 0
+    assert "train-0 do not match their checksums; embedding that again" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(store / "features_train.npy"), good)  # CPU embedding is deterministic
+    assert main(embed) == 0 and "checksums" not in capsys.readouterr().out  # verified now
+
+
+def test_non_finite_features_from_the_backbone_are_one_line(prepared_root, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from histoshift import features
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cfg = tmp_path / "head.yaml"
+    cfg.write_text(yaml.safe_dump(HEAD))
+    real = features.Embedder.__call__
+
+    def overflow(self, images, n_views, seed):
+        out = real(self, images, n_views, seed)
+        out[2, 0, 0] = np.inf
+        return out
+
+    monkeypatch.setattr(features.Embedder, "__call__", overflow)
+    assert main(["--root", str(root), "embed", "--config", str(cfg)]) == 2
+    line = _one_error_line(capsys)
+    assert "non-finite features for train row 2" in line and "precision fp32 or bf16" in line
+    assert not (_store(root) / "meta.json").exists() and not list((_store(root) / "progress").iterdir())
+
+
+def test_weights_replaced_in_the_hub_cache_under_the_same_revision_reembed_and_stale_the_heads(
+        hf_cache, prepared_root, tmp_path, capsys):
+    """The store key covers the snapshot's revision; meta.json also records its files (blob, size, time,
+    config text): weights replaced in place embed again, and the heads trained on the old features refuse."""
+    from histoshift.models.foundation import RECIPES
+    from histoshift.models.foundation.standin import write_standin
+    from test_foundation import _fm_config
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    folder = write_standin(RECIPES["hoptimus0"], hf_cache)
+    _fm_config(tmp_path / "c.yaml", "hoptimus0")
+    r = ["--root", str(root)]
+    assert main(r + ["train", "--config", str(tmp_path / "c.yaml"), "--fold", "0"]) == 0
+    meta = json.loads((_store(root) / "meta.json").read_text())
+    assert "model.safetensors" in meta["weights_files"] and "config.json" in meta["weights_files"]
+    other = write_standin(RECIPES["hoptimus0"], tmp_path / "other", layout="dir", seed=1)
+    weights = folder / "model.safetensors"
+    target = weights.resolve()  # the blob: replaced in place, the revision and blob name unchanged
+    shutil.copyfile(other / "model.safetensors", target)
+    capsys.readouterr()
+    assert main(r + ["embed", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert "model.safetensors changed in the Hugging Face cache since the store was embedded" in capsys.readouterr().out
+    assert len(list((root / "work" / "features").iterdir())) == 1  # same key, embedded again
+    assert main(r + ["infer"]) == 2
+    assert "the stored features (embedded again since) changed since the run was trained" in _one_error_line(capsys)
+    # a config.json edited in place (its text): embedded again as well
+    config = folder / "config.json"
+    config.resolve().write_text(config.read_text().replace("{", '{"edited": true, ', 1))
+    assert main(r + ["embed", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert "config.json changed in the Hugging Face cache" in capsys.readouterr().out
+
+
+# ---- input change detection by content ---------------------------------------------------------------------
+
+def test_prepare_verify_catches_a_same_size_same_time_edit(prepared_root, tmp_path, capsys):
+    import h5py
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    assert main(["--root", str(root), "prepare"]) == 0  # the manifest records the files' paths: a copy rebuilds once
+    old_id = json.loads((root / "work" / "cache" / "manifest.json").read_text())["cache_id"]
+    test_h5 = root / "input" / "test.h5"
+    st = test_h5.stat()
+    with h5py.File(test_h5, "r+") as f:
+        key = sorted(f.keys())[0]
+        f[key]["img"][...] = 1.0 - f[key]["img"][...]  # pixels changed, the file's size kept
+    os.utime(test_h5, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert test_h5.stat().st_size == st.st_size
+    capsys.readouterr()
+    assert main(["--root", str(root), "prepare"]) == 0  # the quick check sees size and time only
+    assert "up to date" in capsys.readouterr().out
+    assert main(["--root", str(root), "prepare", "--verify"]) == 0
+    assert "test.h5 changed with size and modification time kept" in capsys.readouterr().out
+    new_id = json.loads((root / "work" / "cache" / "manifest.json").read_text())["cache_id"]
+    assert new_id != old_id
+    assert main(["--root", str(root), "prepare", "--verify"]) == 0
+    assert "up to date (file contents verified)" in capsys.readouterr().out

@@ -126,7 +126,7 @@ def cmd_prepare(a, paths: Paths):
 
     rule = QualityRule(max_black=a.max_black, max_white_frac=a.max_white_frac)
     _timed("prepare", prepare, paths.input, paths.cache, rule, force=a.force, contract=Contract.parse(a.centers),
-           workers=a.workers)
+           workers=a.workers, verify=a.verify)
 
 
 def cmd_folds(a, paths: Paths):
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = stage("prepare")
     s.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
+    s.add_argument("--verify", action="store_true",
+                   help="also compare the files' bytes with the digests taken when the cache was built (a same-size, "
+                        "same-time edit is caught; infer.sh runs it before every submission)")
     s.add_argument("--max-black", type=int, default=200, help="aberrant above this many pure-black pixels")
     s.add_argument("--max-white-frac", type=float, default=0.9, help="aberrant above this share of white pixels")
     s.add_argument("--centers", default="train=0,3,4;val=1;test=2",
@@ -375,6 +378,7 @@ def _user_errors() -> tuple:
     from .config import ConfigError
     from .data.folds import FoldsError
     from .data.h5_reader import InputError
+    from .features import FeatureError
     from .lineage import StaleError
     from .models.foundation import RecipeError
     from .models.weights import WeightsError
@@ -383,7 +387,7 @@ def _user_errors() -> tuple:
     from .stack import StackError
     from .submit import SubmissionError
 
-    return (ConfigError, InputError, FoldsError, StaleError, WeightsError, RecipeError, PredictionError, StackError,
+    return (ConfigError, InputError, FeatureError, FoldsError, StaleError, WeightsError, RecipeError, PredictionError, StackError,
             SubmissionError, DiskError, LockError, FileExistsError, FileNotFoundError)
 
 

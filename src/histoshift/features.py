@@ -12,6 +12,13 @@ nothing stale is reused.
 Embedding is the long step (a ViT-g over the competition runs for about an hour on one GPU), so it
 runs in fixed chunks of rows written straight into the memory-mapped arrays; a chunk's marker file is
 written after its rows are flushed, and a killed run resumes at the first chunk without a marker.
+
+Files are input: each marker holds its chunk's checksum (blake2b of the stored rows), checked whenever the
+store is opened for training or prediction; a chunk that does not match (bytes written into the file, a
+marker without a checksum) is embedded again, never trained on. For hub weights, meta.json also records
+the snapshot's files as they were (`snapshot_files`: blob names, sizes, times, config text hashes): a file
+replaced in the cache under the same revision makes the store embed again. Runs record the store's
+content stamp (a hash of its checksums), so features that changed make them stale, never silently reused.
 Within a chunk, all views of a batch go through the backbone in one forward under the recipe's
 autocast precision; on a GPU the batch is fitted to free memory and halved on out-of-memory. With
 `accelerate launch` each process embeds its own share of the chunks.
@@ -22,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -88,6 +96,15 @@ def store_key(spec: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{spec['views']}v{hed}-{spec['precision']}-{digest}")
 
 
+class FeatureError(ValueError):
+    """Features that must not be stored or trained on (non-finite values from the backbone)."""
+
+
+def chunk_digest(arr: np.ndarray, start: int) -> str:
+    """The checksum of one chunk of stored rows (the bytes as stored, float16)."""
+    return hashlib.blake2b(np.ascontiguousarray(arr[start:start + CHUNK_ROWS]).tobytes(), digest_size=16).hexdigest()
+
+
 class FeatureStore:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -95,6 +112,23 @@ class FeatureStore:
         self.arrays = {s: np.load(self.path / f"features_{s}.npy", mmap_mode="r") for s in SPLITS}
         self.dim = self.arrays["train"].shape[-1]
         self.views = self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
+
+    def bad_chunks(self) -> list[str]:
+        """The chunks whose rows do not match the checksum in their marker (or have none): '<split>-<row>'."""
+        bad = []
+        for split, arr in self.arrays.items():
+            for start in range(0, len(arr), CHUNK_ROWS):
+                marker = self.path / "progress" / f"{split}-{start}"
+                recorded = marker.read_text().strip() if marker.is_file() else ""
+                if recorded != chunk_digest(arr, start):
+                    bad.append(marker.name)
+        return bad
+
+    def stamp(self) -> str:
+        """The store's content identity: a hash of every chunk's checksum (runs record it)."""
+        marks = sorted((self.path / "progress").iterdir())
+        return hashlib.blake2b("".join(f"{m.name}={m.read_text().strip()};" for m in marks).encode(),
+                               digest_size=8).hexdigest()
 
     def rows(self, table: pd.DataFrame, views: int | None = None) -> np.ndarray:
         """Features (n x V x D, float16 as stored) of the table's patches, in its order: the first `views`
@@ -207,9 +241,15 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
         for k, start in enumerate(mine):
             chunk = pending.result()
             pending = pool.submit(load, mine[k + 1]) if k + 1 < len(mine) else None
-            arr[start:start + len(chunk)] = embedder(chunk, n_views, HED_SEED + 10**8 * SPLITS.index(split) + start)
+            out = embedder(chunk, n_views, HED_SEED + 10**8 * SPLITS.index(split) + start)
+            if not np.isfinite(out).all():
+                row = start + int(np.argwhere(~np.isfinite(out).reshape(len(out), -1).all(1))[0, 0])
+                raise FeatureError(f"{path}: the backbone gave non-finite features for {split} row {row} (id in the "
+                                   "cache's index); nothing of this chunk was stored. Use model.recipe_overrides "
+                                   "precision fp32 or bf16 (float16 overflows in some models), then embed again")
+            arr[start:start + len(chunk)] = out
             arr.flush()
-            (marks / f"{split}-{start}").touch()
+            write_text(marks / f"{split}-{start}", chunk_digest(arr, start))  # after the rows: checked when read
             embedded += len(chunk) * n_views
             bar.update(len(chunk) * accelerator.num_processes * n_views)
     bar.close()
@@ -224,17 +264,55 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
     spec = spec or feature_spec(cfg, cache, precision)
     path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
-        return FeatureStore(path)
+        try:
+            stale = _stale_parts(FeatureStore(path), cfg)  # every process reads; the main one clears
+        except (OSError, ValueError) as e:  # a features file that is not an array of the store any more
+            stale = (f"its files cannot be read ({type(e).__name__}: {e})", [])
+            if accelerator.is_main_process:
+                for split in SPLITS:
+                    (path / f"features_{split}.npy").unlink(missing_ok=True)
+                shutil.rmtree(path / "progress", ignore_errors=True)
+        if not stale:
+            return FeatureStore(path)
+        if accelerator.is_main_process:
+            reason, markers = stale
+            accelerator.print(f"embed: {path.name}: {reason}; embedding that again (nothing stale is trained on)")
+            (path / "meta.json").unlink()
+            for name in markers:
+                (path / "progress" / name).unlink(missing_ok=True)
+            (path / "progress").mkdir(exist_ok=True)
+        accelerator.wait_for_everyone()
     # one process embeds a store at a time (two head configs with the same backbone share it)
     with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
         return _embed_store(cfg, cache, path, accelerator, precision, spec)
+
+
+def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | None:
+    """Why a complete store cannot be used as it is, and the chunk markers to clear: hub weight files that
+    changed in the cache since it was embedded (every chunk), or chunks that fail their checksum."""
+    recorded = store.meta.get("weights_files")
+    if recorded is not None:
+        from .models.foundation import resolve_recipe
+        from .models.foundation.loader import snapshot_files
+
+        now = snapshot_files(resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides))
+        moved = [name for name, entry in recorded.items() if now.get(name) != entry]
+        if moved:
+            return (f"{', '.join(moved)} changed in the Hugging Face cache since the store was embedded (same revision)",
+                    [m.name for m in (store.path / "progress").iterdir()])
+    bad = store.bad_chunks()
+    if bad:
+        return f"chunk(s) {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} do not match their checksums", bad
+    return None
 
 
 def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator, precision: str,
                  spec: dict) -> FeatureStore:
     if (path / "meta.json").exists():  # completed by another process between the first check and the lock
         return FeatureStore(path)
-    model = PatchClassifier(cfg.model)
+    with torch.random.fork_rng(devices=[]):  # weights none (random features): the same store every time
+        torch.manual_seed(0)
+        model = PatchClassifier(cfg.model)
     backbone = model.backbone.eval().to(accelerator.device)
     embedder = Embedder(backbone, model.preprocess, cfg, accelerator.device, precision)
     if accelerator.is_main_process:
@@ -251,6 +329,11 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
     if accelerator.is_main_process:
         meta = {"spec": spec, "dim": model.num_features, "batch_patches": embedder.batch,
                 "seconds": round(seconds, 1), "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1)}
+        if spec["backbone"].get("weights", {}).get("hub"):  # the snapshot's files as the weights were loaded
+            from .models.foundation import resolve_recipe
+            from .models.foundation.loader import snapshot_files
+
+            meta["weights_files"] = snapshot_files(resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides))
         write_text(path / "meta.json", json.dumps(meta, indent=2, default=str))  # written last: the store is complete
         accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
     accelerator.wait_for_everyone()

@@ -57,4 +57,6 @@ def changed(recorded: dict, current: dict, prefix: str = "") -> list[str]:
             out += changed(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}")
+    if f"{prefix}features" in out and f"{prefix}features_content" in out:  # another store: its content follows
+        out.remove(f"{prefix}features_content")
     return out

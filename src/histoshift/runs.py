@@ -38,6 +38,7 @@ from .safeio import write_csv, write_json
 
 INPUT_NAMES = {"cache.train": "the cached train.h5", "cache.val": "the cached val.h5", "cache.test": "the cached test.h5",
                "folds": "folds.csv", "features": "the feature store (new weights, views or cache)",
+               "features_content": "the stored features (embedded again since)",
                "pseudo": "the stack's test predictions it took pseudo-labels from", "task": "the kind of model"}
 
 
@@ -151,7 +152,7 @@ class RunDir:
     def check_lineage(self, task_inputs: dict) -> None:
         """Refuse a run whose task data (a head's feature store) are not the ones it was trained on."""
         recorded = self.recorded_inputs()
-        moved = [k for k, v in task_inputs.items() if recorded.get(k) != v]
+        moved = changed({k: recorded.get(k) for k in task_inputs}, task_inputs)
         if moved:
             raise StaleError(f"{self.path}: {' and '.join(INPUT_NAMES.get(k, k) for k in moved)} changed since the run "
                              "was trained; retrain it (train --force)")

@@ -207,7 +207,10 @@ class FeatureTask:
         self.spec = feature_spec(cfg, cache, precision)  # computed once: one hub lookup per run
 
     def lineage(self) -> dict:
-        return {"features": store_key(self.spec)}
+        """The store's key and, once it is complete, its content stamp (features embedded again differ)."""
+        path = self.paths.features / store_key(self.spec)
+        done = (path / "meta.json").exists()
+        return {"features": store_key(self.spec), **({"features_content": FeatureStore(path).stamp()} if done else {})}
 
     def stored_data(self) -> FeatureStore:
         return self.store

@@ -80,7 +80,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
     if accelerator.is_main_process and mode == "fresh":
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
-        write_json(run.inputs, inputs)
+        write_json(run.inputs, run_inputs(cfg, task, cache, paths))  # again: a store embedded just now has its stamp
 
     source, heldout, target, n_pseudo = fold_data(cfg, cache, folds, paths, run.fold, accelerator.print)
     accelerator.print(f"train {run.name}: {len(source)} labelled patches from centers "

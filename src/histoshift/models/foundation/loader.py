@@ -18,6 +18,7 @@ What was built is recorded (`build`), so a finished run rebuilds its backbone wi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -101,6 +102,26 @@ def source_identity(recipe: Recipe, weights: str) -> dict:
     if not path.exists():
         raise WeightsError(f"model.weights: {path} does not exist")
     return local_identity(path)
+
+
+def snapshot_files(recipe: Recipe) -> dict:
+    """The content identity of a hub snapshot's weight and config files as they are in the local cache now:
+    per file its blob name (the hub cache names blobs by their content hash), size and modification time,
+    and for config files a hash of their text. The feature store records it when it is embedded and
+    compares it when reused: a file replaced or edited in the cache under the same revision is caught."""
+    config = hub_file(recipe.hub_id, recipe.config_file)
+    snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]
+    out = {}
+    for p in sorted(snapshot.rglob("*")):
+        if p.suffix not in WEIGHT_SUFFIXES + CONFIG_SUFFIXES or not p.is_file():
+            continue
+        real = p.resolve()
+        st = real.stat()
+        entry = [real.name if p.is_symlink() else None, st.st_size, st.st_mtime_ns]
+        if p.suffix in CONFIG_SUFFIXES:
+            entry.append(hashlib.sha256(real.read_bytes()).hexdigest()[:16])
+        out[p.relative_to(snapshot).as_posix()] = entry
+    return out
 
 
 def local_identity(path: Path) -> dict:
