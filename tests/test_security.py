@@ -296,3 +296,74 @@ def test_prepare_verify_catches_a_same_size_same_time_edit(prepared_root, tmp_pa
     assert new_id != old_id
     assert main(["--root", str(root), "prepare", "--verify"]) == 0
     assert "up to date (file contents verified)" in capsys.readouterr().out
+
+
+# ---- report lineage, free space before training, adaptation needs enough patches ---------------------------
+
+def test_report_refuses_stale_inputs_like_every_other_stage(finished, capsys):
+    r = ["--root", str(finished), "report"]
+    assert main(r) == 0
+    choice = finished / "work" / "stack" / "choice.json"
+    saved = choice.read_text()
+    edited = json.loads(saved)
+    name = next(iter(edited["lineage"]["checkpoints"]))
+    edited["lineage"]["checkpoints"][name] = "0" * 16  # as if that fold had been retrained since the stack
+    choice.write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert main(r) == 2
+    line = _one_error_line(capsys)
+    assert str(choice) in line and name in line and "rerun infer and stack" in line
+    choice.write_text(saved)
+    test_h5 = finished / "input" / "test.h5"
+    os.utime(test_h5, ns=(test_h5.stat().st_atime_ns, test_h5.stat().st_mtime_ns + 10**9))
+    assert main(r) == 2
+    assert "test.h5 changed since the cache was built" in _one_error_line(capsys)
+
+
+def test_report_draws_no_map_for_a_diverged_model(pipeline_root, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from histoshift.runs import find_runs
+
+    (run,) = find_runs(pipeline_root / "work" / "runs")
+    weights = {k: (v.float() * float("nan")).to(v.dtype) if v.is_floating_point() else v
+               for k, v in load_file(str(run.checkpoint)).items()}
+    save_file(weights, str(run.checkpoint))
+    assert main(["--root", str(pipeline_root), "report"]) == 0
+    report = (pipeline_root / "work" / "report" / "report.md").read_text()
+    assert "its features are not finite (the model diverged" in report
+
+
+def test_free_space_for_the_fold_is_checked_before_training(prepared_root, tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    from histoshift import safeio
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(safeio.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 65 * 2**20, 65 * 2**20))
+    capsys.readouterr()
+    assert main(["--root", str(root), "train", "--config", str(cfg), "--fold", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "training this fold" in err and "free some space" in err
+    assert '"epoch": 1' not in out  # refused before the first step, not after the fold trained
+    run = RunDir.of(root / "work" / "runs", "tiny", 0, 0)
+    assert not run.metrics.exists() and run.last_state() is None
+
+
+def test_a_center_too_small_to_adapt_to_keeps_its_plain_predictions(pipeline_root, monkeypatch, capsys):
+    import pandas as pd
+
+    from histoshift import predict
+    from histoshift.runs import find_runs
+
+    monkeypatch.setattr(predict, "MIN_ADAPT_PATCHES", 1000)  # every center of the tiny data is "small"
+    assert main(["--root", str(pipeline_root), "infer", "--adabn"]) == 0
+    out = capsys.readouterr().out
+    assert "fewer than 1000: not adapted" in out
+    (run,) = find_runs(pipeline_root / "work" / "runs")
+    pd.testing.assert_frame_equal(pd.read_csv(run.tta_path("test", True)), pd.read_csv(run.tta_test))
+    assert run.adapted_layers() == 0

@@ -236,7 +236,7 @@ def cmd_report(a, paths: Paths):
     from .report import write_report
     from .runs import find_runs
 
-    write_report(find_runs(paths.runs), paths.stack, paths.report, paths.cache)
+    write_report(find_runs(paths.runs), paths.stack, paths.report, paths.cache, paths.input)
 
 
 def cmd_score(a, paths: Paths):

@@ -56,7 +56,7 @@ def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator
     for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
         predict = task.predictor(table, desc=f"{run.name} {name}")
         for adapted in todo:
-            model, record = task.adapt(trained, table, source) if adapted else (trained, None)
+            model, record = _adapted(task, trained, table, source, run, name, accelerator) if adapted else (trained, None)
             out = check_finite(predict(model), f"{run.path} ({name}{', adapted' if adapted else ''})")
             if name == "test":
                 out["label"] = -1
@@ -67,6 +67,19 @@ def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator
                               + (f", TTA-mean accuracy {logit_accuracy(out, view_columns(out)):.4f}"
                                  if name == "heldout" else ""))
     accelerator.wait_for_everyone()
+
+
+MIN_ADAPT_PATCHES = 16  # fewer target patches than this: statistics too noisy to adapt to (plain predictions kept)
+
+
+def _adapted(task, trained, table, source, run: RunDir, name: str, accelerator: Accelerator):
+    """The model adapted to one center, unless the center has too few patches to estimate anything from."""
+    if len(table) < MIN_ADAPT_PATCHES:
+        accelerator.print(f"infer: warning: {run.name} {name}: {len(table)} patches, fewer than {MIN_ADAPT_PATCHES}: "
+                          "not adapted (batch-norm or feature statistics of so few patches are noise); its adapted "
+                          "predictions are the plain ones")
+        return trained, {"changed": 0, "method": f"none ({len(table)} patches < {MIN_ADAPT_PATCHES})"}
+    return task.adapt(trained, table, source)
 
 
 def describe(record: dict) -> str:

@@ -145,10 +145,14 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
             feats = torch.cat([model(task.to_model(to_float(torch.from_numpy(images[i:i + 64]).to(acc.device),
                                                             cfg.aug.stain_norm)))["features"].cpu()
                                for i in range(0, len(images), 64)]).float().numpy()
+        what = f"{run.name} ({cfg.algorithm.name.upper()}, held-out center {run.fold})"
+        if not np.isfinite(feats).all():  # a diverged model (infer refuses it too): no map, one note
+            notes.append(f"{what}: its features are not finite (the model diverged: retrain it with a lower optim.lr); "
+                         "no map")
+            continue
         reduced = PCA(n_components=min(50, feats.shape[1], len(feats) - 1), random_state=0).fit_transform(feats)
         xy = TSNE(n_components=2, init="pca", perplexity=min(30, (len(feats) - 1) / 3), random_state=0).fit_transform(reduced)
         score = center_predictability(feats, sample["center"].to_numpy())
-        what = f"{run.name} ({cfg.algorithm.name.upper()}, held-out center {run.fold})"
         notes.append(f"{what}: a linear probe tells the center from these features with {score:.1%} accuracy "
                      f"(3-fold; chance {1 / sample['center'].nunique():.0%})")
         for center, part in sample.reset_index(drop=True).groupby("center"):
@@ -223,7 +227,37 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return centers
 
 
-def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path, cache_dir: Path | None = None) -> Path:
+def check_lineage(runs: list[RunDir], stack_dir: Path, cache_dir: Path, input_dir: Path | None) -> None:
+    """The rules of the other stages, before anything is drawn: the inputs are the cache's, every run was
+    trained on this cache, and the stack's choice was made from this cache and these checkpoints."""
+    from .data.cache import Cache, check_inputs
+    from .lineage import StaleError, digest_file, stack_cache_id
+
+    if input_dir is not None:
+        check_inputs(input_dir, cache_dir)
+    cache = Cache.open(cache_dir)
+    for run in runs:
+        run.check_inputs(cache.digests)
+    choice = Path(stack_dir) / "choice.json"
+    if not choice.exists():
+        return
+    made_from = stack_cache_id(stack_dir)
+    if made_from != cache.id:
+        raise StaleError(f"{choice}: computed from another cache ({made_from}, now {cache.id}); rerun infer and stack "
+                         "before the report")
+    recorded = json.loads(choice.read_text()).get("lineage", {}).get("checkpoints", {})
+    now = {r.name: digest_file(r.checkpoint) for r in runs if r.name in recorded}
+    moved = [name for name, digest in recorded.items() if now.get(name) != digest]
+    if moved:
+        raise StaleError(f"{choice}: made from {moved[0]}'s previous checkpoint{' (and others)' if len(moved) > 1 else ''} "
+                         "(retrained or removed since); rerun infer and stack before the report")
+
+
+def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path, cache_dir: Path | None = None,
+                 input_dir: Path | None = None) -> Path:
+    """The report (report.md and its plots); refused, one line, when its inputs are stale (`check_lineage`)."""
+    if cache_dir is not None:
+        check_lineage(runs, stack_dir, cache_dir, input_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Run report", ""]

@@ -88,6 +88,10 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
                       f"({len(heldout)}), {len(target)} unlabelled target patches, precision {precision}, "
                       f"{task.kind} task")
     algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(source), len(task.domains), cfg)
+    if accelerator.is_main_process:  # before training: a trained fold is never thrown away for want of space
+        weights = sum(t.numel() * t.element_size() for t in algorithm.model.state_dict().values())
+        require_free(run.path, 4 * weights, "training this fold (an epoch state: weights and two AdamW moments; "
+                     "then the checkpoint)")
     streams = task.streams(source, target, seed)
     heldout_predictor = task.predictor(heldout, views=1, desc="held-out")
     model, oof, seconds, model_bytes = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,
