@@ -367,3 +367,86 @@ def test_a_center_too_small_to_adapt_to_keeps_its_plain_predictions(pipeline_roo
     (run,) = find_runs(pipeline_root / "work" / "runs")
     pd.testing.assert_frame_equal(pd.read_csv(run.tta_path("test", True)), pd.read_csv(run.tta_test))
     assert run.adapted_layers() == 0
+
+
+# ---- the unclear outcomes: one line each, no half-built folder ---------------------------------------------
+
+def test_a_root_that_is_a_file_and_a_negative_seed_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["--root", str(tmp_path / "afile"), "prepare"]) == 2
+    assert "is a file, not a folder" in _one_error_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        main(["--root", str(tmp_path), "demo-data", "--seed", "-1"])
+    assert e.value.code == 2 and "--seed: expected a non-negative integer, got '-1'" in capsys.readouterr().err
+    from histoshift.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="train.seed: must be >= 0, got -1"):
+        load_config(overrides=["train.seed=-1"])
+
+
+def test_score_with_a_labels_file_of_other_columns_is_one_line(finished, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,y\n1,0\n")
+    assert main(["--root", str(finished), "score", "--labels", str(labels)]) == 2
+    line = _one_error_line(capsys)
+    assert str(labels) in line and "no column ID or label (columns: id, y)" in line
+
+
+def test_a_full_disk_while_creating_the_memory_map_names_the_file(finished, monkeypatch, capsys):
+    import errno
+
+    import numpy as np
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", full)
+    cache = finished / "work" / "cache"
+    before = (cache / "manifest.json").read_text()
+    assert main(["--root", str(finished), "prepare", "--force"]) == 2
+    line = _one_error_line(capsys)
+    assert "images_train.npy: cannot reserve" in line and "No space left on device" in line
+    assert (cache / "manifest.json").read_text() == before and not list(cache.parent.glob(".cache.building-*"))
+
+
+def test_foundation_failures_name_the_file_and_leave_no_store_folder(hf_cache, prepared_root, tmp_path, capsys):
+    from histoshift.models.foundation import RECIPES
+    from histoshift.models.foundation.standin import write_standin
+    from test_foundation import _fm_config
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    folder = write_standin(RECIPES["hoptimus0"], hf_cache)
+    _fm_config(tmp_path / "c.yaml", "hoptimus0")
+    embed = ["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(os.urandom(4096))
+    for extra, fragment in ((["model.recipe_overrides={input_size: 100}"], "takes 224x224 inputs"),
+                            ([f"model.weights=file:{garbage}"], f"{garbage}: cannot be read as weights")):
+        assert main(embed + extra) == 2
+        assert fragment in _one_error_line(capsys)
+        assert not (root / "work" / "features").exists() or not list((root / "work" / "features").iterdir())
+    config = (folder / "config.json").resolve()
+    text = json.loads(config.read_text())
+    config.write_text(json.dumps({**text, "architecture": "vit_small_patch16_224", "model_args": {}}))
+    assert main(embed) == 2
+    line = _one_error_line(capsys)
+    assert f"{folder / 'config.json'}: H-optimus-0 cannot be built or loaded" in line and "hub failed" not in line
+
+
+def test_prepare_force_rebuilds_a_cache_folder_that_is_a_mount_point(finished, monkeypatch, capsys):
+    cache = finished / "work" / "cache"
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == os.fspath(cache) or real(p))
+
+    def no_rename_of_a_mount(self, target, _rename=type(cache).rename):
+        if os.fspath(self) == os.fspath(cache):
+            raise OSError(16, "Device or resource busy", os.fspath(self))
+        return _rename(self, target)
+
+    monkeypatch.setattr(type(cache), "rename", no_rename_of_a_mount)
+    before = json.loads((cache / "manifest.json").read_text())["cache_id"]
+    assert main(["--root", str(finished), "prepare", "--force"]) == 0
+    assert json.loads((cache / "manifest.json").read_text())["cache_id"] == before
+    assert not list(cache.glob(".building-*")) and not list(cache.parent.glob(".cache.building-*"))
+    assert not list(cache.parent.glob(".cache.old-*"))
+    assert main(["--root", str(finished), "stack"]) == 0  # the rebuilt cache serves the next stages

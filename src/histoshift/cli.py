@@ -246,8 +246,15 @@ def cmd_score(a, paths: Paths):
     from .metrics import accuracy
 
     sub = pd.read_csv(paths.submissions / "submission.csv")
-    labels = pd.read_csv(a.labels)
-    merged = sub.merge(labels, on="ID", how="inner")
+    try:
+        labels = pd.read_csv(a.labels)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+        raise FileNotFoundError(f"{a.labels}: not a CSV file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    missing = [c for c in ("ID", "label") if c not in labels.columns]
+    if missing:
+        raise FileNotFoundError(f"{a.labels}: no column {' or '.join(missing)} (columns: {', '.join(map(str, labels.columns))}); "
+                                "a labels file has the columns ID,label")
+    merged = sub.merge(labels[["ID", "label"]], on="ID", how="inner")
     if len(merged) != len(sub):
         raise FileNotFoundError(f"{a.labels}: labels for {len(merged)} of {len(sub)} submission ids")
     acc = accuracy(merged["label"], merged["Pred"])
@@ -295,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="folder for the h5 files (default: <root>/input)")
     s.add_argument("--per-center", type=int, default=160, help="patches per labelled center (five centers)")
     s.add_argument("--test-size", type=int, default=240, help="patches of the test center")
-    s.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed of the generated images")
     s.set_defaults(fn=cmd_demo_data)
 
     s = stage("prepare")
@@ -326,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("train")
     s.add_argument("--config", required=True, help="one experiment's YAML file (configs/*.yaml)")
     s.add_argument("--fold", default="all", help="'all' or comma-separated held-out centers")
-    s.add_argument("--seed", type=int, default=None, help="shorthand for train.seed=N")
+    s.add_argument("--seed", type=_seed, default=None, help="shorthand for train.seed=N")
     s.add_argument("--force", action="store_true", help="retrain finished runs (the old ones are kept)")
     s.add_argument("--pseudo", type=float, default=None, metavar="T",
                    help="one round of pseudo-labelling after a first train/infer/stack: the config again as "
@@ -342,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_infer)
 
     s = stage("stack")
-    s.add_argument("--seed", type=int, default=0, help="LightGBM's seed")
+    s.add_argument("--seed", type=_seed, default=0, help="LightGBM's seed")
     s.add_argument("--prior", type=float, default=0.5, metavar="SHARE",
                    help="the test center's known share of tumour patches (0.5: balanced); thresholding to it is "
                         "scored leave-one-center-out and used only where it helps (0: never)")
@@ -371,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True, help="CSV with columns ID,label")
     s.set_defaults(fn=cmd_score)
     return p
+
+
+def _seed(text: str) -> int:
+    """A seed option: a non-negative integer (numpy's generators refuse others with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
 
 
 def _user_errors() -> tuple:
@@ -403,6 +421,10 @@ def _os_error_line(e: OSError) -> str | None:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if Path(a.root).exists() and not Path(a.root).is_dir():
+        print(f"error: --root {a.root}: is a file, not a folder (the root holds input/, work/, folds/, submissions/)",
+              file=sys.stderr)
+        return 2
     try:
         code = a.fn(a, Paths(Path(a.root)))
     except _user_errors() as e:

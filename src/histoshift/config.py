@@ -156,7 +156,7 @@ class TrainCfg(Section):
     # heads on features: patches per embedding forward (x views); 0 = fitted to free GPU memory (lowered
     # on out-of-memory), a small fixed batch on CPU
     embed_batch_size: Int = Field(0, ge=0)
-    seed: Int = 0
+    seed: Int = Field(0, ge=0)
     eval_batch_size: Int = Field(256, ge=1)
 
     @model_validator(mode="after")

@@ -283,8 +283,14 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
             (path / "progress").mkdir(exist_ok=True)
         accelerator.wait_for_everyone()
     # one process embeds a store at a time (two head configs with the same backbone share it)
-    with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
-        return _embed_store(cfg, cache, path, accelerator, precision, spec)
+    created = not path.exists()
+    try:
+        with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
+            return _embed_store(cfg, cache, path, accelerator, precision, spec)
+    except BaseException:  # a failed first attempt (weights unreadable, a bad recipe) leaves no folder behind
+        if created and accelerator.is_main_process and not any((path / "progress").glob("*")):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | None:

@@ -116,16 +116,22 @@ def reserve_npy(path: Path, shape: tuple, dtype, what: str):
     line, not later with SIGBUS inside a write to a sparse file."""
     import numpy as np
 
-    arr = np.lib.format.open_memmap(new_file_path(path), mode="w+", dtype=dtype, shape=shape)
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-    try:
-        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:  # creating the memory map itself writes the header and sizes the file: a full disk can fail here too
+        arr = np.lib.format.open_memmap(new_file_path(path), mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            os.posix_fallocate(fd, 0, os.path.getsize(path))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem without it: go on
+                raise
+        finally:
+            os.close(fd)
     except OSError as e:
         Path(path).unlink(missing_ok=True)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         raise DiskError(f"{path}: cannot reserve {human(nbytes)} for {what} ({e.strerror}); free some space") from None
-    finally:
-        os.close(fd)
     return arr
 
 

@@ -183,8 +183,8 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
                     return load_index(cache_dir)
                 print(f"prepare: {', '.join(str(input_dir / f'{s}.h5') for s in changed)} changed with size and "
                       "modification time kept (or the cache predates content digests); rebuilding the cache")
-        for stale in cache_dir.parent.glob(f".{cache_dir.name}.building-*"):  # left by a killed prepare
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*cache_dir.parent.glob(f".{cache_dir.name}.building-*"), *cache_dir.glob(".building-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed prepare
         paths = {split: input_dir / f"{split}.h5" for split in SPLITS}
         keys = {split: sorted_keys(p) for split, p in paths.items()}  # listed and validated once
         counts = {split: len(k) for split, k in keys.items()}
@@ -193,14 +193,19 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
                      f"a new cache of {sum(counts.values())} patches"
                      + (f" (built beside the old one: deleting {cache_dir} first frees its space)" if cache_dir.exists() else ""))
         workers = workers or default_workers(max(counts.values()))
-        new = cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}")
+        # a mount point cannot be renamed (EBUSY): the new cache is then built inside it and swapped file by file
+        mounted = cache_dir.is_dir() and os.path.ismount(cache_dir)
+        new = (cache_dir / f".building-{os.getpid()}" if mounted
+               else cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}"))
         new.mkdir(parents=True)
         try:
             index = _build(paths, keys, new, rule, contract, side, workers, fp, digests or file_digests(input_dir))
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise
-        if cache_dir.exists():  # swap: the old cache goes only once the new one is complete
+        if mounted:
+            _swap_contents(cache_dir, new)
+        elif cache_dir.exists():  # swap: the old cache goes only once the new one is complete
             old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
             cache_dir.rename(old)
             new.rename(cache_dir)
@@ -212,6 +217,23 @@ def prepare(input_dir: Path, cache_dir: Path, rule: QualityRule = QualityRule(),
     print(report.to_string(index=False))
     print(f"prepare: data overview in {cache_dir / 'overview.png'}, {cache_dir / 'colours.png'} and colour_stats.csv")
     return index
+
+
+def _swap_contents(cache_dir: Path, new: Path) -> None:
+    """Replace a mounted cache folder's files by those of `new` (built inside it). The manifest marks a
+    complete cache, so the old one goes first and the new one comes last: a crash in between leaves a
+    cache without a manifest, which every stage refuses and the next prepare rebuilds."""
+    (cache_dir / "manifest.json").unlink(missing_ok=True)
+    for p in cache_dir.iterdir():
+        if p == new or p.name.startswith(".building-"):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    for p in sorted(new.iterdir(), key=lambda p: p.name == "manifest.json"):
+        p.rename(cache_dir / p.name)
+    new.rmdir()
 
 
 def _build(paths: dict, keys: dict, out: Path, rule: QualityRule, contract: Contract, side: int, workers: int,

@@ -272,11 +272,37 @@ def _load(recipe: Recipe, weights: str, repo_config: dict) -> tuple[nn.Module, d
     except (WeightsError, RecipeError):
         raise
     except Exception as e:  # noqa: BLE001 - hub and file failures become one line
-        if weights == "hub":
+        if weights == "hub" and _from_the_hub(e):
             raise hub_error(recipe.hub_id, e) from e
-        raise WeightsError(f"model.weights={weights}: cannot load {recipe.title} from it: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        text = str(e).splitlines()[0] if str(e) else ""
+        config = repo_path(recipe, weights, recipe.config_file)  # present: _repo_config read it
+        fix = f"`hf download {recipe.hub_id} --force-download`" if weights == "hub" else "a fresh copy of the repo"
+        raise WeightsError(f"{config}: {recipe.title} cannot be built or loaded from the network this file describes "
+                           f"({type(e).__name__}: {text}); an edited or foreign file? restore the repo's own ({fix})") from e
     return net, build, None
+
+
+def _from_the_hub(e: Exception) -> bool:
+    """An error of the hub client or the network (not of building the model from the downloaded files)."""
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, (ConnectionError, TimeoutError)) or module in ("huggingface_hub", "httpx", "requests", "urllib3")
+
+
+def check_input_size(recipe: Recipe, net: nn.Module) -> None:
+    """A fixed-size ViT patch embedding takes only the size it was built for; any takes multiples of its patch."""
+    embed = getattr(net, "patch_embed", None)
+    img, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if img is None or patch is None:
+        return
+    size = recipe.input_size
+    if getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_pad", False) \
+            and tuple(img) != (size, size):
+        raise RecipeError(f"model.recipe_overrides.input_size={size}: {recipe.title}'s network takes {img[0]}x{img[1]} "
+                          f"inputs (a fixed-size patch embedding); use {img[0]}, or add dynamic_img_size: true to "
+                          "the recipe's create_kwargs")
+    if size % patch[0]:
+        raise RecipeError(f"model.recipe_overrides.input_size={size}: not a multiple of {recipe.title}'s patch size "
+                          f"{patch[0]}")
 
 
 def _preprocessor_config(recipe: Recipe, weights: str) -> dict:
@@ -387,6 +413,7 @@ def load_foundation(recipe: Recipe, weights: str) -> FoundationBackbone:
     """The recipe's backbone with weights from `weights` (hub | dir:PATH | file:PATH | none)."""
     repo_config = _repo_config(recipe, weights)
     net, build, state = _load(recipe, weights, repo_config)
+    check_input_size(recipe, net)
     standin = bool(repo_config.get(STANDIN_KEY))
     if standin:
         print(f"WARNING: {weights} holds a STAND-IN for {recipe.title} (random weights written by `histoshift "
