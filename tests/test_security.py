@@ -235,7 +235,7 @@ def test_non_finite_features_from_the_backbone_are_one_line(prepared_root, tmp_p
     assert main(["--root", str(root), "embed", "--config", str(cfg)]) == 2
     line = _one_error_line(capsys)
     assert "non-finite features for train row 2" in line and "precision fp32 or bf16" in line
-    assert not (_store(root) / "meta.json").exists() and not list((_store(root) / "progress").iterdir())
+    assert not list((root / "work" / "features").iterdir())  # nothing stored, no half-made store folder
 
 
 def test_weights_replaced_in_the_hub_cache_under_the_same_revision_reembed_and_stale_the_heads(
