@@ -229,3 +229,30 @@ def test_config_knows_the_registered_algorithms():
     from histoshift.config import ALGORITHM_NAMES
 
     assert set(ALGORITHM_NAMES) == set(ALGORITHMS)
+
+
+def test_reweighting_switches_match_a_hand_computation():
+    import pandas as pd
+
+    from histoshift.algorithms.losses import domain_loss, focal_bce
+
+    cfg = Config.model_validate({"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
+                                 "algorithm": {"name": "dann", "class_reweight": True, "domain_reweight": True}})
+    algo = ALGORITHMS["dann"](PatchClassifier(cfg.model, load_weights=False), 3, cfg)
+    # center 0: 3 normal, 1 tumour; center 3: 2 and 2; targets: 4 patches of center 1
+    source = pd.DataFrame({"center": [0, 0, 0, 0, 3, 3, 3, 3], "label": [0, 0, 0, 1, 0, 0, 1, 1]})
+    target = pd.DataFrame({"center": [1, 1, 1, 1]})
+    algo.observe(source, target, {0: 0, 1: 1, 3: 2})
+    torch.testing.assert_close(algo.class_weights, torch.tensor([[4 / 6, 4 / 2], [1.0, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(algo.domain_weights, torch.tensor([12 / (3 * 4)] * 3))  # equal shares: all 1
+    logits, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    w = torch.tensor([2.0, 1.0, 0.5])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    torch.testing.assert_close(focal_bce(logits, y, 0.0, w), (w * bce).sum() / w.sum())
+    dom_logits, doms = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 0])
+    dw = torch.tensor([0.5, 2.0, 1.0])
+    ce = torch.nn.functional.cross_entropy(dom_logits, doms, reduction="none")
+    torch.testing.assert_close(domain_loss(dom_logits, doms, "ce", dw), (dw[doms] * ce).sum() / dw[doms].sum())
+    plain = ALGORITHMS["dann"](PatchClassifier(cfg.model, load_weights=False), 3,
+                               Config.model_validate({**cfg.to_dict(), "algorithm": {"name": "dann"}}))
+    assert not hasattr(plain, "class_weights")  # off: the default state dict is unchanged

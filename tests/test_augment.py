@@ -140,3 +140,35 @@ def test_preprocess_follows_timm_data_config_with_an_overlay():
     x = torch.rand(2, 3, 96, 96)
     cropped = Preprocess.from_data_config(timm_cfg, size=64)(x)  # 96 -> 73 px, centre 64 px
     assert cropped.shape == (2, 3, 64, 64)
+
+
+def test_grayscale_views_are_exactly_channel_equal_at_training_and_inference():
+    from histoshift.data.augment import LUMA, to_gray
+
+    u8 = torch.from_numpy(np.stack([_img(i) for i in range(6)]))
+    gray = AugCfg(grayscale=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
+    for x in (augment_batch(u8, gray, torch.Generator().manual_seed(0)), to_float(u8, gray)):
+        assert x.shape == (6, 3, 96, 96)
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    rgb = to_float(u8)
+    want = LUMA[0] * rgb[:, 0] + LUMA[1] * rgb[:, 1] + LUMA[2] * rgb[:, 2]
+    torch.testing.assert_close(to_float(u8, gray)[:, 0], want)
+    # the colour jitter happens before: two draws differ, each still gray
+    a = augment_batch(u8, gray, torch.Generator().manual_seed(1))
+    assert not torch.equal(a, augment_batch(u8, gray, torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(to_gray(to_gray(rgb)), to_gray(rgb))  # the luma weights sum to 1
+    assert not torch.equal(to_float(u8, AugCfg()), to_float(u8, gray))
+
+
+def test_grayscale_changes_the_feature_store_key_only_when_on():
+    from histoshift.config import load_config
+    from histoshift.features import feature_spec, store_key
+
+    class _Cache:
+        id = "c0ffee"
+
+    plain = feature_spec(load_config(overrides=["model.frozen=true", "model.weights=none"]), _Cache(), "no")
+    gray = feature_spec(load_config(overrides=["model.frozen=true", "model.weights=none", "aug.grayscale=true"]),
+                        _Cache(), "no")
+    assert "grayscale" not in plain and gray["grayscale"] is True  # stores of colour configs keep their keys
+    assert store_key(plain) != store_key(gray)

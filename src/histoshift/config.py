@@ -100,6 +100,11 @@ class AlgorithmCfg(Section):
     regen_weight: NonNeg = 0.0  # a small decoder rebuilds the image (at regen_size px) from the copy's features
     alter_sigma: NonNeg = 0.1  # HED alteration of the copy: scale U(1-s, 1+s), shift U(-s, s) per channel
     regen_size: Int = 32  # side of the rebuilt image (the image average-pooled to it): 8, 16, 32 or 64
+    # sample reweighting (algorithms/base.py observe): each labelled center's classes weigh the same in the
+    # tumour loss (class imbalance, as the DMAN paper reweights); the domain loss weighs centers inversely
+    # to their frequency (the Phikon-v2 + DANN head recipe)
+    class_reweight: bool = False
+    domain_reweight: bool = False
 
     @model_validator(mode="after")
     def _known(self):
@@ -110,13 +115,32 @@ class AlgorithmCfg(Section):
         return self
 
 
+def optimizer_names() -> list[str]:
+    """What `optim.name` takes: every optimizer timm's factory builds, and Nero (from pytorch-optimizer)."""
+    from timm.optim import list_optimizers
+
+    return sorted({*list_optimizers(), *EXTRA_OPTIMIZERS})
+
+
+EXTRA_OPTIMIZERS = ("nero",)  # not in timm: taken from pytorch-optimizer (engine.build_optimizer)
+
+
 class OptimCfg(Section):
+    # a name of timm's optimizer factory (adamw, sgd, lamb, lars, adabelief, lion, ...) or nero; every
+    # parameter group keeps its own learning rate (backbone, head, domain head)
+    name: str = "adamw"
     lr: NonNeg = 1e-3  # classifier head
     backbone_lr: NonNeg = 3e-4
     domain_lr: NonNeg = 1e-3
     weight_decay: NonNeg = 1e-2
     warmup_frac: Float = Field(0.1, ge=0, le=1)  # share of steps with linear warm-up, then cosine decay to zero
     grad_clip: NonNeg = 1.0
+
+    @model_validator(mode="after")
+    def _known_optimizer(self):
+        if self.name not in optimizer_names():
+            raise ValueError(f"optim.name: unknown optimizer {self.name!r} (known: {', '.join(optimizer_names())})")
+        return self
 
 
 class AugCfg(Section):
@@ -128,6 +152,9 @@ class AugCfg(Section):
     contrast: NonNeg = 0.1
     # per-patch normalisation, at training and inference
     stain_norm: Literal["none", "reinhard", "macenko"] = "none"
+    # three equal channels (the luma), at training (after the colour jitter) and inference; a published report
+    # of this competition: DINOv2 frozen 0.90560 -> 0.90911
+    grayscale: bool = False
 
 
 class TrainCfg(Section):

@@ -86,6 +86,22 @@ def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: 
     accelerator.wait_for_everyone()
 
 
+def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+    """`optim.name` over the algorithm's parameter groups (each with its own lr), from maintained libraries:
+    timm's factory for the names it knows, pytorch-optimizer for Nero (which constrains its weights itself
+    and takes no weight decay: optim.weight_decay does not apply to it)."""
+    if cfg.name == "nero":
+        try:
+            from pytorch_optimizer import load_optimizer
+        except ImportError:
+            raise ConfigError("optim.name=nero needs the pytorch-optimizer package (pip install pytorch-optimizer; "
+                              "it is in requirements.txt)") from None
+        return load_optimizer("nero")(groups)
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(groups, opt=cfg.name, weight_decay=cfg.weight_decay)
+
+
 def load_epoch_state(accelerator: Accelerator, folder, scheduler, progress: Progress) -> None:
     """The state `save_epoch_state` wrote, without unpickling anything: Accelerate's loader reads the
     optimizer and RNG files with weights_only=True (a file that needs more is refused, one line) and no
@@ -116,7 +132,7 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
         precision: str, resume: bool):
     """Train `algorithm` (whose `.model` is the task's model) for cfg.train.epochs; returns the trained
     model (unwrapped), the held-out center's plain-view table of the last epoch and the seconds spent."""
-    optimizer = torch.optim.AdamW(algorithm.param_groups(), weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg.optim, algorithm.param_groups())
     algorithm, optimizer = accelerator.prepare(algorithm, optimizer)
     core = accelerator.unwrap_model(algorithm)
     if cfg.train.compile:
@@ -174,7 +190,8 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
         record = {"epoch": epoch + 1, "step": progress.step, "seconds": round(time.time() - t0, 1),
                   "lr_backbone": scheduler.get_last_lr()[0],
                   **{f"train_{k}": round(float(np.mean(v)), 5) for k, v in logs.items()},
-                  "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5)}
+                  "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5),
+                  "heldout_brier": round(held["brier"], 5), "heldout_ece": round(held["ece"], 5)}
         accelerator.print(json.dumps(record))
         progress.epoch, progress.seconds = epoch + 1, time.time() - t0
         progress.records.append(record)

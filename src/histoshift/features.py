@@ -84,7 +84,7 @@ def feature_spec(cfg: Config, cache: Cache, precision: str) -> dict:
                     "weights": weights_identity(m)}
     return {"backbone": backbone, "precision": precision, "views": t.feature_views,
             "hed_views": t.feature_hed_views, "hed_sigma": t.feature_hed_sigma if t.feature_hed_views else None,
-            "stain_norm": cfg.aug.stain_norm,
+            "stain_norm": cfg.aug.stain_norm, **({"grayscale": True} if cfg.aug.grayscale else {}),
             "cache": cache.id}  # the cache's content digest (not where or when its files were made)
 
 
@@ -167,7 +167,7 @@ class Embedder:
         self.batch = cfg.train.embed_batch_size or None  # patches per forward; None: fitted on first use
 
     def _forward(self, images: np.ndarray, n_views: int, jitter=None) -> torch.Tensor:
-        x = to_float(torch.from_numpy(images).to(self.device, non_blocking=True), self.cfg.aug.stain_norm)
+        x = to_float(torch.from_numpy(images).to(self.device, non_blocking=True), self.cfg.aug)
         stacked = view_stack(x, range(self.cfg.train.feature_views), self.preprocess)
         if jitter is not None:
             stacked = torch.cat([stacked, self.preprocess(hed_views(x, *jitter))])

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .paths import Paths  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .safeio import write_figure, write_text  # noqa: E402
-from .stack import PRIOR, adaptation_lines, evidence_line  # noqa: E402
+from .stack import PRIOR, adaptation_lines, calibration_means, evidence_line  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -44,7 +44,8 @@ def _run_table(runs: list[RunDir]) -> pd.DataFrame:
     for run in runs:
         s = json.loads(run.summary.read_text())
         rows.append({"run": run.name, "held-out center": run.fold, "accuracy": s["heldout_accuracy"],
-                     "auc": s["heldout_auc"], "train seconds": s["seconds"]})
+                     "auc": s["heldout_auc"], "brier": s.get("heldout_brier", float("nan")),
+                     "ece": s.get("heldout_ece", float("nan")), "train seconds": s["seconds"]})
     return pd.DataFrame(rows)
 
 
@@ -143,7 +144,7 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
         model.eval()
         with torch.no_grad():
             feats = torch.cat([model(task.to_model(to_float(torch.from_numpy(images[i:i + 64]).to(acc.device),
-                                                            cfg.aug.stain_norm)))["features"].cpu()
+                                                            cfg.aug)))["features"].cpu()
                                for i in range(0, len(images), 64)]).float().numpy()
         what = f"{run.name} ({cfg.algorithm.name.upper()}, held-out center {run.fold})"
         if not np.isfinite(feats).all():  # a diverged model (infer refuses it too): no map, one note
@@ -188,7 +189,7 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     import numpy as np
     from sklearn.metrics import roc_curve
 
-    from .metrics import per_center
+    from .metrics import calibration_bins, per_center
 
     means = [c for c in oof.columns if c.endswith("__mean")]
     table = oof[["id", "center", "label"]].copy()
@@ -209,18 +210,14 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     axes[0].plot([0, 1], [0, 1], "k:", lw=0.8)
     axes[0].set(title="ROC per held-out center", xlabel="false positive rate", ylabel="true positive rate")
     axes[0].legend()
-    bins = np.linspace(0, 1, 11)
-    which = np.clip(np.digitize(prob, bins) - 1, 0, 9)
-    centres, freq = [], []
-    for b in range(10):
-        sel = which == b
-        if sel.any():
-            centres.append(prob[sel].mean())
-            freq.append(table["label"].to_numpy()[sel].mean())
+    table["prob"] = prob
     axes[1].plot([0, 1], [0, 1], "k:", lw=0.8)
-    axes[1].plot(centres, freq, marker="o")
-    axes[1].set(title="calibration (all held-out centers)", xlabel="mean predicted tumour probability",
+    for center, part in table.groupby("center"):  # a reliability diagram per held-out center
+        points = calibration_bins(part["label"], part["prob"])
+        axes[1].plot(points["mean_prob"], points["share"], marker="o", label=f"center {center}")
+    axes[1].set(title="reliability per held-out center", xlabel="mean predicted tumour probability",
                 ylabel="observed tumour share")
+    axes[1].legend()
     fig.tight_layout()
     write_figure(fig, out_dir / "roc.png", dpi=110)
     plt.close(fig)
@@ -290,6 +287,10 @@ def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path, cache_dir: 
         centers = _ensemble_plots(pd.read_csv(Path(stack_dir) / "oof_features.csv"), out_dir)
         lines += ["## Ensemble: combiners, leave one center out (8-view TTA features)", "",
                   markdown_table(pivot.reset_index()), "",
+                  *(["Calibration of each combiner's tumour probability, mean over the held-out centers (Brier "
+                     "score and expected calibration error, 10 bins; lower is better; `rank` gives an order, not a "
+                     "probability):", "", markdown_table(pd.DataFrame([{"method": m, **v} for m, v in calib.items()])),
+                     ""] if (calib := calibration_means(comparison)) else []),
                   f"Chosen for the test center: **{choice['method']}** over {len(choice['members'])} members "
                   f"({', '.join(choice['members'])}).", *([f"Between the prediction sets: {evidence_line(choice['adabn_vs_plain'])}."]
                     if choice.get("adabn_vs_plain") else []),

@@ -39,7 +39,7 @@ import pandas as pd
 from .data.cache import Cache
 from .data.folds import check_folds, read_folds
 from .lineage import StaleError, digest_file
-from .metrics import accuracy
+from .metrics import accuracy, brier, ece, sigmoid
 from .tta import check_finite, view_columns
 from .runs import RunDir
 from .safeio import Lock, write_csv, write_json
@@ -181,9 +181,15 @@ def predict(method: str, feats: pd.DataFrame, names: list[str], stacker=None,
     raise ValueError(f"unknown combiner {method}")
 
 
+def probability(method: str, score: np.ndarray) -> np.ndarray | None:
+    """A combiner's tumour probability for calibration metrics: the sigmoid of the mean logit, the
+    stacker's own probability; None for `rank` (percentile ranks are an order, not a probability)."""
+    return sigmoid(score) if method == "mean" else score if method == "stack" else None
+
+
 def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str = "",
                  hits: dict | None = None, prior: float | None = None) -> pd.DataFrame:
-    """Per-center accuracy of each combiner, each center scored by a stacker that never saw it;
+    """Per-center accuracy (and Brier score, ECE) of each combiner, each center scored by a stacker that never saw it;
     `suffix` labels the prediction set (ADABN for AdaBN predictions); with `prior`, each combiner is
     also scored thresholded to that positive share (label + PRIOR). `hits`, when given, receives per
     patch (in `oof` order) whether each combiner was right."""
@@ -195,11 +201,14 @@ def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str
             if method == "stack" and stacker is None:
                 continue
             for share, tag in ((None, ""), *(((prior, PRIOR),) if prior else ())):
-                _, pred = predict(method, part, names, stacker, share)
+                score, pred = predict(method, part, names, stacker, share)
                 right = pd.Series(pred == part["label"].to_numpy(), index=part.index)
                 correct.setdefault(method + suffix + tag, []).append(right)
+                prob = probability(method, score)
                 rows.append({"method": method + suffix + tag, "center": int(center), "n": len(part),
-                             "accuracy": accuracy(part["label"], pred)})
+                             "accuracy": accuracy(part["label"], pred),
+                             "brier": brier(part["label"], prob) if prob is not None else float("nan"),
+                             "ece": ece(part["label"], prob) if prob is not None else float("nan")})
     if hits is not None:
         hits.update({m: pd.concat(parts).reindex(oof.index).to_numpy() for m, parts in correct.items()})
     return pd.DataFrame(rows)
@@ -264,6 +273,14 @@ def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, s
     return features, comparison, hits
 
 
+def calibration_means(comparison: pd.DataFrame) -> dict:
+    """Mean Brier score and ECE over the held-out centers per combiner (those that give a probability)."""
+    if "brier" not in comparison.columns:  # a comparison written before calibration was measured
+        return {}
+    means = comparison.groupby("method")[["brier", "ece"]].mean().dropna()
+    return {m: {"brier": round(float(r["brier"]), 5), "ece": round(float(r["ece"]), 5)} for m, r in means.iterrows()}
+
+
 def prior_choice(comparison: pd.DataFrame, label: str, prior: float | None) -> dict | None:
     """Whether to threshold the chosen combiner to the known positive share: only when that raises
     its mean per-center accuracy leave-one-center-out (the labelled centers are balanced too)."""
@@ -310,6 +327,8 @@ def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache,
     scores = pd.DataFrame({"id": d["test"]["id"], "score": d["score"], "pred": d["pred"]})
     result = {"members": names, "method": d["method"], "adabn": d["adabn"],
               "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
+              # calibration of each combiner's tumour probability, mean over held-out centers (rank: none)
+              "loco_calibration": calibration_means(comparison),
               "adabn_vs_plain": evidence,  # AdaBN is dropped only when z_plain_over_adabn > 1.96
               # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
               "adaptations": {r.name: r.adaptation() for r in runs} if ADABN in features else None,

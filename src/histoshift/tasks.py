@@ -131,7 +131,7 @@ class ImageTask:
         """A uint8 batch -> augmented float images in [0, 1] on the device (B x 3 x H x W)."""
         raw = raw.to(self.acc.device, non_blocking=True)
         aug = self.cfg.aug
-        return augment_batch(raw, aug) if aug.backend == "torch" else to_float(raw, aug.stain_norm)
+        return augment_batch(raw, aug) if aug.backend == "torch" else to_float(raw, aug)
 
     def feed(self, src: dict, tgt: dict | None) -> dict:
         images = [self._images(src["image"])] + ([self._images(tgt["image"])] if tgt is not None else [])
@@ -153,7 +153,7 @@ class ImageTask:
         loader = self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
         return partial(predict_views, loader=loader, accelerator=self.acc, views=tuple(range(views or N_VIEWS)), desc=desc,
                        precision=self.precision, channels_last=self.cfg.train.channels_last,
-                       stain_norm=self.cfg.aug.stain_norm)
+                       aug=self.cfg.aug)
 
     def save(self, run: RunDir, model: PatchClassifier) -> None:
         _save_weights(run, model)
@@ -169,13 +169,13 @@ class ImageTask:
         """AdaBN: a copy whose batch-norm statistics are those of the center's images ('changed': the layers;
         the labelled `source` rows are not needed)."""
         adapted = copy.deepcopy(self.acc.unwrap_model(model))
-        n = adapt_batchnorm(adapted, self.cache.gather(table), self.acc.device, stain_norm=self.cfg.aug.stain_norm)
+        n = adapt_batchnorm(adapted, self.cache.gather(table), self.acc.device, aug=self.cfg.aug)
         return self.acc.prepare(adapted), {"changed": n, "method": "AdaBN"}
 
 
 @torch.no_grad()
 def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, device: torch.device,
-                    batch_size: int = 256, stain_norm: str = "none") -> int:
+                    batch_size: int = 256, aug=None) -> int:
     """AdaBN (Li et al. 2016): replace every batch-norm layer's running statistics by those of the
     target images (plain view, cumulative average over all of them). Returns the layers adapted.
     The batches are a fixed random permutation of the images: files are often ordered by slide, and
@@ -190,7 +190,7 @@ def adapt_batchnorm(model: PatchClassifier, images: np.ndarray, device: torch.de
     order = np.random.default_rng(0).permutation(len(images))
     for i in range(0, len(images), batch_size) if bns else ():
         batch = images[np.sort(order[i:i + batch_size])]  # a copy (sorted: sequential memory-map reads)
-        model(model.preprocess(to_float(torch.from_numpy(batch).to(device), stain_norm)))
+        model(model.preprocess(to_float(torch.from_numpy(batch).to(device), aug)))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)

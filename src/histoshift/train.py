@@ -88,6 +88,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
                       f"({len(heldout)}), {len(target)} unlabelled target patches, precision {precision}, "
                       f"{task.kind} task")
     algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(source), len(task.domains), cfg)
+    algorithm.observe(source, target, task.domains)  # counts for the reweighting switches (none by default)
     if accelerator.is_main_process:  # before training: a trained fold is never thrown away for want of space
         weights = sum(t.numel() * t.element_size() for t in algorithm.model.state_dict().values())
         require_free(run.path, 4 * weights, "training this fold (an epoch state: weights and two AdamW moments; "
@@ -109,6 +110,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
         write_csv(run.oof, oof, float_format="%.6g")
         summary = {"run": run.name, "fold": run.fold, "seconds": round(seconds, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
+                   "heldout_brier": float(held["brier"]), "heldout_ece": float(held["ece"]),
                    "pseudo_labels": n_pseudo, **accelerator.unwrap_model(model).sparsity(),
                    "per_center": table.to_dict(orient="records")}
         write_json(run.summary, summary)

@@ -50,8 +50,9 @@ def check_finite(table: pd.DataFrame, where: str) -> pd.DataFrame:
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
                   views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
-                  channels_last: bool = False, stain_norm: str = "none") -> pd.DataFrame:
-    """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1}."""
+                  channels_last: bool = False, aug=None) -> pd.DataFrame:
+    """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1} (`aug`: the
+    config's colour settings that hold at inference, see `to_float`)."""
     model.eval()
     preprocess = accelerator.unwrap_model(model).preprocess
     ids, centers, labels, logits = [], [], [], []
@@ -59,7 +60,7 @@ def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
     chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
     bar = progress_bar(loader, main=accelerator.is_local_main_process, desc=desc, unit="batch", leave=False)
     for batch in bar:
-        x = to_float(batch["image"].to(accelerator.device), stain_norm)
+        x = to_float(batch["image"].to(accelerator.device), aug)
         stacked = view_stack(x, views, preprocess)
         if channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last)

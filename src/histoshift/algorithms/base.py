@@ -18,6 +18,7 @@ it is trained and dropped, never saved with the checkpoint.
 """
 from __future__ import annotations
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +58,30 @@ class Algorithm(nn.Module):
         self.cfg = cfg
         a = cfg.algorithm
         self.decoder = RegenDecoder(model.num_features, a.regen_size) if a.regen_weight > 0 else None
+        if a.class_reweight:  # filled by observe(): the fold's per-(center, class) weights
+            self.register_buffer("class_weights", torch.ones(n_domains, 2))
+        if a.domain_reweight:
+            self.register_buffer("domain_weights", torch.ones(n_domains))
 
+    @torch.no_grad()
+    def observe(self, source, target, domains: dict[int, int]) -> None:
+        """The fold's data counts for the reweighting switches (before training):
+        class_reweight   every labelled center's two classes weigh the same, its total unchanged:
+                         w(center, class) = n_center / (2 n_center,class) (sample reweighting for class
+                         imbalance, as DMAN does per domain)
+        domain_reweight  the domain loss weighs every center inversely to its share of the data the domain
+                         head sees: w(center) = N / (K n_center), K centers present (labelled + unlabelled)"""
+        a = self.cfg.algorithm
+        if a.class_reweight:
+            for center, part in source.groupby("center"):
+                counts = part["label"].value_counts()
+                for y in (0, 1):
+                    if counts.get(y, 0):
+                        self.class_weights[domains[int(center)], y] = len(part) / (2 * counts[y])
+        if a.domain_reweight:
+            seen = pd.concat([source["center"], target["center"]]).value_counts()
+            for center, n in seen.items():
+                self.domain_weights[domains[int(center)]] = seen.sum() / (len(seen) * n)
     @property
     def uses_target(self) -> bool:
         """Whether the loop must feed unlabelled target-center batches."""
@@ -79,8 +103,9 @@ class Algorithm(nn.Module):
                 batch["regen_target"] = F.adaptive_avg_pool2d(images, a.regen_size)
         return batch
 
-    def classification_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return focal_bce(logits, y, self.cfg.algorithm.focal_gamma)
+    def classification_loss(self, logits: torch.Tensor, y: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.class_weights[domain, y.long()] if self.cfg.algorithm.class_reweight and domain is not None else None
+        return focal_bce(logits, y, self.cfg.algorithm.focal_gamma, weight)
 
     def shared_forward(self, batch: dict) -> tuple[dict, int, int]:
         """One forward over labelled, (when used) unlabelled and (when used) altered images: batch-norm

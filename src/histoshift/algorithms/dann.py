@@ -56,11 +56,12 @@ class DANN(Algorithm):
     def forward(self, batch: dict, progress: float = 0.0) -> dict:
         out, n_src, m = self.shared_forward(batch)
         logits = out["logits"][:n_src]
-        cls_loss = self.classification_loss(logits, batch["y"])
+        cls_loss = self.classification_loss(logits, batch["y"], batch["domain"])
         coeff = ganin_coefficient(progress, self.cfg.algorithm.grl_max)
         dom_logits = self.domain_head(grad_reverse(out["features"][:m], coeff))
         domains = torch.cat([batch["domain"], batch["domain_target"]])
-        dom_loss = domain_loss(dom_logits, domains, self.cfg.algorithm.domain_loss)
+        dom_loss = domain_loss(dom_logits, domains, self.cfg.algorithm.domain_loss,
+                               self.domain_weights if self.cfg.algorithm.domain_reweight else None)
         loss = cls_loss + self.cfg.algorithm.domain_weight * dom_loss
         dom_acc = (dom_logits.argmax(1) == domains).float().mean()
         result = {"loss": loss, "logits": logits, "cls_loss": cls_loss.detach(), "dom_loss": dom_loss.detach(),

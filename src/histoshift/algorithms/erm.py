@@ -9,6 +9,6 @@ class ERM(Algorithm):
     def forward(self, batch: dict, progress: float = 0.0) -> dict:
         out, n, m = self.shared_forward(batch)
         logits = out["logits"][:n]
-        loss = self.classification_loss(logits, batch["y"])
+        loss = self.classification_loss(logits, batch["y"], batch["domain"])
         result = self.with_entropy({"loss": loss, "logits": logits, "cls_loss": loss.detach()}, out["logits"][n:m])
         return self.with_stain_losses(result, out, m, batch)

@@ -5,13 +5,16 @@ import torch
 from torch.nn import functional as F
 
 
-def focal_bce(logits: torch.Tensor, y: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
-    """Binary focal loss (Lin et al. 2017): BCE weighted by (1 - p_t)^gamma; gamma = 0 is plain BCE."""
+def focal_bce(logits: torch.Tensor, y: torch.Tensor, gamma: float = 0.0,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary focal loss (Lin et al. 2017): BCE weighted by (1 - p_t)^gamma; gamma = 0 is plain BCE.
+    `weight`: one weight per sample (a weighted mean: sum(w l) / sum(w))."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
-    if gamma == 0:
+    if gamma:
+        bce = (1 - torch.exp(-bce)) ** gamma * bce  # exp(-bce): the probability given to the true class
+    if weight is None:
         return bce.mean()
-    p_t = torch.exp(-bce)  # probability given to the true class
-    return ((1 - p_t) ** gamma * bce).mean()
+    return (weight * bce).sum() / weight.sum()
 
 
 def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -20,14 +23,20 @@ def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), p, reduction="mean")
 
 
-def domain_loss(logits: torch.Tensor, domains: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+def domain_loss(logits: torch.Tensor, domains: torch.Tensor, kind: str = "ce",
+                weight: torch.Tensor | None = None) -> torch.Tensor:
     """Domain-classifier loss: cross-entropy, or least squares on the softmax (LSGAN style: bounded,
-    smoother gradients when the domain head is confident)."""
+    smoother gradients when the domain head is confident). `weight`: one weight per domain (a weighted
+    mean over the samples, as torch's cross_entropy weight)."""
     if kind == "ce":
-        return F.cross_entropy(logits.float(), domains)
+        return F.cross_entropy(logits.float(), domains, weight=weight)
     if kind == "ls":
         target = F.one_hot(domains, logits.shape[1]).float()
-        return ((torch.softmax(logits.float(), dim=1) - target) ** 2).sum(1).mean()
+        per = ((torch.softmax(logits.float(), dim=1) - target) ** 2).sum(1)
+        if weight is None:
+            return per.mean()
+        w = weight[domains]
+        return (w * per).sum() / w.sum()
     raise ValueError(f"unknown domain loss '{kind}' (ce | ls)")
 
 

@@ -66,9 +66,24 @@ def augment_batch(images: torch.Tensor, cfg: AugCfg, generator: torch.Generator 
         x = random_hed(x, cfg.hed_sigma, generator)
     if cfg.brightness > 0 or cfg.contrast > 0:
         x = brightness_contrast(x, cfg.brightness, cfg.contrast, generator)
-    return x
+    return to_gray(x) if cfg.grayscale else x  # after the colour jitter: a grayscale, colour-augmented image
 
 
-def to_float(images: torch.Tensor, stain_norm: str = "none") -> torch.Tensor:
-    """uint8 B x H x W x 3 -> float B x 3 x H x W in [0, 1] (stain-normalised when asked)."""
-    return stain_normalize(images.permute(0, 3, 1, 2).float().div_(255.0), stain_norm)
+# ITU-R BT.601 luma, the weights of torchvision's rgb_to_grayscale and PIL's "L" mode
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W -> the same shape with three equal channels (the luma of each pixel)."""
+    luma = sum(w * x[:, c:c + 1] for c, w in enumerate(LUMA))
+    return luma.expand_as(x).contiguous()
+
+
+def to_float(images: torch.Tensor, aug: AugCfg | None = None) -> torch.Tensor:
+    """uint8 B x H x W x 3 -> float B x 3 x H x W in [0, 1], with the colour settings of `aug` that hold at
+    inference too (stain normalisation, grayscale); None: neither."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if aug is None:
+        return x
+    x = stain_normalize(x, aug.stain_norm)
+    return to_gray(x) if aug.grayscale else x
