@@ -64,7 +64,7 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     """`CONFIG_SET=foundation bash train.sh && bash infer.sh` with HF_HUB_OFFLINE=1 and a Hugging Face
     cache that holds stand-ins (random weights) of the set's models: preflight passes, every model embeds
     through the ordinary hub path, its heads join the stack stage as ensemble members, a submission is
-    written - with `CONFIGS=configs/fm_medimageinsight_mlp.yaml bash train.sh` run before infer.sh."""
+    written - with `CONFIGS=configs/paper_medimageinsight_mlp.yaml bash train.sh` run before infer.sh."""
     clone = _clone(tmp_path)
     cache = tmp_path / "hf-cache"
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
@@ -95,7 +95,7 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     # layout: 2024.09.27/config.yaml, the .pt weights file with image_encoder.* keys
     (snapshot,) = (cache / "models--lion-ai--MedImageInsights" / "snapshots").iterdir()
     assert (snapshot / "2024.09.27" / "vision_model" / "medimageinsigt-v1.0.0.pt").is_file()
-    log = script("train.sh", CONFIG_SET="", CONFIGS="configs/fm_medimageinsight_mlp.yaml")
+    log = script("train.sh", CONFIG_SET="", CONFIGS="configs/paper_medimageinsight_mlp.yaml")
     assert "preflight: 1 config(s) ready" in log and "embed: medimageinsight" not in log  # nothing embedded again
     assert sorted(p.name for p in (demo / "work" / "features").iterdir()) == stores
     (store,) = [demo / "work" / "features" / s for s in stores if s.startswith("medimageinsight-")]
@@ -106,5 +106,5 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     sub = pd.read_csv(demo / "submissions" / "submission.csv")
     check_submission(sub, list_ids(demo / "input" / "test.h5"))
     choice = json.loads((demo / "work" / "stack" / "choice.json").read_text())
-    assert sorted({m.split("/")[0] for m in choice["members"]}) == sorted(members + ["fm_medimageinsight_mlp"])
+    assert sorted({m.split("/")[0] for m in choice["members"]}) == sorted(members + ["paper_medimageinsight_mlp"])
 

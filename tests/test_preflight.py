@@ -41,7 +41,7 @@ def root(prepared_root, tmp_path):
 def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys):
     write_standin(RECIPES["medimageinsight"], hf_cache)
     code, out, err = _run(root, CONFIGS / "fm_medimageinsight_frozen.yaml", CONFIGS / "demo_lite0_dann.yaml",
-                          CONFIGS / "fm_medimageinsight_mlp.yaml", capsys=capsys)
+                          CONFIGS / "paper_medimageinsight_mlp.yaml", capsys=capsys)
     assert code == 0 and err == []
     row = next(line for line in out.splitlines() if line.startswith("| fm_medimageinsight_frozen |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -52,7 +52,7 @@ def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys):
     assert images == (n - test) * (8 + 4) + test * 8  # 8 dihedral views, 4 HED views of labelled patches
     assert cells[4] == f"{images * 1024 * 2 / 1e9:.2f} GB"  # float16, 1024 values (the projected embedding)
     assert cells[6].startswith("~")  # a projected time
-    mlp = next(line for line in out.splitlines() if line.startswith("| fm_medimageinsight_mlp |"))
+    mlp = next(line for line in out.splitlines() if line.startswith("| paper_medimageinsight_mlp |"))
     assert "| 0.00 GB |" in mlp and "shared with fm_medimageinsight_frozen" in mlp  # one store, counted once
     assert "preflight: 3 config(s) ready" in out
     assert not (root / "work" / "features").exists()  # nothing embedded

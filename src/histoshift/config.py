@@ -73,6 +73,9 @@ class ModelCfg(Section):
     frozen: bool = False
     train_last_blocks: Int = -1  # partial fine-tuning: train only the last N block groups (-1 = all)
     head_hidden: Int = Field(0, ge=0)  # heads on features: 0 = linear probe, > 0 = MLP with this hidden width
+    # heads on features: "mlp" (the probe or MLP above) | "paper_dann" (the Phikon-v2 + DANN head report's
+    # layers: LayerNorm, linear to D/2, ReLU; classifier D/2 -> 100 -> 1 with ReLU and dropout 0.4)
+    head: Literal["mlp", "paper_dann"] = "mlp"
     # heads on features: a map in front of the head that `infer --adabn` re-estimates on each target center's
     # unlabelled features (models/feature_shift.py): none | standardize (per center) | coral
     feature_shift: Literal[FEATURE_SHIFTS] = "none"
@@ -90,6 +93,8 @@ class AlgorithmCfg(Section):
     name: str = "dann"  # a key of histoshift.algorithms.ALGORITHMS
     domain_weight: NonNeg = 0.1  # weight of the domain loss in the total loss
     domain_hidden: Int = Field(256, ge=1)  # width of the domain head's hidden layer
+    # the domain head as the Phikon-v2 + DANN head recipe has it: linear, batch norm, ReLU, linear (no dropout)
+    domain_batchnorm: bool = False
     grl_max: NonNeg = 1.0  # the Ganin schedule rises from 0 to this coefficient
     domain_loss: Literal["ce", "ls"] = "ce"  # cross-entropy | least squares on the softmax (LSGAN style)
     focal_gamma: NonNeg = 0.0  # focal loss exponent for the tumour loss (0 = plain BCE)
@@ -184,6 +189,10 @@ class TrainCfg(Section):
     # on out-of-memory), a small fixed batch on CPU
     embed_batch_size: Int = Field(0, ge=0)
     seed: Int = Field(0, ge=0)
+    # stop when the held-out center's accuracy has not improved for this many epochs and keep the best epoch's
+    # weights (0 = off). It reads the held-out center's labels to pick the epoch, so that center's out-of-fold
+    # accuracy becomes optimistic - as in the published recipe that stopped on the validation center
+    early_stop_patience: Int = Field(0, ge=0)
     eval_batch_size: Int = Field(256, ge=1)
 
     @model_validator(mode="after")
@@ -212,6 +221,9 @@ class Config(Section):
         if not m.frozen and m.feature_shift != "none":
             raise ValueError("model.feature_shift: adapts a head on frozen features (model.frozen: true); a "
                              "fine-tuned backbone adapts its batch norms (infer --adabn)")
+        if m.head != "mlp" and (not m.frozen or m.head_hidden or m.head_l1):
+            raise ValueError(f"model.head={m.head}: a head on frozen features with its own fixed layers (model.frozen: true, "
+                             "model.head_hidden: 0, model.head_l1: 0)")
         if m.self_train_rounds and not m.frozen:
             raise ValueError("model.self_train_rounds: self-trains a head on frozen features (model.frozen: true); a "
                              "fine-tuned backbone adapts its batch norms (infer --adabn)")

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from accelerate.utils import load as load_weights_only  # torch.load, weights_only=True, numpy RNG allowed
 
 from .config import Config, ConfigError
@@ -29,7 +30,7 @@ from .precision import autocast
 from .progress import bar
 from .runs import RunDir
 from .lineage import StaleError
-from .safeio import require_free, write_json, write_text
+from .safeio import atomic, require_free, write_json, write_text
 from .tta import PredictionError, check_finite
 
 
@@ -49,19 +50,26 @@ class Progress:
 
     def __init__(self):
         self.epoch, self.step, self.seconds, self.records = 0, 0, 0.0, []
+        self.best_epoch, self.best_acc = 0, -1.0  # early stopping: the best held-out epoch so far
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seconds": self.seconds, "records": list(self.records)}
+        return {"epoch": self.epoch, "step": self.step, "seconds": self.seconds, "records": list(self.records),
+                "best_epoch": self.best_epoch, "best_acc": self.best_acc}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
         self.records = list(state["records"])
+        self.best_epoch, self.best_acc = state.get("best_epoch", 0), state.get("best_acc", -1.0)
 
 
 LOOP_STATE = "loop.json"  # the loop's own state in a saved epoch (progress, schedule): JSON, never a pickle
 
 
-def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int, scheduler, progress: Progress) -> None:
+BEST_WEIGHTS = "best_model.safetensors"  # early stopping: the best epoch's weights, beside a saved state
+
+
+def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int, scheduler, progress: Progress,
+                     best: dict | None = None) -> None:
     """Everything needed to resume after `epoch`, in run/state-epoch<N>/ with a `complete` marker
     written last; older states are removed after. Accelerate writes the model (safetensors), the optimizer
     and the RNG states, which its `load_state` reads with torch's weights_only loader; the scheduler and the
@@ -79,6 +87,9 @@ def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(folder / LOOP_STATE, {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()})
+        if best is not None:
+            with atomic(folder / BEST_WEIGHTS) as tmp:
+                save_file(best, str(tmp))
         write_text(folder / "complete", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         for old in run.path.glob("state-epoch*"):
             if old != folder:
@@ -150,8 +161,11 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     progress = Progress()
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in core.parameters())  # weights + two AdamW moments
+    patience, best = cfg.train.early_stop_patience, None
     if resume:
         load_epoch_state(accelerator, run.last_state(), scheduler, progress)
+        if patience and (run.last_state() / BEST_WEIGHTS).exists():
+            best = load_file(str(run.last_state() / BEST_WEIGHTS))
         accelerator.print(f"train {run.name}: resuming after epoch {progress.epoch} of {cfg.train.epochs}")
         if accelerator.is_main_process:  # the history as of the saved epoch (a later line may predate the kill)
             write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in progress.records))
@@ -198,6 +212,17 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
         if accelerator.is_main_process:
             with run.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if epoch + 1 < cfg.train.epochs:  # a kill from here on resumes after this epoch
-            save_epoch_state(accelerator, run, epoch + 1, state_bytes, scheduler, progress)
+        if patience and held["accuracy"] > progress.best_acc:
+            progress.best_epoch, progress.best_acc = epoch + 1, float(held["accuracy"])
+            best = {k: v.detach().cpu().clone().contiguous() for k, v in core.model.state_dict().items()}
+        stop = bool(patience) and epoch + 1 - progress.best_epoch >= patience
+        if epoch + 1 < cfg.train.epochs and not stop:  # a kill from here on resumes after this epoch
+            save_epoch_state(accelerator, run, epoch + 1, state_bytes, scheduler, progress, best)
+        if stop:
+            accelerator.print(f"train {run.name}: early stop after epoch {epoch + 1}: no better held-out accuracy "
+                              f"for {patience} epochs (best {progress.best_acc:.4f}, epoch {progress.best_epoch})")
+            break
+    if patience and best is not None:  # the best epoch's weights and its held-out predictions
+        core.model.load_state_dict(best)  # copy_ across devices
+        oof = heldout_predictor(core.model).rename(columns={"v0": "logit"})
     return core.model, oof, time.time() - t0, state_bytes // 3

@@ -44,9 +44,11 @@ class DANN(Algorithm):
     def __init__(self, model, n_domains, cfg):
         super().__init__(model, n_domains, cfg)
         hidden = cfg.algorithm.domain_hidden
-        self.domain_head = nn.Sequential(
-            nn.Linear(model.num_features, hidden), nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Linear(hidden, n_domains)
-        )
+        if cfg.algorithm.domain_batchnorm:  # the Phikon-v2 + DANN head recipe: linear, batch norm, ReLU, linear
+            middle = [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        else:
+            middle = [nn.ReLU(inplace=True), nn.Dropout(0.1)]
+        self.domain_head = nn.Sequential(nn.Linear(model.num_features, hidden), *middle, nn.Linear(hidden, n_domains))
 
     def param_groups(self) -> list[dict]:
         return super().param_groups() + [

@@ -11,11 +11,19 @@ from .feature_shift import FeatureShift
 
 class FeatureClassifier(nn.Module):
     """A head on stored features: `shift` (the adaptable map in front, identity unless model.feature_shift),
-    then `backbone`, identity (linear probe) or a hidden MLP layer."""
+    then `backbone`, identity (linear probe) or a hidden MLP layer, then `head`; or (model.head paper_dann)
+    the published Phikon-v2 + DANN head's feature extractor and classifier."""
 
     def __init__(self, dim: int, cfg: ModelCfg):
         super().__init__()
         self.shift = FeatureShift(dim, cfg.feature_shift, cfg.coral_ridge)
+        if cfg.head == "paper_dann":  # Benbalit & Mondelice (Phikon-v2 + DANN head, 0.97627), as they describe it
+            half = dim // 2  # feature extractor: LayerNorm, linear to half the width, ReLU (the domain head's input)
+            self.backbone = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, half), nn.ReLU())
+            self.num_features = half  # classifier: two linear layers, hidden 100, ReLU, dropout 0.4
+            self.head = nn.Sequential(nn.Linear(half, 100), nn.ReLU(), nn.Dropout(0.4), nn.Linear(100, 1))
+            self.l1 = 0.0
+            return
         if cfg.head_hidden > 0:
             self.backbone = nn.Sequential(nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.drop_rate))
             self.num_features = cfg.head_hidden
