@@ -82,6 +82,16 @@ AGLR_ROWS = {  # Stain-AgLr switches (issue 11), on ERM + dihedral + HED and on 
     "DANN + regeneration (0.1)": ["algorithm.regen_weight=0.1"],
     "DANN + consistency (10) + regeneration (0.1)": ["algorithm.consistency_weight=10", "algorithm.regen_weight=0.1"],
 }
+STAIN_ROWS = {  # issue 21: stain handling, optimizers and reweighting on the default recipe (fine-tuned Lite0 DANN)
+    "DANN + dihedral + HED (default)": [],
+    "DANN + Reinhard normalisation": ["aug.stain_norm=reinhard"],
+    "DANN + Macenko normalisation": ["aug.stain_norm=macenko"],
+    "DANN + grayscale input": ["aug.grayscale=true"],
+    "DANN, Nero instead of AdamW": ["optim.name=nero", "optim.lr=1.0e-2", "optim.backbone_lr=1.0e-3",
+                                    "optim.domain_lr=1.0e-3"],
+    "DANN + class reweighting": ["algorithm.class_reweight=true"],
+    "DANN + inverse-frequency domain loss": ["algorithm.domain_reweight=true"],
+}
 # heads on frozen ImageNet features (issue 19): the frozen-feature path's mechanics on real tissue - a proxy,
 # NOT a prediction for pathology foundation models. Every Lite0 row shares one feature store (8 dihedral
 # views + 4 HED views of labelled patches); with --adabn the adapted columns are the feature shift
@@ -113,7 +123,7 @@ FROZEN_ROWS = {
 # head (configs/fm_*_frozen.yaml: MLP + DANN head, per-center standardisation), plus self-training, so that
 # the stack stage chooses between plain and adapted predictions by its own leave-one-center-out evidence
 FROZEN_ENSEMBLE = [*_MLP_DANN, "model.feature_shift=standardize", *_SELF_TRAIN]
-ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "aglr": AGLR_ROWS, "frozen": FROZEN_ROWS,
+ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "aglr": AGLR_ROWS, "frozen": FROZEN_ROWS, "stain": STAIN_ROWS,
             "all": KEY_ROWS | MORE_ROWS | AGLR_ROWS}
 # The hidden center (issue 19): the test patches again, re-stained by the PCam script's own stain_shift with
 # parameters fixed on 2026-12-01 before any result was seen, so that a method tuned on center 2's shift
