@@ -16,6 +16,8 @@ from histoshift.runs import RunDir
 from test_faults import _one_error_line
 from test_foundation import hf_cache  # noqa: F401 - the fixture
 
+pytestmark = pytest.mark.slow  # tiny trainings, embeddings and stage runs (the quick tier trains nothing)
+
 TINY = {"name": "tiny", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
         "algorithm": {"name": "dann"}, "train": {"epochs": 2, "batch_size": 8, "target_batch_size": 8,
                                                  "steps_per_epoch": 3, "eval_batch_size": 64}}
