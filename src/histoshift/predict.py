@@ -1,9 +1,8 @@
 """The infer stage: 8-view TTA predictions of every finished fold run - any kind of model - for its
 held-out center and the test center, plain and (with --adabn) after the task adapted the model to each
-target center (AdaBN for fine-tuned backbones; for a head on stored features its feature shift and
-self-training, when its config has them). The
-model and its views are the task's (`tasks.py`); the files and what they were predicted from are the
-run folder's (`runs.py`).
+target center (AdaBN for fine-tuned backbones; a head on stored features re-estimates its feature shift
+and self-trains when its config says so). The model and its views are the task's (`tasks.py`); the files
+and what they were predicted from are the run folder's (`runs.py`).
 """
 from __future__ import annotations
 

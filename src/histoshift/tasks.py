@@ -16,8 +16,9 @@ The protocol (both classes implement every method; nothing else asks which kind 
   to_model(x)                   augmented images/features -> what the model's forward takes
   predictor(table, views, desc) a callable model -> per-view logits table (id, center, label, v0..)
   save(run, model), load(run)   the trained model to and from the run folder (safetensors, no pickle)
-  adapt(model, table)           the model adapted to one center without its labels, and how many layers
-                                changed (0: the task has nothing to adapt; its predictions stay the plain ones)
+  adapt(model, table, source)   the model adapted to one center without its labels (`source`: the fold's
+                                labelled rows, for self-training) and a record: layers/maps/rounds changed
+                                (0: nothing to adapt, its predictions stay the plain ones), the method, details
 `make_task` is the one place that chooses the kind, from the config; the run records it.
 """
 from __future__ import annotations
