@@ -13,11 +13,13 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "histoshift"
 
 # earlier layers first; a module matches the longest prefix listed
 LAYERS = [
-    ("safeio", "lineage", "config", "paths", "progress"),  # foundations: files, digests, typed configs, layout
+    ("safeio", "lineage", "config", "paths", "progress", "checkpoint"),  # foundations: files, digests, typed
+                                              # configs, layout, resumable states
     ("data",),                                # h5 reader, cache, quality, folds, splits, augmentation, loaders
     ("models",),                              # backbones, heads, preprocessing, weights, foundation recipes
     ("precision", "algorithms", "metrics"),   # what a training step needs besides the model
     ("tta",),                                 # per-view logits (views of images, stored views)
+    ("stain_gan",),                           # stage: stain-gan (the generator of aug.stain_norm: gan)
     ("features",),                            # stage: embed (the frozen-backbone feature store)
     ("runs",),                                # the run folder's layout and lineage
     ("tasks",),                               # the two kinds of model behind one protocol

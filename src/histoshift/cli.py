@@ -49,6 +49,13 @@ STAGES = {  # in pipeline order; the paths are relative to --root
                        "--config YAML (repeatable), work/cache/ or input/*.h5 (patch counts), the hub cache",
                        "nothing (prints a table)",
                        flow="configs/*.yaml -> (prints the preflight table)"),
+    "stain-gan": Stage("train the stain-normalising generator of a config with aug.stain_norm: gan (MultiStain-CycleGAN "
+                       "on the cache's unlabelled patches, towards stain_gan.target_center; resumes a killed run; any "
+                       "other config has nothing to train)",
+                       "--config YAML, work/cache/",
+                       "work/stain_gan/<key>/: generator.safetensors, meta.json, losses.csv, samples.png (key: the "
+                       "cache and every stain_gan setting)",
+                       flow="configs/*.yaml, work/cache/ -> work/stain_gan/<key>/"),
     "embed": Stage("embed every patch once with the backbone of a heads-on-features config (model.frozen; resumes "
                    "a killed run; a fine-tuned config has nothing to embed)",
                    "--config YAML, work/cache/; foundation models: the hub, HF_HUB_CACHE or model.weights",
@@ -166,6 +173,18 @@ def cmd_preflight(a, paths: Paths) -> int:
     if not problems:
         print(f"preflight: {len(checks)} config(s) ready")
     return 2 if problems else 0
+
+
+def cmd_stain_gan(a, paths: Paths):
+    from .data.cache import Cache, check_inputs
+    from .stain_gan import train_stain_gan
+
+    cfg = _experiment(a)
+    if cfg.aug.stain_norm != "gan":
+        print(f"stain-gan: {cfg.name} does not use aug.stain_norm=gan: nothing to train")
+        return
+    check_inputs(paths.input, paths.cache)
+    _timed("stain-gan", train_stain_gan, cfg, Cache.open(paths.cache), paths, force=a.force)
 
 
 def cmd_embed(a, paths: Paths):
@@ -324,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("preflight")
     s.add_argument("--config", required=True, action="append", help="a config about to run (repeat for several)")
     s.set_defaults(fn=cmd_preflight)
+
+    s = stage("stain-gan")
+    s.add_argument("--config", required=True, help="one experiment's YAML file (configs/*.yaml)")
+    s.add_argument("--force", action="store_true", help="train again (the previous generator is kept aside)")
+    s.add_argument("overrides", nargs="*", help="typed overrides, e.g. stain_gan.steps=500 stain_gan.sources=[0]")
+    s.set_defaults(fn=cmd_stain_gan)
 
     s = stage("embed")
     s.add_argument("--config", required=True, help="one experiment's YAML file (configs/*.yaml)")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      model_validator)
 
 from .safeio import write_text
 
@@ -155,11 +156,22 @@ class AugCfg(Section):
     hed_sigma: NonNeg = 0.03  # HED stain jitter: scale ~ U(1-s, 1+s), shift ~ U(-s, s) per channel
     brightness: NonNeg = 0.1  # brightness/contrast jitter amplitude (0 = off)
     contrast: NonNeg = 0.1
-    # per-patch normalisation, at training and inference
-    stain_norm: Literal["none", "reinhard", "macenko"] = "none"
+    # per-patch normalisation, at training and inference; "gan": the `stain-gan` stage's generator colours the
+    # grayscale patch in the target center's style (settings: the stain_gan section)
+    stain_norm: Literal["none", "reinhard", "macenko", "gan"] = "none"
     # three equal channels (the luma), at training (after the colour jitter) and inference; a published report
     # of this competition: DINOv2 frozen 0.90560 -> 0.90911
     grayscale: bool = False
+    # the stain-gan stage's generator when stain_norm is "gan": attached at run time by the task
+    # (histoshift.stain_gan.attach), never read from or written to a config file
+    _colourizer: object = PrivateAttr(default=None)
+
+    @property
+    def colourizer(self):
+        return self._colourizer
+
+    def attach_colourizer(self, colourizer) -> None:
+        self._colourizer = colourizer
 
 
 class TrainCfg(Section):
@@ -202,6 +214,26 @@ class TrainCfg(Section):
         return self
 
 
+class StainGanCfg(Section):
+    """MultiStain-CycleGAN (Hetz et al., MIDL 2023), trained by the `stain-gan` stage on the cache's unlabelled
+    patches; used when aug.stain_norm is "gan". Any change here trains another generator (its own folder)."""
+    # the center whose style the generator learns; None = the test split's center
+    target_center: Int | None = Field(None, ge=0)
+    # the centers whose grayscale patches it learns to colour; [] = every center of the cache (the MultiStain
+    # generator); one center: the per-center CycleGAN variant (Caucheteux & Mirri), the same model on one source
+    sources: list[Int] = []
+    steps: Int = Field(2000, ge=1)
+    batch_size: Int = Field(16, ge=2)
+    lr: float = Field(2e-4, gt=0)  # Adam (beta1 0.5, beta2 0.999) for both networks, as in CycleGAN
+    gray_weight: NonNeg = 10.0  # the grayscale cycle: gray(G(gray(x))) = gray(x) on every source patch
+    rgb_weight: NonNeg = 10.0  # the RGB cycle: G(gray(t)) = t on the target center's patches
+    hed_sigma: NonNeg = 0.1  # colour augmentation of the generator's inputs before they are made grayscale
+    channels: Int = Field(16, ge=4)  # the generator's first width (x2, x4 after its two down-samplings)
+    blocks: Int = Field(4, ge=1)  # residual blocks at a quarter of the resolution
+    checkpoint_every: Int = Field(200, ge=1)  # steps between resumable states
+    seed: Int = Field(0, ge=0)
+
+
 class Config(Section):
     # the run's folder name under work/runs/ and its name in the stack's tables: a plain name (letters,
     # digits, '.', '_', '-'; not starting with '.'), never a path
@@ -211,6 +243,7 @@ class Config(Section):
     optim: OptimCfg = OptimCfg()
     aug: AugCfg = AugCfg()
     train: TrainCfg = TrainCfg()
+    stain_gan: StainGanCfg = StainGanCfg()
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-import shutil
 import time
 from typing import Callable
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
-from accelerate.utils import load as load_weights_only  # torch.load, weights_only=True, numpy RNG allowed
+from safetensors.torch import load_file
 
+from .checkpoint import LOOP_STATE, load_state, save_state
 from .config import Config, ConfigError
 from .data.loader import cycle
 from .metrics import per_center
@@ -30,7 +28,7 @@ from .precision import autocast
 from .progress import bar
 from .runs import RunDir
 from .lineage import StaleError
-from .safeio import atomic, require_free, write_json, write_text
+from .safeio import write_text
 from .tta import PredictionError, check_finite
 
 
@@ -62,39 +60,16 @@ class Progress:
         self.best_epoch, self.best_acc = state.get("best_epoch", 0), state.get("best_acc", -1.0)
 
 
-LOOP_STATE = "loop.json"  # the loop's own state in a saved epoch (progress, schedule): JSON, never a pickle
-
-
 BEST_WEIGHTS = "best_model.safetensors"  # early stopping: the best epoch's weights, beside a saved state
+AGAIN = "train --force starts the fold again"
 
 
 def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int, scheduler, progress: Progress,
                      best: dict | None = None) -> None:
-    """Everything needed to resume after `epoch`, in run/state-epoch<N>/ with a `complete` marker
-    written last; older states are removed after. Accelerate writes the model (safetensors), the optimizer
-    and the RNG states, which its `load_state` reads with torch's weights_only loader; the scheduler and the
-    progress go to loop.json. Nothing is registered as an Accelerate custom object: those are read back with
-    weights_only=False (accelerate's checkpointing.load_custom_state), and a run folder is input - a pickle
-    planted in an unfinished run's state folder would run its code on the next `train`."""
-    folder = run.state_dir(epoch)
-    if accelerator.is_main_process:
-        require_free(run.path, nbytes, f"saving the epoch {epoch} state")
-        if folder.is_symlink():  # rmtree refuses a link and Accelerate would write into its target
-            folder.unlink()
-        shutil.rmtree(folder, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(folder))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(folder / LOOP_STATE, {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()})
-        if best is not None:
-            with atomic(folder / BEST_WEIGHTS) as tmp:
-                save_file(best, str(tmp))
-        write_text(folder / "complete", time.strftime("%Y-%m-%d %H:%M:%S\n"))
-        for old in run.path.glob("state-epoch*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    """Everything needed to resume after `epoch`, in run/state-epoch<N>/ (checkpoint.save_state: no pickle
+    is ever read back): the scheduler and the progress in loop.json, early stopping's best weights beside."""
+    save_state(accelerator, run.state_dir(epoch), {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()},
+               nbytes, f"saving the epoch {epoch} state", {BEST_WEIGHTS: best} if best is not None else None)
 
 
 def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
@@ -114,29 +89,13 @@ def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def load_epoch_state(accelerator: Accelerator, folder, scheduler, progress: Progress) -> None:
-    """The state `save_epoch_state` wrote, without unpickling anything: Accelerate's loader reads the
-    optimizer and RNG files with weights_only=True (a file that needs more is refused, one line) and no
-    custom object is registered, so a `custom_checkpoint_*.pkl` in the folder is never opened."""
-    loop = folder / LOOP_STATE
+    """The state `save_epoch_state` wrote (checkpoint.load_state: nothing unpickled, foreign files refused)."""
+    state = load_state(accelerator, folder, AGAIN)
     try:
-        state = json.loads(loop.read_text())
         scheduler.load_state_dict(state["scheduler"])
         progress.load_state_dict(state["progress"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StaleError(f"{loop}: not a saved loop state ({type(e).__name__}: {e}); "
-                         "train --force starts the fold again") from None
-    foreign = sorted(p.name for p in folder.glob("custom_checkpoint_*"))
-    if foreign:  # this repository never writes them: a planted or foreign state, never opened
-        raise StaleError(f"{folder}: holds {', '.join(foreign)}, which this repository never writes (a state "
-                         "from elsewhere); not loaded. train --force starts the fold again")
-    try:
-        for rng in sorted(folder.glob("random_states_*.pkl")):  # Accelerate would skip a bad one in silence
-            load_weights_only(rng)  # and resume with other random numbers: checked here first
-        accelerator.load_state(str(folder))
-    except pickle.UnpicklingError as e:  # what torch's weights_only loader raises for anything but tensors
-        first = str(e).strip().splitlines()[0]
-        raise StaleError(f"{folder}: a file of the saved state holds more than tensors and is not loaded "
-                         f"({first}); train --force starts the fold again") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise StaleError(f"{folder / LOOP_STATE}: not a saved loop state ({type(e).__name__}: {e}); {AGAIN}") from None
 
 
 def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: Accelerator, run: RunDir,

@@ -42,11 +42,13 @@ from accelerate import Accelerator
 from accelerate.utils import find_executable_batch_size
 from torch import nn
 
+from . import stain_gan
 from .config import Config, ModelCfg
 from .data.augment import apply_dihedral, to_float
 from .data.hed import hed_transform
 from .data.cache import LABELLED, SPLITS, Cache, gather_by_split
 from .models.backbone import PatchClassifier
+from .paths import Paths
 from .precision import autocast
 from .progress import bar as progress_bar
 from .tta import per_view, view_stack
@@ -85,6 +87,7 @@ def feature_spec(cfg: Config, cache: Cache, precision: str) -> dict:
     return {"backbone": backbone, "precision": precision, "views": t.feature_views,
             "hed_views": t.feature_hed_views, "hed_sigma": t.feature_hed_sigma if t.feature_hed_views else None,
             "stain_norm": cfg.aug.stain_norm, **({"grayscale": True} if cfg.aug.grayscale else {}),
+            **({"stain_gan": stain_gan.identity(cfg, cache, Paths.of_cache(cache.dir))} if cfg.aug.stain_norm == "gan" else {}),
             "cache": cache.id}  # the cache's content digest (not where or when its files were made)
 
 

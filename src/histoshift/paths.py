@@ -4,6 +4,7 @@
   folds/          folds.csv
   work/cache/     the validated uint8 cache (prepare)
   work/features/  feature stores (heads on features), one folder per key (embed)
+  work/stain_gan/ stain-normalising generators (aug.stain_norm: gan), one folder per key (stain-gan)
   work/runs/      one folder per config, seed and fold (train, infer)
   work/stack/     the combiner comparison, the choice and the test scores (stack)
   work/report/    report.md and plots (report)
@@ -23,6 +24,7 @@ class Paths:
     folds_csv = property(lambda self: self.root / "folds" / "folds.csv")
     cache = property(lambda self: self.root / "work" / "cache")
     features = property(lambda self: self.root / "work" / "features")
+    stain_gan = property(lambda self: self.root / "work" / "stain_gan")
     runs = property(lambda self: self.root / "work" / "runs")
     stack = property(lambda self: self.root / "work" / "stack")
     report = property(lambda self: self.root / "work" / "report")

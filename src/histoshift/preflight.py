@@ -219,7 +219,8 @@ def _store_identity(cfg: Config, precision: str) -> str:
     """What two configs must share to share a feature store (features.feature_spec without the cache)."""
     m, t = cfg.model, cfg.train
     return json.dumps([m.recipe, m.recipe_overrides, m.backbone, m.timm_kwargs, m.input_size, m.weights, precision,
-                       t.feature_views, t.feature_hed_views, t.feature_hed_sigma, cfg.aug.stain_norm, cfg.aug.grayscale], sort_keys=True,
+                       t.feature_views, t.feature_hed_views, t.feature_hed_sigma, cfg.aug.stain_norm, cfg.aug.grayscale,
+                       cfg.stain_gan.model_dump() if cfg.aug.stain_norm == "gan" else None], sort_keys=True,
                       default=str)
 
 

@@ -144,7 +144,7 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
         model.eval()
         with torch.no_grad():
             feats = torch.cat([model(task.to_model(to_float(torch.from_numpy(images[i:i + 64]).to(acc.device),
-                                                            cfg.aug)))["features"].cpu()
+                                                            task.cfg.aug)))["features"].cpu()
                                for i in range(0, len(images), 64)]).float().numpy()
         what = f"{run.name} ({cfg.algorithm.name.upper()}, held-out center {run.fold})"
         if not np.isfinite(feats).all():  # a diverged model (infer refuses it too): no map, one note

@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .checkpoint import last_state
 from .config import Config, load_config
 from .lineage import StaleError, changed, digest_file
 from .safeio import write_csv, write_json
 
 INPUT_NAMES = {"cache.train": "the cached train.h5", "cache.val": "the cached val.h5", "cache.test": "the cached test.h5",
                "folds": "folds.csv", "features": "the feature store (new weights, views or cache)",
+               "stain_gan": "the stain GAN's generator (trained again)",
                "features_content": "the stored features (embedded again since)",
                "pseudo": "the stack's test predictions it took pseudo-labels from", "task": "the kind of model"}
 
@@ -94,8 +96,7 @@ class RunDir:
 
     def last_state(self) -> Path | None:
         """The newest complete saved state (a state being written when the process died has no marker)."""
-        states = [p for p in self.path.glob("state-epoch*") if (p / "complete").exists()]
-        return max(states, key=lambda p: int(p.name.removeprefix("state-epoch")), default=None)
+        return last_state(self.path, "state-epoch")
 
     def tta_path(self, part: str, adabn: bool = False) -> Path:
         """8-view logits of `part` ('heldout' | 'test'), plain or after AdaBN on that center."""

@@ -44,6 +44,7 @@ def atomic(path: Path):
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK, follow_symlinks=False)  # some writers (safetensors) recreate the file 0600
         os.replace(tmp, path)
     except OSError as e:
         _cleanup(tmp)

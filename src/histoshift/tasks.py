@@ -39,6 +39,7 @@ from .config import Config, ConfigError, load_config
 from .data.augment import N_VIEWS, augment_batch, build_albumentations, to_float
 from .data.cache import Cache
 from .data.loader import EPOCH_STRIDE, PatchDataset, TensorBatches, make_loader, place_images
+from . import stain_gan
 from .features import FeatureStore, embed, feature_spec, store_key
 from .lineage import StaleError
 from .models.backbone import PatchClassifier
@@ -101,9 +102,10 @@ class ImageTask:
         self.cfg, self.cache, self.acc, self.precision = cfg, cache, accelerator, precision
         self.domains = domains_of(cache)
         self.preprocess = None  # the model's, once built or loaded
+        self.colour = stain_gan.attach(cfg, cache, paths, accelerator.device)  # aug.stain_norm: gan
 
     def lineage(self) -> dict:
-        return {}
+        return dict(self.colour)  # the stain GAN's generator, when the config uses one
 
     def stored_data(self) -> None:
         return None  # images are read from the cache
@@ -205,6 +207,7 @@ class FeatureTask:
     def __init__(self, cfg: Config, cache: Cache, paths: Paths, accelerator: Accelerator, precision: str):
         self.cfg, self.cache, self.acc, self.paths, self.precision = cfg, cache, accelerator, paths, precision
         self.domains = domains_of(cache)
+        stain_gan.attach(cfg, cache, paths, accelerator.device)  # aug.stain_norm: gan (the store key holds it)
         self.spec = feature_spec(cfg, cache, precision)  # computed once: one hub lookup per run
 
     def lineage(self) -> dict:

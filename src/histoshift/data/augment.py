@@ -61,7 +61,7 @@ def augment_batch(images: torch.Tensor, cfg: AugCfg, generator: torch.Generator 
     x = images.permute(0, 3, 1, 2)
     if cfg.dihedral:
         x = random_dihedral(x, generator)
-    x = stain_normalize(x.float().div_(255.0), cfg.stain_norm)
+    x = stain_normalize(x.float().div_(255.0), cfg.stain_norm, cfg.colourizer)
     if cfg.hed_sigma > 0:
         x = random_hed(x, cfg.hed_sigma, generator)
     if cfg.brightness > 0 or cfg.contrast > 0:
@@ -85,5 +85,5 @@ def to_float(images: torch.Tensor, aug: AugCfg | None = None) -> torch.Tensor:
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     if aug is None:
         return x
-    x = stain_normalize(x, aug.stain_norm)
+    x = stain_normalize(x, aug.stain_norm, aug.colourizer)
     return to_gray(x) if aug.grayscale else x

@@ -1,0 +1,85 @@
+"""Resumable training states, written and read without unpickling anything.
+
+A state is a folder `<prefix><N>/` beside the work it belongs to (a run's `state-epoch<N>/`, a stain GAN's
+`state-step<N>/`): Accelerate writes the prepared models (safetensors), the optimizers and the RNG states,
+which its `load_state` reads with torch's weights_only loader; the loop's own position goes to `loop.json`;
+extra tensors (e.g. early stopping's best weights) go to safetensors files; `complete` is written last, and
+older states of the same prefix are removed after. Nothing is registered as an Accelerate custom object:
+those are read back with weights_only=False (accelerate's checkpointing.load_custom_state), and a state folder
+is input - a pickle planted in an unfinished run's state would run its code on the next resume.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import time
+from pathlib import Path
+
+from .lineage import StaleError
+from .safeio import atomic, require_free, write_json, write_text
+
+LOOP_STATE = "loop.json"  # the loop's own state in a saved state folder: JSON, never a pickle
+COMPLETE = "complete"
+
+
+def last_state(parent: Path, prefix: str) -> Path | None:
+    """The newest complete state `parent/<prefix><N>` (one being written when the process died has no marker)."""
+    states = [p for p in Path(parent).glob(f"{prefix}*") if (p / COMPLETE).exists() and p.name[len(prefix):].isdigit()]
+    return max(states, key=lambda p: int(p.name[len(prefix):]), default=None)
+
+
+def save_state(accelerator, folder: Path, loop: dict, nbytes: int, what: str, tensors: dict[str, dict] | None = None) -> None:
+    """Everything needed to resume, in `folder` (named <prefix><N>); `tensors`: file name -> a flat dict of
+    tensors saved beside it as safetensors. `nbytes`: the free space to ask for first (`what` names it)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    prefix = folder.name.rstrip("0123456789")
+    if accelerator.is_main_process:
+        require_free(folder.parent, nbytes, what)
+        if folder.is_symlink():  # rmtree refuses a link and Accelerate would write into its target
+            folder.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(folder / LOOP_STATE, loop)
+        for name, flat in (tensors or {}).items():
+            with atomic(folder / name) as tmp:
+                save_file(flat, str(tmp))
+        write_text(folder / COMPLETE, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        for old in folder.parent.glob(f"{prefix}*"):
+            if old != folder and old.name[len(prefix):].isdigit():
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_state(accelerator, folder: Path, again: str) -> dict:
+    """The loop state of a folder `save_state` wrote, after Accelerate restored the models, optimizers and
+    RNG states from it. Anything that is not what this repository writes is refused with one line ending in
+    `again` (how to start over)."""
+    from accelerate.utils import load as load_weights_only  # torch.load, weights_only=True, numpy RNG allowed
+
+    folder = Path(folder)
+    loop = folder / LOOP_STATE
+    try:
+        state = json.loads(loop.read_text())
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a mapping, got {type(state).__name__}")
+    except (OSError, ValueError, TypeError) as e:
+        raise StaleError(f"{loop}: not a saved loop state ({type(e).__name__}: {e}); {again}") from None
+    foreign = sorted(p.name for p in folder.glob("custom_checkpoint_*"))
+    if foreign:  # this repository never writes them: a planted or foreign state, never opened
+        raise StaleError(f"{folder}: holds {', '.join(foreign)}, which this repository never writes (a state "
+                         f"from elsewhere); not loaded. {again}")
+    try:
+        for rng in sorted(folder.glob("random_states_*.pkl")):  # Accelerate would skip a bad one in silence
+            load_weights_only(rng)  # and resume with other random numbers: checked here first
+        accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as e:  # what torch's weights_only loader raises for anything but tensors
+        first = str(e).strip().splitlines()[0]
+        raise StaleError(f"{folder}: a file of the saved state holds more than tensors and is not loaded "
+                         f"({first}); {again}") from None
+    return state
