@@ -3,6 +3,8 @@
 #   bash infer.sh                      (after bash train.sh; same demo/competition choice)
 #   LAUNCH="accelerate launch --num_processes 4" bash infer.sh
 #   ALLOW_DEGENERATE=1 bash infer.sh   write the submission even if it predicts one class for every patch
+#   KAGGLE_COMPETITION=SLUG bash infer.sh   also upload it with the official kaggle client (message: its lineage)
+#   LOG_WITH=tensorboard bash infer.sh the stack's comparison table to Accelerate's trackers
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/env.sh
@@ -10,8 +12,9 @@ source scripts/mode.sh
 start=$(date +%s)
 "$PY" -m histoshift --root "$ROOT" prepare --verify   # the inputs' bytes against the cache's digests (a rebuild makes what follows recompute or refuse)
 $LAUNCH -m histoshift --root "$ROOT" infer --adabn   # plain and AdaBN predictions; stack keeps AdaBN unless LOCO shows it hurts
-"$PY" -m histoshift --root "$ROOT" stack
-"$PY" -m histoshift --root "$ROOT" submit ${ALLOW_DEGENERATE:+--allow-degenerate}   # one class for all: refused unless set
+"$PY" -m histoshift --root "$ROOT" stack ${LOG_WITH:+--log-with "$LOG_WITH"}
+# one class for all: refused unless ALLOW_DEGENERATE; KAGGLE_COMPETITION=SLUG also uploads it (never without)
+"$PY" -m histoshift --root "$ROOT" submit ${ALLOW_DEGENERATE:+--allow-degenerate} ${KAGGLE_COMPETITION:+--kaggle "$KAGGLE_COMPETITION"}
 "$PY" -m histoshift --root "$ROOT" report
 if [ "$DEMO" = 1 ]; then
   "$PY" -m histoshift --root "$ROOT" score --labels "$ROOT/input/test_labels.csv"

@@ -1,5 +1,5 @@
 # Sourced by train.sh, infer.sh and tests/run.sh: make sure a Python environment with
-# requirements.txt exists, then export PY (the interpreter) and PYTHONPATH.
+# requirements.txt and the project (editable) exists, then export PY (the interpreter) and PYTHONPATH.
 # Set PY=/path/to/python to use an environment of your own instead of .venv.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,10 +15,12 @@ if [ -z "${PY:-}" ]; then
     echo "$WANT" > "$STAMP"
   fi
   PY="$VENV/bin/python"
-  # the package on the venv's path (like `pip install -e .`, offline): `.venv/bin/python -m histoshift` works anywhere
-  PTH="$(ls "$VENV"/lib/python3*/site-packages/histoshift-src.pth 2>/dev/null || true)"
-  if [ -z "$PTH" ] || [ "$(cat "$PTH")" != "$REPO/src" ]; then
-    "$PY" -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "histoshift-src.pth").write_text(sys.argv[1] + "\n")' "$REPO/src"
+  # the project installed editable (offline: no dependency resolution, the venv's own setuptools), so that
+  # `.venv/bin/histoshift` and `.venv/bin/python -m histoshift` work from any folder
+  if [ "$("$PY" -c 'import histoshift, pathlib; print(pathlib.Path(histoshift.__file__).parent.parent)' 2>/dev/null)" != "$REPO/src" ] \
+     || [ ! -x "$VENV/bin/histoshift" ]; then
+    rm -f "$VENV"/lib/python3*/site-packages/histoshift-src.pth  # the hand-made path file of earlier versions
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation --no-index -e "$REPO"
   fi
 fi
 export PY

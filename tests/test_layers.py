@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "histoshift"
 
 # earlier layers first; a module matches the longest prefix listed
 LAYERS = [
-    ("safeio", "lineage", "config", "paths", "progress", "checkpoint"),  # foundations: files, digests, typed
+    ("safeio", "lineage", "config", "paths", "progress", "checkpoint", "tracking"),  # foundations: files, digests, typed
                                               # configs, layout, resumable states
     ("data",),                                # h5 reader, cache, quality, folds, splits, augmentation, loaders
     ("models",),                              # backbones, heads, preprocessing, weights, foundation recipes
@@ -27,7 +27,7 @@ LAYERS = [
     ("train",),                               # stage: train
     ("predict",),                             # stage: infer
     ("stack",),                               # stage: stack
-    ("submit", "report", "preflight"),        # stages: submit, report; the check before them all
+    ("submit", "kaggle_upload", "report", "preflight"),        # stages: submit, report; the check before them all
     ("cli", "__main__"),                      # the entry point
 ]
 

@@ -232,23 +232,28 @@ def cmd_infer(a, paths: Paths):
 
 
 def cmd_stack(a, paths: Paths):
-    from .config import ConfigError
+    from .config import ConfigError, tracker_names
     from .data.cache import check_inputs
     from .runs import find_runs
     from .stack import run_stack
 
     if not (a.prior == 0 or 0 < a.prior < 1):
         raise ConfigError(f"--prior {a.prior}: expected a share in (0, 1), or 0 for never")
+    trackers = tracker_names(a.log_with)  # checked before the work
     check_inputs(paths.input, paths.cache)
     _timed("stack", run_stack, find_runs(paths.runs), paths.folds_csv, paths.stack, paths.cache, seed=a.seed,
            prior=a.prior or None)
+    if trackers:
+        from .tracking import log_stack
+
+        log_stack(paths.stack, trackers, paths.root)
 
 
 def cmd_submit(a, paths: Paths):
     from .submit import write_submission
 
     _timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions,
-           allow_degenerate=a.allow_degenerate, cache_dir=paths.cache)
+           allow_degenerate=a.allow_degenerate, cache_dir=paths.cache, kaggle=a.kaggle)
 
 
 def cmd_report(a, paths: Paths):
@@ -378,11 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prior", type=float, default=0.5, metavar="SHARE",
                    help="the test center's known share of tumour patches (0.5: balanced); thresholding to it is "
                         "scored leave-one-center-out and used only where it helps (0: never)")
+    s.add_argument("--log-with", default="", metavar="NAMES",
+                   help="experiment trackers for the comparison table, e.g. tensorboard (Accelerate's names, comma-"
+                        "separated; files in work/stack/tracker/)")
     s.set_defaults(fn=cmd_stack)
 
     s = stage("submit")
     s.add_argument("--allow-degenerate", action="store_true",
                    help="write a submission that predicts one class for every test patch (refused otherwise)")
+    s.add_argument("--kaggle", default=None, metavar="SLUG",
+                   help="also upload it to this Kaggle competition with the official client, its message built "
+                        "from the lineage; the local file is placed only once Kaggle took it (never without this)")
     s.set_defaults(fn=cmd_submit)
 
     s = stage("report")
@@ -428,9 +439,10 @@ def _user_errors() -> tuple:
     from .tta import PredictionError
     from .safeio import DiskError, LockError
     from .stack import StackError
+    from .kaggle_upload import UploadError
     from .submit import SubmissionError
 
-    return (ConfigError, InputError, FeatureError, FoldsError, StaleError, WeightsError, RecipeError, PredictionError, StackError,
+    return (UploadError, ConfigError, InputError, FeatureError, FoldsError, StaleError, WeightsError, RecipeError, PredictionError, StackError,
             SubmissionError, DiskError, LockError, FileExistsError, FileNotFoundError)
 
 

@@ -43,6 +43,29 @@ def _no_bool(value):
     return value
 
 
+# the tracker names Accelerate knows (accelerate.utils.LoggerType without "all"; a test keeps them equal)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def tracker_names(text: str) -> list[str]:
+    """'tensorboard,wandb' -> the list, checked (ConfigError naming the unknown one)."""
+    try:
+        return _names(text)
+    except ValueError as e:
+        raise ConfigError(f"log_with: {e}") from None
+
+
+def _names(value):
+    """Trackers as a list: "tensorboard,wandb" or a YAML list; each one Accelerate knows."""
+    names = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(names, list):
+        raise ValueError(f"expected tracker names (a list or 'a,b'), got {value!r}")
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ValueError(f"unknown tracker {unknown[0]!r} (known: {', '.join(TRACKERS)})")
+    return list(dict.fromkeys(names))
+
+
 Int = Annotated[int, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 NonNeg = Annotated[float, BeforeValidator(_no_bool), Field(ge=0)]
@@ -206,6 +229,10 @@ class TrainCfg(Section):
     # accuracy becomes optimistic - as in the published recipe that stopped on the validation center
     early_stop_patience: Int = Field(0, ge=0)
     eval_batch_size: Int = Field(256, ge=1)
+    # experiment trackers, through Accelerate (`log_with`): any of TRACKERS, as a list or "a,b"; [] = JSON lines
+    # only. Files go to the run folder's tracker/ (hosted trackers: their own servers too). Not part of what a
+    # run is: a finished run is kept when only this changes
+    log_with: Annotated[list[str], BeforeValidator(_names)] = []
 
     @model_validator(mode="after")
     def _pseudo(self):
@@ -279,6 +306,23 @@ class Config(Section):
 
     def to_dict(self) -> dict:
         return self.model_dump()
+
+    def identity(self) -> dict:
+        """What makes a run this run: the resolved config without the settings that change only how it is
+        watched (train.log_with)."""
+        out = self.model_dump()
+        out["train"].pop("log_with")
+        return out
+
+    def flat(self) -> dict:
+        """The resolved config as flat `section.key` -> bool/int/float/str (a tracker's hyperparameters)."""
+        def walk(node, prefix):
+            for k, v in node.items():
+                if isinstance(v, dict) and v:
+                    yield from walk(v, f"{prefix}{k}.")
+                else:
+                    yield f"{prefix}{k}", v if isinstance(v, (bool, int, float, str)) else str(v)
+        return dict(walk(self.model_dump(), ""))
 
 
 _MESSAGES = {  # pydantic error type -> our wording (the tests and users know these)

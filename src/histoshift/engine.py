@@ -29,6 +29,7 @@ from .progress import bar
 from .runs import RunDir
 from .lineage import StaleError
 from .safeio import write_text
+from .tracking import numbers
 from .tta import PredictionError, check_finite
 
 
@@ -166,6 +167,7 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
                   "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5),
                   "heldout_brier": round(held["brier"], 5), "heldout_ece": round(held["ece"], 5)}
         accelerator.print(json.dumps(record))
+        accelerator.log(numbers(record), step=epoch + 1)  # the trackers of train.log_with (none: nothing)
         progress.epoch, progress.seconds = epoch + 1, time.time() - t0
         progress.records.append(record)
         if accelerator.is_main_process:

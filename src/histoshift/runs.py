@@ -164,7 +164,7 @@ class RunDir:
         config or other inputs is never overwritten without `force` (then it is moved aside). An
         unfinished run with a saved epoch and the same config and inputs resumes; any other starts over."""
         recorded = self.recorded_inputs()
-        same = self.config.exists() and load_config(self.config).to_dict() == cfg.to_dict()
+        same = self.config.exists() and load_config(self.config).identity() == cfg.identity()
         if self.is_done:
             if same and recorded == inputs and not force:
                 print(f"train: {self.path} is done with this config, skipping")

@@ -5,9 +5,11 @@ temporary name first, then the old one is renamed with its modification time
 (submission.YYYYmmdd-HHMMSS.csv, printed) and the new one takes its place; a failed write (a full
 disk) leaves the old submission where it was. A submission that predicts one class for the whole test
 center is refused unless `allow_degenerate` (the test center is balanced: that is a broken model).
+With `kaggle` (submit --kaggle SLUG) the checked file is uploaded first and placed only if Kaggle took it.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pandas as pd
 from .data.cache import check_inputs
 from .data.h5_reader import list_ids
 from .lineage import StaleError, stack_cache_id
+from .kaggle_upload import check_slug, connect, lineage_message, upload
 from .safeio import DiskError, Lock, atomic
 
 
@@ -60,16 +63,33 @@ def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path) -> No
 
 
 def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool = False,
-                     cache_dir: Path | None = None) -> Path:
-    """`cache_dir`: check the scores' lineage against it first (the CLI always does)."""
+                     cache_dir: Path | None = None, kaggle: str | None = None) -> Path:
+    """`cache_dir`: check the scores' lineage against it first (the CLI always does). `kaggle`: a competition
+    slug to upload to after the checks (kaggle_upload.py); the local file is placed only once Kaggle took it."""
     out_dir = Path(out_dir)
+    if kaggle:
+        check_slug(kaggle)
     with Lock(out_dir / ".lock", f"the submissions folder {out_dir}"):
         if cache_dir is not None:
             check_scores_current(scores_csv, test_h5, cache_dir)
-        return _write(scores_csv, test_h5, out_dir, allow_degenerate)
+        sub = _checked(scores_csv, test_h5, allow_degenerate)
+        if kaggle:
+            _upload(sub, Path(scores_csv).parent, kaggle)
+        return _place(sub, out_dir, scores_csv)
 
 
-def _write(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool) -> Path:
+def _upload(sub: pd.DataFrame, stack_dir: Path, slug: str) -> None:
+    """The checked submission to Kaggle, from a temporary folder inside the stack folder (removed after)."""
+    api = connect()  # client and credentials first: a failure leaves everything as it was
+    message = lineage_message(stack_dir)
+    with tempfile.TemporaryDirectory(dir=stack_dir, prefix=".upload-") as tmp:
+        path = Path(tmp) / "submission.csv"
+        sub.to_csv(path, index=False)
+        answer = upload(api, path, slug, message)
+    print(f"submit: uploaded to kaggle.com/competitions/{slug} ({answer}); message: {message}")
+
+
+def _checked(scores_csv: Path, test_h5: Path, allow_degenerate: bool) -> pd.DataFrame:
     if not Path(scores_csv).exists():
         raise FileNotFoundError(f"{scores_csv}: missing; run the stack stage first")
     scores = pd.read_csv(scores_csv)
@@ -78,6 +98,10 @@ def _write(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: boo
     if sub["Pred"].nunique() == 1 and len(sub) > 1 and not allow_degenerate:
         raise SubmissionError(f"{scores_csv}: every one of the {len(sub)} test patches is predicted {int(sub['Pred'].iloc[0])}: "
                               "a degenerate submission (check the runs); pass --allow-degenerate to write it anyway")
+    return sub
+
+
+def _place(sub: pd.DataFrame, out_dir: Path, scores_csv: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "submission.csv"
     if path.exists() and pd.read_csv(path).equals(sub):

@@ -16,6 +16,7 @@ import pandas as pd
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
+from . import tracking
 from .algorithms import ALGORITHMS
 from .config import Config, save_config
 from .data.cache import Cache
@@ -36,7 +37,8 @@ IN_SAMPLE_EVAL = 2000  # labelled patches per training center scored in sample f
 def train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool = False) -> dict | None:
     precision = config_precision(cfg)
     # bf16 needs no loss scaling: the loop's own autocast does it; fp16 needs Accelerate's scaler
-    accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
+    accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no",
+                              **tracking.accelerator_kwargs(cfg.train.log_with, run.path))
     # one process trains a run folder at a time (the lock dies with its holder, kill -9 included)
     with Lock(run.lock, f"the run {run.path}") if accelerator.is_main_process else nullcontext():
         return _train_fold(cfg, paths, run, force, accelerator, precision)
@@ -82,6 +84,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
         save_config(cfg, run.config)
         write_json(run.inputs, run_inputs(cfg, task, cache, paths))  # again: a store embedded just now has its stamp
 
+    tracking.start(accelerator, cfg.train.log_with, run.name, cfg.flat(), paths.root)  # after prepare: in the run
     source, heldout, target, n_pseudo = fold_data(cfg, cache, folds, paths, run.fold, accelerator.print)
     accelerator.print(f"train {run.name}: {len(source)} labelled patches from centers "
                       f"{sorted(int(c) for c in source['center'].unique())}, held-out center {run.fold} "
@@ -118,5 +121,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
         for state in run.path.glob("state-epoch*"):  # done: the resumable states have served
             shutil.rmtree(state, ignore_errors=True)
         accelerator.print(table.to_string(index=False))
+    accelerator.log(tracking.per_center_values(table), step=cfg.train.epochs)
+    accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary

@@ -1,0 +1,97 @@
+"""`submit --kaggle SLUG`: the checked submission uploaded through Kaggle's official client, with a message
+that says what it was made from (the stack's lineage). Without the option nothing is ever uploaded.
+
+The client is the `kaggle` package (`pip install -e '.[kaggle]'`, in requirements.txt), the same code as
+`kaggle competitions submit -c SLUG -f FILE -m MESSAGE`; its credentials are the client's own (the
+KAGGLE_API_TOKEN variable or ~/.kaggle/access_token, or the legacy KAGGLE_USERNAME/KAGGLE_KEY or
+~/.kaggle/kaggle.json). Each failure is one line (`UploadError`, exit 2): the client not installed, no
+credentials, the upload refused. The submit stage connects before it writes anything and places the local
+submission only after Kaggle accepted it, so a failure leaves submissions/ as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
+MESSAGE_LIMIT = 500  # characters: Kaggle's submission description is short
+
+
+class UploadError(ValueError):
+    """The upload could not happen or was refused (one line)."""
+
+
+def check_slug(slug: str) -> str:
+    if not SLUG.fullmatch(slug):
+        raise UploadError(f"--kaggle {slug!r}: a competition slug is lower-case letters, digits and '-' "
+                          "(the last part of its URL, kaggle.com/competitions/<slug>)")
+    return slug
+
+
+def lineage_message(stack_dir: Path) -> str:
+    """What the submission was made from, from work/stack/choice.json: the members (config x seeds, folds), the
+    combiner and its leave-one-center-out accuracy, AdaBN or plain, prior matching, the cache id."""
+    choice = json.loads((Path(stack_dir) / "choice.json").read_text())
+    seeds: dict[str, list[str]] = {}
+    for member in choice.get("members", []):  # <config>/seed<S>
+        name, _, seed = str(member).partition("/")
+        seeds.setdefault(name, []).append(seed.removeprefix("seed"))
+    models = choice.get("lineage", {}).get("checkpoints", {})  # <config>/seed<S>/fold<K> -> digest
+    folds = {n: len({m for m in models if m.startswith(f"{n}/")}) for n in seeds}
+    configs = "; ".join(f"{n} seeds {','.join(s)} x {folds[n]} folds" for n, s in seeds.items())
+    method = choice.get("method", "?")
+    loco = choice.get("loco_accuracy", {}).get(method)
+    parts = [f"histoshift: {configs}" if configs else "histoshift",
+             f"combiner {method}" + (f" (LOCO acc {loco:.4f})" if isinstance(loco, (int, float)) else ""),
+             "AdaBN" if choice.get("adabn") else "plain predictions",
+             f"cache {choice.get('lineage', {}).get('cache', '?')}"]
+    text = " | ".join(parts)
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
+
+
+def connect():
+    """The authenticated client API, or UploadError. The client prints its own instructions on import and on
+    failure; they are captured (our one line says what to do)."""
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError as e:
+        raise UploadError(f"submit --kaggle: the Kaggle client is not installed ({e}); pip install kaggle "
+                          "(or pip install -e '.[kaggle]'); nothing was written or uploaded") from None
+    api = KaggleApi()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            api.authenticate()
+    except SystemExit:  # what the client does without credentials
+        raise UploadError("submit --kaggle: no Kaggle credentials (set KAGGLE_API_TOKEN or save the token from "
+                          "kaggle.com/settings to ~/.kaggle/access_token; legacy: KAGGLE_USERNAME and KAGGLE_KEY or "
+                          "~/.kaggle/kaggle.json); nothing was written or uploaded") from None
+    except Exception as e:  # a token is checked online: refused, or Kaggle out of reach
+        raise UploadError(f"submit --kaggle: Kaggle did not accept the credentials or could not be reached "
+                          f"({_first_line(e)}); nothing was written or uploaded") from None
+    return api
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def upload(api, path: Path, slug: str, message: str) -> str:
+    """Upload one file; returns the client's answer, or UploadError when Kaggle refused it."""
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            response = api.competition_submit(str(path), message, slug, quiet=True)
+    except (Exception, SystemExit) as e:
+        raise UploadError(f"submit --kaggle {slug}: the upload failed or was refused ({_first_line(e)}); the local "
+                          "submission is unchanged") from None
+    answer = str(getattr(response, "message", "") or "")
+    if answer == getattr(api, "COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE", None):
+        printed = " ".join(noise.getvalue().split())[:200]
+        raise UploadError(f"submit --kaggle {slug}: the upload failed or was refused ({answer}"
+                          f"{': ' + printed if printed else ''}); the local submission is unchanged")
+    return answer or "submitted"
