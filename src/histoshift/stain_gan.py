@@ -24,6 +24,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,10 @@ def train_stain_gan(cfg: Config, cache: Cache, paths: Paths, force: bool = False
         acc.print(f"stain-gan: {folder} is trained for this cache and these settings, keeping it")
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with Lock(folder.parent / f".{folder.name}.lock", f"the stain GAN {folder}"):
+    # one process trains a generator at a time (the lock dies with its holder); under `accelerate launch` the
+    # main process holds it for all
+    lock = Lock(folder.parent / f".{folder.name}.lock", f"the stain GAN {folder}") if acc.is_main_process else nullcontext()
+    with lock:
         if force and (folder / META).exists() and acc.is_main_process:
             aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.rename(aside)
