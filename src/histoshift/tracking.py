@@ -53,6 +53,14 @@ def start(accelerator, names: list[str], project: str, config: dict, root: Path)
     accelerator.init_trackers(project.replace("/", "-"), config=config, init_kwargs=init)
 
 
+def finish(accelerator) -> None:
+    """Close the trackers (their files complete). Not `Accelerator.end_training`: that also destroys the
+    process group, and under `accelerate launch` the next fold of the same process still needs it."""
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+
+
 def numbers(record: dict, prefix: str = "") -> dict:
     """The numeric values of a record (what a scalar tracker takes), keys prefixed."""
     return {f"{prefix}{k}": float(v) for k, v in record.items()
@@ -90,4 +98,4 @@ def log_stack(stack_dir: Path, names: list[str], root: Path) -> None:
     values |= numbers(choice.get("loco_accuracy", {}), "loco_accuracy/")
     acc.log(values, step=0)
     acc.log({"picked": str(choice.get("method", ""))}, step=0)
-    acc.end_training()
+    finish(acc)

@@ -122,6 +122,6 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
             shutil.rmtree(state, ignore_errors=True)
         accelerator.print(table.to_string(index=False))
     accelerator.log(tracking.per_center_values(table), step=cfg.train.epochs)
-    accelerator.end_training()
+    tracking.finish(accelerator)
     accelerator.wait_for_everyone()
     return summary
