@@ -92,6 +92,10 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
                       f"{task.kind} task")
     algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(source), len(task.domains), cfg)
     algorithm.observe(source, target, task.domains)  # counts for the reweighting switches (none by default)
+    if cfg.optim.name == "nero" and not cfg.model.frozen and cfg.model.weights != "none":
+        accelerator.print("warning: optim.name=nero re-centres and re-normalises every weight matrix at its first step, "
+                          "which erases much of a pretrained backbone (measured: -21.6 points on the reduced protocol, "
+                          "docs/benchmarks.md); the published recipe used it for a head on frozen features")
     if accelerator.is_main_process:  # before training: a trained fold is never thrown away for want of space
         weights = sum(t.numel() * t.element_size() for t in algorithm.model.state_dict().values())
         require_free(run.path, 4 * weights, "training this fold (an epoch state: weights and two AdamW moments; "
