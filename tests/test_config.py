@@ -45,3 +45,12 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     bad.write_text("model:\n  backbone: resnet18\n  widht: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'model\.widht'"):
         load_config(bad)
+
+
+def test_a_runs_identity_leaves_out_how_it_is_watched_and_unused_gan_settings():
+    from histoshift.config import load_config
+
+    plain = load_config().identity()
+    assert load_config(overrides=["train.log_with=tensorboard", "stain_gan.steps=5"]).identity() == plain
+    gan = load_config(overrides=["aug.stain_norm=gan"]).identity()
+    assert gan != plain and load_config(overrides=["aug.stain_norm=gan", "stain_gan.steps=5"]).identity() != gan

@@ -251,7 +251,7 @@ class StainGanCfg(Section):
     sources: list[Int] = []
     steps: Int = Field(2000, ge=1)
     batch_size: Int = Field(16, ge=2)
-    lr: float = Field(2e-4, gt=0)  # Adam (beta1 0.5, beta2 0.999) for both networks, as in CycleGAN
+    lr: Float = Field(2e-4, gt=0)  # Adam (beta1 0.5, beta2 0.999) for both networks, as in CycleGAN
     gray_weight: NonNeg = 10.0  # the grayscale cycle: gray(G(gray(x))) = gray(x) on every source patch
     rgb_weight: NonNeg = 10.0  # the RGB cycle: G(gray(t)) = t on the target center's patches
     hed_sigma: NonNeg = 0.1  # colour augmentation of the generator's inputs before they are made grayscale
@@ -309,9 +309,11 @@ class Config(Section):
 
     def identity(self) -> dict:
         """What makes a run this run: the resolved config without the settings that change only how it is
-        watched (train.log_with)."""
+        watched (train.log_with) and, unless aug.stain_norm is gan, the stain GAN's (unused) settings."""
         out = self.model_dump()
         out["train"].pop("log_with")
+        if self.aug.stain_norm != "gan":
+            out.pop("stain_gan")
         return out
 
     def flat(self) -> dict:
