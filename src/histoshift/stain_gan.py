@@ -35,7 +35,7 @@ from torch import nn
 
 from .checkpoint import last_state, load_state, save_state
 from .config import Config, ConfigError
-from .data.augment import LUMA, brightness_contrast, random_dihedral
+from .data.augment import brightness_contrast, luma, random_dihedral
 from .data.cache import Cache
 from .data.hed import random_hed
 from .lineage import StaleError, digest_file
@@ -47,11 +47,6 @@ GENERATOR = "generator.safetensors"
 META = "meta.json"
 AGAIN = "stain-gan --force trains it again"
 RECORD_EVERY = 50  # steps per line of losses.csv
-
-
-def gray(x: torch.Tensor) -> torch.Tensor:
-    """B x 3 x H x W -> B x 1 x H x W luma (the weights of augment.to_gray)."""
-    return sum(w * x[:, c:c + 1] for c, w in enumerate(LUMA))
 
 
 class _Residual(nn.Module):
@@ -85,7 +80,7 @@ class Generator(nn.Module):
             nn.ReflectionPad2d(3), nn.Conv2d(c, 3, 7))
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        out = self.net(gray(rgb) * 2 - 1)
+        out = self.net(luma(rgb) * 2 - 1)
         if out.shape[-2:] != rgb.shape[-2:]:  # sides not divisible by 4
             out = F.interpolate(out, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
         return torch.sigmoid(out)
@@ -210,7 +205,7 @@ def _fit(cfg: Config, cache: Cache, spec: dict, folder: Path, acc) -> None:
         fake, rebuilt = gen(x_in), gen(t_in)
         score = disc(fake)
         losses = {"adv": F.mse_loss(score, torch.ones_like(score)),
-                  "gray": F.l1_loss(gray(fake), gray(x_in)), "rgb": F.l1_loss(rebuilt, t)}
+                  "gray": F.l1_loss(luma(fake), luma(x_in)), "rgb": F.l1_loss(rebuilt, t)}
         loss_g = losses["adv"] + g.gray_weight * losses["gray"] + g.rgb_weight * losses["rgb"]
         opt_g.zero_grad(set_to_none=True)
         acc.backward(loss_g)
@@ -290,6 +285,10 @@ class Colourizer:
     def __init__(self, generator: Generator, digest: str, key: str):
         self.generator, self.digest, self.key = generator.eval(), digest, key
 
+    @property
+    def identity(self) -> str:
+        return _identity(self.key, self.digest)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gen = self.generator
@@ -314,9 +313,17 @@ def _trained(cfg: Config, cache: Cache, paths: Paths) -> tuple[Path, dict]:
 
 
 def identity(cfg: Config, cache: Cache, paths: Paths) -> str:
-    """What identifies the generator a config uses (its folder and digest): runs and feature stores record it."""
+    """What identifies the generator a config uses (Colourizer.identity): the attached one's, else read from its
+    folder without loading it (preflight)."""
+    if cfg.aug.colourizer is not None:
+        return cfg.aug.colourizer.identity
     folder, meta = _trained(cfg, cache, paths)
-    return f"{folder.name}:{meta['generator']}"
+    return _identity(folder.name, meta["generator"])
+
+
+def _identity(key: str, digest: str) -> str:
+    """What a run or a feature store records of a generator: its folder and digest."""
+    return f"{key}:{digest}"
 
 
 def load_colourizer(cfg: Config, cache: Cache, paths: Paths, device="cpu") -> Colourizer:
@@ -341,4 +348,4 @@ def attach(cfg: Config, cache: Cache, paths: Paths, device="cpu") -> dict:
         return {}
     colourizer = load_colourizer(cfg, cache, paths, device)
     cfg.aug.attach_colourizer(colourizer)
-    return {"stain_gan": f"{colourizer.key}:{colourizer.digest}"}
+    return {"stain_gan": colourizer.identity}

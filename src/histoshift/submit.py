@@ -75,7 +75,7 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degen
         sub = _checked(scores_csv, test_h5, allow_degenerate)
         if kaggle:
             _upload(sub, Path(scores_csv).parent, kaggle)
-        return _place(sub, out_dir, scores_csv)
+        return _place(sub, out_dir)
 
 
 def _upload(sub: pd.DataFrame, stack_dir: Path, slug: str) -> None:
@@ -101,7 +101,7 @@ def _checked(scores_csv: Path, test_h5: Path, allow_degenerate: bool) -> pd.Data
     return sub
 
 
-def _place(sub: pd.DataFrame, out_dir: Path, scores_csv: Path) -> Path:
+def _place(sub: pd.DataFrame, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "submission.csv"
     if path.exists() and pd.read_csv(path).equals(sub):

@@ -73,10 +73,14 @@ def augment_batch(images: torch.Tensor, cfg: AugCfg, generator: torch.Generator 
 LUMA = (0.299, 0.587, 0.114)
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W -> B x 1 x H x W, the luma of each pixel."""
+    return sum(w * x[:, c:c + 1] for c, w in enumerate(LUMA))
+
+
 def to_gray(x: torch.Tensor) -> torch.Tensor:
     """B x 3 x H x W -> the same shape with three equal channels (the luma of each pixel)."""
-    luma = sum(w * x[:, c:c + 1] for c, w in enumerate(LUMA))
-    return luma.expand_as(x).contiguous()
+    return luma(x).expand_as(x).contiguous()
 
 
 def to_float(images: torch.Tensor, aug: AugCfg | None = None) -> torch.Tensor:
