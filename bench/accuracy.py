@@ -48,7 +48,7 @@ from accelerate import Accelerator  # noqa: E402
 
 from histoshift.cli import main as cli  # noqa: E402
 from histoshift.data.cache import Cache  # noqa: E402
-from histoshift.predict import infer_run  # noqa: E402
+from histoshift.stages.infer import infer_run  # noqa: E402
 from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
@@ -99,7 +99,7 @@ STAIN_ROWS = {  # issue 21: stain handling, optimizers and reweighting on the de
 # NOT a prediction for pathology foundation models. Every Lite0 row shares one feature store (8 dihedral
 # views + 4 HED views of labelled patches); with --adabn the adapted columns are the feature shift
 # re-estimated on the target center (identical to the plain ones for rows without a shift).
-_FROZEN = ["model.frozen=true", "train.feature_hed_views=4", "train.epochs=20", "optim.weight_decay=1.0e-4"]
+_FROZEN = ["model.kind=feature", "model.feature_hed_views=4", "train.epochs=20", "optim.weight_decay=1.0e-4"]
 _MLP_DANN = [*_FROZEN, "algorithm.name=dann", "model.head_hidden=512"]
 _LITE1 = ["model.backbone=tf_efficientnet_lite1", "model.weights=package:efficientnet_lite1"]
 _SELF_TRAIN = ["model.self_train_rounds=3", "model.self_train_threshold=0.9"]

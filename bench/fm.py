@@ -28,11 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from histoshift.config import Config  # noqa: E402
-from histoshift.features import Embedder  # noqa: E402
+from histoshift.features.embedder import Embedder  # noqa: E402
+from histoshift.stain.transform import InputTransform  # noqa: E402
 from histoshift.models.foundation import RECIPES, resolve_recipe  # noqa: E402
-from histoshift.models.foundation.loader import FoundationBackbone, build_network, recipe_build  # noqa: E402
+from histoshift.models.foundation.build import build_network, recipe_build  # noqa: E402
+from histoshift.models.foundation.loader import FoundationBackbone  # noqa: E402
 from histoshift.precision import autocast, resolve_precision  # noqa: E402
-from histoshift.preflight import forward_flops  # noqa: E402
+from histoshift.readiness import forward_flops  # noqa: E402
 
 COMPETITION_IMAGES = 219_958 * 8
 H100_BF16_DENSE_FLOPS = 989e12
@@ -77,7 +79,7 @@ def bench_recipe(name: str, device: torch.device, depth: int | None, patches: in
     backbone = FoundationBackbone(recipe, build_network(build, recipe), build, check_dim=False).eval().to(device)
     cfg = Config()
     cfg.model.recipe = name
-    embedder = Embedder(backbone, backbone.preprocess, cfg, device, precision)
+    embedder = Embedder(backbone, backbone.preprocess, cfg, InputTransform(cfg.aug), device, precision)
     images = np.random.default_rng(0).integers(0, 256, (patches, 96, 96, 3), dtype=np.uint8)
     if device.type == "cuda":
         torch.cuda.empty_cache()

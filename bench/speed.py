@@ -31,11 +31,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from histoshift.config import AugCfg, ModelCfg  # noqa: E402
-from histoshift.data.augment import augment_batch, to_float  # noqa: E402
+from histoshift.config import AugCfg, ImageModelCfg  # noqa: E402
+from histoshift.data.augment import random_views, to_float  # noqa: E402
+from histoshift.stain.transform import InputTransform  # noqa: E402
+
+
+def augment_batch(images, aug):
+    """The torch backend as the image task runs it: dihedral views of the uint8 batch, then the input transform."""
+    return InputTransform(aug).train(random_views(images) if aug.dihedral else to_float(images))
 from histoshift.models.preprocess import normalize  # noqa: E402
 from histoshift.tta import view_stack  # noqa: E402
-from histoshift.data.cache import Cache, prepare  # noqa: E402
+from histoshift.data.cache import Cache
+from histoshift.stages.prepare import prepare  # noqa: E402
 from histoshift.data.demo import render_patch  # noqa: E402
 from histoshift.data.loader import TensorBatches, place_images  # noqa: E402
 from histoshift.models.backbone import PatchClassifier  # noqa: E402
@@ -181,7 +188,7 @@ def sync(device):
 
 def bench_model(name: str, size: int, root: Path, device: torch.device, batch: int, steps: int, infer_n: int) -> dict:
     precision = resolve_precision("auto", name)  # what train/infer use: bf16 on a GPU except depthwise-conv families
-    model = PatchClassifier(ModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).to(device)
+    model = PatchClassifier(ImageModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).to(device)
     model.train()
     step = train_step_factory(model, device, precision)
     x0 = torch.randn(batch, 3, size, size, device=device)

@@ -59,7 +59,7 @@ def prepared_root(demo_root, tmp_path_factory) -> Path:
     """demo_root copied, prepared (cache) and with folds written."""
     import shutil
 
-    from histoshift.data.cache import prepare
+    from histoshift.stages.prepare import prepare
     from histoshift.data.folds import write_folds
 
     root = tmp_path_factory.mktemp("prepared")
@@ -69,7 +69,7 @@ def prepared_root(demo_root, tmp_path_factory) -> Path:
     return root
 
 
-FROZEN = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True},
+FROZEN = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature"},
           "algorithm": {"name": "erm"}, "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8}}
 
 

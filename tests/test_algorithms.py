@@ -219,7 +219,7 @@ def test_stain_aglr_needs_a_fine_tuned_backbone():
     from histoshift.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="need a fine-tuned backbone"):
-        load_config(None, ["model.frozen=true", "algorithm.consistency_weight=1"])
+        load_config(None, ["model.kind=feature", "algorithm.consistency_weight=1"])
     with pytest.raises(ConfigError, match="algorithm.regen_size: expected 8, 16, 32 or 64"):
         load_config(None, ["algorithm.regen_size=20"])
 

@@ -6,9 +6,19 @@ import pytest
 import torch
 
 from histoshift.config import AugCfg
-from histoshift.data.augment import N_VIEWS, augment_batch, build_albumentations, dihedral, random_dihedral, to_float
-from histoshift.data.hed import hed_transform, hed_transform_np
+from histoshift.data.augment import N_VIEWS, dihedral, random_dihedral, random_views, to_float
 from histoshift.models.preprocess import Preprocess, normalize
+from histoshift.stain.hed import hed_transform, hed_transform_np
+from histoshift.stain.transform import InputTransform
+
+
+def augment_batch(u8: torch.Tensor, aug: AugCfg, generator=None) -> torch.Tensor:
+    """The torch backend as the image task runs it: views on the uint8 batch, then the input transform."""
+    return InputTransform(aug).train(random_views(u8, generator) if aug.dihedral else to_float(u8), generator)
+
+
+def build_albumentations(aug: AugCfg, seed=None):
+    return InputTransform(aug.model_copy(update={"backend": "albumentations"})).worker_pipeline(seed)
 
 
 def _img(seed=0, side=96):
@@ -51,7 +61,7 @@ def test_hed_identity_and_numpy_torch_agreement():
 def test_hed_jitter_moves_the_hematoxylin_channel():
     img = _img(2)
     more_h = hed_transform_np(img, np.array([1.3, 1.0, 1.0]), np.zeros(3))
-    from histoshift.data.hed import HED_FROM_RGB
+    from histoshift.stain.hed import HED_FROM_RGB
 
     def h_amount(im):
         od = -np.log((im.astype(np.float64) + 1) / 256)
@@ -143,32 +153,75 @@ def test_preprocess_follows_timm_data_config_with_an_overlay():
 
 
 def test_grayscale_views_are_exactly_channel_equal_at_training_and_inference():
-    from histoshift.data.augment import LUMA, to_gray
+    from histoshift.stain.jitter import LUMA, to_gray
 
     u8 = torch.from_numpy(np.stack([_img(i) for i in range(6)]))
     gray = AugCfg(grayscale=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
-    for x in (augment_batch(u8, gray, torch.Generator().manual_seed(0)), to_float(u8, gray)):
+    for x in (augment_batch(u8, gray, torch.Generator().manual_seed(0)), InputTransform(gray).infer(to_float(u8))):
         assert x.shape == (6, 3, 96, 96)
         assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
     rgb = to_float(u8)
     want = LUMA[0] * rgb[:, 0] + LUMA[1] * rgb[:, 1] + LUMA[2] * rgb[:, 2]
-    torch.testing.assert_close(to_float(u8, gray)[:, 0], want)
+    torch.testing.assert_close(InputTransform(gray).infer(to_float(u8))[:, 0], want)
     # the colour jitter happens before: two draws differ, each still gray
     a = augment_batch(u8, gray, torch.Generator().manual_seed(1))
     assert not torch.equal(a, augment_batch(u8, gray, torch.Generator().manual_seed(2)))
     torch.testing.assert_close(to_gray(to_gray(rgb)), to_gray(rgb))  # the luma weights sum to 1
-    assert not torch.equal(to_float(u8, AugCfg()), to_float(u8, gray))
+    assert not torch.equal(InputTransform(AugCfg()).infer(to_float(u8)), InputTransform(gray).infer(to_float(u8)))
 
 
 def test_grayscale_changes_the_feature_store_key_only_when_on():
     from histoshift.config import load_config
-    from histoshift.features import feature_spec, store_key
+    from histoshift.features.store import feature_spec, store_key
 
     class _Cache:
         id = "c0ffee"
 
-    plain = feature_spec(load_config(overrides=["model.frozen=true", "model.weights=none"]), _Cache(), "no")
-    gray = feature_spec(load_config(overrides=["model.frozen=true", "model.weights=none", "aug.grayscale=true"]),
+    plain = feature_spec(load_config(overrides=["model.kind=feature", "model.weights=none"]), _Cache(), "no")
+    gray = feature_spec(load_config(overrides=["model.kind=feature", "model.weights=none", "aug.grayscale=true"]),
                         _Cache(), "no")
     assert "grayscale" not in plain and gray["grayscale"] is True  # stores of colour configs keep their keys
     assert store_key(plain) != store_key(gray)
+
+
+def _channel_spread(batch: torch.Tensor) -> float:
+    """How much the copies of one image differ in colour: the std over copies of each channel's mean, averaged."""
+    return float(batch.mean(dim=(2, 3)).std(dim=0).mean())
+
+
+@pytest.mark.parametrize("norm", ["reinhard", "macenko"])
+def test_albumentations_with_a_stain_normaliser_keeps_its_colour_jitter(norm):
+    """The colour order is normalise -> jitter -> grayscale for both backends. The albumentations workers used to
+    jitter and the device to normalise after, which undid the jitter: the normalised copies came out alike."""
+    from histoshift.stain.classical import CLASSICAL
+
+    img = _img(7, side=32)
+    aug = AugCfg(backend="albumentations", stain_norm=norm, hed_sigma=0.08, brightness=0.1, contrast=0.1)
+    transform = InputTransform(aug)
+    assert not transform.workers_jitter  # with a normaliser the workers make the views only
+    workers = transform.worker_pipeline(seed=0)
+    u8 = torch.from_numpy(np.stack([workers(image=img)["image"] for _ in range(64)]))
+    fixed = transform.train(to_float(u8), torch.Generator().manual_seed(0))  # what the image task feeds
+    plain = CLASSICAL[norm](to_float(u8))  # normalised, never jittered: only the views differ
+    assert _channel_spread(plain) < 2e-3
+    assert _channel_spread(fixed) > 5 * max(_channel_spread(plain), 2e-3), "the colour jitter did not survive"
+    if norm != "reinhard":
+        return
+    # the old order (jitter on the workers, then the normaliser) is what the check catches: Reinhard matches every
+    # copy's colour statistics to one reference, so the jitter vanished
+    old_workers = InputTransform(aug.model_copy(update={"stain_norm": "none"})).worker_pipeline(seed=0)
+    old = CLASSICAL[norm](to_float(torch.from_numpy(np.stack([old_workers(image=img)["image"] for _ in range(64)]))))
+    assert _channel_spread(old) * 3 < _channel_spread(fixed)
+
+
+def test_both_backends_jitter_once_and_in_the_same_order():
+    img = _img(8, side=32)
+    none = AugCfg(backend="albumentations", hed_sigma=0.05)
+    assert InputTransform(none).workers_jitter  # without a normaliser: on the workers, as before
+    u8 = torch.from_numpy(img[None])
+    x = to_float(u8)
+    torch.testing.assert_close(InputTransform(none).train(x), x)  # the device does not jitter a second time
+    torch_backend = InputTransform(none.model_copy(update={"backend": "torch"}))
+    assert not torch_backend.workers_jitter and not torch.equal(torch_backend.train(x, torch.Generator().manual_seed(0)), x)
+    with pytest.raises(ValueError, match="stain-gan"):
+        InputTransform(AugCfg(stain_norm="gan"))  # the generator is an explicit argument, never attached to a config

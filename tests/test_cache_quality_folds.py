@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from conftest import random_items, write_h5
-from histoshift.data.cache import Cache, prepare
+from histoshift.data.cache import Cache
+from histoshift.stages.prepare import prepare
 from histoshift.data.folds import read_folds, write_folds
 from histoshift.data.quality import QualityRule, measure
 from histoshift.data.splits import split_for_fold

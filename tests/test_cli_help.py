@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from histoshift.cli import STAGES, build_parser, main
+from histoshift.cli import build_parser, main
+from histoshift.stages import ORDER, command
+
+STAGES = {command(name): __import__(f"histoshift.stages.{name}", fromlist=["STAGE"]).STAGE for name in ORDER}
 
 from conftest import REPO
 
@@ -88,3 +91,17 @@ def test_what_the_help_says_is_written_exists(finished):
 def test_named_files_parser():
     assert _named_files("work/cache/: images_{train,val,test}.npy, index.csv; tta_*_adabn.csv, done") == {
         "images_train.npy", "images_val.npy", "images_test.npy", "index.csv", "done"}
+
+
+def test_every_stage_module_is_named_as_its_stage():
+    from histoshift.stages import ORDER
+
+    modules = {p.stem for p in (REPO / "src" / "histoshift" / "stages").glob("*.py")} - {"__init__"}
+    assert modules == set(ORDER)
+    assert "stain-gan" in _subparsers() and "fm-standin" in _subparsers()
+
+
+def test_infer_takes_adapt_and_the_older_adabn():
+    parser = build_parser()
+    assert parser.parse_args(["infer", "--adapt"]).adapt and parser.parse_args(["infer", "--adabn"]).adapt
+    assert not parser.parse_args(["infer"]).adapt

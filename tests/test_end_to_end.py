@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from histoshift.data.h5_reader import list_ids
-from histoshift.submit import check_submission
+from histoshift.stages.submit import check_submission
 
 REPO = Path(__file__).resolve().parents[1]
 

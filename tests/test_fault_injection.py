@@ -196,7 +196,7 @@ def test_a_feature_store_being_embedded_elsewhere_is_refused(finished, tmp_path,
     """Two frozen configs with the same backbone share a store: one process embeds it at a time."""
     from histoshift.config import load_config
     from histoshift.data.cache import Cache
-    from histoshift.features import feature_spec, store_key
+    from histoshift.features.store import feature_spec, store_key
 
     override = "train.feature_hed_views=1"  # a store that does not exist yet
     store = finished / "work" / "features" / store_key(feature_spec(load_config(tmp_path / "head.yaml", [override]),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from histoshift.config import FEATURE_SHIFTS, ModelCfg
+from histoshift.config import FEATURE_SHIFTS, FeatureModelCfg
 from histoshift.models.feature_shift import SHIFTS, FeatureShift, coral_map, covariance, moments, standardize_per_center
 from histoshift.models.head import FeatureClassifier
 
@@ -55,7 +55,7 @@ def _accuracy(head, x, y) -> float:
 
 
 def test_the_config_names_every_shift():
-    assert SHIFTS == FEATURE_SHIFTS and ModelCfg().feature_shift == "none"
+    assert SHIFTS == FEATURE_SHIFTS and FeatureModelCfg().feature_shift == "none"
 
 
 def test_coral_recovers_a_shifted_copy_of_the_training_features():
@@ -120,14 +120,14 @@ def test_no_label_is_read_and_none_is_the_identity():
 
 
 def test_a_head_carries_its_shift_in_the_checkpoint():
-    head = FeatureClassifier(D, ModelCfg(frozen=True, feature_shift="standardize", head_hidden=8))
+    head = FeatureClassifier(D, FeatureModelCfg(feature_shift="standardize", head_hidden=8))
     head.shift.fit_source([_center(50, 1)[0] * 3 + 1])
     state = head.state_dict()
     assert {"shift.mean", "shift.std"} <= set(state)
-    again = FeatureClassifier(D, ModelCfg(frozen=True, feature_shift="standardize", head_hidden=8))
+    again = FeatureClassifier(D, FeatureModelCfg(feature_shift="standardize", head_hidden=8))
     again.load_state_dict(state)
     assert torch.equal(again.shift.mean, head.shift.mean)
-    plain = FeatureClassifier(D, ModelCfg(frozen=True, head_hidden=8))
+    plain = FeatureClassifier(D, FeatureModelCfg(head_hidden=8))
     assert not any(k.startswith("shift.") for k in plain.state_dict())  # old checkpoints load unchanged
 
 
@@ -161,7 +161,7 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
     r = ["--root", str(root)]
-    base = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True,
+    base = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature",
                       "head_hidden": 16},
             "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
     for shift, algorithm, rounds in (("coral", "dann", 0), ("standardize", "erm", 2)):
@@ -220,7 +220,7 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
 
 def test_the_sparse_probe_zeroes_dimensions_exactly():
     """The proximal L1 step leaves exact zeros; a dimension the labels never need goes, one they need stays."""
-    head = FeatureClassifier(D, ModelCfg(frozen=True, head_l1=0.1, drop_rate=0.0))
+    head = FeatureClassifier(D, FeatureModelCfg(head_l1=0.1, drop_rate=0.0))
     opt = torch.optim.Adam(head.parameters(), lr=0.05)
     x, y = _center(400, 1)
     x = x[:, 0]
@@ -234,17 +234,17 @@ def test_the_sparse_probe_zeroes_dimensions_exactly():
     assert {0, 1, 2} <= set(kept["kept_dims"]) and len(kept["kept_dims"]) < D  # the class lives in dims 0-2
     weight = head.head[-1].weight.detach().flatten()
     assert (weight == 0).sum() == D - len(kept["kept_dims"])
-    dense = FeatureClassifier(D, ModelCfg(frozen=True))
+    dense = FeatureClassifier(D, FeatureModelCfg())
     dense.after_step(opt)  # no L1: nothing happens, nothing reported
     assert dense.sparsity() == {}
 
 
 def test_sparse_head_config_and_jaccard():
     from histoshift.config import ConfigError, validated
-    from histoshift.report import jaccard
+    from histoshift.plots import jaccard
 
     with pytest.raises(ConfigError, match="head_l1"):
-        validated({"model": {"frozen": True, "head_hidden": 16, "head_l1": 0.01}})
+        validated({"model": {"kind": "feature", "head_hidden": 16, "head_l1": 0.01}})
     with pytest.raises(ConfigError, match="feature_shift"):
         validated({"model": {"feature_shift": "coral"}})
     assert jaccard([{1, 2, 3}, {2, 3, 4}]) == 0.5 and jaccard([{1}]) == 1.0

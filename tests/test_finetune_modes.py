@@ -6,22 +6,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from histoshift.config import ModelCfg, load_config
+from histoshift.config import ImageModelCfg, load_config
 from histoshift.models.backbone import PatchClassifier, freeze_all_but_last
 from histoshift.runs import RunDir
 from histoshift.paths import Paths
-from histoshift.train import train_fold
+from histoshift.stages.train import train_fold
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_vit", "tf_efficientnet_lite0"])
 def test_freeze_all_but_last_blocks(name):
-    model = PatchClassifier(ModelCfg(backbone=name, weights="none", train_last_blocks=2), load_weights=False)
+    model = PatchClassifier(ImageModelCfg(backbone=name, weights="none", train_last_blocks=2), load_weights=False)
     trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
     frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
     assert trainable and frozen
     assert not any(n.startswith(("conv_stem", "patch_embed", "cls_token", "blocks.0.")) for n in trainable)
     assert all(p.requires_grad for p in model.head.parameters())
-    everything = PatchClassifier(ModelCfg(backbone=name, weights="none"), load_weights=False)
+    everything = PatchClassifier(ImageModelCfg(backbone=name, weights="none"), load_weights=False)
     assert all(p.requires_grad for p in everything.parameters())
     assert freeze_all_but_last(everything.backbone, 0) == len(list(everything.backbone.parameters()))
 

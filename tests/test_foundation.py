@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from histoshift.cli import main
 from histoshift.models.foundation import RECIPES, resolve_recipe
-from histoshift.models.foundation.loader import FoundationBackbone, build_network, recipe_build
+from histoshift.models.foundation.build import build_network, recipe_build
+from histoshift.models.foundation.loader import FoundationBackbone
 from histoshift.models.foundation.standin import standin_overrides, write_standin
 
 BIOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
@@ -120,7 +121,7 @@ def _hand_tokens(recipe_name: str, folder, images: np.ndarray, view: int = 0) ->
     if recipe.library == "timm":
         import timm
 
-        from histoshift.models.foundation.loader import resolve_layer
+        from histoshift.models.foundation.build import resolve_layer
 
         kwargs = {**config["model_args"], **{k: resolve_layer(k, v) for k, v in recipe.create_kwargs.items()},
                   **standin_overrides(recipe).get("create_kwargs", {})}
@@ -199,14 +200,14 @@ def hf_cache(tmp_path, monkeypatch):
     return cache
 
 
-def _fm_config(path, name: str, weights: str = "hub", **train) -> None:
+def _fm_config(path, name: str, weights: str = "hub", **model_extra) -> None:
     recipe = RECIPES[name]
-    model = {"recipe": name, "weights": weights, "frozen": True, "head_hidden": 16}
+    model = {"recipe": name, "weights": weights, "kind": "feature", "head_hidden": 16, "feature_hed_views": 2,
+             **model_extra}
     if standin_overrides(recipe):
         model["recipe_overrides"] = standin_overrides(recipe)
     path.write_text(yaml.safe_dump({"model": model, "algorithm": {"name": "dann"},
-                                    "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8,
-                                              "feature_hed_views": 2, **train}}))
+                                    "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8}}))
 
 
 def test_pooled_medimageinsight_is_the_hand_computation(hf_cache):

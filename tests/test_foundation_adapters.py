@@ -193,7 +193,7 @@ def test_trust_remote_code_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(RecipeError, match="trust_remote_code is refused"):
         resolve_recipe("hibou_b", {"create_kwargs": {"trust_remote_code": True}})
     config = tmp_path / "c.yaml"
-    config.write_text("model: {recipe: hibou_b, weights: hub, frozen: true, "
+    config.write_text("model: {recipe: hibou_b, weights: hub, kind: feature, "
                       "recipe_overrides: {create_kwargs: {trust_remote_code: true}}}\n")
     assert main(["--root", str(tmp_path / "root"), "embed", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -130,7 +130,7 @@ def test_gated_model_and_unreachable_hub_each_get_one_line(prepared_root, tmp_pa
 
 def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_path):
     """(c) every setting that changes the features changes the key; head settings do not."""
-    from histoshift.features import feature_spec, store_key
+    from histoshift.features.store import feature_spec, store_key
 
     write_standin(RECIPES["virchow2"], hf_cache)
     cache_dir = prepared_root / "work" / "cache"
@@ -143,9 +143,9 @@ def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_pa
     assert base == key() and base.startswith("virchow2-8v-hed2-no-")
     changed = {
         "precision": key(precision="bf16"),
-        "views": key("train.feature_views=1"),
-        "hed views": key("train.feature_hed_views=4"),
-        "hed sigma": key("train.feature_hed_sigma=0.1"),
+        "views": key("model.feature_views=1"),
+        "hed views": key("model.feature_hed_views=4"),
+        "hed sigma": key("model.feature_hed_sigma=0.1"),
         "stain norm": key("aug.stain_norm=reinhard"),
         "weights": key("model.weights=none"),
         **{f"recipe.{k}": key(f"model.recipe_overrides.{k}={v}") for k, v in {
@@ -210,14 +210,15 @@ def test_embedding_resumes_at_the_first_unfinished_chunk(hf_cache, prepared_root
 
 def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monkeypatch, capsys):
     from histoshift.data.cache import Cache
-    from histoshift.features import Embedder
+    from histoshift.features.embedder import Embedder
+    from histoshift.stain.transform import InputTransform
     from histoshift.models.backbone import PatchClassifier
 
     write_standin(RECIPES["hoptimus0"], hf_cache)
     _fm_config(tmp_path / "c.yaml", "hoptimus0", embed_batch_size=16)
     cfg = load_config(tmp_path / "c.yaml")
     model = PatchClassifier(cfg.model).eval()
-    embedder = Embedder(model.backbone, model.preprocess, cfg, torch.device("cpu"), "no")
+    embedder = Embedder(model.backbone, model.preprocess, cfg, InputTransform(cfg.aug), torch.device("cpu"), "no")
     images = np.array(Cache.open(prepared_root / "work" / "cache").images("train")[:20])
     want = embedder(images, 8, 0)
     real_forward, sizes = embedder._forward, []

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import random_items, write_h5
-from histoshift.data.cache import check_inputs, prepare
+from histoshift.data.cache import check_inputs
+from histoshift.stages.prepare import prepare
 from histoshift.lineage import StaleError
 from histoshift.data.h5_reader import InputError, iter_records
 

@@ -13,21 +13,20 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "histoshift"
 
 # earlier layers first; a module matches the longest prefix listed
 LAYERS = [
-    ("safeio", "lineage", "config", "paths", "progress", "checkpoint", "tracking"),  # foundations: files, digests, typed
-                                              # configs, layout, resumable states
-    ("data",),                                # h5 reader, cache, quality, folds, splits, augmentation, loaders
+    ("errors", "safeio", "lineage", "records", "paths", "progress", "checkpoint", "stackdir"),
+                                              # plumbing: the error base, files, digests, typed facts, layouts
+    ("config", "tracking"),                   # typed configs (the model section by kind); trackers
+    ("stain",),                               # HED, classical normalisers, colour jitter, the GAN, the input transform
+    ("data",),                                # h5 reader, cache, quality, folds, splits, views, loaders
     ("models",),                              # backbones, heads, preprocessing, weights, foundation recipes
     ("precision", "algorithms", "metrics"),   # what a training step needs besides the model
     ("tta",),                                 # per-view logits (views of images, stored views)
-    ("stain_gan",),                           # stage: stain-gan (the generator of aug.stain_norm: gan)
-    ("features",),                            # stage: embed (the frozen-backbone feature store)
+    ("features",),                            # the frozen-backbone feature store and its embedding
     ("runs",),                                # the run folder's layout and lineage
-    ("tasks",),                               # the two kinds of model behind one protocol
+    ("tasks",),                               # the kinds of model behind one protocol
     ("engine",),                              # the training loop
-    ("train",),                               # stage: train
-    ("predict",),                             # stage: infer
-    ("stack",),                               # stage: stack
-    ("submit", "kaggle_upload", "report", "preflight"),        # stages: submit, report; the check before them all
+    ("stack", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
+    ("stages",),                              # one module per CLI stage; nothing imports them
     ("cli", "__main__"),                      # the entry point
 ]
 
@@ -145,14 +144,44 @@ def test_the_cycle_check_can_fail():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     graph = import_graph()
-    assert "data.hed" in graph["data.augment"] and "data.hed" in graph["data.albu"]
-    assert "data.augment" not in graph["data.albu"]  # the old back edge: both backends share hed.py instead
-    assert graph["config"] <= {"safeio"}, "config validates without importing registries"
+    assert "stain.hed" in graph["stain.transform"] and "stain.hed" in graph["stain.albu"]
+    assert "stain.transform" not in graph["stain.albu"]  # both backends share hed.py, not each other
+    assert {d for m in graph if m.startswith("config") for d in graph[m]} <= {"safeio", "records", "errors", "config",
+                                                                               "config.base", "config.model",
+                                                                               "config.sections"}, \
+        "config validates without importing registries"
 
 
 def test_imports_are_resolved_so_the_rule_can_fail():
     # relative imports of every depth resolve to package modules (else the check would pass vacuously)
-    assert {"engine", "data.cache", "runs"} <= {t for t, _ in internal_imports(PKG / "train.py")}
+    assert {"engine", "data.cache", "runs"} <= {t for t, _ in internal_imports(PKG / "stages" / "train.py")}
     assert "models.preprocess" in {t for t, _ in internal_imports(PKG / "models" / "foundation" / "loader.py")}
     assert "models.foundation.bioptimus" in {t for t, _ in internal_imports(PKG / "models" / "foundation" / "__init__.py")}
-    assert layer_of("predict") > layer_of("train") > layer_of("engine") > layer_of("tasks") > layer_of("models.backbone")
+    assert layer_of("stages.infer") > layer_of("engine") > layer_of("tasks") > layer_of("models.backbone")
+
+
+def test_nothing_imports_a_stage():
+    importers = {m for m, deps in import_graph().items() for d in deps
+                 if d.startswith("stages.") and not (m == "cli" or m.startswith("stages"))}
+    assert not importers, f"modules importing a stage: {sorted(importers)}"
+    siblings = {(m, d) for m, deps in import_graph().items() if m.startswith("stages.")
+                for d in deps if d.startswith("stages.")}
+    assert not siblings, f"a stage importing another stage: {sorted(siblings)}"
+
+
+def test_no_module_over_300_lines():
+    long = {str(p.relative_to(PKG)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, f"modules over 300 lines: {long}"
+
+
+def test_every_stage_the_scripts_call_has_its_module():
+    import re
+
+    repo = PKG.parents[1]
+    called = set()
+    for script in ("train.sh", "infer.sh"):
+        called |= set(re.findall(r"-m histoshift --root \S+ ([a-z-]+)", (repo / script).read_text()))
+    assert {"prepare", "folds", "train", "infer", "stack", "submit", "report"} <= called
+    for stage in called:
+        assert (PKG / "stages" / f"{stage.replace('-', '_')}.py").is_file(), stage
+    assert len((PKG / "cli.py").read_text().splitlines()) < 150

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from histoshift.cli import main
-from histoshift.config import ModelCfg, load_config
+from histoshift.config import FeatureModelCfg, ImageModelCfg, load_config
 from histoshift.models.foundation import RECIPES
 from histoshift.models.foundation.standin import standin_overrides, write_standin
 from histoshift.models.head import FeatureClassifier
@@ -34,14 +34,16 @@ def test_every_published_recipe_cites_its_report_and_score():
 
 
 def test_the_paper_head_has_the_reported_layers():
-    head = FeatureClassifier(1024, ModelCfg(frozen=True, head="paper_dann"))
+    head = FeatureClassifier(1024, FeatureModelCfg(head="paper_dann"))
     assert [type(m).__name__ for m in head.backbone] == ["LayerNorm", "Linear", "ReLU"]
     assert head.backbone[1].out_features == 512 and head.num_features == 512
     assert [type(m).__name__ for m in head.head] == ["Linear", "ReLU", "Dropout", "Linear"]
     assert head.head[0].out_features == 100 and head.head[2].p == 0.4
     assert head(torch.randn(5, 1024))["logits"].shape == (5,)
-    with pytest.raises(Exception, match="model.head=paper_dann"):
-        load_config(overrides=["model.head=paper_dann"])  # frozen features only
+    with pytest.raises(Exception, match="unknown config key 'model.head' for model.kind: image"):
+        load_config(overrides=["model.head=paper_dann"])  # heads on features only
+    with pytest.raises(Exception, match="model.head=paper_dann: a head with its own fixed layers"):
+        load_config(overrides=["model.kind=feature", "model.head=paper_dann", "model.head_hidden=8"])
 
 
 # paper_medimageinsight_mlp runs end to end through train.sh and infer.sh in tests/test_end_to_end.py

@@ -129,7 +129,7 @@ def test_training_is_reproducible(prepared_root, tmp_path, backend, workers):
     from histoshift.config import load_config
     from histoshift.runs import RunDir
     from histoshift.paths import Paths
-    from histoshift.train import train_fold
+    from histoshift.stages.train import train_fold
 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY | {"aug": {"backend": backend, "hed_sigma": 0.05}}))
@@ -156,7 +156,7 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
     import shutil
     shutil.copytree(prepared_root, root)
     r = ["--root", str(root)]
-    frozen = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True},
+    frozen = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature"},
               "train": {"epochs": 3, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
     for name, extra in (("probe", {"algorithm": {"name": "erm"}}),
                         ("mlp_dann", {"algorithm": {"name": "dann"}, "model": frozen["model"] | {"head_hidden": 32}})):

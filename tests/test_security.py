@@ -179,7 +179,7 @@ def test_run_names_that_are_not_plain_folders_are_refused_before_training(prepar
 
 # ---- the feature store: checksums per chunk, the weights' content identity ----------------------------------
 
-HEAD = {"name": "head", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "frozen": True,
+HEAD = {"name": "head", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature",
                                   "head_hidden": 16},
         "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
 

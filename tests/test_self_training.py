@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from histoshift.config import ConfigError, ModelCfg, load_config
+from histoshift.config import ConfigError, FeatureModelCfg, ImageModelCfg, load_config
 from histoshift.models.head import FeatureClassifier
 from histoshift.models.self_training import SelfTraining
 
@@ -30,7 +30,7 @@ def _trained_head() -> tuple[FeatureClassifier, tuple, tuple]:
     offset[:2] = torch.tensor([1.5, 1.0])  # the boundary now cuts through the target's negatives
     target = _center(600, 1, offset)
     torch.manual_seed(0)
-    head = FeatureClassifier(D, ModelCfg(frozen=True, drop_rate=0.0))
+    head = FeatureClassifier(D, FeatureModelCfg(drop_rate=0.0))
     opt = torch.optim.Adam(head.parameters(), lr=0.05)
     x, y = source[0].reshape(-1, D), source[1].repeat_interleave(8).float()
     for _ in range(200):
@@ -84,7 +84,7 @@ def test_a_threshold_no_prediction_reaches_stops_without_training():
 
 def test_the_shift_is_never_trained_and_a_sparse_probe_stays_sparse():
     head, (xs, ys), (xt, _) = _trained_head()
-    sparse = FeatureClassifier(D, ModelCfg(frozen=True, drop_rate=0.0, head_l1=0.05, feature_shift="standardize"))
+    sparse = FeatureClassifier(D, FeatureModelCfg(drop_rate=0.0, head_l1=0.05, feature_shift="standardize"))
     sparse.load_state_dict(head.state_dict(), strict=False)
     with torch.no_grad():
         sparse.head[-1].weight[0, 6:] = 0.0
@@ -98,8 +98,8 @@ def test_config_bounds_and_kinds():
     with pytest.raises(ValueError, match=r"\(0.5, 1\)"):
         SelfTraining(1, 0.5, 0.01, 64)
     with pytest.raises(ConfigError, match="self_train_threshold"):
-        load_config(overrides=["model.frozen=true", "model.self_train_threshold=1.0"])
-    with pytest.raises(ConfigError, match="self-trains a head on frozen features"):
+        load_config(overrides=["model.kind=feature", "model.self_train_threshold=1.0"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.self_train_rounds' for model.kind: image"):
         load_config(overrides=["model.self_train_rounds=2"])
-    cfg = load_config(overrides=["model.frozen=true", "model.self_train_rounds=2"])
+    cfg = load_config(overrides=["model.kind=feature", "model.self_train_rounds=2"])
     assert cfg.model.self_train_rounds == 2 and cfg.model.self_train_threshold == 0.9

@@ -13,7 +13,7 @@ from histoshift.data.loader import TensorBatches, place_images
 from histoshift.precision import resolve_precision
 from histoshift.runs import RunDir
 from histoshift.paths import Paths
-from histoshift.train import train_fold
+from histoshift.stages.train import train_fold
 
 
 def test_precision_defaults_per_family(monkeypatch):

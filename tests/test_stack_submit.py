@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from conftest import random_items, write_h5
 from histoshift.data.cache import CACHE_VERSION, Cache
 from histoshift.runs import RunDir
-from histoshift.stack import (build_features, choose, compare_loco, feature_columns, fit_stacker, mcnemar_z,
-                              rank_predict, run_stack)
-from histoshift.submit import SubmissionError, check_submission, write_submission
+from histoshift.stack import build_features, choose, compare_loco, feature_columns, fit_stacker, mcnemar_z, rank_predict
+from histoshift.stages.stack import run_stack
+from histoshift.stages.submit import SubmissionError, check_submission, write_submission
 
 
 def _fake_runs(tmp_path, members=("a", "b"), n=40, seed=0, leak_fold=None):
@@ -32,6 +32,8 @@ def _fake_runs(tmp_path, members=("a", "b"), n=40, seed=0, leak_fold=None):
         for k in centers:
             run = RunDir.of(tmp_path / "runs", m, 0, k)
             run.path.mkdir(parents=True)
+            # member "b" picked its epoch on the held-out center (train.early_stop_patience)
+            run.config.write_text(f"name: {m}\n" + ("train: {early_stop_patience: 2}\n" if m == "b" else ""))
             part = folds[folds.fold == k] if k != leak_fold else folds[folds.fold != k]
             logit = (part.label.to_numpy() * 2 - 1) * 1.5 + rng.normal(0, 1.2, (8, len(part)))
             t = pd.DataFrame({"id": part.id, "center": part.center, "label": part.label})
@@ -131,9 +133,13 @@ def test_choose_prefers_the_simpler_combiner_on_ties():
 def test_run_stack_writes_scores_and_comparison(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
+    assert result.heldout_selected == ["b/seed0"]  # recorded: its out-of-fold accuracy is optimistic
+    from histoshift.stackdir import StackDir
+
+    assert StackDir(tmp_path / "stack").choice() == result  # written and read through one record
     scores = pd.read_csv(tmp_path / "stack" / "test_scores.csv")
     assert len(scores) == 30 and set(scores.pred) <= {0, 1}
-    assert result["method"] in ("mean", "rank", "stack")
+    assert result.method in ("mean", "rank", "stack")
     assert (tmp_path / "stack" / "comparison.csv").exists()
 
 
@@ -166,8 +172,8 @@ def test_run_stack_keeps_adabn_unless_leave_one_center_out_shows_it_hurts(tmp_pa
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
     assert {"mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
-    assert result["adabn"] is kept
-    z = result["adabn_vs_plain"]["z_plain_over_adabn"]
+    assert result.adabn is kept
+    z = result.adabn_vs_plain["z_plain_over_adabn"]
     assert {"better": z < -1.96, "same": z == 0, "worse": z > 1.96}[adabn]
     used = pd.read_csv(tmp_path / "stack" / "oof_features.csv")
     plain, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
@@ -195,7 +201,7 @@ def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
     _with_adabn(runs, "better")
     runs[0].tta_path("test", adabn=True).unlink()
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
-    assert not result["adabn"] and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
+    assert not result.adabn and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
 
 
 def _sub(ids, preds):
@@ -265,19 +271,19 @@ def test_prior_matching_is_used_only_where_it_helps_leave_one_center_out(tmp_pat
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache", prior=0.5)
     comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
     assert {"mean@prior", "rank@prior", "stack@prior"} <= set(comparison.method)
-    matched = result["prior_matching"]
+    matched = result.prior_matching
     means = comparison.groupby("method").accuracy.mean()
-    base = result["method"].removesuffix("@prior")
+    base = result.method.removesuffix("@prior")
     assert matched["loco_with"] == pytest.approx(means[base + "@prior"], abs=1e-5)
     assert matched["used"] == (means[base + "@prior"] > means[base])
     if shift:
         assert means["mean@prior"] > means["mean"] + 0.1
-    assert result["method"].endswith("@prior") == matched["used"]
+    assert result.method.endswith("@prior") == matched["used"]
     pred = pd.read_csv(tmp_path / "stack" / "test_scores.csv")["pred"]
     if matched["used"]:
         assert pred.sum() == len(pred) // 2
     never = run_stack(runs, folds_csv, tmp_path / "stack2", tmp_path / "cache", prior=None)
-    assert never["prior_matching"] is None and not never["method"].endswith("@prior")
+    assert never.prior_matching is None and not never.method.endswith("@prior")
     assert not pd.read_csv(tmp_path / "stack2" / "comparison.csv").method.str.endswith("@prior").any()
 
 

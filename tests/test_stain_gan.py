@@ -13,10 +13,15 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from histoshift import checkpoint, stain_gan
+from histoshift import checkpoint
 from histoshift.cli import main
 from histoshift.config import AugCfg, load_config
-from histoshift.data.augment import augment_batch, luma, to_float
+from histoshift.data.augment import to_float
+from histoshift.stages.stain_gan import train_stain_gan
+from histoshift.stain import gan as stain_gan
+from histoshift.stain.jitter import luma
+from histoshift.stain.transform import InputTransform
+from histoshift.tasks.colour import input_transform
 from histoshift.data.cache import Cache
 from histoshift.lineage import digest_file
 from histoshift.paths import Paths
@@ -54,7 +59,7 @@ def test_the_generator_keeps_the_grayscale_structure_after_a_few_steps(prepared_
     root = _root(prepared_root, tmp_path)
     paths, cache = Paths(root), Cache.open(root / "work" / "cache")
     cfg = load_config(overrides=[*TINY_GAN, "stain_gan.steps=40"])
-    folder = stain_gan.train_stain_gan(cfg, cache, paths)
+    folder = train_stain_gan(cfg, cache, paths)
     x = torch.from_numpy(np.array(cache.images("val")[:32])).permute(0, 3, 1, 2).float() / 255
     torch.manual_seed(0)
     before = _structure(stain_gan.Generator(4, 1).eval(), x)
@@ -81,23 +86,23 @@ def test_a_killed_gan_resumes_to_the_same_generator_and_a_finished_one_is_kept(p
         real(*args, **kwargs)
         raise _Crash
 
-    monkeypatch.setattr(stain_gan, "save_state", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_state", save_then_die)
     with pytest.raises(_Crash):
-        stain_gan.train_stain_gan(cfg, cache, paths)
-    monkeypatch.setattr(stain_gan, "save_state", real)
+        train_stain_gan(cfg, cache, paths)
+    monkeypatch.setattr(checkpoint, "save_state", real)
     _, folder = stain_gan.gan_folder(cfg, cache, paths)
     assert checkpoint.last_state(folder, "state-step").name == "state-step3" and not (folder / "meta.json").exists()
     with pytest.raises(Exception, match="stain-gan --config"):  # unfinished: not usable
         stain_gan.load_colourizer(cfg, cache, paths)
-    stain_gan.train_stain_gan(cfg, cache, paths)
+    train_stain_gan(cfg, cache, paths)
     assert "resuming" in capsys.readouterr().out
     resumed = (folder / "generator.safetensors").read_bytes()
 
     other = tmp_path / "other"
     shutil.copytree(prepared_root, other)
-    again = stain_gan.train_stain_gan(cfg, Cache.open(other / "work" / "cache"), Paths(other))
+    again = train_stain_gan(cfg, Cache.open(other / "work" / "cache"), Paths(other))
     assert (again / "generator.safetensors").read_bytes() == resumed  # bit-identical to an uninterrupted run
-    stain_gan.train_stain_gan(cfg, cache, paths)
+    train_stain_gan(cfg, cache, paths)
     assert "keeping it" in capsys.readouterr().out
 
 
@@ -150,29 +155,30 @@ def test_a_changed_cache_or_setting_trains_another_generator_and_stales_the_runs
         "spec"]["cache"] == cache.id
 
 
-def test_stain_norm_gan_applies_the_attached_generator_at_training_and_inference(prepared_root, tmp_path):
+def test_stain_norm_gan_applies_the_loaded_generator_at_training_and_inference(prepared_root, tmp_path):
     root = _root(prepared_root, tmp_path)
     paths, cache = Paths(root), Cache.open(root / "work" / "cache")
     cfg = load_config(overrides=[*TINY_GAN, "stain_gan.steps=2"])
     u8 = torch.from_numpy(np.array(cache.images("train")[:6]))
-    with pytest.raises(RuntimeError, match="no generator is attached"):
-        to_float(u8, cfg.aug)
-    stain_gan.train_stain_gan(cfg, cache, paths)
-    lineage = stain_gan.attach(cfg, cache, paths)
-    assert set(lineage) == {"stain_gan"} and stain_gan.attach(load_config(), cache, paths) == {}
+    with pytest.raises(Exception, match="stain-gan --config"):  # no generator trained yet: one line
+        input_transform(cfg, cache, paths, "cpu")
+    train_stain_gan(cfg, cache, paths)
+    transform, lineage = input_transform(cfg, cache, paths, "cpu")
+    assert set(lineage) == {"stain_gan"} and input_transform(load_config(), cache, paths, "cpu")[1] == {}
+    colour = transform.colourizer
     plain = to_float(u8)
-    torch.testing.assert_close(to_float(u8, cfg.aug), cfg.aug.colourizer(plain))
+    torch.testing.assert_close(transform.infer(plain), colour(plain))
     no_jitter = cfg.aug.model_copy(update={"dihedral": False, "hed_sigma": 0.0, "brightness": 0.0, "contrast": 0.0})
-    no_jitter.attach_colourizer(cfg.aug.colourizer)
-    torch.testing.assert_close(augment_batch(u8, no_jitter), cfg.aug.colourizer(plain))
-    assert not torch.allclose(augment_batch(u8, no_jitter), augment_batch(u8, AugCfg(**{**no_jitter.model_dump(), "stain_norm": "none"})))
+    torch.testing.assert_close(InputTransform(no_jitter, colour).train(plain), colour(plain))
+    unnormalised = InputTransform(AugCfg(**{**no_jitter.model_dump(), "stain_norm": "none"}))
+    assert not torch.allclose(InputTransform(no_jitter, colour).train(plain), unnormalised.train(plain))
     # a head on features: the store key holds the generator, so another generator is another store
-    from histoshift.features import feature_spec, store_key
+    from histoshift.features.store import feature_spec, store_key
 
-    frozen = load_config(overrides=[*TINY_GAN, "stain_gan.steps=2", "model.frozen=true"])
-    spec = feature_spec(frozen, cache, "no")
-    assert spec["stain_gan"] == lineage["stain_gan"]
-    assert store_key(spec) != store_key(feature_spec(load_config(overrides=["model.frozen=true"]), cache, "no"))
+    head = load_config(overrides=[*TINY_GAN, "stain_gan.steps=2", "model.kind=feature"])
+    spec = feature_spec(head, cache, "no", lineage["stain_gan"])
+    assert spec["stain_gan"] == lineage["stain_gan"] == stain_gan.identity(head, cache, paths)
+    assert store_key(spec) != store_key(feature_spec(load_config(overrides=["model.kind=feature"]), cache, "no"))
 
 
 def test_unknown_centers_and_the_per_center_variant(prepared_root, tmp_path):
@@ -183,4 +189,4 @@ def test_unknown_centers_and_the_per_center_variant(prepared_root, tmp_path):
     one = load_config(overrides=[*TINY_GAN, "stain_gan.steps=2", "stain_gan.sources=[0]", "stain_gan.target_center=1"])
     spec, folder = stain_gan.gan_folder(one, cache, paths)
     assert spec["sources"] == [0] and spec["target"] == 1 and folder.name.startswith("cyclegan-0-to1-")
-    assert stain_gan.train_stain_gan(one, cache, paths) == folder and (folder / "generator.safetensors").exists()
+    assert train_stain_gan(one, cache, paths) == folder and (folder / "generator.safetensors").exists()

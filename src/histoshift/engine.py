@@ -1,12 +1,14 @@
 """The training engine: one loop for every kind of model and every algorithm.
 
 The loop owns optimisation through Accelerate (`prepare`, `backward`, gradient clipping, the fp16
-loss scaler); the algorithm only computes outputs and losses; the task (tasks.py) supplies the batches
+loss scaler); the algorithm only computes outputs and losses; the task (tasks/) supplies the batches
 and turns them into model inputs. AdamW with one parameter group per part (backbone, head, domain
 head...), linear warm-up then cosine decay, a linear probe first when asked (backbone lr 0). After
-every epoch the held-out center is scored (never used for model selection: the last epoch's weights
-are kept) and the whole state is saved, so a killed run resumes after its last finished epoch with
-the batches an uninterrupted run would have seen.
+every epoch the held-out center is scored; by default that never selects a model (the last epoch's
+weights are kept). train.early_stop_patience is the one exception: it keeps the epoch with the best
+held-out accuracy, so that run's held-out accuracy is optimistic (the stack's choice records such members).
+The whole state is saved after every epoch, so a killed run resumes after its last finished epoch with
+the batches an uninterrupted run would have seen. A non-finite loss stops the run (errors.require_finite).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ from .metrics import per_center
 from .precision import autocast
 from .progress import bar
 from .runs import RunDir
+from .errors import require_finite
 from .lineage import StaleError
 from .safeio import write_text
 from .tracking import numbers
-from .tta import PredictionError, check_finite
+from .tta import check_finite
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
@@ -156,9 +159,8 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
                 if k != "logits" and v.ndim == 0:
                     logs.setdefault(k, []).append(float(v.detach()))
             steps.set_postfix(loss=f"{np.mean(logs['loss'][-20:]):.3f}")
-        if not np.isfinite(logs["loss"]).all():
-            raise PredictionError(f"{run.path}: the training loss became non-finite in epoch {epoch + 1} "
-                                  f"(step {progress.step}); lower optim.lr or check the inputs - the run is not marked done")
+        require_finite(logs["loss"], f"{run.path}: the training loss became non-finite in epoch {epoch + 1} "
+                       f"(step {progress.step}); lower optim.lr or check the inputs - the run is not marked done")
         oof = heldout_predictor(core.model).rename(columns={"v0": "logit"})
         held = per_center(check_finite(oof, f"{run.path} (held-out center {run.fold}, epoch {epoch + 1})")).iloc[0]
         record = {"epoch": epoch + 1, "step": progress.step, "seconds": round(time.time() - t0, 1),

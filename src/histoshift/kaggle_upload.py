@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
 from pathlib import Path
+
+from .errors import HistoshiftError
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
 MESSAGE_LIMIT = 500  # characters: Kaggle's submission description is short
 
 
-class UploadError(ValueError):
+class UploadError(HistoshiftError, ValueError):
     """The upload could not happen or was refused (one line)."""
 
 
@@ -31,23 +32,22 @@ def check_slug(slug: str) -> str:
     return slug
 
 
-def lineage_message(stack_dir: Path) -> str:
-    """What the submission was made from, from work/stack/choice.json: the members (config x seeds, folds), the
-    combiner and its leave-one-center-out accuracy, AdaBN or plain, prior matching, the cache id."""
-    choice = json.loads((Path(stack_dir) / "choice.json").read_text())
+def lineage_message(choice) -> str:
+    """What the submission was made from, from the stack's choice (a stackdir.StackChoice): the members (config x
+    seeds, folds), the combiner and its leave-one-center-out accuracy, adapted or plain, the cache id."""
     seeds: dict[str, list[str]] = {}
-    for member in choice.get("members", []):  # <config>/seed<S>
+    for member in choice.members:  # <config>/seed<S>
         name, _, seed = str(member).partition("/")
         seeds.setdefault(name, []).append(seed.removeprefix("seed"))
-    models = choice.get("lineage", {}).get("checkpoints", {})  # <config>/seed<S>/fold<K> -> digest
+    models = choice.checkpoints  # <config>/seed<S>/fold<K> -> digest
     folds = {n: len({m for m in models if m.startswith(f"{n}/")}) for n in seeds}
     configs = "; ".join(f"{n} seeds {','.join(s)} x {folds[n]} folds" for n, s in seeds.items())
-    method = choice.get("method", "?")
-    loco = choice.get("loco_accuracy", {}).get(method)
+    method = choice.method
+    loco = choice.loco_accuracy.get(method)
     parts = [f"histoshift: {configs}" if configs else "histoshift",
              f"combiner {method}" + (f" (LOCO acc {loco:.4f})" if isinstance(loco, (int, float)) else ""),
-             "AdaBN" if choice.get("adabn") else "plain predictions",
-             f"cache {choice.get('lineage', {}).get('cache', '?')}"]
+             "AdaBN" if choice.adabn else "plain predictions",
+             f"cache {choice.cache_id or '?'}"]
     text = " | ".join(parts)
     return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
 

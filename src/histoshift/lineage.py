@@ -17,14 +17,15 @@ otherwise refuses with one line saying what changed (`StaleError`).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
+
+from .errors import HistoshiftError
 
 _MEMO: dict[tuple, str] = {}
 
 
-class StaleError(ValueError):
+class StaleError(HistoshiftError, ValueError):
     """An input of this stage was computed from something that has changed since."""
 
 
@@ -40,12 +41,6 @@ def digest_file(path: Path) -> str:
                 h.update(block)
         _MEMO[key] = h.hexdigest()
     return _MEMO[key]
-
-
-def stack_cache_id(stack_dir: Path) -> str | None:
-    """The cache id the stack stage's outputs in `stack_dir` were computed from (None: no complete stack)."""
-    choice = Path(stack_dir) / "choice.json"
-    return json.loads(choice.read_text()).get("lineage", {}).get("cache") if choice.exists() else None
 
 
 def changed(recorded: dict, current: dict, prefix: str = "") -> list[str]:

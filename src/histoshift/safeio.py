@@ -22,15 +22,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import HistoshiftError
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: temporary files get the permissions a plain open() would have given
 
 
-class DiskError(RuntimeError):
+class DiskError(HistoshiftError, RuntimeError):
     """Not enough free space for a write that is about to start (or that failed for want of it)."""
 
 
-class LockError(RuntimeError):
+class LockError(HistoshiftError, RuntimeError):
     """Another process holds the lock of a run folder or a stage."""
 
 

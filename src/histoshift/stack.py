@@ -1,4 +1,5 @@
-"""Stage `stack`: ensemble the fold models' TTA logits and choose how to combine them.
+"""The stack stage's computations (stages/stack.py runs them): ensemble the fold models' TTA logits and choose how
+to combine them.
 
 Features per ensemble member m (one config and seed, all its folds):
   m__mean    mean logit over the 8 TTA views
@@ -12,7 +13,7 @@ Three combiners are evaluated leave-one-center-out on the out-of-fold features:
   rank   average of per-member percentile ranks, thresholded at the positive rate that `mean`
          predicts on the same patches (ranks carry no threshold of their own)
   stack  LightGBM on all features, trained on the other centers' out-of-fold rows, threshold 0.5
-When every fold model also has adapted predictions (`infer --adabn`: a fine-tuned backbone's batch-norm
+When every fold model also has adapted predictions (`infer --adapt`: a fine-tuned backbone's batch-norm
 statistics, a head's feature shift and self-training, re-done on each center from its unlabelled patches
 before predicting it), the three combiners are also scored on those ("mean+adabn", ...).
 Within each prediction set the best mean per-center accuracy wins (ties go to the simpler combiner,
@@ -26,7 +27,7 @@ comparison is saved beside the test scores.
 Prior matching: the competition's test center is exactly balanced. Each combiner is also scored
 thresholded so that that share of patches is predicted positive (`mean@prior`, ...; the labelled
 centers are balanced as well); the chosen combiner is thresholded that way on the test center only
-when this raises its mean per-center accuracy leave-one-center-out (`choice.json: prior_matching`).
+when this raises its mean per-center accuracy leave-one-center-out (the choice's `prior_matching`).
 """
 from __future__ import annotations
 
@@ -38,11 +39,11 @@ import pandas as pd
 
 from .data.cache import Cache
 from .data.folds import check_folds, read_folds
-from .lineage import StaleError, digest_file
+from .lineage import StaleError
 from .metrics import accuracy, brier, ece, sigmoid
 from .tta import check_finite, view_columns
 from .runs import RunDir
-from .safeio import Lock, write_csv, write_json
+from .errors import HistoshiftError, Missing
 
 METHODS = ("mean", "rank", "stack")
 ADABN = "+adabn"  # suffix of a combiner scored on AdaBN predictions
@@ -52,13 +53,13 @@ LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child
                   deterministic=True, force_row_wise=True, verbose=-1)
 
 
-class StackError(ValueError):
+class StackError(HistoshiftError, ValueError):
     """Predictions the stack stage must not combine (not out of fold, inconsistent across folds)."""
 
 
 def _views(path: Path) -> pd.DataFrame:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the infer stage first")
+        raise Missing(f"{path}: missing; run the infer stage first")
     t = check_finite(pd.read_csv(path), str(path))  # NaN must not become a class by accident
     v = t[view_columns(t)].to_numpy(dtype=float)
     return pd.DataFrame({"id": t["id"], "center": t["center"], "label": t["label"],
@@ -126,7 +127,7 @@ def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adabn: boo
         test[f"{name}__mean"] = np.mean([t["mean"] for t in tests], axis=0)
         test[f"{name}__spread"] = np.mean([t["spread"] for t in tests], axis=0)
     if not names:
-        raise FileNotFoundError("stack: no ensemble member has finished every fold")
+        raise Missing("stack: no ensemble member has finished every fold")
     return oof, test, names
 
 
@@ -242,24 +243,6 @@ def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) 
     return (plain if score > z else best_adabn), evidence
 
 
-def evidence_line(evidence: dict) -> str:
-    return (f"plain '{evidence['plain']}' against adapted '{evidence['adabn']}' on the same out-of-fold patches: "
-            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (the adapted set is dropped only above 1.96)")
-
-
-def adaptation_lines(adaptations: dict | None) -> list[str]:
-    """One line per fold model: how its adapted test predictions were made (choice.json 'adaptations')."""
-    lines = []
-    for run, rec in (adaptations or {}).items():
-        line = f"{run}: {rec['method'] if rec else 'AdaBN'}"
-        if rec and "self_training" in rec:
-            st = rec["self_training"]
-            line += (f" (confidence >= {st['threshold']}; pseudo-labelled test patches per round "
-                     f"{st['pseudo_labelled']}, positive share {st['positive_share']})")
-        lines.append(line)
-    return lines
-
-
 def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0,
                             prior: float | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """Features of the plain predictions ("") and, when every fold model has them, of the AdaBN ones
@@ -292,15 +275,6 @@ def prior_choice(comparison: pd.DataFrame, label: str, prior: float | None) -> d
             "used": with_prior > without + 1e-12}
 
 
-def run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache_dir: Path, seed: int = 0,
-              prior: float | None = 0.5) -> dict:
-    """`prior`: the test center's known positive share (0.5: exactly balanced), tried as a threshold
-    leave-one-center-out and used when it helps there; None: never."""
-    out_dir = Path(out_dir)
-    with Lock(out_dir.with_name(f".{out_dir.name}.lock"), f"the stack folder {out_dir}"):
-        return _run_stack(runs, folds_csv, out_dir, Cache.open(cache_dir), seed, prior)
-
-
 def decide(features: dict, comparison: pd.DataFrame, hits: dict, prior: float | None, seed: int = 0) -> dict:
     """The stack stage's decision, a pure function of the compared prediction sets (`compare_prediction_sets`):
     the combiner and prediction set (see the module docstring), whether prior matching is used, and the
@@ -315,40 +289,3 @@ def decide(features: dict, comparison: pd.DataFrame, hits: dict, prior: float | 
     # method: the combiner, "+adabn" on adapted predictions, "@prior" thresholded to the known share
     return {"label": label, "method": label + (PRIOR if used else ""), "adabn": adabn, "evidence": evidence,
             "prior_matching": matched, "names": names, "oof": oof, "test": test, "score": score, "pred": pred}
-
-
-def _run_stack(runs: list[RunDir], folds_csv: Path, out_dir: Path, cache: Cache, seed: int, prior: float | None) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed, prior)
-    table = comparison.pivot(index="center", columns="method", values="accuracy")
-    table.loc["mean"] = table.mean()
-    d = decide(features, comparison, hits, prior, seed)
-    names, evidence, matched = d["names"], d["evidence"], d["prior_matching"]
-    scores = pd.DataFrame({"id": d["test"]["id"], "score": d["score"], "pred": d["pred"]})
-    result = {"members": names, "method": d["method"], "adabn": d["adabn"],
-              "loco_accuracy": {m: float(table.loc["mean", m]) for m in table.columns},
-              # calibration of each combiner's tumour probability, mean over held-out centers (rank: none)
-              "loco_calibration": calibration_means(comparison),
-              "adabn_vs_plain": evidence,  # AdaBN is dropped only when z_plain_over_adabn > 1.96
-              # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
-              "adaptations": {r.name: r.adaptation() for r in runs} if ADABN in features else None,
-              "prior_matching": matched,  # used only when it raises the LOCO accuracy of the chosen combiner
-              "test_positive_rate": float(d["pred"].mean()),
-              # what the scores were computed from: submit refuses them once the cache has changed
-              "lineage": {"cache": cache.id, "folds": digest_file(folds_csv),
-                          "checkpoints": {r.name: digest_file(r.checkpoint) for r in runs}}}
-    (out_dir / "choice.json").unlink(missing_ok=True)  # scores without a choice.json are never submitted
-    write_csv(out_dir / "oof_features.csv", d["oof"], float_format="%.6g")
-    write_csv(out_dir / "test_features.csv", d["test"], float_format="%.6g")
-    write_csv(out_dir / "comparison.csv", comparison)
-    write_csv(out_dir / "test_scores.csv", scores, float_format="%.6g")
-    write_json(out_dir / "choice.json", result)  # last: the set is complete
-    print("stack: leave-one-center-out accuracy on out-of-fold predictions (rows: held-out center)")
-    print(table.round(4).to_string())
-    if evidence is not None:
-        print(f"stack: {evidence_line(evidence)}")
-    if matched is not None:
-        print(f"stack: prior matching ({prior:.0%} predicted positive) leave-one-center-out: {matched['loco_with']:.4f} "
-              f"against {matched['loco_without']:.4f} without: {'used' if matched['used'] else 'not used'}")
-    print(f"stack: using '{result['method']}' for the test center ({len(names)} members: {', '.join(names)})")
-    return result

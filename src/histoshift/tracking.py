@@ -13,7 +13,6 @@ Each tracker's package must be installed (tensorboard: the `[track]` extra, in r
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -76,18 +75,17 @@ def per_center_values(table: pd.DataFrame, prefix: str = "final/") -> dict:
     return out
 
 
-def log_stack(stack_dir: Path, names: list[str], root: Path) -> None:
-    """The stack stage's comparison table and choice to the trackers (files in work/stack/tracker/)."""
+def log_stack(stack_dir: Path, choice, names: list[str], root: Path) -> None:
+    """The stack stage's comparison table and choice (a stackdir.StackChoice) to the trackers (files in
+    work/stack/tracker/)."""
     if not names:
         return
     from accelerate import Accelerator
 
     stack_dir = Path(stack_dir)
-    choice = json.loads((stack_dir / "choice.json").read_text())
     table = pd.read_csv(stack_dir / "comparison.csv")
     acc = Accelerator(**accelerator_kwargs(names, stack_dir))
-    config = {"method": choice.get("method", ""), "members": len(choice.get("members", [])),
-              "cache": str(choice.get("lineage", {}).get("cache", ""))}
+    config = {"method": choice.method, "members": len(choice.members), "cache": str(choice.cache_id or "")}
     start(acc, names, "stack", config, root)
     values = {}
     for row in table.to_dict(orient="records"):
@@ -95,7 +93,7 @@ def log_stack(stack_dir: Path, names: list[str], root: Path) -> None:
         center = row.get("held_out_center", row.get("center", ""))
         values |= numbers({k: v for k, v in row.items() if k not in ("method", "held_out_center", "center")},
                           f"{method}/center{center}/")
-    values |= numbers(choice.get("loco_accuracy", {}), "loco_accuracy/")
+    values |= numbers(choice.loco_accuracy, "loco_accuracy/")
     acc.log(values, step=0)
-    acc.log({"picked": str(choice.get("method", ""))}, step=0)
+    acc.log({"picked": choice.method}, step=0)
     finish(acc)

@@ -17,6 +17,7 @@ from torch import nn
 from .data.augment import N_VIEWS, dihedral, to_float
 from .precision import autocast
 from .progress import bar as progress_bar
+from .errors import HistoshiftError
 
 CPU_CHUNK = 64
 
@@ -32,7 +33,7 @@ def per_view(out: torch.Tensor, n_views: int) -> torch.Tensor:
     return out.view(n_views, -1, *out.shape[1:]).transpose(0, 1)
 
 
-class PredictionError(ValueError):
+class PredictionError(HistoshiftError, ValueError):
     """A model produced logits that must not be saved (NaN / inf)."""
 
 
@@ -50,9 +51,9 @@ def check_finite(table: pd.DataFrame, where: str) -> pd.DataFrame:
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
                   views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
-                  channels_last: bool = False, aug=None) -> pd.DataFrame:
-    """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1} (`aug`: the
-    config's colour settings that hold at inference, see `to_float`)."""
+                  channels_last: bool = False, transform=None) -> pd.DataFrame:
+    """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1} (`transform`: the
+    config's input transform at inference, InputTransform.infer; None: the plain images)."""
     model.eval()
     preprocess = accelerator.unwrap_model(model).preprocess
     ids, centers, labels, logits = [], [], [], []
@@ -60,7 +61,8 @@ def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
     chunk = CPU_CHUNK if accelerator.device.type == "cpu" else 1 << 30
     bar = progress_bar(loader, main=accelerator.is_local_main_process, desc=desc, unit="batch", leave=False)
     for batch in bar:
-        x = to_float(batch["image"].to(accelerator.device), aug)
+        x = to_float(batch["image"].to(accelerator.device))
+        x = transform(x) if transform is not None else x
         stacked = view_stack(x, views, preprocess)
         if channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last)

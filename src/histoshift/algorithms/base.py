@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..data.hed import random_hed
+from ..stain.hed import random_hed
 from .losses import binary_entropy, consistency_loss, focal_bce, regeneration_loss
 
 

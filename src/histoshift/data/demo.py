@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from ..safeio import atomic, write_text
-from .hed import RGB_FROM_HED
+from ..stain.hed import RGB_FROM_HED
 
 # center -> (hematoxylin scale, eosin scale, brightness gain)
 CENTER_STAIN = {0: (1.00, 1.00, 1.00), 3: (0.80, 1.25, 0.97), 4: (1.20, 0.80, 1.03),

@@ -14,11 +14,12 @@ import pandas as pd
 
 from ..safeio import write_csv
 from .splits import labelled
+from ..errors import HistoshiftError
 
 COLUMNS = ["id", "center", "label", "fold"]
 
 
-class FoldsError(ValueError):
+class FoldsError(HistoshiftError, ValueError):
     """folds.csv is malformed or does not match the cache (stale ids, wrong labels, a center leak)."""
 
 

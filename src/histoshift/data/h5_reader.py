@@ -16,11 +16,13 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from ..errors import HistoshiftError
+
 ALLOWED_SIDES = (96, 98)
 FLOAT_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding noise, not more
 
 
-class InputError(ValueError):
+class InputError(HistoshiftError, ValueError):
     """The competition files break the contract; the message names file, id and problem."""
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..safeio import write_csv, write_figure
-from .hed import HED_FROM_RGB
+from ..stain.hed import HED_FROM_RGB
 
 SAMPLE = 500  # patches per center for the colour statistics
 

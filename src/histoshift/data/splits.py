@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..lineage import StaleError, stack_cache_id
+from ..lineage import StaleError
+from ..stackdir import StackDir
 from .cache import Cache
 
 
@@ -59,7 +60,8 @@ def in_sample(index: pd.DataFrame, fold: int, per_center: int) -> pd.DataFrame:
 
 def pseudo_source(cache: Cache, stack_dir: Path) -> Path:
     """The previous round's test features, after checking they were computed from this cache."""
-    path, made_from = Path(stack_dir) / "test_features.csv", stack_cache_id(stack_dir)
+    stack = StackDir(Path(stack_dir))
+    path, made_from = stack.test_features, stack.cache_id()
     if not path.exists() or made_from is None:
         raise FileNotFoundError(f"{path}: pseudo-labels need a finished first round (train, infer, stack)")
     if made_from != cache.id:

@@ -4,37 +4,39 @@ The backbone is a timm model by name, or a pathology foundation model by recipe
 (`models/foundation`): then the recipe states the input side, resize rule and normalisation."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import timm
 from timm.models import group_parameters
 import torch
 from torch import nn
 
-from ..config import ModelCfg
+from ..config import BackboneCfg
+from ..records import WeightSource
 from .preprocess import Preprocess
 from .foundation import override, resolve_recipe
-from .foundation.loader import load_foundation, rebuild_foundation, resolve_layer
+from .foundation.build import resolve_layer
+from .foundation.loader import load_foundation, rebuild_foundation
 from .weights import WeightsError, load_into, package_state_dict, read_state_dict
 
 
-def create_backbone(cfg: ModelCfg, load_weights: bool = True, build: dict | None = None) -> nn.Module:
+def create_backbone(cfg: BackboneCfg, load_weights: bool = True, build: dict | None = None) -> nn.Module:
     """timm.create_model with the configured weight source, or a foundation recipe's backbone
     (`load_weights=False`: architecture only; with a recipe, as the run's recorded `build` describes)."""
+    drop_path = cfg.drop_path_rate if cfg.kind == "image" else 0.0  # stochastic depth: fine-tuned backbones only
+    source = cfg.source if load_weights else WeightSource("none")
     if cfg.recipe:
         recipe = resolve_recipe(cfg.recipe, cfg.recipe_overrides)
-        if cfg.drop_path_rate > 0:  # stochastic depth (config.py allows it for fine-tuned backbones only)
+        if drop_path > 0:
             if recipe.library != "timm":
                 raise WeightsError(f"model.drop_path_rate: applied to timm backbones only, {recipe.title} is not one")
-            recipe = override(recipe, {"create_kwargs": {"drop_path_rate": cfg.drop_path_rate}})
+            recipe = override(recipe, {"create_kwargs": {"drop_path_rate": drop_path}})
         if not load_weights and build is not None:
             return rebuild_foundation(recipe, build)
-        return load_foundation(recipe, cfg.weights if load_weights else "none")
+        return load_foundation(recipe, source)
     kwargs = {k: resolve_layer(k, v) for k, v in cfg.timm_kwargs.items()}
     kwargs["num_classes"] = 0
-    if cfg.drop_path_rate > 0:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
-    use_timm = load_weights and cfg.weights == "timm"
+    if drop_path > 0:
+        kwargs["drop_path_rate"] = drop_path
+    use_timm = source.kind == "timm"
     try:
         model = timm.create_model(cfg.backbone, pretrained=use_timm, **kwargs)
     except Exception as e:  # hub unreachable, gated repo, unknown name...
@@ -45,16 +47,10 @@ def create_backbone(cfg: ModelCfg, load_weights: bool = True, build: dict | None
                 "offline, point model.weights at a local file (file:PATH) or a package (package:NAME)."
             ) from e
         raise
-    if not load_weights or cfg.weights in ("none", "timm"):
-        return model
-    if cfg.weights.startswith("file:"):
-        path = Path(cfg.weights.removeprefix("file:")).expanduser()
-        load_into(model, read_state_dict(path), str(path))
-    elif cfg.weights.startswith("package:"):
-        name = cfg.weights.removeprefix("package:")
-        load_into(model, package_state_dict(name, model), f"package:{name}")
-    else:
-        raise WeightsError(f"model.weights: unknown source '{cfg.weights}' (none | timm | file:PATH | package:NAME)")
+    if source.kind == "file":
+        load_into(model, read_state_dict(source.path), str(source.path))
+    elif source.kind == "package":
+        load_into(model, package_state_dict(source.value, model), str(source))
     return model
 
 
@@ -78,10 +74,10 @@ def freeze_all_but_last(backbone: nn.Module, n_blocks: int) -> int:
 class PatchClassifier(nn.Module):
     """Backbone -> pooled features -> dropout -> one tumour logit."""
 
-    def __init__(self, cfg: ModelCfg, load_weights: bool = True, build: dict | None = None):
+    def __init__(self, cfg: BackboneCfg, load_weights: bool = True, build: dict | None = None):
         super().__init__()
         self.backbone = create_backbone(cfg, load_weights, build)
-        freeze_all_but_last(self.backbone, cfg.train_last_blocks)
+        freeze_all_but_last(self.backbone, cfg.train_last_blocks if cfg.kind == "image" else -1)
         self.num_features = self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
         if cfg.recipe:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelCfg
+from ..config import FeatureModelCfg
 from .feature_shift import FeatureShift
 
 
@@ -14,7 +14,7 @@ class FeatureClassifier(nn.Module):
     then `backbone`, identity (linear probe) or a hidden MLP layer, then `head`; or (model.head paper_dann)
     the published Phikon-v2 + DANN head's feature extractor and classifier."""
 
-    def __init__(self, dim: int, cfg: ModelCfg):
+    def __init__(self, dim: int, cfg: FeatureModelCfg):
         super().__init__()
         self.shift = FeatureShift(dim, cfg.feature_shift, cfg.coral_ridge)
         if cfg.head == "paper_dann":  # Benbalit & Mondelice (Phikon-v2 + DANN head, 0.97627), as they describe it

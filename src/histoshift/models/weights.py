@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from timm.models import load_state_dict as timm_load_state_dict, remap_state_dict
 
+from ..errors import HistoshiftError
+
 
 def _lite_file(module, cls_name: str) -> Path:
     return Path(getattr(module, cls_name).get_model_file_path())
@@ -37,7 +39,7 @@ PACKAGES = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(HistoshiftError, RuntimeError):
     pass
 
 

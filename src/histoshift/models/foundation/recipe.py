@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from ...errors import HistoshiftError
+
 # class token | class token ++ mean patch token | mean patch token | the network's pooled features (timm's
 # pre-logits: a CNN or DaViT pools and normalises) | those, times the card's projection, L2-normalised
 EMBEDDINGS = ("cls", "cls+mean", "mean", "pooled", "projected")
@@ -24,7 +26,7 @@ Triple = tuple[float, float, float]
 STANDIN_KEY = "histoshift_standin"  # config marker of a random-weight stand-in (see standin.py)
 
 
-class RecipeError(ValueError):
+class RecipeError(HistoshiftError, ValueError):
     """An unknown recipe, or an override that names no field or has the wrong type."""
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .adapters import ADAPTERS, FIXED_SPEC
-from .loader import STANDIN_KEY, build_network, recipe_build
+from .build import build_network, recipe_build
+from .recipe import STANDIN_KEY
 from .recipe import Recipe
 
 WIDTH, DEPTH, HEADS = 32, 2, 2

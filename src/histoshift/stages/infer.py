@@ -1,40 +1,55 @@
-"""The infer stage: 8-view TTA predictions of every finished fold run - any kind of model - for its
-held-out center and the test center, plain and (with --adabn) after the task adapted the model to each
-target center (AdaBN for fine-tuned backbones; a head on stored features re-estimates its feature shift
-and self-trains when its config says so). The model and its views are the task's (`tasks.py`); the files
-and what they were predicted from are the run folder's (`runs.py`).
-"""
+"""Stage `infer`: 8-view TTA logits of every finished fold run (both kinds of model), for its held-out center and
+the test center; with --adapt also after the task adapted the model to each center without its labels (files
+`tta_*_adabn.csv`, named after the first adaptation the project had). The stack stage keeps the adapted set only
+where leave-one-center-out accuracy does not reject it."""
 from __future__ import annotations
 
 from contextlib import nullcontext
 
-from accelerate import Accelerator
+from . import Stage, timed
 
-from .data.cache import Cache
-from .data.splits import heldout_rows, test_rows, training_rows
-from .metrics import logit_accuracy
-from .paths import Paths
-from .runs import RunDir
-from .safeio import Lock
-from .tasks import run_task
-from .tta import check_finite, view_columns
+STAGE = Stage("8-view TTA logits of every finished fold run (both kinds of model), for its held-out center and "
+              "the test center",
+              "work/runs/*/seed*/fold*/ (finished), work/cache/, work/features/<key>/ (heads on features)",
+              "in each run folder: tta_heldout.csv, tta_test.csv (with --adapt also tta_*_adabn.csv), "
+              "predictions.json",
+              flow="work/runs/ (finished) -> work/runs/.../tta_*.csv")
 
 
-def infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator, force: bool = False,
-              adabn: bool = False) -> None:
-    """TTA predictions of one finished fold run for its held-out center and the test set; with `adabn`,
-    also a second set for which the model is first adapted to each target center on its own images.
+def arguments(p) -> None:
+    p.add_argument("--force", action="store_true", help="predict again even when the TTA files are current")
+    p.add_argument("--adapt", "--adabn", dest="adapt", action="store_true",
+                   help="also predict with each model adapted to each target center without its labels (AdaBN for "
+                        "fine-tuned backbones; feature-shift re-estimation and self-training for heads, as their "
+                        "configs say); the stack stage keeps them unless leave-one-center-out shows they hurt. "
+                        "--adabn is the older name")
+
+
+def run(a, paths) -> None:
+    from ..data.cache import check_inputs
+    from ..runs import find_runs
+
+    check_inputs(paths.input, paths.cache)
+    timed("infer", infer_all, find_runs(paths.runs), paths, force=a.force, adapt=a.adapt)
+
+
+def infer_run(run, cache, paths, accelerator, force: bool = False, adapt: bool = False) -> None:
+    """TTA predictions of one finished fold run for its held-out center and the test set; with `adapt`,
+    also a second set for which the model is first adapted to each target center without its labels (the task's
+`adapt`: AdaBN for a fine-tuned backbone; feature-shift re-estimation and self-training for a head).
     The model is loaded once; sets predicted from this checkpoint and this cache are kept, the others
     (missing, or from an older checkpoint or cache) are predicted again."""
+    from ..safeio import Lock
+
     run.check_inputs(cache.digests)  # a model trained on other data is not silently reused
     with Lock(run.lock, f"the run {run.path}") if accelerator.is_main_process else nullcontext():
-        _infer_run(run, cache, paths, accelerator, force, adabn)
+        _infer_run(run, cache, paths, accelerator, force, adapt)
 
 
-def _todo(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool, adabn: bool) -> list[bool]:
+def _todo(run, cache, accelerator, force: bool, adapt: bool) -> list[bool]:
     """The prediction sets (False: plain, True: adapted) to predict again."""
     todo = []
-    for adapted in ((False, True) if adabn else (False,)):
+    for adapted in ((False, True) if adapt else (False,)):
         stale = run.stale_predictions(cache.id, adapted)
         if force or stale:
             todo.append(adapted)
@@ -42,12 +57,17 @@ def _todo(run: RunDir, cache: Cache, accelerator: Accelerator, force: bool, adab
             if old and not force:
                 accelerator.print(f"infer: {run.name}: {', '.join(old)} predate the current checkpoint or cache; predicting again")
         else:
-            accelerator.print(f"infer: {run.path}{' (AdaBN)' if adapted else ''} is up to date")
+            accelerator.print(f"infer: {run.path}{' (adapted)' if adapted else ''} is up to date")
     return todo
 
 
-def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator, force: bool, adabn: bool) -> None:
-    todo = _todo(run, cache, accelerator, force, adabn)
+def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None:
+    from ..data.splits import heldout_rows, test_rows, training_rows
+    from ..metrics import logit_accuracy
+    from ..tasks import run_task
+    from ..tta import check_finite, view_columns
+
+    todo = _todo(run, cache, accelerator, force, adapt)
     if not todo:
         return
     task, trained = run_task(run, cache, paths, accelerator)
@@ -71,7 +91,7 @@ def _infer_run(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator
 MIN_ADAPT_PATCHES = 16  # fewer target patches than this: statistics too noisy to adapt to (plain predictions kept)
 
 
-def _adapted(task, trained, table, source, run: RunDir, name: str, accelerator: Accelerator):
+def _adapted(task, trained, table, source, run, name: str, accelerator):
     """The model adapted to one center, unless the center has too few patches to estimate anything from."""
     if len(table) < MIN_ADAPT_PATCHES:
         accelerator.print(f"infer: warning: {run.name} {name}: {len(table)} patches, fewer than {MIN_ADAPT_PATCHES}: "
@@ -90,12 +110,17 @@ def describe(record: dict) -> str:
     return text
 
 
-def infer_all(runs: list[RunDir], paths: Paths, force: bool = False, adabn: bool = False) -> None:
+def infer_all(runs: list, paths, force: bool = False, adapt: bool = False) -> None:
+    from accelerate import Accelerator
+
+    from ..data.cache import Cache
+    from ..errors import Missing
+
     if not runs:
-        raise FileNotFoundError("infer: no finished training runs found; run the train stage first")
+        raise Missing("infer: no finished training runs found; run the train stage first")
     accelerator = Accelerator()  # precision per run, from its config (the task's)
     cache = Cache.open(paths.cache)
     for run in runs:  # refuse before predicting anything
         run.check_inputs(cache.digests)
-    for run in runs:  # with adabn, two sets of files: the stack stage keeps them only where they win LOCO
-        infer_run(run, cache, paths, accelerator, force, adabn)
+    for run in runs:  # with adapt, two sets of files: the stack stage keeps them only where they win LOCO
+        infer_run(run, cache, paths, accelerator, force, adapt)

@@ -1,12 +1,11 @@
 """Optional stain normalisation on whole batches (`aug.stain_norm`): every patch, at training and
-at inference, is mapped to one reference appearance before augmentation.
+at inference, is mapped to one reference appearance before the colour jitter.
 
   reinhard  per-image mean and standard deviation of each CIELAB channel matched to a reference
   macenko   per-image H and E stain vectors estimated from optical density (Macenko et al. 2009),
             concentrations rescaled to the reference's 99th percentiles, re-rendered with the
             reference stain matrix
-  gan       a generator trained by the `stain-gan` stage (MultiStain-CycleGAN, histoshift.stain_gan)
-            colours the patch's grayscale in the target center's style
+(`gan`, a generator the `stain-gan` stage trains, is stain/gan.py; stain/transform.py applies either.)
 
 A published report on this competition found that stain normalisation hurt (Phikon-v2 + DANN,
 val 0.973 -> 0.942), so all stay off by default; they exist to be measured.
@@ -97,18 +96,4 @@ def macenko(x: torch.Tensor, beta: float = 0.15, alpha: float = 1.0) -> torch.Te
     return torch.where(enough[:, None, None, None], out, x)
 
 
-def stain_normalize(x: torch.Tensor, method: str, colourizer=None) -> torch.Tensor:
-    """x: B x 3 x H x W float in [0, 1]. `colourizer`: for "gan", the trained generator (a callable on such
-    batches, histoshift.stain_gan.Colourizer)."""
-    if method == "none":
-        return x
-    if method == "reinhard":
-        return reinhard(x)
-    if method == "macenko":
-        return macenko(x)
-    if method == "gan":
-        if colourizer is None:
-            raise RuntimeError("aug.stain_norm=gan: no generator is attached to the config (the task attaches the "
-                               "stain-gan stage's generator: histoshift.stain_gan.attach)")
-        return colourizer(x)
-    raise ValueError(f"unknown stain normalisation '{method}' (none | reinhard | macenko | gan)")
+CLASSICAL = {"reinhard": reinhard, "macenko": macenko}  # aug.stain_norm -> the batch function (gan: stain/gan.py)

@@ -1,6 +1,6 @@
 """HED stain maths (Ruifrok & Johnston colour deconvolution; Tellez et al. stain jitter), used by both
-augmentation backends (`augment.py` on whole batches, `albu.py` per image), the HED views of the
-feature store and the demo data.
+augmentation backends (`transform.py` on whole batches, `albu.py` per image), the HED views of the
+feature store, the data overview and the demo data.
 
 Optical density -> H, E, D concentrations, each scaled by alpha and shifted by beta, back to RGB.
 """

@@ -1,4 +1,4 @@
-"""Stage `report`: a markdown summary and plots of every run and of the ensemble choice.
+"""The tables and figures of the `report` stage (stages/report.py writes report.md around them):
 
 work/report/report.md      per-run held-out accuracy/AUC, combiner comparison, stage outputs
 work/report/curves.png     held-out accuracy and training loss per epoch, one line per run
@@ -25,8 +25,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .paths import Paths  # noqa: E402
 from .runs import RunDir  # noqa: E402
-from .safeio import write_figure, write_text  # noqa: E402
-from .stack import PRIOR, adaptation_lines, calibration_means, evidence_line  # noqa: E402
+from .safeio import write_figure  # noqa: E402
+from .stack import PRIOR  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -39,7 +39,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def _run_table(runs: list[RunDir]) -> pd.DataFrame:
+def run_table(runs: list[RunDir]) -> pd.DataFrame:
     rows = []
     for run in runs:
         s = json.loads(run.summary.read_text())
@@ -73,7 +73,7 @@ def sparse_heads(runs: list[RunDir]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _curves(runs: list[RunDir], path: Path) -> None:
+def curves(runs: list[RunDir], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         m = pd.read_json(run.metrics, lines=True)
@@ -117,7 +117,7 @@ def center_predictability(features: np.ndarray, centers: np.ndarray) -> float:
     return float(cross_val_score(clf, features, centers, cv=3).mean())
 
 
-def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
+def feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
     """t-SNE of backbone features (plain view) for up to MAP_PER_CENTER non-aberrant patches per center."""
     import torch
     from sklearn.decomposition import PCA
@@ -143,8 +143,8 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
         task, model = run_task(run, cache, Paths.of_cache(cache_dir), acc)
         model.eval()
         with torch.no_grad():
-            feats = torch.cat([model(task.to_model(to_float(torch.from_numpy(images[i:i + 64]).to(acc.device),
-                                                            task.cfg.aug)))["features"].cpu()
+            feats = torch.cat([model(task.to_model(task.transform.infer(to_float(
+                                   torch.from_numpy(images[i:i + 64]).to(acc.device)))))["features"].cpu()
                                for i in range(0, len(images), 64)]).float().numpy()
         what = f"{run.name} ({cfg.algorithm.name.upper()}, held-out center {run.fold})"
         if not np.isfinite(feats).all():  # a diverged model (infer refuses it too): no map, one note
@@ -172,7 +172,7 @@ def _feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
     return notes
 
 
-def _combiners(comparison: pd.DataFrame, path: Path) -> None:
+def combiners(comparison: pd.DataFrame, path: Path) -> None:
     comparison = comparison[~comparison["method"].str.endswith(PRIOR)]  # the prior-matched variants: in the table
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     ax = table.plot.bar(figsize=(7, 4), rot=0)
@@ -184,7 +184,7 @@ def _combiners(comparison: pd.DataFrame, path: Path) -> None:
     plt.close(ax.figure)
 
 
-def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
+def ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     """Per-center accuracy/AUC, ROC curves and calibration of the mean ensemble's out-of-fold scores."""
     import numpy as np
     from sklearn.metrics import roc_curve
@@ -222,88 +222,3 @@ def _ensemble_plots(oof: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     write_figure(fig, out_dir / "roc.png", dpi=110)
     plt.close(fig)
     return centers
-
-
-def check_lineage(runs: list[RunDir], stack_dir: Path, cache_dir: Path, input_dir: Path | None) -> None:
-    """The rules of the other stages, before anything is drawn: the inputs are the cache's, every run was
-    trained on this cache, and the stack's choice was made from this cache and these checkpoints."""
-    from .data.cache import Cache, check_inputs
-    from .lineage import StaleError, digest_file, stack_cache_id
-
-    if input_dir is not None:
-        check_inputs(input_dir, cache_dir)
-    cache = Cache.open(cache_dir)
-    for run in runs:
-        run.check_inputs(cache.digests)
-    choice = Path(stack_dir) / "choice.json"
-    if not choice.exists():
-        return
-    made_from = stack_cache_id(stack_dir)
-    if made_from != cache.id:
-        raise StaleError(f"{choice}: computed from another cache ({made_from}, now {cache.id}); rerun infer and stack "
-                         "before the report")
-    recorded = json.loads(choice.read_text()).get("lineage", {}).get("checkpoints", {})
-    now = {r.name: digest_file(r.checkpoint) for r in runs if r.name in recorded}
-    moved = [name for name, digest in recorded.items() if now.get(name) != digest]
-    if moved:
-        raise StaleError(f"{choice}: made from {moved[0]}'s previous checkpoint{' (and others)' if len(moved) > 1 else ''} "
-                         "(retrained or removed since); rerun infer and stack before the report")
-
-
-def write_report(runs: list[RunDir], stack_dir: Path, out_dir: Path, cache_dir: Path | None = None,
-                 input_dir: Path | None = None) -> Path:
-    """The report (report.md and its plots); refused, one line, when its inputs are stale (`check_lineage`)."""
-    if cache_dir is not None:
-        check_lineage(runs, stack_dir, cache_dir, input_dir)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Run report", ""]
-    if cache_dir is not None and (Path(cache_dir) / "overview.png").exists():
-        # a link relative to the report when both live under work/ (the stages' layout), else absolute
-        where = Path("..") / Path(cache_dir).name if Path(cache_dir).parent == out_dir.parent else Path(cache_dir).resolve()
-        lines += ["## Data (written by prepare)", "", f"![sample patches per center]({where / 'overview.png'})", "",
-                  f"![stain per center]({where / 'colours.png'})", ""]
-    if runs:
-        table = _run_table(runs)
-        _curves(runs, out_dir / "curves.png")
-        lines += ["## Fold models (held-out center, plain view, out of fold)", "",
-                  markdown_table(table),
-                  "", "![curves](curves.png)", ""]
-        sparse = sparse_heads(runs)
-        if len(sparse):
-            lines += ["## Sparse heads (model.head_l1): the dimensions they keep", "", markdown_table(sparse), "",
-                      "A stable signature keeps the same dimensions whichever center is held out (Jaccard near 1).", ""]
-        notes = _feature_map(runs, cache_dir, out_dir / "feature_map.png") if cache_dir is not None else []
-        if notes:
-            lines += ["## Backbone features of every center (t-SNE)", "", *[f"- {n}" for n in notes], "",
-                      "![feature map](feature_map.png)", ""]
-    comparison_csv = Path(stack_dir) / "comparison.csv"
-    if comparison_csv.exists():
-        comparison = pd.read_csv(comparison_csv)
-        choice = json.loads((Path(stack_dir) / "choice.json").read_text())
-        pivot = comparison.pivot(index="center", columns="method", values="accuracy")
-        pivot.loc["mean"] = pivot.mean()
-        _combiners(comparison, out_dir / "combiners.png")
-        centers = _ensemble_plots(pd.read_csv(Path(stack_dir) / "oof_features.csv"), out_dir)
-        lines += ["## Ensemble: combiners, leave one center out (8-view TTA features)", "",
-                  markdown_table(pivot.reset_index()), "",
-                  *(["Calibration of each combiner's tumour probability, mean over the held-out centers (Brier "
-                     "score and expected calibration error, 10 bins; lower is better; `rank` gives an order, not a "
-                     "probability):", "", markdown_table(pd.DataFrame([{"method": m, **v} for m, v in calib.items()])),
-                     ""] if (calib := calibration_means(comparison)) else []),
-                  f"Chosen for the test center: **{choice['method']}** over {len(choice['members'])} members "
-                  f"({', '.join(choice['members'])}).", *([f"Between the prediction sets: {evidence_line(choice['adabn_vs_plain'])}."]
-                    if choice.get("adabn_vs_plain") else []),
-                  *(["", "Adapted predictions (per fold model, test center):", "",
-                     *[f"- {line}" for line in adaptation_lines(choice.get("adaptations"))], ""]
-                    if choice.get("adaptations") else []),
-                  *([f"Prior matching (threshold at {p['share']:.0%} positive): leave-one-center-out {p['loco_with']:.4f} "
-                     f"against {p['loco_without']:.4f} without: {'used' if p['used'] else 'not used'}."]
-                    if (p := choice.get("prior_matching")) else []),
-                  "", "![combiners](combiners.png)", "",
-                  "## Mean ensemble per held-out center (out of fold)", "", markdown_table(centers), "",
-                  "![per center](per_center.png)", "", "![ROC and calibration](roc.png)", ""]
-    path = out_dir / "report.md"
-    write_text(path, "\n".join(lines))
-    print(f"report: wrote {path}")
-    return path

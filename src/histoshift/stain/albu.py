@@ -1,5 +1,5 @@
-"""The albumentations backend (`aug.backend: albumentations`): per-image transforms on CPU DataLoader
-workers. Kept apart so that the default torch backend never imports albumentations."""
+"""The albumentations backend (`aug.backend: albumentations`): per-image views and colour jitter on CPU
+DataLoader workers. Kept apart so that the default torch backend never imports albumentations."""
 from __future__ import annotations
 
 import albumentations as A
@@ -27,10 +27,14 @@ class HEDJitter(A.ImageOnlyTransform):
         return ("sigma",)
 
 
-def build_pipeline(cfg: AugCfg, seed: int | None = None) -> A.Compose:
+def build_pipeline(cfg: AugCfg, seed: int | None = None, colour: bool = True) -> A.Compose:
+    """D4 views, then (colour=True) HED and brightness/contrast jitter; colour=False when a stain normaliser must
+    run first (transform.py)."""
     steps = []
     if cfg.dihedral:
         steps.append(A.D4(p=1.0))
+    if not colour:
+        return A.Compose(steps, seed=seed)
     if cfg.hed_sigma > 0:
         steps.append(HEDJitter(cfg.hed_sigma, p=1.0))
     if cfg.brightness > 0 or cfg.contrast > 0:

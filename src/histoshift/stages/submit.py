@@ -13,20 +13,33 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
+from ..errors import HistoshiftError
+from . import Stage, timed
 
-from .data.cache import check_inputs
-from .data.h5_reader import list_ids
-from .lineage import StaleError, stack_cache_id
-from .kaggle_upload import check_slug, connect, lineage_message, upload
-from .safeio import DiskError, Lock, atomic
-
-
-class SubmissionError(ValueError):
-    pass
+STAGE = Stage("write the submission after checking it against test.h5's ids",
+              "work/stack/test_scores.csv, work/stack/choice.json, input/test.h5, work/cache/manifest.json",
+              "submissions/submission.csv (the previous one is kept as submission.<time>.csv)",
+              flow="work/stack/, input/test.h5 -> submissions/submission.csv")
 
 
-def check_submission(sub: pd.DataFrame, test_ids: list[int], source: str = "submission") -> None:
+def arguments(p) -> None:
+    p.add_argument("--allow-degenerate", action="store_true",
+                   help="write a submission that predicts one class for every test patch (refused otherwise)")
+    p.add_argument("--kaggle", default=None, metavar="SLUG",
+                   help="also upload it to this Kaggle competition with the official client, its message built "
+                        "from the lineage; the local file is placed only once Kaggle took it (never without this)")
+
+
+def run(a, paths) -> None:
+    timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions,
+          allow_degenerate=a.allow_degenerate, cache_dir=paths.cache, kaggle=a.kaggle)
+
+
+class SubmissionError(HistoshiftError, ValueError):
+    """A submission that must not be written or uploaded."""
+
+
+def check_submission(sub, test_ids: list[int], source: str = "submission") -> None:
     """Raise SubmissionError unless `sub` has exactly columns ID,Pred, one row per test id, Pred in {0,1}."""
     if list(sub.columns) != ["ID", "Pred"]:
         raise SubmissionError(f"{source}: columns are {list(sub.columns)}, expected ['ID', 'Pred']")
@@ -52,11 +65,12 @@ def check_submission(sub: pd.DataFrame, test_ids: list[int], source: str = "subm
 def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path) -> None:
     """Refuse test scores that the stack computed from another cache, or a test.h5 changed since the
     cache was built (the ids may match while the images do not)."""
+    from ..data.cache import check_inputs
+    from ..lineage import StaleError
+    from ..stackdir import StackDir
+
     current = check_inputs(Path(test_h5).parent, cache_dir)["cache_id"]
-    made_from = stack_cache_id(Path(scores_csv).parent)
-    if made_from is None:
-        raise StaleError(f"{Path(scores_csv).with_name('choice.json')}: missing (the stack stage writes it last); "
-                         "run the stack stage")
+    made_from = StackDir(Path(scores_csv).parent).require_choice("run the stack stage").cache_id
     if made_from != current:
         raise StaleError(f"{scores_csv}: computed from another cache ({made_from}, now {current}); "
                          "run infer and stack again (they say what else is stale)")
@@ -66,6 +80,9 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degen
                      cache_dir: Path | None = None, kaggle: str | None = None) -> Path:
     """`cache_dir`: check the scores' lineage against it first (the CLI always does). `kaggle`: a competition
     slug to upload to after the checks (kaggle_upload.py); the local file is placed only once Kaggle took it."""
+    from ..kaggle_upload import check_slug
+    from ..safeio import Lock
+
     out_dir = Path(out_dir)
     if kaggle:
         check_slug(kaggle)
@@ -78,10 +95,13 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degen
         return _place(sub, out_dir)
 
 
-def _upload(sub: pd.DataFrame, stack_dir: Path, slug: str) -> None:
+def _upload(sub, stack_dir: Path, slug: str) -> None:
     """The checked submission to Kaggle, from a temporary folder inside the stack folder (removed after)."""
+    from ..kaggle_upload import connect, lineage_message, upload
+    from ..stackdir import StackDir
+
     api = connect()  # client and credentials first: a failure leaves everything as it was
-    message = lineage_message(stack_dir)
+    message = lineage_message(StackDir(stack_dir).require_choice("run the stack stage"))
     with tempfile.TemporaryDirectory(dir=stack_dir, prefix=".upload-") as tmp:
         path = Path(tmp) / "submission.csv"
         sub.to_csv(path, index=False)
@@ -89,9 +109,14 @@ def _upload(sub: pd.DataFrame, stack_dir: Path, slug: str) -> None:
     print(f"submit: uploaded to kaggle.com/competitions/{slug} ({answer}); message: {message}")
 
 
-def _checked(scores_csv: Path, test_h5: Path, allow_degenerate: bool) -> pd.DataFrame:
+def _checked(scores_csv: Path, test_h5: Path, allow_degenerate: bool):
+    import pandas as pd
+
+    from ..data.h5_reader import list_ids
+    from ..errors import Missing
+
     if not Path(scores_csv).exists():
-        raise FileNotFoundError(f"{scores_csv}: missing; run the stack stage first")
+        raise Missing(f"{scores_csv}: missing; run the stack stage first")
     scores = pd.read_csv(scores_csv)
     sub = pd.DataFrame({"ID": scores["id"].astype("int64"), "Pred": scores["pred"].astype("int64")})
     check_submission(sub, list_ids(test_h5), source=str(scores_csv))
@@ -101,7 +126,11 @@ def _checked(scores_csv: Path, test_h5: Path, allow_degenerate: bool) -> pd.Data
     return sub
 
 
-def _place(sub: pd.DataFrame, out_dir: Path) -> Path:
+def _place(sub, out_dir: Path) -> Path:
+    import pandas as pd
+
+    from ..safeio import DiskError, atomic
+
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "submission.csv"
     if path.exists() and pd.read_csv(path).equals(sub):

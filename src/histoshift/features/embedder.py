@@ -1,34 +1,20 @@
-"""Stage `embed`: the feature store of a fixed backbone: embed every patch once (all 8 dihedral views, and optionally K
-HED-jittered views of each labelled patch), then train heads (linear, MLP, with or without the DANN
-domain head) on the stored features in seconds.
-
-work/features/<key>/ holds features_<split>.npy (N x V x D float16, rows in the cache's order) and
-meta.json (everything the features were computed from). <key> is a readable prefix plus a hash of
-that spec: the backbone (a foundation recipe with every field, or timm name + kwargs), the weights'
-identity (hub commit, or a local copy's files), the precision in effect, the views, the HED setting,
-stain normalisation and the cache's content digest (its id). Change any of them and a new store is embedded;
-nothing stale is reused.
+"""Stage `embed`'s work: the frozen backbone embeds every patch once (all 8 dihedral views, and optionally K
+HED-jittered views of each labelled patch) into the feature store (store.py), so that heads (linear, MLP, with or
+without the DANN domain head) then train in seconds.
 
 Embedding is the long step (a ViT-g over the competition runs for about an hour on one GPU), so it
 runs in fixed chunks of rows written straight into the memory-mapped arrays; a chunk's marker file is
-written after its rows are flushed, and a killed run resumes at the first chunk without a marker.
-
-Files are input: each marker holds its chunk's checksum (blake2b of the stored rows), checked whenever the
-store is opened for training or prediction; a chunk that does not match (bytes written into the file, a
-marker without a checksum) is embedded again, never trained on. For hub weights, meta.json also records
-the snapshot's files as they were (`snapshot_files`: blob names, sizes, times, config text hashes): a file
-replaced in the cache under the same revision makes the store embed again. Runs record the store's
-content stamp (a hash of its checksums), so features that changed make them stale, never silently reused.
-Within a chunk, all views of a batch go through the backbone in one forward under the recipe's
-autocast precision; on a GPU the batch is fitted to free memory and halved on out-of-memory. With
-`accelerate launch` each process embeds its own share of the chunks.
+written after its rows are flushed (with its checksum), and a killed run resumes at the first chunk without
+a marker; a chunk whose rows no longer match is embedded again, never trained on. For hub weights, meta.json
+also records the snapshot's files as they were (`snapshot_files`: blob names, sizes, times, config text hashes):
+a file replaced in the cache under the same revision makes the store embed again. Within a chunk, all views of a
+batch go through the backbone in one forward under the recipe's autocast precision, after the config's input
+transform (stain normalisation, grayscale); on a GPU the batch is fitted to free memory and halved on
+out-of-memory. With `accelerate launch` each process embeds its own share of the chunks.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,112 +22,25 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import find_executable_batch_size
 from torch import nn
 
-from . import stain_gan
-from .config import Config, ModelCfg
-from .data.augment import apply_dihedral, to_float
-from .data.hed import hed_transform
-from .data.cache import LABELLED, SPLITS, Cache, gather_by_split
-from .models.backbone import PatchClassifier
-from .paths import Paths
-from .precision import autocast
-from .progress import bar as progress_bar
-from .tta import per_view, view_stack
-from .safeio import Lock, reserve_npy, write_text
+from ..config import Config
+from ..data.augment import apply_dihedral, to_float
+from ..data.cache import SPLITS, Cache
+from ..models.backbone import PatchClassifier
+from ..precision import autocast
+from ..progress import bar as progress_bar
+from ..safeio import Lock, reserve_npy, write_text
+from ..stain.hed import hed_transform
+from ..tta import per_view, view_stack
+from .store import CHUNK_ROWS, FeatureError, FeatureStore, chunk_digest, store_key, views_of
 
-CHUNK_ROWS = 2048  # rows per resumable unit (fixed: a resumed run finds the same chunks)
 CPU_IMAGES = 64  # images per forward on CPU (small batches stay in cache)
 MAX_IMAGES = 2048  # images per forward on a GPU (throughput saturates well before)
 HED_SEED = 20261124
-
-
-def weights_identity(m: ModelCfg) -> dict:
-    """What identifies a non-recipe backbone's weights without loading them (a missing file is left
-    to the weight loader, which names it)."""
-    from .models.foundation.loader import local_identity
-
-    if m.weights.startswith("file:"):
-        path = Path(m.weights.removeprefix("file:")).expanduser().resolve()
-        if path.exists():
-            return local_identity(path)
-    return {"source": m.weights}
-
-
-def feature_spec(cfg: Config, cache: Cache, precision: str) -> dict:
-    """Everything that changes the stored features (the store key hashes it)."""
-    from .models.foundation import resolve_recipe
-    from .models.foundation.loader import source_identity
-
-    m, t = cfg.model, cfg.train
-    if m.recipe:
-        recipe = resolve_recipe(m.recipe, m.recipe_overrides)
-        backbone = {"recipe": dataclasses.asdict(recipe), "weights": source_identity(recipe, m.weights)}
-    else:
-        backbone = {"timm": m.backbone, "timm_kwargs": m.timm_kwargs, "input_size": m.input_size,
-                    "weights": weights_identity(m)}
-    return {"backbone": backbone, "precision": precision, "views": t.feature_views,
-            "hed_views": t.feature_hed_views, "hed_sigma": t.feature_hed_sigma if t.feature_hed_views else None,
-            "stain_norm": cfg.aug.stain_norm, **({"grayscale": True} if cfg.aug.grayscale else {}),
-            **({"stain_gan": stain_gan.identity(cfg, cache, Paths.of_cache(cache.dir))} if cfg.aug.stain_norm == "gan" else {}),
-            "cache": cache.id}  # the cache's content digest (not where or when its files were made)
-
-
-def store_key(spec: dict) -> str:
-    b = spec["backbone"]
-    name = b["recipe"]["name"] if "recipe" in b else b["timm"]
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    hed = f"-hed{spec['hed_views']}" if spec["hed_views"] else ""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{spec['views']}v{hed}-{spec['precision']}-{digest}")
-
-
-class FeatureError(ValueError):
-    """Features that must not be stored or trained on (non-finite values from the backbone)."""
-
-
-def chunk_digest(arr: np.ndarray, start: int) -> str:
-    """The checksum of one chunk of stored rows (the bytes as stored, float16)."""
-    return hashlib.blake2b(np.ascontiguousarray(arr[start:start + CHUNK_ROWS]).tobytes(), digest_size=16).hexdigest()
-
-
-class FeatureStore:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.meta = json.loads((self.path / "meta.json").read_text())
-        self.arrays = {s: np.load(self.path / f"features_{s}.npy", mmap_mode="r") for s in SPLITS}
-        self.dim = self.arrays["train"].shape[-1]
-        self.views = self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
-
-    def bad_chunks(self) -> list[str]:
-        """The chunks whose rows do not match the checksum in their marker (or have none): '<split>-<row>'."""
-        bad = []
-        for split, arr in self.arrays.items():
-            for start in range(0, len(arr), CHUNK_ROWS):
-                marker = self.path / "progress" / f"{split}-{start}"
-                recorded = marker.read_text().strip() if marker.is_file() else ""
-                if recorded != chunk_digest(arr, start):
-                    bad.append(marker.name)
-        return bad
-
-    def stamp(self) -> str:
-        """The store's content identity: a hash of every chunk's checksum (runs record it)."""
-        marks = sorted((self.path / "progress").iterdir())
-        return hashlib.blake2b("".join(f"{m.name}={m.read_text().strip()};" for m in marks).encode(),
-                               digest_size=8).hexdigest()
-
-    def rows(self, table: pd.DataFrame, views: int | None = None) -> np.ndarray:
-        """Features (n x V x D, float16 as stored) of the table's patches, in its order: the first `views`
-        views, or every view that all the table's splits have (labelled splits also hold the HED views)."""
-        v = views or min(self.arrays[s].shape[1] for s in table["split"].unique())
-        return gather_by_split({s: a[:, :v] for s, a in self.arrays.items()}, table)
-
-
-def _views_of(split: str, cfg: Config) -> int:
-    return cfg.train.feature_views + (cfg.train.feature_hed_views if LABELLED[split] else 0)
 
 
 def draw_jitter(n: int, k: int, sigma: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -164,14 +63,14 @@ class Embedder:
     """Runs the backbone over uint8 batches: the views stacked into one forward, autocast, and a batch
     size fitted to free GPU memory (halved on out-of-memory)."""
 
-    def __init__(self, backbone: nn.Module, preprocess, cfg: Config, device: torch.device, precision: str):
-        self.backbone, self.preprocess, self.cfg = backbone, preprocess, cfg
+    def __init__(self, backbone: nn.Module, preprocess, cfg: Config, transform, device: torch.device, precision: str):
+        self.backbone, self.preprocess, self.cfg, self.transform = backbone, preprocess, cfg, transform
         self.device, self.precision = device, precision
-        self.batch = cfg.train.embed_batch_size or None  # patches per forward; None: fitted on first use
+        self.batch = cfg.model.embed_batch_size or None  # patches per forward; None: fitted on first use
 
     def _forward(self, images: np.ndarray, n_views: int, jitter=None) -> torch.Tensor:
-        x = to_float(torch.from_numpy(images).to(self.device, non_blocking=True), self.cfg.aug)
-        stacked = view_stack(x, range(self.cfg.train.feature_views), self.preprocess)
+        x = self.transform.infer(to_float(torch.from_numpy(images).to(self.device, non_blocking=True)))
+        stacked = view_stack(x, range(self.cfg.model.feature_views), self.preprocess)
         if jitter is not None:
             stacked = torch.cat([stacked, self.preprocess(hed_views(x, *jitter))])
         with autocast(self.device, self.precision):
@@ -193,8 +92,8 @@ class Embedder:
         return int(max(1, min(0.85 * free / per_patch, MAX_IMAGES // n_views)))
 
     def _jitter(self, n: int, n_views: int, seed: int):
-        k = n_views - self.cfg.train.feature_views
-        return draw_jitter(n, k, self.cfg.train.feature_hed_sigma, seed) if k > 0 else None
+        k = n_views - self.cfg.model.feature_views
+        return draw_jitter(n, k, self.cfg.model.feature_hed_sigma, seed) if k > 0 else None
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, n_views: int, seed: int) -> np.ndarray:
@@ -260,11 +159,10 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
 
 
 @torch.no_grad()
-def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str,
-          spec: dict | None = None) -> FeatureStore:
-    """The feature store of this config's backbone: reused when complete, resumed when partial.
-    `spec`: this config's `feature_spec`, when the caller has computed it already."""
-    spec = spec or feature_spec(cfg, cache, precision)
+def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str, transform,
+          spec: dict) -> FeatureStore:
+    """The feature store of this config's backbone (`spec`: its `feature_spec`; `transform`: the config's
+    InputTransform, applied before the views): reused when complete, resumed when partial."""
     path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
         try:
@@ -289,7 +187,7 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
     created = not path.exists()
     try:
         with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
-            return _embed_store(cfg, cache, path, accelerator, precision, spec)
+            return _embed_store(cfg, cache, path, accelerator, precision, transform, spec)
     except BaseException:  # a failed first attempt (weights unreadable, a bad recipe) leaves no folder behind
         if created and accelerator.is_main_process and not any((path / "progress").glob("*")):
             shutil.rmtree(path, ignore_errors=True)
@@ -301,8 +199,8 @@ def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | No
     changed in the cache since it was embedded (every chunk), or chunks that fail their checksum."""
     recorded = store.meta.get("weights_files")
     if recorded is not None:
-        from .models.foundation import resolve_recipe
-        from .models.foundation.loader import snapshot_files
+        from ..models.foundation import resolve_recipe
+        from ..models.foundation.hub import snapshot_files
 
         now = snapshot_files(resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides))
         moved = [name for name, entry in recorded.items() if now.get(name) != entry]
@@ -315,7 +213,7 @@ def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | No
     return None
 
 
-def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator, precision: str,
+def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator, precision: str, transform,
                  spec: dict) -> FeatureStore:
     if (path / "meta.json").exists():  # completed by another process between the first check and the lock
         return FeatureStore(path)
@@ -323,7 +221,7 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
         torch.manual_seed(0)
         model = PatchClassifier(cfg.model)
     backbone = model.backbone.eval().to(accelerator.device)
-    embedder = Embedder(backbone, model.preprocess, cfg, accelerator.device, precision)
+    embedder = Embedder(backbone, model.preprocess, cfg, transform, accelerator.device, precision)
     if accelerator.is_main_process:
         (path / "progress").mkdir(parents=True, exist_ok=True)
         write_text(path / "spec.json", json.dumps(spec, indent=2, default=str))
@@ -331,7 +229,7 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
     accelerator.print(f"embed: {path.name}, precision {precision}, {model.num_features} values per view")
     t0, count = time.time(), 0
     for split in SPLITS:
-        count += _embed_split(path, split, cache.images(split, in_memory=False), embedder, _views_of(split, cfg),
+        count += _embed_split(path, split, cache.images(split, in_memory=False), embedder, views_of(split, cfg),
                               model.num_features, accelerator)
     seconds = time.time() - t0
     accelerator.wait_for_everyone()
@@ -339,8 +237,8 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
         meta = {"spec": spec, "dim": model.num_features, "batch_patches": embedder.batch,
                 "seconds": round(seconds, 1), "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1)}
         if spec["backbone"].get("weights", {}).get("hub"):  # the snapshot's files as the weights were loaded
-            from .models.foundation import resolve_recipe
-            from .models.foundation.loader import snapshot_files
+            from ..models.foundation import resolve_recipe
+            from ..models.foundation.hub import snapshot_files
 
             meta["weights_files"] = snapshot_files(resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides))
         write_text(path / "meta.json", json.dumps(meta, indent=2, default=str))  # written last: the store is complete

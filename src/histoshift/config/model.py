@@ -1,0 +1,140 @@
+"""The model section, one class per kind of model (`model.kind`), chosen by pydantic as a tagged union:
+
+  image    a backbone fine-tuned on images (tasks/image.py)
+  feature  a head trained on features the frozen backbone stored once (the `embed` stage; tasks/feature.py)
+
+Each kind holds only the fields it uses, so a head-only setting on a fine-tuned config is an unknown key,
+not a rule in a validator. The kind is read once, here; code asks `cfg.model.kind`. Configs written before
+the kinds existed (`frozen: true|false`) still load, with one deprecation line.
+"""
+from __future__ import annotations
+
+import sys
+from functools import cached_property
+from typing import Annotated, Literal, Union
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from ..records import WeightSource
+from .base import Float, Int, NonNeg, Section
+
+FEATURE_SHIFTS = ("none", "standardize", "coral")  # models/feature_shift.py implements them
+KINDS = ("image", "feature")
+# feature-store settings that older configs kept in the train section (moved here with a deprecation line)
+STORE_KEYS = ("feature_views", "feature_hed_views", "feature_hed_sigma", "embed_batch_size")
+_said: set[str] = set()
+
+
+def deprecated(line: str) -> None:
+    """One line on stderr for a config written the old way (once per `load_config`: `forget_deprecations`)."""
+    if line not in _said:
+        _said.add(line)
+        print(f"config: {line}", file=sys.stderr)
+
+
+def forget_deprecations() -> None:
+    _said.clear()
+
+
+class BackboneCfg(Section):
+    """What both kinds share: the backbone and where its weights come from."""
+    backbone: str = "tf_efficientnet_lite0"  # any timm name, including "hf-hub:org/name"
+    # where the weights come from (models/weights.py WeightSource parses it once): "none" | "timm" (timm's own
+    # pretrained source) | "package:NAME" | "file:PATH"; with a recipe: "hub" (the Hugging Face hub or its local
+    # cache) | "dir:PATH" (a downloaded copy of the hub repo, e.g. a Kaggle dataset) | "file:PATH" | "none"
+    weights: str = "none"
+    # a pathology foundation model by name (histoshift.models.foundation.RECIPES): the recipe states the
+    # card's backbone, input size, interpolation, mean/std, embedding rule and precision; `backbone`,
+    # `input_size` and `timm_kwargs` are then left alone and any recipe field is overridden here
+    recipe: str = ""
+    recipe_overrides: dict = {}
+    input_size: Int = Field(96, ge=32)  # side the backbone sees; batches are resized on the device when it differs
+    # extra keyword arguments for timm.create_model (hub foundation models need some); values of
+    # keys ending in "_layer" may name a class, e.g. "torch.nn.SiLU" or "timm.layers.SwiGLUPacked"
+    timm_kwargs: dict = {}
+    drop_rate: Float = Field(0.2, ge=0, le=1)  # before the classifier (the backbone's, or the head's)
+
+    @cached_property
+    def source(self) -> WeightSource:
+        """`weights` as the typed record (validated when the config was)."""
+        return WeightSource.parse(self.weights, recipe=bool(self.recipe))
+
+    @model_validator(mode="after")
+    def _recipe(self):
+        if self.recipe:
+            fixed = [k for k in ("backbone", "input_size", "timm_kwargs")
+                     if getattr(self, k) != BackboneCfg.model_fields[k].default]
+            if fixed:
+                raise ValueError(f"model.recipe={self.recipe} defines the backbone: leave model.{', model.'.join(fixed)} "
+                                 "unset and override the recipe instead, e.g. model.recipe_overrides.input_size=224")
+        elif self.recipe_overrides:
+            raise ValueError("model.recipe_overrides: set model.recipe to the foundation model they modify")
+        try:
+            WeightSource.parse(self.weights, recipe=bool(self.recipe))
+        except ValueError as e:
+            raise ValueError(f"model.weights: {e}") from None
+        return self
+
+
+class ImageModelCfg(BackboneCfg):
+    """A backbone fine-tuned on images."""
+    kind: Literal["image"] = "image"
+    drop_path_rate: Float = Field(0.0, ge=0, le=1)  # stochastic depth
+    train_last_blocks: Int = -1  # partial fine-tuning: train only the last N block groups (-1 = all)
+
+
+class FeatureModelCfg(BackboneCfg):
+    """A head on features the frozen backbone stored once (the `embed` stage)."""
+    kind: Literal["feature"] = "feature"
+    # "mlp" (a linear probe, or an MLP of head_hidden units) | "paper_dann" (the Phikon-v2 + DANN head report's
+    # layers: LayerNorm, linear to D/2, ReLU; classifier D/2 -> 100 -> 1 with ReLU and dropout 0.4)
+    head: Literal["mlp", "paper_dann"] = "mlp"
+    head_hidden: Int = Field(0, ge=0)  # 0 = linear probe, > 0 = MLP with this hidden width
+    # a sparse linear probe: L1 strength on its weights, applied as a proximal (soft-threshold) step after every
+    # optimizer step so that dropped dimensions are exactly zero; optim.weight_decay is the elastic net's L2 part
+    head_l1: NonNeg = 0.0
+    # a map in front of the head that `infer --adapt` re-estimates on each target center's unlabelled features
+    # (models/feature_shift.py): none | standardize (per center) | coral
+    feature_shift: Literal[FEATURE_SHIFTS] = "none"
+    coral_ridge: Float = Field(0.01, ge=0)  # CORAL: covariance + ridge x mean variance x I
+    # rounds of self-training on the target center's confident predictions that `infer --adapt` runs after the
+    # feature shift (models/self_training.py); 0 = off
+    self_train_rounds: Int = Field(0, ge=0)
+    self_train_threshold: Float = Field(0.9, gt=0.5, lt=1)  # the confidence a pseudo-label needs
+    # the store: dihedral views embedded per patch; K extra views of every labelled patch, each a random dihedral
+    # view with HED stain jitter of this strength, so that heads learn stain invariance (test patches keep the
+    # 8 views); patches per embedding forward (x views), 0 = fitted to free GPU memory, a small batch on CPU
+    feature_views: Literal[1, 8] = 8
+    feature_hed_views: Int = Field(0, ge=0)
+    feature_hed_sigma: NonNeg = 0.05
+    embed_batch_size: Int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _head(self):
+        if self.head != "mlp" and (self.head_hidden or self.head_l1):
+            raise ValueError(f"model.head={self.head}: a head with its own fixed layers (leave model.head_hidden and "
+                             "model.head_l1 at 0)")
+        if self.head_l1 > 0 and self.head_hidden:
+            raise ValueError("model.head_l1: the sparse head is a linear probe (model.head_hidden: 0)")
+        return self
+
+
+def _tag(value):
+    """The kind of a model mapping: `kind`, or the deprecated `frozen` boolean, else image."""
+    if not isinstance(value, dict):
+        return value
+    value = dict(value)
+    if "frozen" in value:
+        frozen = value.pop("frozen")
+        if not isinstance(frozen, bool):
+            raise ValueError(f"model.frozen: expected a boolean, got {frozen!r} (write model.kind: image | feature)")
+        kind = "feature" if frozen else "image"
+        if value.setdefault("kind", kind) != kind:
+            raise ValueError(f"model.frozen={frozen} contradicts model.kind={value['kind']}: keep model.kind only")
+        deprecated(f"model.frozen: {str(frozen).lower()} is deprecated; write model.kind: {kind}")
+    value.setdefault("kind", "image")
+    return value
+
+
+ModelCfg = Annotated[Union[ImageModelCfg, FeatureModelCfg], BeforeValidator(_tag), Field(discriminator="kind")]
+MODEL_KINDS = {"image": ImageModelCfg, "feature": FeatureModelCfg}

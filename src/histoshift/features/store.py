@@ -1,0 +1,131 @@
+"""The feature store of a fixed backbone (work/features/<key>/) and what identifies it.
+
+features_<split>.npy holds N x V x D float16 rows in the cache's order; meta.json (written last) everything the
+features were computed from. <key> is a readable prefix plus a hash of that spec (`feature_spec`): the backbone (a
+foundation recipe with every field, or timm name + kwargs), the weights' identity (hub commit, or a local copy's
+files), the precision in effect, the views, the HED setting, the colour settings (stain normalisation, the stain
+GAN's generator, grayscale) and the cache's content digest (its id). Change any of them and a new store is
+embedded; nothing stale is reused. `store_settings` is the config's part of that spec: preflight groups configs
+by it (two heads on one backbone share one store) before any weights or cache exist.
+
+Files are input: each chunk's marker holds its checksum (blake2b of the stored rows), checked whenever the store
+is opened for training or prediction (`bad_chunks`); runs record the store's content stamp (a hash of those
+checksums), so features that changed make them stale, never silently reused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config
+from ..data.cache import LABELLED, SPLITS, gather_by_split
+from ..errors import HistoshiftError
+
+CHUNK_ROWS = 2048  # rows per resumable unit (fixed: a resumed run finds the same chunks)
+
+
+def weights_identity(m) -> dict:
+    """What identifies a non-recipe backbone's weights without loading them (a missing file is left
+    to the weight loader, which names it)."""
+    from ..models.foundation.hub import local_identity
+
+    source = m.source
+    if source.kind == "file":
+        path = source.path.resolve()
+        if path.exists():
+            return local_identity(path)
+    return {"source": str(source)}
+
+
+def store_settings(cfg: Config, precision: str) -> dict:
+    """The config's part of a store's spec: the backbone as configured, the weights as written, the views and
+    the colour settings (with the stain GAN's settings, which key its generator). Two configs that differ here
+    never share a store; preflight groups configs by it."""
+    m = cfg.model
+    gan = cfg.stain_gan.model_dump(exclude={"checkpoint_every"}) if cfg.aug.stain_norm == "gan" else None
+    return {"backbone": {"recipe": m.recipe, "recipe_overrides": m.recipe_overrides} if m.recipe else
+            {"timm": m.backbone, "timm_kwargs": m.timm_kwargs, "input_size": m.input_size},
+            "weights": m.weights, "precision": precision, "views": m.feature_views, "hed_views": m.feature_hed_views,
+            "hed_sigma": m.feature_hed_sigma if m.feature_hed_views else None, "stain_norm": cfg.aug.stain_norm,
+            "grayscale": cfg.aug.grayscale, "stain_gan": gan}
+
+
+def feature_spec(cfg: Config, cache, precision: str, gan: str | None = None) -> dict:
+    """Everything that changes the stored features (the store key hashes it): `store_settings` with the
+    backbone resolved (every recipe field, the weights' identity), the trained stain GAN's identity (`gan`,
+    needed when aug.stain_norm is gan) and the cache's id."""
+    from ..models.foundation import resolve_recipe
+    from ..models.foundation.hub import source_identity
+
+    s, m = store_settings(cfg, precision), cfg.model
+    if m.recipe:
+        recipe = resolve_recipe(m.recipe, m.recipe_overrides)
+        backbone = {"recipe": dataclasses.asdict(recipe), "weights": source_identity(recipe, m.source)}
+    else:
+        backbone = {**s["backbone"], "weights": weights_identity(m)}
+    if s["stain_norm"] == "gan" and gan is None:
+        raise ValueError("feature_spec: aug.stain_norm=gan needs the trained generator's identity")
+    return {"backbone": backbone, "precision": precision, "views": s["views"], "hed_views": s["hed_views"],
+            "hed_sigma": s["hed_sigma"], "stain_norm": s["stain_norm"], **({"grayscale": True} if s["grayscale"] else {}),
+            **({"stain_gan": gan} if gan else {}),
+            "cache": cache.id}  # the cache's content digest (not where or when its files were made)
+
+
+def store_key(spec: dict) -> str:
+    b = spec["backbone"]
+    name = b["recipe"]["name"] if "recipe" in b else b["timm"]
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    hed = f"-hed{spec['hed_views']}" if spec["hed_views"] else ""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{spec['views']}v{hed}-{spec['precision']}-{digest}")
+
+
+class FeatureError(HistoshiftError, ValueError):
+    """Features that must not be stored or trained on (non-finite values from the backbone)."""
+
+
+def chunk_digest(arr: np.ndarray, start: int) -> str:
+    """The checksum of one chunk of stored rows (the bytes as stored, float16)."""
+    return hashlib.blake2b(np.ascontiguousarray(arr[start:start + CHUNK_ROWS]).tobytes(), digest_size=16).hexdigest()
+
+
+class FeatureStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        self.arrays = {s: np.load(self.path / f"features_{s}.npy", mmap_mode="r") for s in SPLITS}
+        self.dim = self.arrays["train"].shape[-1]
+        self.views = self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
+
+    def bad_chunks(self) -> list[str]:
+        """The chunks whose rows do not match the checksum in their marker (or have none): '<split>-<row>'."""
+        bad = []
+        for split, arr in self.arrays.items():
+            for start in range(0, len(arr), CHUNK_ROWS):
+                marker = self.path / "progress" / f"{split}-{start}"
+                recorded = marker.read_text().strip() if marker.is_file() else ""
+                if recorded != chunk_digest(arr, start):
+                    bad.append(marker.name)
+        return bad
+
+    def stamp(self) -> str:
+        """The store's content identity: a hash of every chunk's checksum (runs record it)."""
+        marks = sorted((self.path / "progress").iterdir())
+        return hashlib.blake2b("".join(f"{m.name}={m.read_text().strip()};" for m in marks).encode(),
+                               digest_size=8).hexdigest()
+
+    def rows(self, table: pd.DataFrame, views: int | None = None) -> np.ndarray:
+        """Features (n x V x D, float16 as stored) of the table's patches, in its order: the first `views`
+        views, or every view that all the table's splits have (labelled splits also hold the HED views)."""
+        v = views or min(self.arrays[s].shape[1] for s in table["split"].unique())
+        return gather_by_split({s: a[:, :v] for s, a in self.arrays.items()}, table)
+
+
+def views_of(split: str, cfg: Config) -> int:
+    """The views a split's rows hold: the TTA views, and the HED views for labelled splits."""
+    return cfg.model.feature_views + (cfg.model.feature_hed_views if LABELLED[split] else 0)

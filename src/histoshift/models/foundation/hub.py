@@ -1,0 +1,137 @@
+"""A recipe's repo files, through the Hugging Face hub's local cache or a local copy, and what identifies weights
+without loading them (the feature store's key records it). Every hub failure is one line (`hub_error`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ...records import WeightSource
+from ..weights import WeightsError
+from .adapters import ADAPTERS
+from .recipe import Recipe
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+CONFIG_SUFFIXES = (".json", ".yaml")
+
+
+def hub_error(repo: str, e: Exception) -> WeightsError:
+    """One clear line for the ways the hub can fail: offline or unreachable, gated, missing."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    page = f"https://huggingface.co/{repo}"
+    text = str(e).split("\n")[0]
+    if isinstance(e, GatedRepoError) or "gated" in str(e).lower():
+        return WeightsError(f"{repo} is gated: accept its licence at {page} while logged in, then set HF_TOKEN "
+                            f"(or run `hf auth login`) with that account's token ({text})")
+    if isinstance(e, RepositoryNotFoundError):
+        return WeightsError(f"{repo}: not found on the hub, or gated and no valid token was sent: accept the licence at "
+                            f"{page} and set HF_TOKEN ({text})")
+    if isinstance(e, LocalEntryNotFoundError) or "offline" in str(e).lower() or "connect" in str(e).lower():
+        return WeightsError(f"{repo}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be "
+                            f"reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): download it once with "
+                            f"`hf download {repo}`, or point model.weights at a local copy (dir:PATH, file:PATH)")
+    return WeightsError(f"{repo}: the Hugging Face hub failed: {type(e).__name__}: {text}")
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """A file of a hub repo through the local cache (downloaded when online and missing)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
+        raise hub_error(repo, e) from e
+
+
+def source_identity(recipe: Recipe, weights: WeightSource) -> dict:
+    """What identifies the weights without loading them: the hub snapshot's commit, or a local copy's
+    files (path, size, modification time). Part of the feature-store key."""
+    if weights.kind == "hub":
+        config = hub_file(recipe.hub_id, recipe.config_file)
+        snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]  # snapshots/<revision>
+        return {"hub": recipe.hub_id, "revision": snapshot.name}
+    if weights.kind == "none":
+        return {"random_init": True}
+    path = weights.path.resolve()
+    if not path.exists():
+        raise WeightsError(f"model.weights: {path} does not exist")
+    return local_identity(path)
+
+
+def snapshot_files(recipe: Recipe) -> dict:
+    """The content identity of a hub snapshot's weight and config files as they are in the local cache now:
+    per file its blob name (the hub cache names blobs by their content hash), size and modification time,
+    and for config files a hash of their text. The feature store records it when it is embedded and
+    compares it when reused: a file replaced or edited in the cache under the same revision is caught."""
+    config = hub_file(recipe.hub_id, recipe.config_file)
+    snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]
+    out = {}
+    for p in sorted(snapshot.rglob("*")):
+        if p.suffix not in WEIGHT_SUFFIXES + CONFIG_SUFFIXES or not p.is_file():
+            continue
+        real = p.resolve()
+        st = real.stat()
+        entry = [real.name if p.is_symlink() else None, st.st_size, st.st_mtime_ns]
+        if p.suffix in CONFIG_SUFFIXES:
+            entry.append(hashlib.sha256(real.read_bytes()).hexdigest()[:16])
+        out[p.relative_to(snapshot).as_posix()] = entry
+    return out
+
+
+def local_identity(path: Path) -> dict:
+    """A weights file, or a folder's weight and config files (subfolders included: MedImageInsight keeps
+    them in 2024.09.27/...): path, and each file's relative name, size, mtime."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES + CONFIG_SUFFIXES)
+    else:
+        files = [path]
+    root = path if path.is_dir() else path.parent
+    return {"path": str(path), "files": [[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                                         for p in files]}
+
+
+def repo_path(recipe: Recipe, weights: WeightSource, name: str) -> Path:
+    """A file of the recipe's repo: through the hub cache (`hub`) or inside a local copy (`dir:PATH`)."""
+    if weights.kind == "hub":
+        return hub_file(recipe.hub_id, name)
+    path = weights.path / name
+    if not path.is_file():
+        raise WeightsError(f"model.weights={weights}: no {name} there (expected a copy of the hub repo "
+                           f"{recipe.hub_id} in its own layout)")
+    return path
+
+
+def repo_config(recipe: Recipe, weights: WeightSource) -> dict:
+    """The repo's architecture file (config.json, or what the recipe's adapter reads, e.g. MedImageInsight's
+    config.yaml) from the hub cache or a local folder; {} for a bare weights file or random init."""
+    if weights.kind not in ("hub", "dir"):
+        return {}
+    path = repo_path(recipe, weights, recipe.config_file)
+    if recipe.adapter:
+        return ADAPTERS[recipe.adapter].read_config(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot be read as the repo's config ({type(e).__name__}: {e})") from None
+
+
+def from_the_hub(e: Exception) -> bool:
+    """An error of the hub client or the network (not of building the model from the downloaded files)."""
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, (ConnectionError, TimeoutError)) or module in ("huggingface_hub", "httpx", "requests", "urllib3")
+
+
+def preprocessor_config(recipe: Recipe, weights: WeightSource) -> dict:
+    """A transformers repo's preprocessor_config.json where it is at hand (cache or folder), else {}."""
+    if weights.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(recipe.hub_id, "preprocessor_config.json")
+        path = Path(path) if isinstance(path, str) else None
+    elif weights.kind == "dir":
+        path = weights.path / "preprocessor_config.json"
+    else:
+        path = None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}

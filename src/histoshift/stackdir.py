@@ -1,0 +1,116 @@
+"""The stack folder's layout and its decision record, beside the run folder's (runs.py).
+
+  work/stack/
+    oof_features.csv   per member: mean and spread of the TTA logits of every labelled patch (out of fold)
+    test_features.csv  the same for the test center, averaged over each member's fold models
+    comparison.csv     every combiner x prediction set x held-out center: accuracy, AUC, Brier, ECE
+    test_scores.csv    the chosen combiner's score and 0/1 prediction per test id
+    choice.json        the decision (`StackChoice`), written last: scores without it are never submitted
+
+choice.json is written and read here only: every other module gets a typed `StackChoice`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .lineage import StaleError
+from .safeio import write_json
+
+CHOICE = "choice.json"
+
+
+def evidence_line(evidence: dict) -> str:
+    return (f"plain '{evidence['plain']}' against adapted '{evidence['adabn']}' on the same out-of-fold patches: "
+            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (the adapted set is dropped only above 1.96)")
+
+
+@dataclass(frozen=True)
+class StackChoice:
+    members: list[str]  # <config>/seed<S>, the ensemble
+    method: str  # the combiner; "+adabn": on the adapted predictions; "@prior": thresholded to the known share
+    adabn: bool = False  # the adapted prediction set was chosen
+    loco_accuracy: dict = field(default_factory=dict)  # combiner -> mean accuracy leave-one-center-out
+    loco_calibration: dict = field(default_factory=dict)  # combiner -> mean Brier and ECE
+    adabn_vs_plain: dict | None = None  # the paired test between the prediction sets
+    adaptations: dict | None = None  # fold run -> how its adapted predictions were made
+    prior_matching: dict | None = None  # used only when it raises the LOCO accuracy of the chosen combiner
+    test_positive_rate: float = 0.0
+    # members whose epoch was picked on their held-out center (train.early_stop_patience): their out-of-fold
+    # accuracies, and so this comparison, are optimistic for them
+    heldout_selected: list[str] = field(default_factory=list)
+    # what the scores were computed from: the cache id, the folds digest, every fold model's checkpoint digest
+    lineage: dict = field(default_factory=dict)
+
+    @property
+    def cache_id(self) -> str | None:
+        return self.lineage.get("cache")
+
+    @property
+    def checkpoints(self) -> dict[str, str]:
+        return self.lineage.get("checkpoints", {})
+
+    def evidence_line(self) -> str:
+        """The paired test between the plain and the adapted prediction sets, in words."""
+        return evidence_line(self.adabn_vs_plain) if self.adabn_vs_plain else ""
+
+    def adaptation_lines(self) -> list[str]:
+        """One line per fold model: how its adapted test predictions were made."""
+        lines = []
+        for run, rec in (self.adaptations or {}).items():
+            line = f"{run}: {rec['method'] if rec else 'AdaBN'}"
+            if rec and "self_training" in rec:
+                st = rec["self_training"]
+                line += (f" (confidence >= {st['threshold']}; pseudo-labelled test patches per round "
+                         f"{st['pseudo_labelled']}, positive share {st['positive_share']})")
+            lines.append(line)
+        return lines
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> "StackChoice":
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as e:
+            raise StaleError(f"{where}: not a choice of this version ({e}); run the stack stage again") from None
+
+
+@dataclass(frozen=True)
+class StackDir:
+    path: Path
+
+    oof_features = property(lambda self: self.path / "oof_features.csv")
+    test_features = property(lambda self: self.path / "test_features.csv")
+    comparison = property(lambda self: self.path / "comparison.csv")
+    test_scores = property(lambda self: self.path / "test_scores.csv")
+    choice_file = property(lambda self: self.path / CHOICE)
+    lock = property(lambda self: self.path.with_name(f".{self.path.name}.lock"))
+
+    def choice(self) -> StackChoice | None:
+        """The decision of the last complete stack (None: none)."""
+        if not self.choice_file.exists():
+            return None
+        try:
+            data = json.loads(self.choice_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StaleError(f"{self.choice_file}: not valid JSON ({e}); run the stack stage again") from None
+        return StackChoice.from_dict(data, self.choice_file)
+
+    def require_choice(self, what: str) -> StackChoice:
+        choice = self.choice()
+        if choice is None:
+            raise StaleError(f"{self.choice_file}: missing (the stack stage writes it last); {what}")
+        return choice
+
+    def clear_choice(self) -> None:
+        """Before new scores are written: scores without a choice are never submitted."""
+        self.choice_file.unlink(missing_ok=True)
+
+    def write_choice(self, choice: StackChoice) -> None:
+        write_json(self.choice_file, asdict(choice))
+
+    def cache_id(self) -> str | None:
+        """The cache id the stack's outputs were computed from (None: no complete stack)."""
+        choice = self.choice()
+        return choice.cache_id if choice else None

@@ -1,0 +1,132 @@
+"""Stage `preflight`: before anything long starts, one table for every config about to run - can its weights be
+had, does its feature store fit on the disk, do the weights fit the GPU's free memory, and how long would
+embedding take on this device (the checks: readiness.py). Every problem is one line; any problem stops the run
+(exit 2) before anything is embedded. Configs whose stores would be one (`features.store.store_settings`, the
+embed stage's own identity) count once.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import Stage
+
+STAGE = Stage("check every config before anything long starts: weights reachable (cache, folder, file, "
+              "package, optional dependency, gated access), feature store size against free disk, GPU "
+              "memory, projected embedding time; each problem one line, exit 2",
+              "--config YAML (repeatable), work/cache/ or input/*.h5 (patch counts), the hub cache",
+              "nothing (prints a table)",
+              flow="configs/*.yaml -> (prints the preflight table)")
+
+
+def arguments(p) -> None:
+    p.add_argument("--config", required=True, action="append", help="a config about to run (repeat for several)")
+
+
+def run(a, paths) -> int:
+    from ..tasks import load_experiment
+
+    configs = [(Path(c).stem, load_experiment(c)) for c in a.config]
+    checks = preflight(configs, paths)
+    print(table(checks, paths), flush=True)
+    problems = [p for c in checks for p in c.problems]
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if not problems:
+        print(f"preflight: {len(checks)} config(s) ready")
+    return 2 if problems else 0
+
+
+def _existing_store(cfg, paths, precision: str) -> bool:
+    """Whether this config's complete feature store is already there (needs the prepared cache)."""
+    from ..data.cache import Cache
+    from ..features.store import feature_spec, store_key
+    from ..stain.gan import identity
+
+    if not (paths.cache / "manifest.json").is_file():
+        return False
+    try:
+        cache = Cache.open(paths.cache)
+        gan = identity(cfg, cache, paths) if cfg.aug.stain_norm == "gan" else None
+        return (paths.features / store_key(feature_spec(cfg, cache, precision, gan)) / "meta.json").is_file()
+    except Exception:  # noqa: BLE001 - weights or generator not at hand: the weights check says so
+        return False
+
+
+def preflight(configs: list, paths) -> list:
+    """One Check per config; problems collected, nothing embedded."""
+    import json
+
+    import torch
+
+    from ..features.store import store_settings
+    from ..models.foundation import RecipeError
+    from ..models.weights import WeightsError
+    from ..precision import config_precision
+    from ..readiness import (HEADROOM, ViT_EFFICIENCY, Check, architecture, check_weights, forward_flops, free_bytes,
+                             human, matmul_rate, patch_counts)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    counts = patch_counts(paths)
+    checks, rates, needed, counted = [], {}, 0.0, {}
+    for name, cfg in configs:
+        model = cfg.model.recipe or cfg.model.backbone
+        check = Check(config=name, model=model)
+        checks.append(check)
+        check_weights(check, cfg)
+        precision = config_precision(cfg)
+        try:
+            net, dim = architecture(cfg)
+        except (WeightsError, RecipeError) as e:  # e.g. an optional dependency: already said above, or say it
+            check.problems[:] = check.problems or [f"{check.config}: {e}"]
+            continue
+        params = sum(p.numel() for p in net.backbone.parameters())
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            weights_bytes = params * (2 if precision in ("bf16", "fp16") else 4)
+            check.gpu = f"{free / 2**30:.1f} GiB free, weights {weights_bytes / 2**30:.1f} GiB"
+            if weights_bytes > free:
+                check.problems.append(f"{check.config}: {model}'s weights ({weights_bytes / 2**30:.1f} GiB in {precision}) "
+                                      f"exceed the GPU's free memory ({free / 2**30:.1f} GiB)")
+        else:
+            check.gpu = "no GPU (CPU)"
+        if cfg.model.kind != "feature" or counts is None:
+            continue
+        m = cfg.model
+        check.images = sum(n * (m.feature_views + (m.feature_hed_views if split != "test" else 0))
+                           for split, n in counts.items())
+        if _existing_store(cfg, paths, precision):
+            check.store_gb, check.projected = 0.0, "stored already"
+            continue
+        check.store_gb = check.images * dim * 2 / 1e9  # float16 features
+        shared = json.dumps(store_settings(cfg, precision), sort_keys=True, default=str)  # the embed stage's too
+        if shared in counted:  # a second head on the same backbone and views: one store for both
+            check.store_gb, check.projected = 0.0, f"shared with {counted[shared]}"
+            continue
+        counted[shared] = check.config
+        needed += check.store_gb
+        if precision not in rates:
+            rates[precision] = matmul_rate(device, precision)
+        flops = forward_flops(net.backbone, net.preprocess.size)  # the meta-device network built above
+        check.projected = human(check.images * flops / (rates[precision] * ViT_EFFICIENCY))
+    free = free_bytes(paths.features) / 1e9
+    if needed * HEADROOM > free and checks:
+        checks[-1].problems.append(f"disk: the feature stores to write need {needed:.2f} GB (+5%), {paths.features} has "
+                                   f"{free:.2f} GB free: free some space or point --root at a larger disk")
+    return checks
+
+
+def table(checks: list, paths) -> str:
+    from ..readiness import free_bytes, offline
+
+    free = free_bytes(paths.features) / 1e9
+    rows = ["| config | model | weights | images to embed | feature store | GPU | projected embedding | status |",
+            "|---|---|---|---:|---:|---|---|---|"]
+    for c in checks:
+        store = "-" if c.store_gb is None else f"{c.store_gb:.2f} GB"
+        status = "ok" if not c.problems else f"{len(c.problems)} problem(s)"
+        rows.append(f"| {c.config} | {c.model} | {c.weights or '-'} | {c.images or '-'} | {store} | {c.gpu} | "
+                    f"{c.projected} | {status} |")
+    rows.append(f"\nfree disk at {paths.features}: {free:.2f} GB; HF_HUB_OFFLINE={int(offline())}; "
+                "projected times are estimates (FLOPs / measured matmul rate), bench/fm.py measures")
+    return "\n".join(rows)

@@ -1,0 +1,130 @@
+"""The `feature` kind: a small head on features a fixed backbone stored once (the `embed` stage, features/): a
+random stored view per step; its TTA views are the stored ones; adapts to a center by re-estimating its feature
+shift and, when its config says so, self-training."""
+from __future__ import annotations
+
+import copy
+from functools import cached_property
+from typing import Callable, ClassVar
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..config import Config
+from ..data.cache import Cache
+from ..features.embedder import embed
+from ..features.store import FeatureStore, feature_spec, store_key
+from ..models.feature_shift import standardize_per_center
+from ..models.head import FeatureClassifier
+from ..models.self_training import SelfTraining
+from ..paths import Paths
+from ..runs import RunDir
+from ..tta import view_logits, views_table
+from .base import Streams, domains_of, load_weights, register, save_weights, tensor_streams
+from .colour import input_transform
+
+
+@register
+class FeatureTask:
+    """A head on features a fixed backbone stored once (all 8 views, and HED views of labelled patches)."""
+    kind: ClassVar[str] = "feature"
+
+    def __init__(self, cfg: Config, cache: Cache, paths: Paths, accelerator: Accelerator, precision: str):
+        self.cfg, self.cache, self.acc, self.paths, self.precision = cfg, cache, accelerator, paths, precision
+        self.domains = domains_of(cache)
+        # the embedding's input transform (stain normalisation, grayscale; the store key holds the generator's id)
+        self.transform, colour = input_transform(cfg, cache, paths, accelerator.device)
+        self.spec = feature_spec(cfg, cache, precision, colour.get("stain_gan"))  # once: one hub lookup per run
+
+    def lineage(self) -> dict:
+        """The store's key and, once it is complete, its content stamp (features embedded again differ)."""
+        path = self.paths.features / store_key(self.spec)
+        done = (path / "meta.json").exists()
+        return {"features": store_key(self.spec), **({"features_content": FeatureStore(path).stamp()} if done else {})}
+
+    def stored_data(self) -> FeatureStore:
+        return self.store
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        """The feature store of this spec, embedded on first use when the `embed` stage has not run (after
+        the lineage checks, so a stale run is refused before anything is embedded)."""
+        return embed(self.cfg, self.cache, self.paths.features, self.acc, self.precision, self.transform, self.spec)
+
+    def build_model(self, source: pd.DataFrame | None = None) -> FeatureClassifier:
+        """A head; with the fold's labelled rows, its feature shift holds their statistics (the training
+        centers' pooled moments, or CORAL's source covariance), computed from the stored TTA views."""
+        model = FeatureClassifier(self.store.dim, self.cfg.model)
+        if source is not None and self.cfg.model.feature_shift != "none":
+            model.shift.fit_source([self._tta_rows(group) for _, group in source.groupby("center")])
+        return model
+
+    def _tta_rows(self, table: pd.DataFrame) -> torch.Tensor:
+        return torch.from_numpy(self.store.rows(table, self.store.views))
+
+    def streams(self, source: pd.DataFrame, target: pd.DataFrame, seed: int) -> Streams:
+        # labelled rows with every stored view (the HED views too), target rows with the TTA views; kept
+        # in float16 on the device (a third of the competition x 12 views x 2560 values is 8 GB, not 16).
+        # Per-center standardisation: every center's rows by its own moments (the target's too: label-free)
+        return tensor_streams(self, self._inputs, source, target, seed)
+
+    def _view(self, feats: torch.Tensor) -> torch.Tensor:
+        """B x V x D stored features -> B x D, one random view per patch (the head's augmentation)."""
+        feats = feats.to(self.acc.device)
+        pick = torch.randint(0, feats.shape[1], (feats.shape[0],), device=feats.device)
+        return feats[torch.arange(feats.shape[0], device=feats.device), pick].float()
+
+    def feed(self, src: dict, tgt: dict | None) -> dict:
+        batch = {"x": self._view(src["image"]), "y": src["label"], "domain": src["domain"]}
+        if tgt is not None:
+            batch.update(x_target=self._view(tgt["image"]), domain_target=tgt["domain"])
+        batch["images"] = torch.cat([batch["x"], batch["x_target"]]) if tgt is not None else batch["x"]
+        return batch
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def predictor(self, table: pd.DataFrame, views: int | None = None,
+                  desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
+        """`views`: 1 (the plain view) or None (every stored TTA view). The rows are gathered once (no
+        progress bar: a head predicts a whole center in well under a second)."""
+        feats = torch.from_numpy(self.store.rows(table, views or self.store.views)).to(self.acc.device)
+        return lambda model: views_table(table, view_logits(model, feats))
+
+    def save(self, run: RunDir, model: nn.Module) -> None:
+        save_weights(run, model)
+
+    def load(self, run: RunDir) -> nn.Module:
+        return load_weights(run, self.build_model()).to(self.acc.device)
+
+    def _inputs(self, source: pd.DataFrame) -> torch.Tensor:
+        """Labelled rows (every stored view) in the head's input space, as training saw them."""
+        feats = torch.from_numpy(self.store.rows(source)).to(self.acc.device)
+        if self.cfg.model.feature_shift == "standardize":
+            feats = standardize_per_center(feats, source["center"].to_numpy())
+        return feats
+
+    def adapt(self, model: nn.Module, table: pd.DataFrame, source: pd.DataFrame) -> tuple[nn.Module, dict]:
+        """The head adapted to one center from its unlabelled stored views: the feature shift re-estimated on
+        them, then (model.self_train_rounds) self-training on its confident predictions beside the fold's
+        labelled `source` rows. 'changed' counts the maps re-estimated and the rounds that trained (0 with
+        neither: the head keeps no statistics of its inputs and does not self-train)."""
+        m = self.cfg.model
+        if m.feature_shift == "none" and not m.self_train_rounds:
+            return model, {"changed": 0, "method": "none"}
+        adapted = copy.deepcopy(self.acc.unwrap_model(model)).eval()
+        target = self._tta_rows(table).to(self.acc.device)
+        steps = [f"feature shift {m.feature_shift}"] * (m.feature_shift != "none") + \
+            [f"self-training x{m.self_train_rounds}"] * bool(m.self_train_rounds)
+        record = {"changed": adapted.shift.adapt_to(target), "method": " + ".join(steps)}
+        if m.self_train_rounds:
+            with torch.no_grad():  # the target through its re-estimated shift, kept in float16 like the streams
+                target = torch.cat([adapted.shift(target[i:i + 4096].float()).half() for i in range(0, len(target), 4096)])
+            labels = torch.tensor(source["label"].to_numpy(), device=self.acc.device)
+            train = SelfTraining(m.self_train_rounds, m.self_train_threshold, self.cfg.optim.lr,
+                                 self.cfg.train.batch_size, self.cfg.train.seed)
+            record.update(train(adapted, self._inputs(source), labels, target))
+            record["changed"] += sum(n > 0 for n in record["self_training"]["pseudo_labelled"])  # rounds that trained
+        return self.acc.prepare(adapted), record
