@@ -11,7 +11,7 @@ source scripts/env.sh
 source scripts/mode.sh
 start=$(date +%s)
 "$PY" -m histoshift --root "$ROOT" prepare --verify   # the inputs' bytes against the cache's digests (a rebuild makes what follows recompute or refuse)
-$LAUNCH -m histoshift --root "$ROOT" infer --adabn   # plain and AdaBN predictions; stack keeps AdaBN unless LOCO shows it hurts
+$LAUNCH -m histoshift --root "$ROOT" infer --adapt   # plain and adapted predictions (AdaBN, feature shifts); stack keeps the adapted unless LOCO shows they hurt
 "$PY" -m histoshift --root "$ROOT" stack ${LOG_WITH:+--log-with "$LOG_WITH"}
 # one class for all: refused unless ALLOW_DEGENERATE; KAGGLE_COMPETITION=SLUG also uploads it (never without)
 "$PY" -m histoshift --root "$ROOT" submit ${ALLOW_DEGENERATE:+--allow-degenerate} ${KAGGLE_COMPETITION:+--kaggle "$KAGGLE_COMPETITION"}

@@ -52,8 +52,8 @@ from histoshift.stages.infer import infer_run  # noqa: E402
 from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import (ADABN, METHODS, compare_prediction_sets, decide, fit_stacker, predict,  # noqa: E402
-                              run_stack)
+from histoshift.stack import ADABN, METHODS, compare_prediction_sets, decide, fit_stacker, predict  # noqa: E402
+from histoshift.stages.stack import run_stack  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
 PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
@@ -240,7 +240,7 @@ class Bench:
         the AdaBN set too."""
         if self._cache is None:
             self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
-        infer_run(run, self._cache, Paths(self.root), self._accelerator, adabn=adabn)
+        infer_run(run, self._cache, Paths(self.root), self._accelerator, adapt=adabn)
 
     def test_table(self, run: RunDir, adabn: bool = False) -> pd.DataFrame:
         test = pd.read_csv(run.tta_path("test", adabn)).drop(columns="label")
@@ -259,7 +259,7 @@ class Bench:
             name = config.stem + suffix
             self.train(config, seed, "all", [f"name={name}", *overrides])
             for run in self.member(name, seed):
-                self.infer(run, adabn=True)  # infer.sh runs `infer --adabn`: both sets
+                self.infer(run, adabn=True)  # infer.sh runs `infer --adapt`: both sets
                 runs.append(run)
         return runs
 

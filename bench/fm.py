@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from histoshift.config import Config  # noqa: E402
+from histoshift.config import Config, FeatureModelCfg  # noqa: E402
 from histoshift.features.embedder import Embedder  # noqa: E402
 from histoshift.stain.transform import InputTransform  # noqa: E402
 from histoshift.models.foundation import RECIPES, resolve_recipe  # noqa: E402
@@ -77,8 +77,7 @@ def bench_recipe(name: str, device: torch.device, depth: int | None, patches: in
     precision = resolve_precision("auto", preferred=recipe.precision) if device.type == "cuda" else "no"
     build = recipe_build(recipe)
     backbone = FoundationBackbone(recipe, build_network(build, recipe), build, check_dim=False).eval().to(device)
-    cfg = Config()
-    cfg.model.recipe = name
+    cfg = Config(model=FeatureModelCfg(recipe=name))  # the embed stage's settings: 8 views, no HED views
     embedder = Embedder(backbone, backbone.preprocess, cfg, InputTransform(cfg.aug), device, precision)
     images = np.random.default_rng(0).integers(0, 256, (patches, 96, 96, 3), dtype=np.uint8)
     if device.type == "cuda":

@@ -41,7 +41,7 @@ def augment_batch(images, aug):
     return InputTransform(aug).train(random_views(images) if aug.dihedral else to_float(images))
 from histoshift.models.preprocess import normalize  # noqa: E402
 from histoshift.tta import view_stack  # noqa: E402
-from histoshift.data.cache import Cache
+from histoshift.data.cache import Cache  # noqa: E402
 from histoshift.stages.prepare import prepare  # noqa: E402
 from histoshift.data.demo import render_patch  # noqa: E402
 from histoshift.data.loader import TensorBatches, place_images  # noqa: E402

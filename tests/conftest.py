@@ -1,47 +1,33 @@
-"""Shared fixtures: tiny datasets in the competition layout, generated per test session."""
+"""Shared fixtures: tiny datasets in the competition layout generated per test session, finished roots built once
+and copied per test, an offline hub cache. Helpers that are not fixtures: helpers.py.
+
+The quick tier (`-m "not slow"`, under a minute) is chosen by the `slow` marker alone; a test that uses a
+fixture which trains models must carry it (collection fails otherwise, naming the test).
+"""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-import shutil
-
-import h5py
-import numpy as np
 import pytest
 import yaml
+
+from helpers import FROZEN, IMAGE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-PCAM = REPO.parent / "shared" / "data" / "pcam"
 
-
-def write_h5(path: Path, items: dict, dtype=np.float32) -> Path:
-    """items: {id: (img CHW, label, center)}; writes the competition layout."""
-    with h5py.File(path, "w") as f:
-        for i, (img, label, center) in items.items():
-            g = f.create_group(str(i))
-            g["img"] = img.astype(dtype) if dtype is not None else img
-            g["label"] = np.int64(label)
-            g["metadata"] = np.array([center, 0], dtype=np.int64)
-    return path
-
-
-def random_items(rng, ids, center, side=96, label=None):
-    return {i: (rng.random((3, side, side)).astype(np.float32), int(rng.integers(0, 2)) if label is None else label, center)
-            for i in ids}
-
-
-TRAINED_ROOTS = {"finished", "pipeline_root"}  # fixtures that train models: their tests are in the slow tier
+TRAINED_ROOTS = {"finished", "pipeline_root"}  # fixtures that train models (minutes on 2 cores)
 
 
 def pytest_collection_modifyitems(items):
-    """The quick tier (`-m "not slow"`) leaves out every test that trains models or runs the scripts."""
-    for item in items:
-        if TRAINED_ROOTS & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+    """A test on a trained root without the slow marker would drag training into the quick tier: refused."""
+    unmarked = [item.nodeid for item in items if TRAINED_ROOTS & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"mark these @pytest.mark.slow (they train models through a fixture): {unmarked}")
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +55,6 @@ def prepared_root(demo_root, tmp_path_factory) -> Path:
     return root
 
 
-FROZEN = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature"},
-          "algorithm": {"name": "erm"}, "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8}}
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +82,6 @@ def finished(finished_template, tmp_path):
     return root
 
 
-IMAGE = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-         "algorithm": {"name": "erm"}, "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8}}
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +110,15 @@ def _main(argv) -> int:
     from histoshift.cli import main
 
     return main(argv)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache that the hub client reads (offline, as every test runs)."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert constants.HF_HUB_OFFLINE
+    return cache

@@ -9,7 +9,7 @@ The chain, and where each link is recorded:
                      (+ stack/test_features.csv  feature store and a pseudo-label round's source)
                       for pseudo-labels)
   run checkpoint  -> run/predictions.json       per TTA file: the checkpoint's and the cache's digests
-  runs' TTA files -> stack/choice.json          the cache id, the folds digest, every member's checkpoint
+  runs' TTA files -> the stack's choice          the cache id, the folds digest, every member's checkpoint
   stack           -> submit                     refuses test scores of another cache or of a changed test.h5
 A stage that meets a stale input recomputes it when that is cheap and safe (TTA predictions) and
 otherwise refuses with one line saying what changed (`StaleError`).

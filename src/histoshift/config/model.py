@@ -39,9 +39,8 @@ def forget_deprecations() -> None:
 class BackboneCfg(Section):
     """What both kinds share: the backbone and where its weights come from."""
     backbone: str = "tf_efficientnet_lite0"  # any timm name, including "hf-hub:org/name"
-    # where the weights come from (models/weights.py WeightSource parses it once): "none" | "timm" (timm's own
-    # pretrained source) | "package:NAME" | "file:PATH"; with a recipe: "hub" (the Hugging Face hub or its local
-    # cache) | "dir:PATH" (a downloaded copy of the hub repo, e.g. a Kaggle dataset) | "file:PATH" | "none"
+    # where the weights come from: parsed once into a WeightSource (records.py lists the forms: random init, timm's
+    # own source, an offline package, a file; with a recipe the hub, a downloaded copy of the repo, a file)
     weights: str = "none"
     # a pathology foundation model by name (histoshift.models.foundation.RECIPES): the recipe states the
     # card's backbone, input size, interpolation, mean/std, embedding rule and precision; `backbone`,

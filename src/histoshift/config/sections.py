@@ -111,7 +111,7 @@ class TrainCfg(Section):
     # stop when the held-out center's accuracy has not improved for this many epochs and keep the best epoch's
     # weights (0 = off). This READS THE HELD-OUT CENTER'S LABELS to pick the epoch, so that center's out-of-fold
     # accuracy becomes optimistic - as in the published recipe that stopped on the validation center; the stack's
-    # choice.json records which members did (`heldout_selected`)
+    # choice records which members did (`heldout_selected`)
     early_stop_patience: Int = Field(0, ge=0)
     eval_batch_size: Int = Field(256, ge=1)
     # experiment trackers, through Accelerate (`log_with`): any of TRACKERS, as a list or "a,b"; [] = JSON lines

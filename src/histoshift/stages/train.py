@@ -2,7 +2,7 @@
 
 Fold k holds out center k: its labelled patches are predicted out of fold. They never select the model, except
 with train.early_stop_patience, which picks the epoch on them (the held-out accuracy of such a run is optimistic;
-the stack's choice.json names those members). This module does the stage's I/O and lineage only: the data of the
+the stack's choice names those members). This module does the stage's I/O and lineage only: the data of the
 fold come from `data/splits.py`, the model and its batches from the task (`tasks/`: a fine-tuned backbone or a
 head on stored features), the optimisation from the engine (`engine.py`). Runs on one CPU, one GPU, or many
 processes with `accelerate launch`. Predictions for the stack stage are the infer stage's.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import random_items, write_h5
+from helpers import random_items, write_h5
 from histoshift.data.cache import CACHE_VERSION, Cache
 from histoshift.runs import RunDir
 from histoshift.stack import build_features, choose, compare_loco, feature_columns, fit_stacker, mcnemar_z, rank_predict

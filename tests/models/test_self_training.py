@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from histoshift.config import ConfigError, FeatureModelCfg, ImageModelCfg, load_config
+from histoshift.config import ConfigError, FeatureModelCfg, load_config
 from histoshift.models.head import FeatureClassifier
 from histoshift.models.self_training import SelfTraining
 

@@ -13,8 +13,7 @@ import yaml
 from histoshift import engine
 from histoshift.cli import main
 from histoshift.runs import RunDir
-from test_faults import _one_error_line
-from test_foundation import hf_cache  # noqa: F401 - the fixture
+from helpers import one_error_line
 
 pytestmark = pytest.mark.slow  # tiny trainings, embeddings and stage runs (the quick tier trains nothing)
 
@@ -71,7 +70,7 @@ def test_resume_never_unpickles_a_planted_custom_state(prepared_root, tmp_path, 
         torch.save(_Payload(str(marker)), state / f"custom_checkpoint_{k}.pkl")
     capsys.readouterr()
     assert main(argv) == 2  # refused: this repository never writes such files
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "custom_checkpoint_0.pkl" in line and "train --force" in line
     assert not marker.exists() and not run.is_done
     for k in range(3):  # without them, the state resumes (from JSON, no pickle)
@@ -88,7 +87,7 @@ def test_a_planted_pickle_in_the_saved_state_is_refused_not_run(prepared_root, t
     torch.save({"states": _Payload(str(marker))}, state / name)
     capsys.readouterr()
     assert main(argv) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(state) in line and "holds more than tensors" in line and "train --force" in line
     assert not marker.exists() and not run.is_done
 
@@ -98,7 +97,7 @@ def test_a_broken_loop_state_is_one_line(prepared_root, tmp_path, monkeypatch, c
     (run.last_state() / engine.LOOP_STATE).write_text("{not json")
     capsys.readouterr()
     assert main(argv) == 2
-    assert "loop.json: not a saved loop state" in _one_error_line(capsys)
+    assert "loop.json: not a saved loop state" in one_error_line(capsys)
 
 
 # ---- nothing is written through a symlink ----------------------------------------------------------------
@@ -157,7 +156,7 @@ def test_submit_never_writes_through_a_symlink(finished, tmp_path, capsys):
     (subs / "submission.csv").symlink_to(victim)
     capsys.readouterr()
     assert main(r) == 2
-    assert "submission.csv: is a symbolic link" in _one_error_line(capsys)
+    assert "submission.csv: is a symbolic link" in one_error_line(capsys)
     assert victim.read_text() == "precious"
 
 
@@ -172,7 +171,7 @@ def test_run_names_that_are_not_plain_folders_are_refused_before_training(prepar
     before = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
     assert main(["--root", str(root), "train", "--config", str(cfg), "--fold", "0", f"name={name}"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert line.startswith("error: name: must be a plain folder") and repr(name) in line
     assert not (root / "work" / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -220,7 +219,7 @@ def test_a_damaged_store_chunk_is_embedded_again_never_trained_on(prepared_root,
 def test_non_finite_features_from_the_backbone_are_one_line(prepared_root, tmp_path, monkeypatch, capsys):
     import numpy as np
 
-    from histoshift import features
+    from histoshift.features import embedder as features
 
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
@@ -235,7 +234,7 @@ def test_non_finite_features_from_the_backbone_are_one_line(prepared_root, tmp_p
 
     monkeypatch.setattr(features.Embedder, "__call__", overflow)
     assert main(["--root", str(root), "embed", "--config", str(cfg)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "non-finite features for train row 2" in line and "precision fp32 or bf16" in line
     assert not list((root / "work" / "features").iterdir())  # nothing stored, no half-made store folder
 
@@ -246,12 +245,12 @@ def test_weights_replaced_in_the_hub_cache_under_the_same_revision_reembed_and_s
     config text): weights replaced in place embed again, and the heads trained on the old features refuse."""
     from histoshift.models.foundation import RECIPES
     from histoshift.models.foundation.standin import write_standin
-    from test_foundation import _fm_config
+    from helpers import fm_config
 
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
     folder = write_standin(RECIPES["hoptimus0"], hf_cache)
-    _fm_config(tmp_path / "c.yaml", "hoptimus0")
+    fm_config(tmp_path / "c.yaml", "hoptimus0")
     r = ["--root", str(root)]
     assert main(r + ["train", "--config", str(tmp_path / "c.yaml"), "--fold", "0"]) == 0
     meta = json.loads((_store(root) / "meta.json").read_text())
@@ -265,7 +264,7 @@ def test_weights_replaced_in_the_hub_cache_under_the_same_revision_reembed_and_s
     assert "model.safetensors changed in the Hugging Face cache since the store was embedded" in capsys.readouterr().out
     assert len(list((root / "work" / "features").iterdir())) == 1  # same key, embedded again
     assert main(r + ["infer"]) == 2
-    assert "the stored features (embedded again since) changed since the run was trained" in _one_error_line(capsys)
+    assert "the stored features (embedded again since) changed since the run was trained" in one_error_line(capsys)
     # a config.json edited in place (its text): embedded again as well
     config = folder / "config.json"
     config.resolve().write_text(config.read_text().replace("{", '{"edited": true, ', 1))
@@ -313,13 +312,13 @@ def test_report_refuses_stale_inputs_like_every_other_stage(finished, capsys):
     choice.write_text(json.dumps(edited))
     capsys.readouterr()
     assert main(r) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(choice) in line and name in line and "rerun infer and stack" in line
     choice.write_text(saved)
     test_h5 = finished / "input" / "test.h5"
     os.utime(test_h5, ns=(test_h5.stat().st_atime_ns, test_h5.stat().st_mtime_ns + 10**9))
     assert main(r) == 2
-    assert "test.h5 changed since the cache was built" in _one_error_line(capsys)
+    assert "test.h5 changed since the cache was built" in one_error_line(capsys)
 
 
 def test_report_draws_no_map_for_a_diverged_model(pipeline_root, capsys):
@@ -359,11 +358,11 @@ def test_free_space_for_the_fold_is_checked_before_training(prepared_root, tmp_p
 def test_a_center_too_small_to_adapt_to_keeps_its_plain_predictions(pipeline_root, monkeypatch, capsys):
     import pandas as pd
 
-    from histoshift import predict
     from histoshift.runs import find_runs
+    from histoshift.stages import infer
 
-    monkeypatch.setattr(predict, "MIN_ADAPT_PATCHES", 1000)  # every center of the tiny data is "small"
-    assert main(["--root", str(pipeline_root), "infer", "--adabn"]) == 0
+    monkeypatch.setattr(infer, "MIN_ADAPT_PATCHES", 1000)  # every center of the tiny data is "small"
+    assert main(["--root", str(pipeline_root), "infer", "--adapt"]) == 0
     out = capsys.readouterr().out
     assert "fewer than 1000: not adapted" in out
     (run,) = find_runs(pipeline_root / "work" / "runs")
@@ -376,7 +375,7 @@ def test_a_center_too_small_to_adapt_to_keeps_its_plain_predictions(pipeline_roo
 def test_a_root_that_is_a_file_and_a_negative_seed_are_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert main(["--root", str(tmp_path / "afile"), "prepare"]) == 2
-    assert "is a file, not a folder" in _one_error_line(capsys)
+    assert "is a file, not a folder" in one_error_line(capsys)
     with pytest.raises(SystemExit) as e:
         main(["--root", str(tmp_path), "demo-data", "--seed", "-1"])
     assert e.value.code == 2 and "--seed: expected a non-negative integer, got '-1'" in capsys.readouterr().err
@@ -389,7 +388,7 @@ def test_score_with_a_labels_file_of_other_columns_is_one_line(finished, tmp_pat
     labels = tmp_path / "labels.csv"
     labels.write_text("id,y\n1,0\n")
     assert main(["--root", str(finished), "score", "--labels", str(labels)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(labels) in line and "no column ID or label (columns: id, y)" in line
 
 
@@ -405,7 +404,7 @@ def test_a_full_disk_while_creating_the_memory_map_names_the_file(finished, monk
     cache = finished / "work" / "cache"
     before = (cache / "manifest.json").read_text()
     assert main(["--root", str(finished), "prepare", "--force"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "images_train.npy: cannot reserve" in line and "No space left on device" in line
     assert (cache / "manifest.json").read_text() == before and not list(cache.parent.glob(".cache.building-*"))
 
@@ -413,25 +412,25 @@ def test_a_full_disk_while_creating_the_memory_map_names_the_file(finished, monk
 def test_foundation_failures_name_the_file_and_leave_no_store_folder(hf_cache, prepared_root, tmp_path, capsys):
     from histoshift.models.foundation import RECIPES
     from histoshift.models.foundation.standin import write_standin
-    from test_foundation import _fm_config
+    from helpers import fm_config
 
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
     folder = write_standin(RECIPES["hoptimus0"], hf_cache)
-    _fm_config(tmp_path / "c.yaml", "hoptimus0")
+    fm_config(tmp_path / "c.yaml", "hoptimus0")
     embed = ["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(os.urandom(4096))
     for extra, fragment in ((["model.recipe_overrides={input_size: 100}"], "takes 224x224 inputs"),
                             ([f"model.weights=file:{garbage}"], f"{garbage}: cannot be read as weights")):
         assert main(embed + extra) == 2
-        assert fragment in _one_error_line(capsys)
+        assert fragment in one_error_line(capsys)
         assert not (root / "work" / "features").exists() or not list((root / "work" / "features").iterdir())
     config = (folder / "config.json").resolve()
     text = json.loads(config.read_text())
     config.write_text(json.dumps({**text, "architecture": "vit_small_patch16_224", "model_args": {}}))
     assert main(embed) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert f"{folder / 'config.json'}: H-optimus-0 cannot be built or loaded" in line and "hub failed" not in line
 
 

@@ -20,16 +20,16 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, random_items, write_h5
+from helpers import REPO, random_items, write_h5
 from histoshift.cli import main
 from histoshift.runs import RunDir, find_runs
 from histoshift.safeio import Lock
-from test_faults import FROZEN, _one_error_line
+from helpers import one_error_line
 
 
 def _refused(capsys, argv, *fragments) -> str:
     assert main(argv) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     for fragment in fragments:
         assert fragment in line, line
     return line
@@ -80,7 +80,7 @@ def test_centers_that_break_the_contract_are_refused_unless_declared(tmp_path, c
     _refused(capsys, r, f"{d / 'train.h5'}, id 13: center 2 is not a train center of the contract", "--centers")
     assert not (d.parent / "work" / "cache").exists()
     assert main(r + ["--centers", "train=0,2,3;val=1;test=4"]) == 2  # test.h5 holds center 2, not 4
-    assert "test.h5, id 30: center 2 is not a test center" in _one_error_line(capsys)
+    assert "test.h5, id 30: center 2 is not a test center" in one_error_line(capsys)
     _refused(capsys, r + ["--centers", "train=0,3;test=0"], "train and test share a center")
     assert main(r + ["--centers", "any"]) == 0
 
@@ -94,6 +94,7 @@ def _rewrite_test_images(root):
             f[key]["img"][...] = 1 - f[key]["img"][()]
 
 
+@pytest.mark.slow
 def test_a_changed_test_file_is_never_reused_in_silence(finished, tmp_path, capsys):
     """Before prepare every later stage refuses (the cache predates the file); after prepare the runs
     are refused (they trained with the old test images as DANN / target data), and so are their
@@ -116,6 +117,7 @@ def test_a_changed_test_file_is_never_reused_in_silence(finished, tmp_path, caps
     assert len(list((finished / "submissions").glob("submission*.csv"))) in (1, 2)  # 2 when predictions changed
 
 
+@pytest.mark.slow
 def test_a_new_checkpoint_makes_its_predictions_stale(pipeline_root, capsys):
     """A checkpoint replaced after infer (another training, a copied file): stack refuses its TTA files,
     infer predicts them again (and says why), then stack accepts them."""
@@ -134,12 +136,14 @@ def test_a_new_checkpoint_makes_its_predictions_stale(pipeline_root, capsys):
     assert main(r + ["infer"]) == 0 and "is up to date" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_named(pipeline_root, capsys):
     run = find_runs(pipeline_root / "work" / "runs")[0]
     run.checkpoint.write_bytes(b"\x00" * 100)
     _refused(capsys, ["--root", str(pipeline_root), "infer"], f"{run.checkpoint}: cannot be read as safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, fragment", [
     (lambda f: f.assign(fold=np.where(f.index % 7 == 0, 0, f.fold)), "placed in fold 0; leave-one-center-out needs fold = center"),
     (lambda f: f.iloc[1:], "is a labelled patch of the cache but has no fold"),
@@ -156,6 +160,7 @@ def test_hand_edited_folds_are_refused_before_training_and_stacking(finished, tm
 
 # ---- configs and arguments ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, fragment", [
     (["--fold", "x"], "--fold x: expected 'all' or comma-separated held-out centers [0, 1, 3, 4]"),
     (["optim.lr=nan"], "optim.lr: must be a finite number, got nan"),
@@ -168,6 +173,7 @@ def test_bad_arguments_and_values_are_one_line(finished, tmp_path, capsys, argv,
     _refused(capsys, ["--root", str(finished), "train", "--config", str(tmp_path / "head.yaml")] + argv, fragment)
 
 
+@pytest.mark.slow
 def test_malformed_yaml_names_the_file_and_line(finished, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  backbone: resnet18\n  weights: [none\n")
@@ -176,6 +182,7 @@ def test_malformed_yaml_names_the_file_and_line(finished, tmp_path, capsys):
 
 # ---- two processes at once --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_folder_in_use_is_refused(finished, tmp_path, capsys):
     run = RunDir.of(finished / "work" / "runs", "head", 0, 1)
     before = run.checkpoint.read_bytes()
@@ -185,6 +192,7 @@ def test_a_run_folder_in_use_is_refused(finished, tmp_path, capsys):
     assert run.checkpoint.read_bytes() == before and not list(run.path.parent.glob("fold1.old-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, lock", [(["prepare", "--force"], "work/.cache.lock"), (["folds"], "folds/.folds.lock"),
                                          (["stack"], "work/.stack.lock"), (["submit", "--allow-degenerate"], "submissions/.lock")])
 def test_stages_in_use_are_refused(finished, capsys, stage, lock):
@@ -192,6 +200,7 @@ def test_stages_in_use_are_refused(finished, capsys, stage, lock):
         _refused(capsys, ["--root", str(finished)] + stage, "is in use by another process")
 
 
+@pytest.mark.slow
 def test_a_feature_store_being_embedded_elsewhere_is_refused(finished, tmp_path, capsys):
     """Two frozen configs with the same backbone share a store: one process embeds it at a time."""
     from histoshift.config import load_config
@@ -298,6 +307,7 @@ def test_kill_mid_fold_resumes_with_the_same_weights_and_metrics(prepared_root, 
     assert not list(killed.path.glob("state-epoch*"))  # removed once the run is done
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_the_previous_cache(finished, tmp_path):
     """A prepare killed mid-build leaves a hidden building folder only; the next prepare removes it and
     the cache in use was never touched."""
@@ -317,6 +327,7 @@ def test_a_killed_prepare_leaves_the_previous_cache(finished, tmp_path):
 
 # ---- full disks and unwritable folders --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prepare_checks_free_space_first(finished, monkeypatch, capsys):
     import histoshift.safeio as safeio
 
@@ -328,6 +339,7 @@ def test_prepare_checks_free_space_first(finished, monkeypatch, capsys):
     assert (cache / "manifest.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_prepare_is_one_line(finished, monkeypatch, capsys):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -341,6 +353,7 @@ def test_a_disk_that_fills_during_prepare_is_one_line(finished, monkeypatch, cap
     assert not list(cache.parent.glob(".cache.building-*"))
 
 
+@pytest.mark.slow
 def test_an_unwritable_folder_is_one_line(finished, monkeypatch, capsys):
     def denied(self, path, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -349,6 +362,7 @@ def test_an_unwritable_folder_is_one_line(finished, monkeypatch, capsys):
     _refused(capsys, ["--root", str(finished), "stack"], "Permission denied; this stage needs to write there")
 
 
+@pytest.mark.slow
 def test_a_diverging_training_is_refused_and_not_marked_done(finished, tmp_path, capsys):
     r = ["--root", str(finished), "train", "--config", str(tmp_path / "head.yaml"), "--fold", "1", "--force"]
     _refused(capsys, r + ["optim.lr=1e30", "optim.grad_clip=0"], "non-finite", "not marked done")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "src" / "histoshift"
+PKG = Path(__file__).resolve().parents[2] / "src" / "histoshift"
 
 # earlier layers first; a module matches the longest prefix listed
 LAYERS = [
@@ -35,7 +35,7 @@ def layer_of(module: str) -> int:
     for i, names in enumerate(LAYERS):
         if any(module == n or module.startswith(n + ".") for n in names):
             return i
-    raise AssertionError(f"histoshift.{module} is in no layer of tests/test_layers.py: add it")
+    raise AssertionError(f"histoshift.{module} is in no layer of tests/project/test_layers.py: add it")
 
 
 def module_name(path: Path) -> str:

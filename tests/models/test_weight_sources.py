@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from histoshift.config import FeatureModelCfg, ImageModelCfg
+from histoshift.config import ImageModelCfg
 from histoshift.models.backbone import PatchClassifier, create_backbone
 from histoshift.models.weights import WeightsError, lukemelas_to_timm
 
@@ -121,7 +121,7 @@ def test_mobilenet_v2_package_weights_reproduce_torchvision():
         create_backbone(ImageModelCfg(backbone="resnet18", weights="package:mobilenet_v2"))
 
 
-HUB_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("hub_*.yaml"))
+HUB_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("hub_*.yaml"))
 
 
 @pytest.mark.parametrize("path", HUB_CONFIGS, ids=[p.stem for p in HUB_CONFIGS])

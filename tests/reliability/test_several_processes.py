@@ -15,7 +15,7 @@ import yaml
 from histoshift.cli import main
 from histoshift.runs import find_runs
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 TINY = {
     "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
     "aug": {"backend": "torch"},

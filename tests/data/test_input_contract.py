@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import random_items, write_h5
+from helpers import random_items, write_h5
 from histoshift.data.cache import check_inputs
 from histoshift.stages.prepare import prepare
 from histoshift.lineage import StaleError

@@ -24,9 +24,9 @@ from histoshift.models.foundation.loader import load_foundation
 from histoshift.models.foundation.recipe import RecipeError
 from histoshift.models.foundation.standin import DAVIT_SHRINK, SHRINK, standin_overrides, write_standin
 from histoshift.models.weights import WeightsError
-from test_foundation import _fm_config, hf_cache  # noqa: F401 - the fixture
+from helpers import fm_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _copy(prepared_root, tmp_path) -> Path:
@@ -67,7 +67,7 @@ def test_local_folder_and_weights_file_keep_the_recipe(name, hf_cache, tmp_path)
 
 def test_offline_without_a_cached_copy_says_how_to_get_one(hf_cache, prepared_root, tmp_path, capsys):
     root = _copy(prepared_root, tmp_path)
-    _fm_config(tmp_path / "c.yaml", "virchow2")
+    fm_config(tmp_path / "c.yaml", "virchow2")
     assert main(["--root", str(root), "train", "--config", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "paige-ai/Virchow2: not in the Hugging Face cache" in err[0]
@@ -107,7 +107,7 @@ def _train_with_hub(endpoint: str, root: Path, config: Path, cache: Path) -> sub
 @pytest.mark.slow
 def test_gated_model_and_unreachable_hub_each_get_one_line(prepared_root, tmp_path):
     root = _copy(prepared_root, tmp_path)
-    _fm_config(tmp_path / "c.yaml", "virchow2")
+    fm_config(tmp_path / "c.yaml", "virchow2")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -134,7 +134,7 @@ def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_pa
 
     write_standin(RECIPES["virchow2"], hf_cache)
     cache_dir = prepared_root / "work" / "cache"
-    _fm_config(tmp_path / "c.yaml", "virchow2")
+    fm_config(tmp_path / "c.yaml", "virchow2")
 
     def key(*overrides, precision="no", weights_cache=None):
         return store_key(feature_spec(load_config(tmp_path / "c.yaml", list(overrides)), Cache.open(cache_dir), precision))
@@ -179,15 +179,18 @@ def test_embedding_resumes_at_the_first_unfinished_chunk(hf_cache, prepared_root
     """A killed embedding keeps its finished chunks: rerun, only the chunks without a marker are computed."""
     from accelerate import Accelerator
 
-    import histoshift.features as features
+    import histoshift.features.store as layout
     from histoshift.data.cache import Cache
+    from histoshift.features.embedder import embed
+    from histoshift.stain.transform import InputTransform
 
-    monkeypatch.setattr(features, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(layout, "CHUNK_ROWS", 16)
     write_standin(RECIPES["hoptimus0"], hf_cache)
-    _fm_config(tmp_path / "c.yaml", "hoptimus0")
+    fm_config(tmp_path / "c.yaml", "hoptimus0")
     cfg = load_config(tmp_path / "c.yaml")
     cache = Cache.open(prepared_root / "work" / "cache")
-    store = features.embed(cfg, cache, tmp_path / "features", Accelerator(cpu=True), "no")
+    spec, transform = layout.feature_spec(cfg, cache, "no"), InputTransform(cfg.aug)
+    store = embed(cfg, cache, tmp_path / "features", Accelerator(cpu=True), "no", transform, spec)
     full = np.array(store.arrays["train"])
     n = len(full)
     assert n > 32 and full.shape[1] == 8 + 2 and np.isfinite(full).all()
@@ -201,7 +204,7 @@ def test_embedding_resumes_at_the_first_unfinished_chunk(hf_cache, prepared_root
     arr[16:] = 0.0
     arr.flush()
     del arr
-    resumed = features.embed(cfg, cache, tmp_path / "features", Accelerator(cpu=True), "no")
+    resumed = embed(cfg, cache, tmp_path / "features", Accelerator(cpu=True), "no", transform, spec)
     got = np.array(resumed.arrays["train"])
     assert (got[:16] == 7.0).all()
     np.testing.assert_array_equal(got[16:], full[16:])  # the HED views too: drawn per chunk, reproducible
@@ -215,7 +218,7 @@ def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monke
     from histoshift.models.backbone import PatchClassifier
 
     write_standin(RECIPES["hoptimus0"], hf_cache)
-    _fm_config(tmp_path / "c.yaml", "hoptimus0", embed_batch_size=16)
+    fm_config(tmp_path / "c.yaml", "hoptimus0", embed_batch_size=16)
     cfg = load_config(tmp_path / "c.yaml")
     model = PatchClassifier(cfg.model).eval()
     embedder = Embedder(model.backbone, model.preprocess, cfg, InputTransform(cfg.aug), torch.device("cpu"), "no")
@@ -299,7 +302,7 @@ def test_a_new_hub_snapshot_never_leaves_a_stale_head(hf_cache, prepared_root, t
     rerun refuse instead of keeping a head trained on the old features; --force retrains on new ones."""
     root = _copy(prepared_root, tmp_path)
     write_standin(RECIPES["hoptimus0"], hf_cache)
-    _fm_config(tmp_path / "c.yaml", "hoptimus0")
+    fm_config(tmp_path / "c.yaml", "hoptimus0")
     train = ["--root", str(root), "train", "--config", str(tmp_path / "c.yaml"), "--fold", "0"]
     assert main(train) == 0
     assert main(train) == 0 and "is done with this config, skipping" in capsys.readouterr().out

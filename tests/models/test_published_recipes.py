@@ -13,14 +13,13 @@ import torch
 import yaml
 
 from histoshift.cli import main
-from histoshift.config import FeatureModelCfg, ImageModelCfg, load_config
+from histoshift.config import FeatureModelCfg, load_config
 from histoshift.models.foundation import RECIPES
 from histoshift.models.foundation.standin import standin_overrides, write_standin
 from histoshift.models.head import FeatureClassifier
 from histoshift.runs import find_runs
-from test_foundation import hf_cache  # noqa: F401 - the fixture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPERS = sorted((REPO / "configs").glob("paper_*.yaml"))
 
 
@@ -46,7 +45,7 @@ def test_the_paper_head_has_the_reported_layers():
         load_config(overrides=["model.kind=feature", "model.head=paper_dann", "model.head_hidden=8"])
 
 
-# paper_medimageinsight_mlp runs end to end through train.sh and infer.sh in tests/test_end_to_end.py
+# paper_medimageinsight_mlp runs end to end through train.sh and infer.sh in tests/project/test_scripts_end_to_end.py
 END_TO_END = [p for p in PAPERS if p.stem != "paper_medimageinsight_mlp"]
 
 
@@ -74,7 +73,7 @@ def test_every_published_recipe_runs_end_to_end_offline(path, prepared_root, hf_
             records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
             best = max(r["heldout_acc"] for r in records)
             assert json.loads(run.summary.read_text())["heldout_accuracy"] == pytest.approx(best, abs=1e-4)
-    assert main(r + ["infer", "--adabn"]) == 0 and main(r + ["stack"]) == 0
+    assert main(r + ["infer", "--adapt"]) == 0 and main(r + ["stack"]) == 0
     assert main(r + ["submit", "--allow-degenerate"]) == 0  # random stand-in features may give one class
     sub = pd.read_csv(root / "submissions" / "submission.csv")
     assert len(sub) == 30 and set(sub.Pred) <= {0, 1}

@@ -16,9 +16,8 @@ import yaml
 from histoshift.cli import main
 from histoshift.models.foundation import RECIPES
 from histoshift.models.foundation.standin import write_standin
-from test_foundation import hf_cache  # noqa: F401 - the fixture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 
@@ -105,9 +104,9 @@ def test_too_small_a_disk_is_refused_before_embedding(root, hf_cache, capsys, mo
 def test_train_sh_stops_at_preflight(tmp_path):
     """`CONFIGS=<a model not in the cache> bash train.sh` offline: the preflight line, exit 2, nothing prepared
     or embedded."""
-    from test_end_to_end import _clone
+    from helpers import clone
 
-    clone = _clone(tmp_path)
+    clone = clone(tmp_path)
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache"),
            "TQDM_DISABLE": "1", "PYTHONPATH": str(clone / "src"), "CONFIGS": "configs/fm_hoptimus0_frozen.yaml"}
     proc = subprocess.run(["bash", "train.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=1800)

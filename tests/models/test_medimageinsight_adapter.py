@@ -18,7 +18,6 @@ from histoshift.models.foundation.loader import load_foundation
 from histoshift.models.foundation.recipe import RecipeError
 from histoshift.models.foundation.standin import write_standin
 from histoshift.models.weights import WeightsError, read_state_dict
-from test_foundation import hf_cache  # noqa: F401 - the fixture
 
 UNICL = ADAPTERS["unicl-davit"]
 MII = RECIPES["medimageinsight"]

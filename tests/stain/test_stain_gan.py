@@ -144,7 +144,7 @@ def test_a_changed_cache_or_setting_trains_another_generator_and_stales_the_runs
 
     # a changed cache (test.h5 rewritten): the stage trains into a new folder, keyed by the new cache id
     before = {p.name for p in (root / "work" / "stain_gan").iterdir() if p.is_dir()}
-    from conftest import random_items, write_h5
+    from helpers import random_items, write_h5
 
     write_h5(root / "input" / "test.h5", random_items(np.random.default_rng(5), range(9000, 9030), 2, label=0))
     assert main(r + ["prepare"]) == 0

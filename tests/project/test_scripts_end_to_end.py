@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,8 @@ import yaml
 from histoshift.data.h5_reader import list_ids
 from histoshift.stages.submit import check_submission
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import clone as make_clone
 
-
-def _clone(tmp_path) -> Path:
-    """The files a user's clone has (no .venv, no work/): the scripts run there."""
-    clone = tmp_path / "repo"
-    clone.mkdir()
-    for name in ("train.sh", "infer.sh", "requirements.txt", "pyproject.toml"):
-        shutil.copy(REPO / name, clone / name)
-    for name in ("src", "configs", "scripts"):
-        shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return clone
 
 
 def _small_demo(clone: Path, env: dict, per_center: int = 90, test_size: int = 60) -> None:
@@ -39,10 +28,10 @@ def _small_demo(clone: Path, env: dict, per_center: int = 90, test_size: int = 6
 
 @pytest.mark.slow
 def test_train_then_infer_on_the_demo(tmp_path):
-    clone = _clone(tmp_path)
+    clone = make_clone(tmp_path)
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     # the suite's largest cost: 60% of the scripts' demo data and one of its two configs (the Lite1 config's
-    # albumentations backend runs in tests/test_pipeline_stages.py; several members go through the scripts in
+    # albumentations backend runs in tests/stages/test_stage_outputs.py; several members go through the scripts in
     # the foundation-set test below)
     _small_demo(clone, env, per_center=100, test_size=120)
     env["CONFIGS"] = "configs/demo_lite0_dann.yaml"
@@ -71,7 +60,7 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     cache that holds stand-ins (random weights) of the set's models: preflight passes, every model embeds
     through the ordinary hub path, its heads join the stack stage as ensemble members, a submission is
     written - with `CONFIGS=configs/paper_medimageinsight_mlp.yaml bash train.sh` run before infer.sh."""
-    clone = _clone(tmp_path)
+    clone = make_clone(tmp_path)
     cache = tmp_path / "hf-cache"
     env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
            "TQDM_DISABLE": "1", "PYTHONPATH": str(clone / "src"), "CONFIG_SET": "foundation",

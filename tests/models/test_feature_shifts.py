@@ -140,7 +140,7 @@ def test_coral_map_is_the_identity_on_the_source_itself():
 
 @pytest.mark.slow
 def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path):
-    """Heads with feature_shift coral / standardize: trained on one store, `infer --adabn` re-estimates their
+    """Heads with feature_shift coral / standardize: trained on one store, `infer --adapt` re-estimates their
     shift on every target center (1 map adapted, predictions change), the stack stage weighs plain against
     adapted by leave-one-center-out evidence and writes it to choice.json; labels of a target center are
     never read (scrambling them in the table handed to `adapt` gives the same adapted head)."""
@@ -174,7 +174,7 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     (tmp_path / "sparse.yaml").write_text(yaml.safe_dump(sparse))
     assert main(r + ["train", "--config", str(tmp_path / "sparse.yaml")]) == 0
     assert len(list((root / "work" / "features").iterdir())) == 1  # one store for every head
-    assert main(r + ["infer", "--adabn"]) == 0
+    assert main(r + ["infer", "--adapt"]) == 0
     runs = find_runs(root / "work" / "runs")
     assert len(runs) == 12
     summaries = [json.loads(run.summary.read_text()) for run in runs if run.cfg.model.head_l1 > 0]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import PCAM
+from helpers import PCAM
 from histoshift.cli import main
 
 PER_CENTER = 80

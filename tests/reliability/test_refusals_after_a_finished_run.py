@@ -4,29 +4,20 @@ none may yield a silently wrong submission or lose the previous one."""
 from __future__ import annotations
 
 import errno
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from histoshift.cli import main
 from histoshift.runs import find_runs
 
-from conftest import FROZEN  # noqa: E402  (the fixtures finished / pipeline_root are in conftest.py)
+from helpers import one_error_line  # the fixtures finished / pipeline_root are in conftest.py
 
 
-def _one_error_line(capsys) -> str:
-    """The refusal: exactly one `error:` line, the last thing on stderr (progress bars may precede it)."""
-    err = capsys.readouterr().err.strip().splitlines()
-    (line,) = [l for l in err if l.startswith("error:")]
-    assert err[-1] == line
-    return line
-
-
+@pytest.mark.slow
 def test_runs_moved_aside_by_force_are_not_discovered(finished, tmp_path, capsys):
     r = ["--root", str(finished)]
     assert main(r + ["train", "--config", str(tmp_path / "head.yaml"), "--fold", "0", "--force"]) == 0
@@ -37,6 +28,7 @@ def test_runs_moved_aside_by_force_are_not_discovered(finished, tmp_path, capsys
     assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0 and main(r + ["report"]) == 0
 
 
+@pytest.mark.slow
 def test_nan_logits_stop_the_stage_that_meets_them(finished, capsys):
     """Predictions with NaN never reach a submission: the stack stage names the file and an id, and a
     model whose weights are NaN is refused by infer before anything is written."""
@@ -46,11 +38,12 @@ def test_nan_logits_stop_the_stage_that_meets_them(finished, capsys):
     table.to_csv(run.tta_test, index=False)
     before = (finished / "submissions" / "submission.csv").read_text()
     assert main(["--root", str(finished), "stack"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(run.tta_test) in line and f"id {int(table.loc[3, 'id'])}" in line and "non-finite" in line
     assert (finished / "submissions" / "submission.csv").read_text() == before
 
 
+@pytest.mark.slow
 def test_a_model_with_nan_weights_is_refused_at_inference(pipeline_root, capsys):
     run = find_runs(pipeline_root / "work" / "runs")[0]
     weights = load_file(str(run.checkpoint))
@@ -59,11 +52,12 @@ def test_a_model_with_nan_weights_is_refused_at_inference(pipeline_root, capsys)
     save_file(weights, str(run.checkpoint))
     old = pd.read_csv(run.tta_test)
     assert main(["--root", str(pipeline_root), "infer"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(run.path) in line and "non-finite logits" in line and "nothing was written" in line
     pd.testing.assert_frame_equal(pd.read_csv(run.tta_test), old)
 
 
+@pytest.mark.slow
 def test_degenerate_submission_needs_consent(finished, capsys):
     scores = finished / "work" / "stack" / "test_scores.csv"
     table = pd.read_csv(scores)
@@ -72,13 +66,14 @@ def test_degenerate_submission_needs_consent(finished, capsys):
     before = (finished / "submissions" / "submission.csv").read_text()
     r = ["--root", str(finished), "submit"]
     assert main(r) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert f"every one of the {len(table)} test patches is predicted 0" in line and "--allow-degenerate" in line
     assert (finished / "submissions" / "submission.csv").read_text() == before
     assert main(r + ["--allow-degenerate"]) == 0
     assert set(pd.read_csv(finished / "submissions" / "submission.csv").Pred) == {0}
 
 
+@pytest.mark.slow
 def test_a_failed_write_keeps_the_previous_submission(finished, monkeypatch, capsys):
     """A full disk while writing the new submission: the old one stays as submission.csv."""
     scores = finished / "work" / "stack" / "test_scores.csv"
@@ -93,7 +88,7 @@ def test_a_failed_write_keeps_the_previous_submission(finished, monkeypatch, cap
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
     assert main(["--root", str(finished), "submit", "--allow-degenerate"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "No space left on device" in line and "the previous one is untouched" in line
     assert (subs / "submission.csv").read_text() == before
     assert sorted(p.name for p in subs.glob("submission*")) == ["submission.csv"]

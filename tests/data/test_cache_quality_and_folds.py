@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import random_items, write_h5
+from helpers import random_items, write_h5
 from histoshift.data.cache import Cache
 from histoshift.stages.prepare import prepare
 from histoshift.data.folds import read_folds, write_folds

@@ -13,7 +13,7 @@ from histoshift.stages import ORDER, command
 
 STAGES = {command(name): __import__(f"histoshift.stages.{name}", fromlist=["STAGE"]).STAGE for name in ORDER}
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _subparsers():
@@ -66,6 +66,7 @@ def _named_files(text: str) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_what_the_help_says_is_written_exists(finished):
     """prepare, folds, embed, train, infer, stack, submit, report."""
     assert main(["--root", str(finished), "report"]) == 0

@@ -16,10 +16,12 @@ import yaml
 from safetensors.torch import load_file
 
 from histoshift.cli import main
-from histoshift.models.foundation import RECIPES, resolve_recipe
+from histoshift.models.foundation import RECIPES
 from histoshift.models.foundation.build import build_network, recipe_build
 from histoshift.models.foundation.loader import FoundationBackbone
 from histoshift.models.foundation.standin import standin_overrides, write_standin
+
+from helpers import fm_config
 
 BIOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -188,28 +190,6 @@ def _card_rule(recipe_name: str, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls, patches.mean(1)], -1) if rule == "cls+mean" else cls
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face hub cache that the hub client reads (offline, as every test runs)."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    assert constants.HF_HUB_OFFLINE
-    return cache
-
-
-def _fm_config(path, name: str, weights: str = "hub", **model_extra) -> None:
-    recipe = RECIPES[name]
-    model = {"recipe": name, "weights": weights, "kind": "feature", "head_hidden": 16, "feature_hed_views": 2,
-             **model_extra}
-    if standin_overrides(recipe):
-        model["recipe_overrides"] = standin_overrides(recipe)
-    path.write_text(yaml.safe_dump({"model": model, "algorithm": {"name": "dann"},
-                                    "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8}}))
-
-
 def test_pooled_medimageinsight_is_the_hand_computation(hf_cache):
     """The `pooled` rule (the pipeline test below runs `projected`; the two share everything else)."""
     from histoshift.models.foundation.loader import load_foundation
@@ -226,7 +206,7 @@ def test_pooled_medimageinsight_is_the_hand_computation(hf_cache):
 
 # one recipe per code path: the left-out ones differ from a kept one only in size (dinov2_b/l/g from dinov2_s,
 # hibou_l from hibou_b) or not at all in how they embed (hoptimus1 from hoptimus0); every recipe's card,
-# architecture and local copies are still tested one by one above and in test_foundation_sources.py
+# architecture and local copies are still tested one by one above and in test_foundation_from_hub_folder_file.py
 SAME_PATH = {"medimageinsight_pooled", "dinov2_b", "dinov2_l", "dinov2_g", "hibou_l", "hoptimus1"}
 
 
@@ -238,7 +218,7 @@ def test_standin_from_a_hub_cache_runs_the_pipeline_offline(name, prepared_root,
     folder = write_standin(RECIPES[name], hf_cache)
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
-    _fm_config(tmp_path / f"fm_{name}.yaml", name)
+    fm_config(tmp_path / f"fm_{name}.yaml", name)
     r = ["--root", str(root)]
     assert main(r + ["train", "--config", str(tmp_path / f"fm_{name}.yaml")]) == 0
     assert "STAND-IN" in capsys.readouterr().out  # never mistaken for the real model
@@ -277,7 +257,7 @@ def test_the_embedding_benchmark_runs_tiny_on_cpu(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "fm.json"
     subprocess.run([sys.executable, str(repo / "bench" / "fm.py"), "--device", "cpu", "--depth", "1", "--patches", "2",
                     "--repeats", "1", "--recipes", "dinov2_s,phikon", "--out", str(out)], check=True,

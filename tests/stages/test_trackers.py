@@ -31,7 +31,7 @@ def _scalars(folder) -> dict:
 
 
 def test_tensorboard_curves_of_a_run_and_of_the_stack(prepared_root, tmp_path, capsys):
-    from conftest import FROZEN
+    from helpers import FROZEN
 
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
