@@ -12,6 +12,8 @@ from histoshift.algorithms.dann import ganin_coefficient, grad_reverse
 from histoshift.config import Config
 from histoshift.models.backbone import PatchClassifier
 
+from helpers import tiny_config
+
 
 @pytest.mark.parametrize("coeff", [0.0, 0.3, 1.0, 2.5])
 def test_grad_reverse_flips_sign_and_scales(coeff):
@@ -200,9 +202,7 @@ def test_stain_aglr_decoder_is_not_saved_with_the_model(prepared_root, tmp_path)
 
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
-    cfg = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-           "algorithm": {"name": "dann", "consistency_weight": 1.0, "regen_weight": 0.1, "regen_size": 16},
-           "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8}}
+    cfg = tiny_config(algorithm={"name": "dann", "consistency_weight": 1.0, "regen_weight": 0.1, "regen_size": 16})
     (tmp_path / "aglr.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--root", str(root), "train", "--config", str(tmp_path / "aglr.yaml"), "--fold", "0"]) == 0
     (run,) = find_runs(root / "work" / "runs")
@@ -236,8 +236,7 @@ def test_reweighting_switches_match_a_hand_computation():
 
     from histoshift.algorithms.losses import domain_loss, focal_bce
 
-    cfg = Config.model_validate({"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-                                 "algorithm": {"name": "dann", "class_reweight": True, "domain_reweight": True}})
+    cfg = Config.model_validate(tiny_config(algorithm={"name": "dann", "class_reweight": True, "domain_reweight": True}))
     algo = ALGORITHMS["dann"](PatchClassifier(cfg.model, load_weights=False), 3, cfg)
     # center 0: 3 normal, 1 tumour; center 3: 2 and 2; targets: 4 patches of center 1
     source = pd.DataFrame({"center": [0, 0, 0, 0, 3, 3, 3, 3], "label": [0, 0, 0, 1, 0, 0, 1, 1]})

@@ -11,6 +11,8 @@ from histoshift.config import FEATURE_SHIFTS, FeatureModelCfg
 from histoshift.models.feature_shift import SHIFTS, FeatureShift, coral_map, covariance, moments, standardize_per_center
 from histoshift.models.head import FeatureClassifier
 
+from helpers import tiny_config
+
 D = 12
 
 
@@ -161,9 +163,8 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
     r = ["--root", str(root)]
-    base = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature",
-                      "head_hidden": 16},
-            "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
+    base = tiny_config("feature", algorithm={"name": "dann"}, model={"head_hidden": 16},
+                       train={"epochs": 2, "eval_batch_size": 32})
     for shift, algorithm, rounds in (("coral", "dann", 0), ("standardize", "erm", 2)):
         config = {**base, "model": {**base["model"], "feature_shift": shift, "self_train_rounds": rounds,
                                     "self_train_threshold": 0.501}, "algorithm": {"name": algorithm}}

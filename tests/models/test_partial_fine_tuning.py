@@ -12,6 +12,8 @@ from histoshift.runs import RunDir
 from histoshift.paths import Paths
 from histoshift.stages.train import train_fold
 
+from helpers import tiny_config
+
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_vit", "tf_efficientnet_lite0"])
 def test_freeze_all_but_last_blocks(name):
@@ -30,9 +32,8 @@ def _train(prepared_root, tmp_path, overrides):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump({
-        "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "drop_rate": 0.0},
-        "algorithm": {"name": "erm"},
-        "train": {"epochs": 2, "batch_size": 16, "steps_per_epoch": 2, "eval_batch_size": 32}}))
+        **tiny_config(model={"drop_rate": 0.0}, train={"epochs": 2, "target_batch_size": 32, "steps_per_epoch": 2,
+                                                       "eval_batch_size": 32})}))
     cfg = load_config(path, overrides)
     run = RunDir.of(tmp_path / "runs", cfg.name, 0, 1)
     train_fold(cfg, Paths(prepared_root), run)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, random_items, write_h5
+from helpers import REPO, random_items, write_h5, tiny_config
 from histoshift.cli import main
 from histoshift.runs import RunDir, find_runs
 from histoshift.safeio import Lock
@@ -243,9 +243,8 @@ def test_a_second_training_process_is_refused_while_the_first_runs(prepared_root
 
 # ---- crashes: kill -9 mid-fold resumes, a killed prepare leaves the old cache -----------------------------
 
-SLOW = {"name": "slow", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-        "algorithm": {"name": "dann"}, "train": {"epochs": 3, "batch_size": 8, "target_batch_size": 8,
-                                                 "steps_per_epoch": 40, "eval_batch_size": 64}}
+SLOW = tiny_config(name="slow", algorithm={"name": "dann"},
+                   train={"epochs": 3, "batch_size": 8, "steps_per_epoch": 40, "eval_batch_size": 64})
 
 
 def _env():

@@ -13,13 +13,12 @@ import yaml
 from histoshift import engine
 from histoshift.cli import main
 from histoshift.runs import RunDir
-from helpers import one_error_line
+from helpers import one_error_line, tiny_config
 
 pytestmark = pytest.mark.slow  # tiny trainings, embeddings and stage runs (the quick tier trains nothing)
 
-TINY = {"name": "tiny", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-        "algorithm": {"name": "dann"}, "train": {"epochs": 2, "batch_size": 8, "target_batch_size": 8,
-                                                 "steps_per_epoch": 3, "eval_batch_size": 64}}
+TINY = tiny_config(name="tiny", algorithm={"name": "dann"},
+                   train={"epochs": 2, "batch_size": 8, "steps_per_epoch": 3, "eval_batch_size": 64})
 
 
 class _Crash(Exception):
@@ -178,9 +177,8 @@ def test_run_names_that_are_not_plain_folders_are_refused_before_training(prepar
 
 # ---- the feature store: checksums per chunk, the weights' content identity ----------------------------------
 
-HEAD = {"name": "head", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature",
-                                  "head_hidden": 16},
-        "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
+HEAD = tiny_config("feature", name="head", algorithm={"name": "dann"}, model={"head_hidden": 16},
+                   train={"eval_batch_size": 32})
 
 
 def _store(root):

@@ -15,11 +15,12 @@ import yaml
 from histoshift.cli import main
 from histoshift.runs import find_runs
 
+from helpers import tiny_config
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 TINY = {
-    "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-    "aug": {"backend": "torch"},
-    "train": {"epochs": 1, "batch_size": 8, "target_batch_size": 4, "num_workers": 0, "eval_batch_size": 7},
+    **tiny_config(algorithm={"name": "dann"}, aug={"backend": "torch"},
+                  train={"batch_size": 8, "target_batch_size": 4, "num_workers": 0, "eval_batch_size": 7}),
 }
 
 

@@ -11,12 +11,12 @@ import yaml
 from histoshift.cli import main
 from histoshift.runs import find_runs
 
+from helpers import tiny_config
+
 pytestmark = pytest.mark.slow  # every test here trains models (the quick tier leaves them out)
 
 TINY = {
-    "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-    "algorithm": {"name": "dann"},
-    "train": {"epochs": 2, "batch_size": 16, "target_batch_size": 8, "num_workers": 0, "eval_batch_size": 32},
+    **tiny_config(algorithm={"name": "dann"}, train={"epochs": 2, "num_workers": 0, "eval_batch_size": 32}),
 }
 
 
@@ -156,8 +156,7 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
     import shutil
     shutil.copytree(prepared_root, root)
     r = ["--root", str(root)]
-    frozen = {"model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64, "kind": "feature"},
-              "train": {"epochs": 3, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}
+    frozen = tiny_config("feature", train={"epochs": 3, "eval_batch_size": 32})
     for name, extra in (("probe", {"algorithm": {"name": "erm"}}),
                         ("mlp_dann", {"algorithm": {"name": "dann"}, "model": frozen["model"] | {"head_hidden": 32}})):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(frozen | extra))

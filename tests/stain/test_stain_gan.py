@@ -27,14 +27,14 @@ from histoshift.lineage import digest_file
 from histoshift.paths import Paths
 from histoshift.runs import RunDir
 
+from helpers import tiny_config
+
 pytestmark = pytest.mark.slow  # every test trains a (tiny) GAN
 
 TINY_GAN = ["aug.stain_norm=gan", "stain_gan.channels=4", "stain_gan.blocks=1", "stain_gan.batch_size=4",
             "stain_gan.lr=2e-3"]
-IMAGE_GAN = {"name": "img_gan", "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-             "algorithm": {"name": "erm"}, "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8},
-             "aug": {"stain_norm": "gan"},
-             "stain_gan": {"channels": 4, "blocks": 1, "batch_size": 4, "lr": 2e-3, "steps": 4, "checkpoint_every": 2}}
+IMAGE_GAN = tiny_config(name="img_gan", aug={"stain_norm": "gan"},
+                        stain_gan={"channels": 4, "blocks": 1, "batch_size": 4, "lr": 2e-3, "steps": 4, "checkpoint_every": 2})
 
 
 class _Crash(Exception):

@@ -10,6 +10,8 @@ import yaml
 from histoshift.data.demo import render_patch
 from histoshift.stain.classical import CLASSICAL, LAB_REF_MEAN, lab_to_rgb, macenko, reinhard, rgb_to_lab
 
+from helpers import tiny_config
+
 
 def _same_tissue_two_centers(seed=5, label=1):
     a = render_patch(np.random.default_rng(seed), label, 0)
@@ -74,9 +76,8 @@ def test_stain_norm_switch_trains_and_predicts(prepared_root, tmp_path, method):
 
     path = tmp_path / "sn.yaml"
     path.write_text(yaml.safe_dump({
-        "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-        "aug": {"stain_norm": method},
-        "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "steps_per_epoch": 2, "eval_batch_size": 32}}))
+        **tiny_config(algorithm={"name": "dann"}, aug={"stain_norm": method},
+                      train={"steps_per_epoch": 2, "eval_batch_size": 32})}))
     run = RunDir.of(tmp_path / "runs", "sn", 0, 3)
     train_fold(load_config(path), Paths(prepared_root), run)
     assert pd.read_csv(run.oof).logit.notna().all()

@@ -15,6 +15,8 @@ from histoshift.runs import RunDir
 from histoshift.paths import Paths
 from histoshift.stages.train import train_fold
 
+from helpers import tiny_config
+
 
 def test_precision_defaults_per_family(monkeypatch):
     assert resolve_precision("bf16", "resnet50") == "bf16"
@@ -47,9 +49,8 @@ def test_tensor_batches_shard_every_pass_without_overlap():
 def test_speed_options_train_and_predict(prepared_root, tmp_path, overrides):
     path = tmp_path / "opt.yaml"
     path.write_text(yaml.safe_dump({
-        "model": {"backbone": "test_efficientnet", "weights": "none", "input_size": 64},
-        "aug": {"backend": "torch"},
-        "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "steps_per_epoch": 2, "eval_batch_size": 32}}))
+        **tiny_config(algorithm={"name": "dann"}, aug={"backend": "torch"},
+                      train={"steps_per_epoch": 2, "eval_batch_size": 32})}))
     cfg = load_config(path, overrides)
     run = RunDir.of(tmp_path / "runs", cfg.name, 0, 1)
     summary = train_fold(cfg, Paths(prepared_root), run)
