@@ -52,7 +52,7 @@ from histoshift.stages.infer import infer_run  # noqa: E402
 from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import ADABN, METHODS, compare_prediction_sets, decide, fit_stacker, predict  # noqa: E402
+from histoshift.stack import ADAPTED, METHODS, compare_prediction_sets, decide, fit_stacker, predict  # noqa: E402
 from histoshift.stages.stack import run_stack  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
@@ -284,7 +284,7 @@ class Bench:
         out["picked_method"] = picked
         # prior matching: the picked combiner thresholded so that half the test patches are positive
         oof, test, names = d["oof"], d["test"].merge(self.labels, left_on="id", right_on="ID"), d["names"]
-        method = picked.removesuffix(ADABN)
+        method = picked.removesuffix(ADAPTED)
         _, pred = predict(method, test, names, fit_stacker(oof, names) if method == "stack" else None, prior=0.5)
         out["picked_prior"] = float((pred == test["label"].to_numpy()).mean())
         out["prior_used"] = bool(matched["used"])
@@ -373,7 +373,7 @@ def main():
             print(f"seed {seed}: {pre}pipeline on the test center: {json.dumps(per_seed[seed])}", flush=True)
         for key, label in [("single_fold_models_tta", f"single fold models, TTA (mean over {4 * len(a.configs)} models)"),
                            *[(m, f"pipeline, {m} combiner") for m in METHODS],
-                           *[(m + ADABN, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
+                           *[(m + ADAPTED, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
                            ("picked", "pipeline, combiner picked by LOCO"),
                            ("picked_prior", "same, thresholded to the known 50% positive share (prior matching)"),
                            ("shipped", "pipeline as shipped (prior matching only where LOCO says it helps)")]:
@@ -392,7 +392,7 @@ def main():
                 second = bench.pipeline(seed, suffix="_pl", overrides=(f"train.pseudo_threshold={a.pseudo}", *a.extra))
                 pl[seed], both[seed] = bench.ensemble_scores(second), bench.ensemble_scores(first + second)
             for scores, label in [(pl, "second-round models only"), (both, "both rounds' models (the stack stage)")]:
-                for key in [*METHODS, *[m + ADABN for m in METHODS]]:
+                for key in [*METHODS, *[m + ADAPTED for m in METHODS]]:
                     record({"row": f"+ pseudo-labels ({a.pseudo}), {label}, {key}",
                             "test_tta": fmt([s[key] for s in scores.values()])})
                 record({"row": f"+ pseudo-labels ({a.pseudo}), {label}, as picked by LOCO",

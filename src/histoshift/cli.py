@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _os_error_line(e: OSError) -> str | None:
     """A one-line message for the OS errors a user can cause (full disk, read-only or forbidden folder)."""
     where = e.filename or "a file"
+    if e.errno in (errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        return f"{where}: {e.strerror}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{where}: disk full ({e.strerror}); free some space and run the stage again (it resumes)"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

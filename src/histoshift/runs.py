@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .checkpoint import last_state
 from .config import Config, load_config
+from .errors import Exists
 from .lineage import StaleError, changed, digest_file
 from .safeio import write_csv, write_json
 
@@ -98,9 +99,9 @@ class RunDir:
         """The newest complete saved state (a state being written when the process died has no marker)."""
         return last_state(self.path, "state-epoch")
 
-    def tta_path(self, part: str, adabn: bool = False) -> Path:
+    def tta_path(self, part: str, adapted: bool = False) -> Path:
         """8-view logits of `part` ('heldout' | 'test'), plain or after AdaBN on that center."""
-        return self.path / f"tta_{part}{'_adabn' if adabn else ''}.csv"
+        return self.path / f"tta_{part}{'_adabn' if adapted else ''}.csv"  # the first adaptation's name
 
     def recorded_inputs(self) -> dict:
         """inputs.json as written by training ({} before the run has one)."""
@@ -110,11 +111,11 @@ class RunDir:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache."""
         return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id}
 
-    def write_tta(self, part: str, adabn: bool, table, cache_id: str, adaptation: dict | None = None) -> None:
+    def write_tta(self, part: str, adapted: bool, table, cache_id: str, adaptation: dict | None = None) -> None:
         """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache)
         and, for adapted predictions, how many layers the adaptation changed and what else it recorded
         (self-training: its confidence threshold and pseudo-label counts)."""
-        path = self.tta_path(part, adabn)
+        path = self.tta_path(part, adapted)
         write_csv(path, table, float_format="%.6g")
         recorded = _record(self.predictions)
         recorded[path.name] = self.prediction_lineage(cache_id)
@@ -125,7 +126,7 @@ class RunDir:
         write_json(self.predictions, recorded)
 
     def adapted_layers(self) -> int:
-        """Layers the adapted TTA files changed (0: they equal the plain ones); recorded by infer --adabn."""
+        """Layers the adapted TTA files changed (0: they equal the plain ones); recorded by infer --adapt."""
         recorded = _record(self.predictions)
         return sum(recorded.get(f"{self.tta_path(part, True).name}:adapted", 1) for part in ("heldout", "test"))
 
@@ -133,15 +134,15 @@ class RunDir:
         """What the adapted TTA file of `part` was adapted by (method; self-training: threshold, pseudo-labels)."""
         return _record(self.predictions).get(f"{self.tta_path(part, True).name}:adaptation")
 
-    def stale_predictions(self, cache_id: str, adabn: bool = False) -> list[str]:
+    def stale_predictions(self, cache_id: str, adapted: bool = False) -> list[str]:
         """The TTA files (heldout, test) that are missing or were predicted from another checkpoint or cache."""
         recorded = _record(self.predictions)
         want = self.prediction_lineage(cache_id)
-        return [p.name for p in (self.tta_path(part, adabn) for part in ("heldout", "test"))
+        return [p.name for p in (self.tta_path(part, adapted) for part in ("heldout", "test"))
                 if not p.exists() or recorded.get(p.name) != want]
 
-    def tta_fresh(self, cache_id: str, adabn: bool = False) -> bool:
-        return not self.stale_predictions(cache_id, adabn)
+    def tta_fresh(self, cache_id: str, adapted: bool = False) -> bool:
+        return not self.stale_predictions(cache_id, adapted)
 
     def check_inputs(self, cache_digests: dict) -> None:
         """Refuse (StaleError) a run trained on another version of the cache."""
@@ -172,7 +173,7 @@ class RunDir:
             if not force:
                 what = ("another config" if not same else f"other inputs "
                         f"({', '.join(INPUT_NAMES.get(k, k) for k in changed(recorded, inputs))} changed since)")
-                raise FileExistsError(f"{self.path} holds a finished run with {what}; "
+                raise Exists(f"{self.path} holds a finished run with {what}; "
                                       "pass --force to move it aside and retrain")
             aside = self.path.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.rename(aside)

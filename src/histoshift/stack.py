@@ -46,7 +46,7 @@ from .runs import RunDir
 from .errors import HistoshiftError, Missing
 
 METHODS = ("mean", "rank", "stack")
-ADABN = "+adabn"  # suffix of a combiner scored on AdaBN predictions
+ADAPTED = "+adabn"  # suffix of a combiner scored on adapted predictions (named after the first adaptation)
 PRIOR = "@prior"  # suffix of a combiner thresholded to the known positive share (prior matching)
 LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=20,
                   subsample=0.8, subsample_freq=1, colsample_bytree=1.0, reg_lambda=1.0,
@@ -66,32 +66,32 @@ def _views(path: Path) -> pd.DataFrame:
                          "mean": v.mean(1), "spread": v.std(1)})
 
 
-def adabn_ready(runs: list[RunDir], cache: Cache) -> bool:
+def adapted_ready(runs: list[RunDir], cache: Cache) -> bool:
     """Every fold model has fresh adapted predictions, and the adaptation changed something in at least
     one of them (a set equal to the plain one is not a second set)."""
-    if not all(r.tta_fresh(cache.id, adabn=True) for r in runs):
+    if not all(r.tta_fresh(cache.id, adapted=True) for r in runs):
         return False
     return any(r.adapted_layers() > 0 for r in runs)
 
 
-def check_lineage(runs: list[RunDir], cache: Cache, adabn: bool = False) -> None:
+def check_lineage(runs: list[RunDir], cache: Cache, adapted: bool = False) -> None:
     """Refuse runs trained on another cache and TTA files predicted from another checkpoint or cache."""
     for run in runs:
         run.check_inputs(cache.digests)
-        stale = run.stale_predictions(cache.id, adabn)
+        stale = run.stale_predictions(cache.id, adapted)
         if stale:
             raise StaleError(f"{run.path}: {', '.join(stale)} missing or predicted from another checkpoint or cache; "
                              "run the infer stage")
 
 
-def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adabn: bool = False
+def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adapted: bool = False
                    ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Out-of-fold features of every labelled patch and averaged features of every test patch
-    (from the adapted predictions with `adabn`)."""
+    (from the adapted predictions with `adapted`)."""
     def tta(run: RunDir, part: str) -> Path:
-        return run.tta_path(part, adabn)
+        return run.tta_path(part, adapted)
 
-    check_lineage(runs, cache, adabn)
+    check_lineage(runs, cache, adapted)
     folds = read_folds(folds_csv)
     check_folds(folds, cache.index, folds_csv)
     expected_folds = sorted(int(f) for f in folds["fold"].unique())
@@ -191,7 +191,7 @@ def probability(method: str, score: np.ndarray) -> np.ndarray | None:
 def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str = "",
                  hits: dict | None = None, prior: float | None = None) -> pd.DataFrame:
     """Per-center accuracy (and Brier score, ECE) of each combiner, each center scored by a stacker that never saw it;
-    `suffix` labels the prediction set (ADABN for AdaBN predictions); with `prior`, each combiner is
+    `suffix` labels the prediction set (ADAPTED for AdaBN predictions); with `prior`, each combiner is
     also scored thresholded to that positive share (label + PRIOR). `hits`, when given, receives per
     patch (in `oof` order) whether each combiner was right."""
     rows, correct = [], {}
@@ -232,7 +232,7 @@ def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) 
     without AdaBN labels). `hits`: per-patch correctness of each label, from `compare_loco`."""
     means = comparison.groupby("method")["accuracy"].mean()
     plain = _best(means, [m for m in METHODS if m in means])
-    adabn = [m + ADABN for m in METHODS if m + ADABN in means]
+    adabn = [m + ADAPTED for m in METHODS if m + ADAPTED in means]
     if not adabn:
         return plain, None
     if hits is None:
@@ -246,10 +246,10 @@ def choose(comparison: pd.DataFrame, hits: dict | None = None, z: float = 1.96) 
 def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0,
                             prior: float | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """Features of the plain predictions ("") and, when every fold model has them, of the AdaBN ones
-    (ADABN); the leave-one-center-out comparison of every combiner on each set; per-patch hits."""
+    (ADAPTED); the leave-one-center-out comparison of every combiner on each set; per-patch hits."""
     features = {"": build_features(runs, folds_csv, cache)}
-    if adabn_ready(runs, cache):
-        features[ADABN] = build_features(runs, folds_csv, cache, adabn=True)
+    if adapted_ready(runs, cache):
+        features[ADAPTED] = build_features(runs, folds_csv, cache, adapted=True)
     hits: dict = {}  # both sets' out-of-fold rows are folds.csv's patches in id order: paired
     comparison = pd.concat([compare_loco(oof, names, seed, suffix, hits, prior)
                             for suffix, (oof, _, names) in features.items()], ignore_index=True)
@@ -281,11 +281,11 @@ def decide(features: dict, comparison: pd.DataFrame, hits: dict, prior: float | 
     test center's scores and 0/1 predictions. The stage writes it; the accuracy benchmark scores it."""
     label, evidence = choose(comparison[~comparison["method"].str.endswith(PRIOR)], hits)
     matched = prior_choice(comparison, label, prior)
-    method, adabn = label.removesuffix(ADABN), label.endswith(ADABN)
-    oof, test, names = features[ADABN if adabn else ""]
+    method, adapted = label.removesuffix(ADAPTED), label.endswith(ADAPTED)
+    oof, test, names = features[ADAPTED if adapted else ""]
     stacker = fit_stacker(oof, names, seed) if method == "stack" else None
     used = bool(matched and matched["used"])
     score, pred = predict(method, test, names, stacker, prior if used else None)
     # method: the combiner, "+adabn" on adapted predictions, "@prior" thresholded to the known share
-    return {"label": label, "method": label + (PRIOR if used else ""), "adabn": adabn, "evidence": evidence,
+    return {"label": label, "method": label + (PRIOR if used else ""), "adabn": adapted, "evidence": evidence,
             "prior_matching": matched, "names": names, "oof": oof, "test": test, "score": score, "pred": pred}

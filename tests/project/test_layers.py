@@ -185,3 +185,20 @@ def test_every_stage_the_scripts_call_has_its_module():
     for stage in called:
         assert (PKG / "stages" / f"{stage.replace('-', '_')}.py").is_file(), stage
     assert len((PKG / "cli.py").read_text().splitlines()) < 150
+
+
+def _literal_sites(pattern: str) -> set[str]:
+    """The modules whose code (string literals included, comments and docstrings too) matches `pattern`."""
+    import re
+
+    return {module_name(p) for p in MODULES if re.search(pattern, p.read_text())}
+
+
+def test_facts_are_parsed_in_one_place():
+    # the weights sources' prefixes: records.WeightSource parses model.weights, nothing else reads the string
+    assert _literal_sites(r"""["'](package|dir|file|hub):""") <= {"records"}
+    # the stack's decision file: written and read through stackdir.StackDir only
+    assert _literal_sites(r"choice\.json") == {"stackdir"}
+    # the kind of model is model.kind, never a frozen boolean (older configs are mapped in config/model.py)
+    assert not _literal_sites(r"\.frozen\b") - {"config.model"}
+    assert _literal_sites(r"\.frozen\b") <= {"config.model"}

@@ -161,7 +161,7 @@ def _with_adabn(runs, adabn: str):
                 t[views] = noisy if adabn == "better" else sharp
                 t.to_csv(run.tta_path(part), index=False)
                 t[views] = sharp if adabn == "better" else noisy
-            t.to_csv(run.tta_path(part, adabn=True), index=False)
+            t.to_csv(run.tta_path(part, adapted=True), index=False)
         refresh_predictions(run)
 
 
@@ -199,7 +199,7 @@ def test_choose_keeps_adabn_unless_plain_is_significantly_better():
 def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
     _with_adabn(runs, "better")
-    runs[0].tta_path("test", adabn=True).unlink()
+    runs[0].tta_path("test", adapted=True).unlink()
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     assert not result.adabn and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
 

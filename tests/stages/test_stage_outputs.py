@@ -188,7 +188,7 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
         assert len(pd.read_csv(run.tta_heldout).filter(like="v").columns) == 8
         assert set(pd.read_csv(run.tta_test).id) == set(cache.index[cache.index.split == "test"].id)
         # a head on stored features has nothing to adapt: its "adapted" predictions are the plain ones
-        pd.testing.assert_frame_equal(pd.read_csv(run.tta_path("test", adabn=True)), pd.read_csv(run.tta_test))
+        pd.testing.assert_frame_equal(pd.read_csv(run.tta_path("test", adapted=True)), pd.read_csv(run.tta_test))
         assert run.adapted_layers() == 0
     assert main(r + ["stack"]) == 0 and main(r + ["submit", "--allow-degenerate"]) == 0
     choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
@@ -227,7 +227,7 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     r = ["--root", str(pipeline)]
     assert main(r + ["infer", "--adabn"]) == 0
     assert "(AdaBN)" in capsys.readouterr().out
-    adapted = pd.read_csv(run.tta_path("test", adabn=True))
+    adapted = pd.read_csv(run.tta_path("test", adapted=True))
     assert (before.id == adapted.id).all() and not np.allclose(before.v0, adapted.v0)
     pd.testing.assert_frame_equal(pd.read_csv(run.tta_test), before)  # plain predictions stay as they were
     assert main(r + ["infer", "--adabn"]) == 0 and "(AdaBN) is up to date" in capsys.readouterr().out

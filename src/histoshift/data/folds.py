@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import Exists, HistoshiftError, Missing
 from ..safeio import write_csv
 from .splits import labelled
-from ..errors import HistoshiftError
 
 COLUMNS = ["id", "center", "label", "fold"]
 
@@ -38,7 +38,7 @@ def write_folds(index: pd.DataFrame, path: Path, force: bool = False) -> pd.Data
             print(f"folds: {path} is up to date ({len(folds)} patches, folds {sorted(folds.fold.unique())})")
             return old
         if not force:
-            raise FileExistsError(
+            raise Exists(
                 f"{path} exists and differs from the folds of the current data; "
                 "move it away or pass --force (the old file is then kept beside it)")
         backup = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.csv")
@@ -54,7 +54,7 @@ def write_folds(index: pd.DataFrame, path: Path, force: bool = False) -> pd.Data
 def read_folds(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no folds file; run the folds stage first")
+        raise Missing(f"{path}: no folds file; run the folds stage first")
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

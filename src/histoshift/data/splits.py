@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import Missing
 from ..lineage import StaleError
 from ..stackdir import StackDir
 from .cache import Cache
@@ -63,7 +64,7 @@ def pseudo_source(cache: Cache, stack_dir: Path) -> Path:
     stack = StackDir(Path(stack_dir))
     path, made_from = stack.test_features, stack.cache_id()
     if not path.exists() or made_from is None:
-        raise FileNotFoundError(f"{path}: pseudo-labels need a finished first round (train, infer, stack)")
+        raise Missing(f"{path}: pseudo-labels need a finished first round (train, infer, stack)")
     if made_from != cache.id:
         raise StaleError(f"{path}: computed from another cache ({made_from}, now {cache.id}); rerun the first round's "
                          "infer and stack before pseudo-labelling")

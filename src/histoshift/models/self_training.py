@@ -1,4 +1,4 @@
-"""Self-training of a head on frozen features, the third label-free adaptation of `infer --adabn`
+"""Self-training of a head on frozen features, the third label-free adaptation of `infer --adapt`
 (after the feature shift of `feature_shift.py`): a few rounds of
 
   1. label the target center's patches with the head's own TTA-mean probability,

@@ -61,7 +61,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
 
     from ..lineage import digest_file
     from ..safeio import write_csv
-    from ..stack import ADABN, calibration_means, compare_prediction_sets, decide
+    from ..stack import ADAPTED, calibration_means, compare_prediction_sets, decide
     from ..stackdir import StackChoice
 
     stack.path.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
         loco_calibration=calibration_means(comparison),
         adabn_vs_plain=evidence,  # the adapted set is dropped only when z_plain_over_adabn > 1.96
         # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
-        adaptations={r.name: r.adaptation() for r in runs} if ADABN in features else None,
+        adaptations={r.name: r.adaptation() for r in runs} if ADAPTED in features else None,
         prior_matching=matched, test_positive_rate=float(d["pred"].mean()),
         heldout_selected=sorted({r.model_name for r in runs if r.model_name in names
                                  and r.cfg.train.early_stop_patience > 0}),
