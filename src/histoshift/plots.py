@@ -1,15 +1,6 @@
-"""The tables and figures of the `report` stage (stages/report.py writes report.md around them):
-
-work/report/report.md      per-run held-out accuracy/AUC, combiner comparison, stage outputs
-work/report/curves.png     held-out accuracy and training loss per epoch, one line per run
-work/report/combiners.png  leave-one-center-out accuracy of mean / rank / stack per center
-work/report/per_center.png accuracy and AUC per held-out center of the mean ensemble (out of fold)
-work/report/roc.png        ROC curve per held-out center and a reliability diagram (mean ensemble)
-work/report/feature_map.png  t-SNE of a fold model's backbone features for a sample of every center,
-                           coloured by center and by label; beside it the same fold trained without a
-                           domain head (ERM) when such a run exists
-The data overview (sample patches and stain per center) is written by prepare: work/cache/overview.png.
-"""
+"""The tables and figures of the `report` stage (stages/report.py lists the files and writes report.md around
+them): run tables, curves, the sparse heads' signatures, the feature map (t-SNE by center and label), the
+combiners, the mean ensemble per held-out center (ROC, reliability)."""
 from __future__ import annotations
 
 import json
