@@ -134,22 +134,16 @@ def check_weights(check: Check, cfg: Config) -> None:
 
 # -- sizes -------------------------------------------------------------------------------------------------
 def patch_counts(paths: Paths) -> dict[str, int] | None:
-    """Patches per split: from the cache when prepared, else from the input files' groups; None: neither."""
-    index = paths.cache / "index.csv"
-    if index.is_file():
-        import pandas as pd
+    """Patches per split, read through the reader that owns the input contract (data/h5_reader.py): a missing,
+    empty, truncated or non-HDF5 input file is InputError naming the file, before anything long starts. None:
+    no input file at all (nothing to count yet)."""
+    from .data.cache import SPLITS
+    from .data.h5_reader import sorted_keys
 
-        return pd.read_csv(index, usecols=["split"])["split"].value_counts().to_dict()
-    counts = {}
-    for split in ("train", "val", "test"):
-        path = paths.input / f"{split}.h5"
-        if not path.is_file():
-            return None
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            counts[split] = len(f.keys())
-    return counts
+    files = {split: paths.input / f"{split}.h5" for split in SPLITS}
+    if not any(p.exists() for p in files.values()):
+        return None
+    return {split: len(sorted_keys(path)) for split, path in files.items()}  # sorted_keys: open_h5's checks
 
 
 def architecture(cfg: Config):
