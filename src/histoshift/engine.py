@@ -31,7 +31,7 @@ from .progress import bar
 from .runs import RunDir
 from .errors import require_finite
 from .lineage import StaleError
-from .safeio import write_text
+from .safeio import append_text, write_text
 from .tracking import numbers
 from .tta import check_finite
 
@@ -173,8 +173,7 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
         progress.epoch, progress.seconds = epoch + 1, time.time() - t0
         progress.records.append(record)
         if accelerator.is_main_process:
-            with run.metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(run.metrics, json.dumps(record) + "\n")  # never through a planted link
         if patience and held["accuracy"] > progress.best_acc:
             progress.best_epoch, progress.best_acc = epoch + 1, float(held["accuracy"])
             best = {k: v.detach().cpu().clone().contiguous() for k, v in core.model.state_dict().items()}

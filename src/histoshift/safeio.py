@@ -84,13 +84,40 @@ def write_figure(fig, path: Path, **kwargs) -> None:
         fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs)
 
 
-def new_file_path(path: Path) -> Path:
-    """`path` cleared for a library that opens it by name to create it (a memory map, an HDF5 file): a symlink
-    or file there is removed first (unlink never follows), so nothing is written through a planted link."""
-    path = Path(path)
-    if path.is_symlink() or path.exists():
-        path.unlink()
-    return path
+class LinkError(HistoshiftError, OSError):
+    """A path histoshift would write through is a symbolic link (planted, or left by another tool)."""
+
+
+def _open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
+    """os.open that never follows a symbolic link at `path` (O_NOFOLLOW: checked and opened in one call)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode & ~_UMASK)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise LinkError(f"{path}: is a symbolic link; nothing is written through one (remove the link)") from None
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a log file (metrics.jsonl), never through a symbolic link."""
+    fd = _open_nofollow(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a") as f:
+        f.write(text)
+
+
+def open_npy(path: Path, mode: str = "r+"):
+    """An existing .npy file as a memory map, opened without following a symbolic link (numpy opens by name:
+    a link planted between a check and its open would be followed). ValueError: not a .npy array file."""
+    import numpy as np
+
+    fd = _open_nofollow(Path(path), os.O_RDWR if mode == "r+" else os.O_RDONLY)
+    with os.fdopen(fd, "r+b" if mode == "r+" else "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError("holds Python objects, not numbers")
+        return np.memmap(f, dtype=dtype, mode=mode, offset=f.tell(), shape=shape, order="F" if fortran else "C")
 
 
 def human(nbytes: float) -> str:
@@ -115,27 +142,36 @@ def require_free(folder: Path, nbytes: int, what: str) -> None:
 
 
 def reserve_npy(path: Path, shape: tuple, dtype, what: str):
-    """A new .npy memory map (mode w+) whose blocks are allocated now: a full disk fails here with one
-    line, not later with SIGBUS inside a write to a sparse file."""
+    """A new .npy memory map (mode r+) whose blocks are allocated now: a full disk fails here with one line
+    naming the file, not later with SIGBUS inside a write to a sparse file. The file is made under a fresh
+    temporary name (O_EXCL: never through a link) and renamed over `path` (a rename replaces a link, it does
+    not follow it)."""
     import numpy as np
 
+    path = Path(path)
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    try:  # creating the memory map itself writes the header and sizes the file: a full disk can fail here too
-        arr = np.lib.format.open_memmap(new_file_path(path), mode="w+", dtype=dtype, shape=shape)
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-        try:
-            os.posix_fallocate(fd, 0, os.path.getsize(path))
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem without it: go on
-                raise
-        finally:
-            os.close(fd)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                     "fortran_order": False, "shape": tuple(shape)})
+            f.flush()
+            size = f.tell() + nbytes
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem without it: go on
+                    raise
+            os.ftruncate(f.fileno(), size)
+        os.replace(tmp, path)
     except OSError as e:
-        Path(path).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise DiskError(f"{path}: cannot reserve {human(nbytes)} for {what} ({e.strerror}); free some space") from None
-    return arr
+    return open_npy(path, "r+")
 
 
 class Lock:

@@ -238,12 +238,14 @@ def test_reweighting_switches_match_a_hand_computation():
 
     cfg = Config.model_validate(tiny_config(algorithm={"name": "dann", "class_reweight": True, "domain_reweight": True}))
     algo = ALGORITHMS["dann"](PatchClassifier(cfg.model, load_weights=False), 3, cfg)
-    # center 0: 3 normal, 1 tumour; center 3: 2 and 2; targets: 4 patches of center 1
+    # center 0: 3 normal, 1 tumour; center 3: 2 and 2; targets: 8 patches of center 1 (twice a labelled center)
     source = pd.DataFrame({"center": [0, 0, 0, 0, 3, 3, 3, 3], "label": [0, 0, 0, 1, 0, 0, 1, 1]})
-    target = pd.DataFrame({"center": [1, 1, 1, 1]})
+    target = pd.DataFrame({"center": [1] * 8})
+    assert torch.equal(algo.domain_weights, torch.ones(3))  # before observe(): the buffer's initial value
     algo.observe(source, target, {0: 0, 1: 1, 3: 2})
     torch.testing.assert_close(algo.class_weights, torch.tensor([[4 / 6, 4 / 2], [1.0, 1.0], [1.0, 1.0]]))
-    torch.testing.assert_close(algo.domain_weights, torch.tensor([12 / (3 * 4)] * 3))  # equal shares: all 1
+    # N = 16 patches over K = 3 centers: w = N / (K n) -> 16/12 for the labelled ones, 16/24 for the target
+    torch.testing.assert_close(algo.domain_weights, torch.tensor([16 / 12, 16 / 24, 16 / 12]))
     logits, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
     w = torch.tensor([2.0, 1.0, 0.5])
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")

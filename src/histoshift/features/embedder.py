@@ -33,7 +33,7 @@ from ..data.cache import SPLITS, Cache
 from ..models.backbone import PatchClassifier
 from ..precision import autocast
 from ..progress import bar as progress_bar
-from ..safeio import Lock, reserve_npy, write_text
+from ..safeio import Lock, open_npy, reserve_npy, write_text
 from ..stain.hed import hed_transform
 from ..tta import per_view, view_stack
 from . import store as layout  # layout.CHUNK_ROWS read at call time: one fact, in store.py
@@ -129,7 +129,7 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
         reserve_npy(tmp, (n, n_views, dim), np.float16, f"the {split} features").flush()
         tmp.replace(target)
     accelerator.wait_for_everyone()
-    arr = np.load(target, mmap_mode="r+")
+    arr = open_npy(target, "r+")  # never through a planted link
     if arr.shape != (n, n_views, dim):
         raise RuntimeError(f"{target}: shape {arr.shape}, expected {(n, n_views, dim)}; delete {path} and embed again")
     starts = [s for s in range(0, n, layout.CHUNK_ROWS) if not (marks / f"{split}-{s}").exists()]

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +99,29 @@ class FeatureStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.meta = json.loads((self.path / "meta.json").read_text())
-        self.arrays = {s: np.load(self.path / f"features_{s}.npy", mmap_mode="r") for s in SPLITS}
-        self.dim = self.arrays["train"].shape[-1]
         self.views = self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
+
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The memory-mapped features per split; a file that is not the store's array (truncated, its header
+        overwritten, another file) is FeatureError naming it - the embed stage then embeds it again."""
+        out = {}
+        for split in SPLITS:
+            file = self.path / f"features_{split}.npy"
+            try:
+                out[split] = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise FeatureError(f"{file}: cannot be read as the store's features ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else 'damaged'}); run embed for this config "
+                                   "(it embeds the store again)") from None
+            if out[split].ndim != 3 or out[split].dtype != np.float16:
+                raise FeatureError(f"{file}: holds {out[split].dtype} of shape {out[split].shape}, not the store's "
+                                   "N x V x D float16 features; run embed for this config (it embeds the store again)")
+        return out
+
+    @property
+    def dim(self) -> int:
+        return self.arrays["train"].shape[-1]
 
     def bad_chunks(self) -> list[str]:
         """The chunks whose rows do not match the checksum in their marker (or have none): '<split>-<row>'."""

@@ -45,7 +45,9 @@ def run_task(run: RunDir, cache: Cache, paths: Paths, accelerator: Accelerator) 
     cache and, for heads on features, the current feature store."""
     run.check_inputs(cache.digests)
     task = TASKS[run.kind](run.cfg, cache, paths, accelerator, config_precision(run.cfg))
-    run.check_lineage(task.lineage())
+    run.check_lineage(task.lineage())  # before anything is embedded: a run of other data is refused at once
+    if task.stored_data() is not None:  # the store verified, damaged chunks embedded again: compare what it
+        run.check_lineage(task.lineage())  # holds now (re-embedded bytes that differ make the run stale)
     return task, task.load(run)
 
 
