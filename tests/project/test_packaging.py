@@ -39,6 +39,40 @@ def test_the_declared_ranges_admit_the_pinned_lock():
     assert {"fm", "track", "kaggle", "dev"} <= set(project["optional-dependencies"])
 
 
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"yaml": "pyyaml", "sklearn": "scikit-learn", "pytorch_optimizer": "pytorch-optimizer",
+                 "huggingface_hub": "huggingface-hub"}
+
+
+def _third_party_imports() -> dict[str, str]:
+    """Every top-level module the package imports that is not the standard library -> the first file doing it."""
+    import ast
+
+    found = {}
+    for path in sorted((REPO / "src" / "histoshift").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "histoshift":
+                    found.setdefault(top, str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_import_is_declared():
+    """What arrives only through another package (scipy through scikit-learn, huggingface_hub through timm) breaks
+    the day that package drops it: every import is a declared dependency or extra, read from the source."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {Requirement(r).name.lower().replace("_", "-") for r in project["dependencies"]}
+    declared |= {Requirement(r).name.lower().replace("_", "-") for group in project["optional-dependencies"].values()
+                 for r in group}
+    imports = _third_party_imports()
+    assert {"torch", "timm", "scipy", "huggingface_hub"} <= set(imports)  # the scan sees lazy imports too
+    missing = {m: where for m, where in imports.items() if DISTRIBUTIONS.get(m, m).replace("_", "-") not in declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
 @pytest.mark.slow
 def test_editable_install_into_a_fresh_environment_gives_the_command(tmp_path):
     """A fresh venv that sees the packages already installed here (like a notebook's environment), the project
