@@ -103,9 +103,9 @@ def test_per_center_standardisation_recovers_a_shifted_center():
     assert adapted > 0.85 and adapted > plain + 0.1
 
 
-def test_no_label_is_read_and_none_is_the_identity():
-    """The maps see features only: scrambling the target's labels cannot change them (their signature
-    has no labels), and the same features give the same map, bit for bit."""
+def test_the_map_is_deterministic_and_none_is_the_identity():
+    """The same features give the same map, bit for bit; `none` maps nothing and stores nothing. (That no label
+    of the target is read is tested on whole runs below: scrambled labels, the same adapted head.)"""
     x, _ = _center(300, 7, _shift(8))
     src = [_center(300, 1)[0]]
     maps = []

@@ -5,6 +5,7 @@ the text tower never read, and trust_remote_code refused."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import timm
@@ -68,6 +69,41 @@ def test_every_full_size_tensor_has_exactly_one_source_name():
     hub = [UNICL.hub_key(k) for k in keys]
     assert len(keys) == 402 and len(set(hub)) == 402 and all(h.startswith("image_encoder.") for h in hub)
     assert [UNICL.timm_key(h.removeprefix("image_encoder."), "f") for h in hub] == keys
+
+
+ORIGINAL = pathlib.Path(__file__).parent / "data" / "medimageinsight_2024.09.27_image_tower.txt"
+
+
+def _original_checkpoint() -> dict[str, torch.Tensor]:
+    """The real checkpoint's image tower as the original model code names and shapes it (data/: listed once from
+    MedImageInsight's own davit_v1.py and UniCLModel.py), as meta tensors (no weights, no memory)."""
+    out = {}
+    for line in ORIGINAL.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, shape = line.split()
+            out[name] = torch.empty([int(s) for s in shape.split("x")], device="meta")
+    return out
+
+
+def test_the_adapter_maps_the_original_checkpoint_onto_the_network_it_builds(tmp_path):
+    """Not the adapter's own inverse: the complete key list of the original model, through the adapter, is exactly
+    the state dict of the network the adapter builds from the original config - every tensor, every shape."""
+    from histoshift.models.foundation.build import build_network, timm_build
+
+    original = _original_checkpoint()
+    assert len(original) == 403 and sum(k.startswith("image_encoder.") for k in original) == 402
+    config = tmp_path / "config.yaml"
+    config.write_text("IMAGE_ENCODER:\n  NAME: davit_v1\n  IMAGE_SIZE: [480, 480]\n  SPEC:\n"
+                      "    DIM_EMBED: [256, 512, 1024, 2048]\n    NUM_HEADS: [8, 16, 32, 64]\n"
+                      "    NUM_GROUPS: [8, 16, 32, 64]\n    DEPTHS: [1, 1, 9, 1]\n    WINDOW_SIZE: 12\n"
+                      "UNICL_MODEL:\n  DIM_PROJECTION: 1024\n")
+    build = timm_build(MII, UNICL.read_config(config))
+    with torch.device("meta"):
+        net = build_network(build, MII)
+    encoder, projection = UNICL.convert({k: v for k, v in original.items() if UNICL.keep(k)}, "original")
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in encoder.items()} == want
+    assert tuple(projection.shape) == (net.num_features, build["projection_dim"]) == (2048, 1024)
 
 
 def _mii_cache(hf_cache):

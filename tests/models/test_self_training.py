@@ -88,9 +88,14 @@ def test_the_shift_is_never_trained_and_a_sparse_probe_stays_sparse():
     sparse.load_state_dict(head.state_dict(), strict=False)
     with torch.no_grad():
         sparse.head[-1].weight[0, 6:] = 0.0
+    # the shift is statistics (buffers) only: nothing an optimizer over the head's parameters could move...
+    assert list(sparse.shift.state_dict()) and not list(sparse.shift.parameters())
     shift = copy.deepcopy(sparse.shift.state_dict())
+    head_before = copy.deepcopy(sparse.head.state_dict())
     SelfTraining(2, 0.9, 0.01, 64)(sparse, xs, ys, xt)
+    # ...and self-training does not re-estimate it (the target's statistics stay those adapt_to set)
     assert all(torch.equal(shift[k], v) for k, v in sparse.shift.state_dict().items())
+    assert not all(torch.equal(head_before[k], v) for k, v in sparse.head.state_dict().items())  # it did train
     assert (sparse.head[-1].weight[0, 6:] == 0).all()  # no noise dimension comes back
 
 

@@ -37,7 +37,10 @@ def root(prepared_root, tmp_path):
     return copy
 
 
-def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys):
+def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys, monkeypatch):
+    import histoshift.readiness as readiness
+
+    monkeypatch.setattr(readiness, "matmul_rate", lambda device, precision: 2e11)  # a fixed "device": 200 GFLOP/s
     write_standin(RECIPES["medimageinsight"], hf_cache)
     code, out, err = _run(root, CONFIGS / "fm_medimageinsight_frozen.yaml", CONFIGS / "demo_lite0_dann.yaml",
                           CONFIGS / "paper_medimageinsight_mlp.yaml", capsys=capsys)
@@ -50,7 +53,18 @@ def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys):
     images = int(cells[3])
     assert images == (n - test) * (8 + 4) + test * 8  # 8 dihedral views, 4 HED views of labelled patches
     assert cells[4] == f"{images * 1024 * 2 / 1e9:.2f} GB"  # float16, 1024 values (the projected embedding)
-    assert cells[6].startswith("~")  # a projected time
+    # the projected time: images x forward FLOPs of the card's architecture (480 px DaViT-H, counted on the meta
+    # device) / (rate x assumed efficiency)
+    import torch
+
+    from histoshift.models.backbone import PatchClassifier
+    from histoshift.tasks import load_experiment
+
+    with torch.device("meta"):
+        net = PatchClassifier(load_experiment(CONFIGS / "fm_medimageinsight_frozen.yaml").model, load_weights=False)
+    flops = readiness.forward_flops(net.backbone, 480)
+    assert flops > 1e11  # a ViT-H class model at 480 px: hundreds of GFLOPs an image
+    assert cells[6] == readiness.human(images * flops / (2e11 * readiness.ViT_EFFICIENCY))
     mlp = next(line for line in out.splitlines() if line.startswith("| paper_medimageinsight_mlp |"))
     assert "| 0.00 GB |" in mlp and "shared with fm_medimageinsight_frozen" in mlp  # one store, counted once
     assert "preflight: 3 config(s) ready" in out

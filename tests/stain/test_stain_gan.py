@@ -69,6 +69,20 @@ def test_the_generator_keeps_the_grayscale_structure_after_a_few_steps(prepared_
     out = colour(x)
     assert out.shape == x.shape and out.dtype == x.dtype and 0 <= out.min() and out.max() <= 1
     assert not torch.allclose(luma(out).expand_as(out), out)  # colour, not a gray copy
+    # the colour learned is the target center's: patches of another center (val = center 1) come out with mean
+    # chromaticity (RGB over luma) nearer to center 2's than they went in, and nearer than the untrained net's
+    index = cache.index
+    target = torch.from_numpy(cache.gather(index[index["center"] == 2].head(32))).permute(0, 3, 1, 2).float() / 255
+
+    def chroma(batch):
+        return (batch.mean(dim=(0, 2, 3)) / luma(batch).mean()).numpy()
+
+    def gap(batch):
+        return float(np.abs(chroma(batch) - chroma(target)).sum())
+
+    with torch.no_grad():
+        untrained = stain_gan.Generator(4, 1).eval()(x)
+    assert gap(out) < 0.6 * gap(x) and gap(out) < gap(untrained), (gap(x), gap(untrained), gap(out))
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["spec"]["target"] == 2 and meta["spec"]["sources"] == [0, 1, 2, 3, 4] and meta["steps"] == 40
     assert (folder / "samples.png").stat().st_size > 0 and len((folder / "losses.csv").read_text().splitlines()) == 1 + 1

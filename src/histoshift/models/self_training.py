@@ -50,8 +50,8 @@ class SelfTraining:
 
     def _rounds(self, model, source: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> dict:
         gen = torch.Generator().manual_seed(self.seed)
-        params = [p for name, p in model.named_parameters() if not name.startswith("shift.")]
-        optimizer = torch.optim.Adam(params, lr=self.lr)
+        # the feature shift holds statistics (buffers), no parameters: the optimizer cannot move it
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
         labels, counts, positive = labels.float(), [], []
         for _ in range(self.rounds):
             prob = self.target_probability(model, target)
