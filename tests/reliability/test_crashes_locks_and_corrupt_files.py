@@ -103,7 +103,7 @@ def test_a_changed_test_file_is_never_reused_in_silence(finished, tmp_path, caps
     sub = (finished / "submissions" / "submission.csv").read_text()
     _rewrite_test_images(finished)
     for stage in (["train", "--config", str(tmp_path / "head.yaml")], ["infer"], ["stack"], ["submit", "--allow-degenerate"]):
-        _refused(capsys, r + stage, "test.h5 changed since the cache was built; run prepare")
+        _refused(capsys, r + stage, "test.h5 changed since the cache was built")
     assert main(r + ["prepare"]) == 0
     _refused(capsys, r + ["train", "--config", str(tmp_path / "head.yaml")],
              "holds a finished run with other inputs (the cached test.h5", "--force")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,24 +69,57 @@ class Contract:
 
 
 def input_files(input_dir: Path) -> dict:
+    """Per split the input file's quick identity: size and modification time, and its change time (ctime), which
+    the system sets on every write and no tool sets back: an edit that restores the modification time still
+    moves it (so does a copy or a chmod: then the bytes are compared, `changed_inputs`)."""
     files = {}
     for split in SPLITS:
         p = input_dir / f"{split}.h5"
         if not p.exists():
             raise InputError(f"{p}: file not found")
         st = p.stat()
-        files[split] = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        files[split] = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "ctime_ns": st.st_ctime_ns}
     return files
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, ctime) -> content digest, within a process
+
+
+def file_digest(path: Path) -> str:
+    """A digest of a file's bytes (blake2b; Python's file_digest reads in large blocks at about 1 GB/s a core),
+    memoised per (path, size, mtime, ctime) within a process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    return _DIGESTS[key]
+
+
 def file_digests(input_dir: Path) -> dict:
-    """A digest of each input file's bytes (blake2b; Python's file_digest reads in large blocks at about
-    1 GB/s a core). Stored in the manifest by prepare; `prepare --verify` recomputes it, so a file edited
-    with its size and modification time kept is caught (the quick check of every stage sees only those)."""
-    out = {}
+    """The content digest of each input file. Stored in the manifest by prepare; compared whenever a file's
+    change time moved (`changed_inputs`) and, with `prepare --verify`, always."""
+    return {split: file_digest(Path(input_dir) / f"{split}.h5") for split in SPLITS}
+
+
+def changed_inputs(input_dir: Path, manifest: dict, verify: bool = False) -> dict[str, str]:
+    """The input files that are not the ones the cache was built from -> how they changed. Size or modification
+    time differ: changed. Change time moved (or `verify`): the bytes are read and compared with the manifest's
+    digest, so an edit in place that kept size and modification time is caught. Missing files are not checked
+    (inputs moved away after prepare)."""
+    input_dir, out = Path(input_dir), {}
     for split in SPLITS:
-        with open(input_dir / f"{split}.h5", "rb") as f:
-            out[split] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        path = input_dir / f"{split}.h5"
+        if not path.exists():
+            continue
+        now, then = input_files(input_dir)[split], manifest.get("files", {}).get(split, {})
+        if any(now[k] != then.get(k) for k in ("size", "mtime_ns")):
+            out[split] = f"{path} changed since the cache was built (size or modification time)"
+        elif (verify or now["ctime_ns"] != then.get("ctime_ns")) and \
+                file_digest(path) != manifest.get("content", {}).get(split):
+            out[split] = f"{path} changed since the cache was built (in place: same size and modification time, " \
+                         "other bytes)"
     return out
 
 
@@ -119,16 +153,13 @@ def read_manifest(cache_dir: Path) -> dict:
 
 
 def check_inputs(input_dir: Path, cache_dir: Path) -> dict:
-    """The cache's manifest, after checking that input/*.h5 are the files it was built from (size and
-    mtime; a folder without the files, e.g. inputs moved away after prepare, is not checked)."""
+    """The cache's manifest, after checking that input/*.h5 are the files it was built from (`changed_inputs`;
+    a folder without the files, e.g. inputs moved away after prepare, is not checked)."""
     manifest = read_manifest(cache_dir)
-    input_dir = Path(input_dir)
-    moved = [s for s in SPLITS if (input_dir / f"{s}.h5").exists()
-             and {k: v for k, v in input_files(input_dir)[s].items() if k != "path"}
-             != {k: v for k, v in manifest["files"][s].items() if k != "path"}]
-    if moved:
-        raise StaleError(f"{', '.join(str(input_dir / f'{s}.h5') for s in moved)} changed since the cache was built; "
-                         "run prepare (then the stages after it recompute or refuse what is stale)")
+    changed = changed_inputs(input_dir, manifest)
+    if changed:
+        raise StaleError(f"{'; '.join(changed.values())}; run prepare (then the stages after it recompute or refuse "
+                         "what is stale)")
     return manifest
 
 

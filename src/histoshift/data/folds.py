@@ -35,7 +35,7 @@ def write_folds(index: pd.DataFrame, path: Path, force: bool = False) -> pd.Data
     if path.exists():
         old = pd.read_csv(path)
         if list(old.columns) == COLUMNS and old.equals(folds.astype(old.dtypes.to_dict())):
-            print(f"folds: {path} is up to date ({len(folds)} patches, folds {sorted(folds.fold.unique())})")
+            print(f"folds: {path} is up to date ({len(folds)} patches, folds {sorted(int(f) for f in folds.fold.unique())})")
             return old
         if not force:
             raise Exists(
@@ -46,7 +46,7 @@ def write_folds(index: pd.DataFrame, path: Path, force: bool = False) -> pd.Data
         print(f"folds: kept the previous file as {backup}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_csv(path, folds)
-    counts = folds.groupby("fold").size().to_dict()
+    counts = {int(k): int(v) for k, v in folds.groupby("fold").size().items()}
     print(f"folds: wrote {path}: patches per held-out center {counts}")
     return folds
 

@@ -43,7 +43,7 @@ def split_for_fold(index: pd.DataFrame, folds: pd.DataFrame, fold: int):
         missing = lab.loc[lab["fold"].isna(), "id"].head(3).tolist()
         raise ValueError(f"folds file does not match the cache: ids {missing} have no fold; rebuild the folds")
     if fold not in set(lab["fold"]):
-        raise ValueError(f"fold {fold} does not exist (folds: {sorted(lab['fold'].unique())})")
+        raise ValueError(f"fold {fold} does not exist (folds: {sorted(int(f) for f in lab['fold'].unique())})")
     source = lab[(lab["fold"] != fold) & ~lab["aberrant"]]
     heldout = lab[lab["fold"] == fold]
     target = pd.concat([heldout, test_rows(index)])

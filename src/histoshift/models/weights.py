@@ -53,6 +53,13 @@ def is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < Path(path).stat().st_size
 
 
+def _torch_checkpoint(path: Path) -> bool:
+    """torch.save's formats by their first bytes: a zip archive (PK), or a bare pickle (protocol 2+: 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def read_state_dict(path: Path, keep=None) -> dict[str, torch.Tensor]:
     """A weights file: safetensors (by content, whatever the suffix), or a torch file through timm's
     loader with weights_only=True (nothing is unpickled), its `state_dict` / `model` entry taken, DDP
@@ -61,15 +68,21 @@ def read_state_dict(path: Path, keep=None) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
+    safetensors = is_safetensors(path)
+    if not safetensors and not _torch_checkpoint(path):
+        raise WeightsError(f"{path}: neither a safetensors file nor a torch checkpoint (a zip archive or a pickle); "
+                           "a broken download, or another file than the weights?")
     try:
-        if is_safetensors(path):
+        if safetensors:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
         obj = timm_load_state_dict(str(path), use_ema=False, weights_only=True)
-    except Exception as e:  # pickles that need code, truncated or foreign files
-        raise WeightsError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # pickles that need code, truncated archives
+        what = "a safetensors file" if safetensors else "a torch checkpoint"
+        raise WeightsError(f"{path}: looks like {what} but cannot be read as weights ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}); nothing of it is unpickled") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
     return {k: v for k, v in obj.items() if keep is None or keep(k)}

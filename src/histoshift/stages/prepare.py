@@ -45,27 +45,29 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
     `workers`: reader processes (0: one per core, at most 8, for files of more than 8 chunks). Unchanged
     means same size and modification time, and with `verify` also the same bytes (`file_digests`)."""
     from ..data.build import build, default_workers, first_side, fingerprint
-    from ..data.cache import SPLITS, Contract, file_digests, load_index, quality_report
+    from ..data.cache import SPLITS, Contract, changed_inputs, file_digests, load_index, quality_report
     from ..data.h5_reader import sorted_keys
     from ..data.quality import QualityRule
-    from ..safeio import Lock, require_free
+    from ..safeio import Lock, require_free, write_json
 
     rule, contract = rule or QualityRule(), contract or Contract()
     input_dir, cache_dir = Path(input_dir), Path(cache_dir)
     with Lock(cache_dir.with_name(f".{cache_dir.name}.lock"), f"the cache {cache_dir} (prepare)"):
         fp = fingerprint(input_dir, rule, contract)
         manifest = cache_dir / "manifest.json"
-        digests = file_digests(input_dir) if verify else None
         if not force and manifest.exists():
             old = json.loads(manifest.read_text())
-            if {k: old.get(k) for k in fp} == fp:
-                changed = [s for s in SPLITS if digests and old.get("content", {}).get(s) != digests[s]]
-                if not changed:
-                    print(f"prepare: cache in {cache_dir} is up to date{' (file contents verified)' if verify else ''}, "
-                          "nothing to do")
-                    return load_index(cache_dir)
-                print(f"prepare: {', '.join(str(input_dir / f'{s}.h5') for s in changed)} changed with size and "
-                      "modification time kept (or the cache predates content digests); rebuilding the cache")
+            moved = [f"the {what} changed since the cache was built" for what in ("rule", "contract")
+                     if old.get(what) != fp[what]]
+            moved += ["the cache was built by an older version"] * (old.get("version") != fp["version"])
+            moved = moved or list(changed_inputs(input_dir, old, verify=verify).values())
+            if not moved:
+                if old.get("files") != fp["files"]:  # change times or paths moved, the bytes compared equal
+                    write_json(manifest, {**old, "files": fp["files"]})
+                print(f"prepare: cache in {cache_dir} is up to date{' (file contents verified)' if verify else ''}, "
+                      "nothing to do")
+                return load_index(cache_dir)
+            print(f"prepare: {'; '.join(moved)}: rebuilding the cache")
         for stale in [*cache_dir.parent.glob(f".{cache_dir.name}.building-*"), *cache_dir.glob(".building-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed prepare
         paths = {split: input_dir / f"{split}.h5" for split in SPLITS}
@@ -82,7 +84,7 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
                else cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}"))
         new.mkdir(parents=True)
         try:
-            index = build(paths, keys, new, rule, contract, side, workers, fp, digests or file_digests(input_dir))
+            index = build(paths, keys, new, rule, contract, side, workers, fp, file_digests(input_dir))
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise

@@ -29,10 +29,29 @@ def load_experiment(path, overrides=()) -> Config:
     cfg = load_config(path, overrides)
     if cfg.model.recipe:
         try:
-            resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
+            recipe = resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
         except RecipeError as e:
             raise ConfigError(f"model.recipe: {e}") from None
+        changed = {"library", "architecture"} & set(cfg.model.recipe_overrides)
+        if changed and not _library_has(recipe.library, recipe.architecture):
+            raise ConfigError(f"model.recipe_overrides.{sorted(changed)[0]}: {recipe.library} has no model "
+                              f"'{recipe.architecture}' (the recipe {cfg.model.recipe} builds "
+                              f"{resolve_recipe(cfg.model.recipe).architecture} with "
+                              f"{resolve_recipe(cfg.model.recipe).library})")
     return cfg
+
+
+def _library_has(library: str, architecture: str) -> bool:
+    """Whether timm can create, or transformers has a class named, `architecture` (an overridden recipe)."""
+    if library == "timm":
+        import timm
+
+        return timm.is_model(architecture)
+    try:
+        import transformers
+    except ImportError:
+        return True  # said by the loader in one line, with how to install it
+    return hasattr(transformers, architecture)
 
 
 def make_task(cfg: Config, cache: Cache, paths: Paths, accelerator: Accelerator) -> Task:

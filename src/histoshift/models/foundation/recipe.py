@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from ...errors import HistoshiftError
@@ -84,6 +84,18 @@ class Recipe:
                              "that needs it has no recipe here until a native timm / transformers class loads it")
         return kwargs
 
+    @model_validator(mode="after")
+    def _input_size(self):
+        """A transformers ViT takes what its patch embedding can: checked when the config is read, not as a
+        traceback at embedding time (timm networks are checked once built: loader.check_input_size)."""
+        patch, side = self.arch_kwargs.get("patch_size"), self.arch_kwargs.get("image_size")
+        if self.library == "transformers" and patch and self.input_size % patch:
+            raise ValueError(f"input_size {self.input_size}: not a multiple of {self.title}'s patch size {patch}")
+        if self.library == "transformers" and self.architecture == "ViTModel" and side and self.input_size != side:
+            raise ValueError(f"input_size {self.input_size}: {self.title}'s ViTModel takes {side}x{side} inputs (its "
+                             f"position embeddings are not interpolated); keep input_size {side}")
+        return self
+
     @property
     def tokens(self) -> int | None:
         """Tokens a ViT returns at `input_size`: class token, registers, patch tokens (None: not a ViT)."""
@@ -112,4 +124,6 @@ def override(recipe: Recipe, overrides: dict) -> Recipe:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
+        if not where:  # a rule across fields (the validators above): their own words
+            raise RecipeError(f"{recipe.name}: {err.get('ctx', {}).get('error', err['msg'])}") from None
         raise RecipeError(f"{recipe.name}.{where}: {err['msg']}, got {err.get('input')!r}") from None

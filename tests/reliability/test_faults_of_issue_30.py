@@ -1,0 +1,101 @@
+"""Faults found by reading the code and by a rerun of the earlier fault probe: each ends in one line naming what
+is wrong (exit 2), or is survived with nothing lost."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from histoshift.cli import main
+from histoshift.config import ConfigError
+
+from helpers import one_error_line, random_items, write_h5
+
+CONFIGS = "configs"
+
+
+def test_an_input_size_a_transformers_vit_cannot_take_is_refused_when_the_config_is_read():
+    from histoshift.tasks import load_experiment
+
+    with pytest.raises(ConfigError, match="Phikon's ViTModel takes 224x224 inputs"):
+        load_experiment(f"{CONFIGS}/fm_phikon_frozen.yaml", ["model.recipe_overrides={input_size: 112}"])
+    with pytest.raises(ConfigError, match="input_size 100: not a multiple of Phikon-v2's patch size 16"):
+        load_experiment(f"{CONFIGS}/fm_phikon2_frozen.yaml", ["model.recipe_overrides={input_size: 100}"])
+    # DINOv2-style models interpolate their position embeddings: another multiple of the patch is fine
+    assert load_experiment(f"{CONFIGS}/fm_phikon2_frozen.yaml", ["model.recipe_overrides={input_size: 112}"])
+
+
+def test_an_overridden_library_is_named_not_the_hubs_files():
+    from histoshift.tasks import load_experiment
+
+    with pytest.raises(ConfigError, match="model.recipe_overrides.library: transformers has no model "
+                                          "'vit_giant_patch14_reg4_dinov2'"):
+        load_experiment(f"{CONFIGS}/fm_hoptimus0_frozen.yaml", ["model.recipe_overrides={library: transformers}"])
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\x00" + bytes(range(256)) * 8, "neither a safetensors file nor a torch checkpoint"),
+    (b"PK\x03\x04" + bytes(100), "looks like a torch checkpoint but cannot be read"),
+    (b"\x80\x04\x95" + bytes(60), "looks like a torch checkpoint but cannot be read")])
+def test_a_weights_file_that_is_not_weights_says_what_it_is(tmp_path, content, says):
+    from histoshift.models.weights import WeightsError, read_state_dict
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=says) as e:
+        read_state_dict(path)
+    assert str(path) in str(e.value)
+    if content[:1] == b"\x00":  # not a pickle at all: the line does not blame pickling
+        assert "pickle" not in str(e.value).replace("a pickle)", "")
+
+
+def test_messages_print_numbers_not_numpy_reprs(prepared_root, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    assert main(["--root", str(root), "folds"]) == 0
+    out = capsys.readouterr().out
+    assert "folds [0, 1, 3, 4]" in out and "np.int64" not in out
+
+
+def _edit_in_place(path, rng) -> None:
+    """New bytes of the same size, the modification time set back (as `touch -r` or a careless tool does)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    with open(path, "r+b") as f:  # flip bytes well inside the file: the HDF5 structure survives, pixels change
+        f.seek(len(data) - 2048)
+        f.write(rng.integers(0, 256, 1024, dtype=np.uint8).tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.slow
+def test_a_test_file_changed_in_place_makes_infer_stack_and_submit_refuse(finished, capsys):
+    """Same size, same modification time, other bytes: only the change time moved. Every stage that reads the
+    cache compares the bytes then (and only then) with the digest prepare recorded."""
+    time.sleep(0.01)
+    _edit_in_place(finished / "input" / "test.h5", np.random.default_rng(0))
+    before = (finished / "submissions" / "submission.csv").read_bytes()
+    for stage in (["infer"], ["infer", "--force"], ["stack"], ["submit", "--allow-degenerate"]):
+        assert main(["--root", str(finished), *stage]) == 2, stage
+        line = one_error_line(capsys)
+        assert "test.h5 changed since the cache was built (in place" in line and "run prepare" in line, line
+    assert (finished / "submissions" / "submission.csv").read_bytes() == before
+    assert main(["--root", str(finished), "prepare"]) == 0  # plain prepare notices too, and rebuilds
+    assert "changed since the cache was built (in place" in capsys.readouterr().out
+
+
+def test_a_copied_root_is_not_stale_and_prepare_says_up_to_date(prepared_root, tmp_path, capsys):
+    """A copy moves every change time: the bytes are compared once, found equal, and the manifest remembers."""
+    from histoshift.data.cache import check_inputs
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    check_inputs(root / "input", root / "work" / "cache")
+    assert main(["--root", str(root), "prepare"]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    write_h5(root / "input" / "val.h5", random_items(np.random.default_rng(3), range(5000, 5024), 1))
+    assert main(["--root", str(root), "prepare", "--verify"]) == 0
+    assert f"{root / 'input' / 'val.h5'} changed since the cache was built" in capsys.readouterr().out
