@@ -110,6 +110,20 @@ class StackDir:
     def write_choice(self, choice: StackChoice) -> None:
         write_json(self.choice_file, asdict(choice))
 
+    def require_current(self, cache_id: str, checkpoints: dict[str, str], before: str) -> StackChoice:
+        """The choice, refused (one line) when it was made from another cache or from checkpoints that are not the
+        current ones (`checkpoints`: fold run -> digest of its checkpoint now; a run removed is missing)."""
+        choice = self.require_choice("run the stack stage")
+        if choice.cache_id != cache_id:
+            raise StaleError(f"{self.choice_file}: computed from another cache ({choice.cache_id}, now {cache_id}); "
+                             f"rerun infer and stack {before}")
+        moved = [name for name, digest in choice.checkpoints.items() if checkpoints.get(name) != digest]
+        if moved:
+            raise StaleError(f"{self.choice_file}: made from {moved[0]}'s previous checkpoint"
+                             f"{' (and others)' if len(moved) > 1 else ''} (retrained or removed since); rerun infer "
+                             f"and stack {before}")
+        return choice
+
     def cache_id(self) -> str | None:
         """The cache id the stack's outputs were computed from (None: no complete stack)."""
         choice = self.choice()

@@ -109,7 +109,7 @@ def test_a_changed_test_file_is_never_reused_in_silence(finished, tmp_path, caps
              "holds a finished run with other inputs (the cached test.h5", "--force")
     _refused(capsys, r + ["infer"], "was trained on another version of test.h5", "train --force")
     _refused(capsys, r + ["stack"], "was trained on another version of test.h5")
-    _refused(capsys, r + ["submit", "--allow-degenerate"], "test_scores.csv: computed from another cache")
+    _refused(capsys, r + ["submit", "--allow-degenerate"], "choice.json: computed from another cache")
     assert (finished / "submissions" / "submission.csv").read_text() == sub
     assert main(r + ["train", "--config", str(tmp_path / "head.yaml"), "--force"]) == 0
     assert main(r + ["infer"]) == 0 and main(r + ["stack"]) == 0

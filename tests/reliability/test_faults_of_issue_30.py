@@ -99,3 +99,18 @@ def test_a_copied_root_is_not_stale_and_prepare_says_up_to_date(prepared_root, t
     write_h5(root / "input" / "val.h5", random_items(np.random.default_rng(3), range(5000, 5024), 1))
     assert main(["--root", str(root), "prepare", "--verify"]) == 0
     assert f"{root / 'input' / 'val.h5'} changed since the cache was built" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_submit_refuses_a_stack_made_from_a_checkpoint_retrained_since(finished, capsys):
+    """The rule the report stage applies: a member retrained (or removed) after the stack makes its scores stale."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = finished / "work" / "runs" / "head" / "seed0" / "fold1" / "model.safetensors"
+    weights = load_file(str(checkpoint))
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in weights.items()}, str(checkpoint))
+    before = (finished / "submissions" / "submission.csv").read_bytes()
+    assert main(["--root", str(finished), "submit", "--allow-degenerate"]) == 2
+    line = one_error_line(capsys)
+    assert "made from head/seed0/fold1's previous checkpoint" in line and "before submitting" in line, line
+    assert (finished / "submissions" / "submission.csv").read_bytes() == before

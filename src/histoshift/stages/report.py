@@ -38,7 +38,7 @@ def check_lineage(runs: list, stack_dir: Path, cache_dir: Path, input_dir: Path 
     """The rules of the other stages, before anything is drawn: the inputs are the cache's, every run was
     trained on this cache, and the stack's choice was made from this cache and these checkpoints."""
     from ..data.cache import Cache, check_inputs
-    from ..lineage import StaleError, digest_file
+    from ..lineage import digest_file
     from ..stackdir import StackDir
 
     if input_dir is not None:
@@ -47,18 +47,8 @@ def check_lineage(runs: list, stack_dir: Path, cache_dir: Path, input_dir: Path 
     for run in runs:
         run.check_inputs(cache.digests)
     stack = StackDir(Path(stack_dir))
-    choice = stack.choice()
-    if choice is None:
-        return
-    if choice.cache_id != cache.id:
-        raise StaleError(f"{stack.choice_file}: computed from another cache ({choice.cache_id}, now {cache.id}); rerun "
-                         "infer and stack before the report")
-    recorded = choice.checkpoints
-    now = {r.name: digest_file(r.checkpoint) for r in runs if r.name in recorded}
-    moved = [name for name, digest in recorded.items() if now.get(name) != digest]
-    if moved:
-        raise StaleError(f"{stack.choice_file}: made from {moved[0]}'s previous checkpoint{' (and others)' if len(moved) > 1 else ''} "
-                         "(retrained or removed since); rerun infer and stack before the report")
+    if stack.choice() is not None:
+        stack.require_current(cache.id, {r.name: digest_file(r.checkpoint) for r in runs}, "before the report")
 
 
 def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | None = None,

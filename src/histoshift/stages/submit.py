@@ -33,7 +33,7 @@ def arguments(p) -> None:
 
 def run(a, paths) -> None:
     timed("submit", write_submission, paths.stack / "test_scores.csv", paths.input / "test.h5", paths.submissions,
-          allow_degenerate=a.allow_degenerate, cache_dir=paths.cache, kaggle=a.kaggle)
+          allow_degenerate=a.allow_degenerate, cache_dir=paths.cache, kaggle=a.kaggle, runs_dir=paths.runs)
 
 
 class SubmissionError(HistoshiftError, ValueError):
@@ -63,22 +63,26 @@ def check_submission(sub, test_ids: list[int], source: str = "submission") -> No
                               f"{len(extra)} ids not in test.h5 (e.g. {extra[:3]})")
 
 
-def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path) -> None:
-    """Refuse test scores that the stack computed from another cache, or a test.h5 changed since the
-    cache was built (the ids may match while the images do not)."""
+def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path, runs_dir: Path | None = None) -> None:
+    """Refuse test scores that the stack computed from another cache, or a test.h5 changed since the cache was
+    built (the ids may match while the images do not), or (with `runs_dir`) from checkpoints retrained or removed
+    since: the rules the report stage applies."""
     from ..data.cache import check_inputs
-    from ..lineage import StaleError
+    from ..lineage import digest_file
+    from ..runs import find_runs
     from ..stackdir import StackDir
 
     current = check_inputs(Path(test_h5).parent, cache_dir)["cache_id"]
-    made_from = StackDir(Path(scores_csv).parent).require_choice("run the stack stage").cache_id
-    if made_from != current:
-        raise StaleError(f"{scores_csv}: computed from another cache ({made_from}, now {current}); "
-                         "run infer and stack again (they say what else is stale)")
+    runs = find_runs(Path(runs_dir)) if runs_dir is not None and Path(runs_dir).is_dir() else []
+    checkpoints = {r.name: digest_file(r.checkpoint) for r in runs if r.checkpoint.is_file()}
+    stack = StackDir(Path(scores_csv).parent)
+    if runs_dir is None:  # the scores' cache only (callers without a runs folder)
+        checkpoints = stack.require_choice("run the stack stage").checkpoints
+    stack.require_current(current, checkpoints, "before submitting")
 
 
 def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool = False,
-                     cache_dir: Path | None = None, kaggle: str | None = None) -> Path:
+                     cache_dir: Path | None = None, kaggle: str | None = None, runs_dir: Path | None = None) -> Path:
     """`cache_dir`: check the scores' lineage against it first (the CLI always does). `kaggle`: a competition
     slug to upload to after the checks (kaggle_upload.py); the local file is placed only once Kaggle took it."""
     from ..kaggle_upload import check_slug
@@ -89,7 +93,7 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degen
         check_slug(kaggle)
     with Lock(out_dir / ".lock", f"the submissions folder {out_dir}"):
         if cache_dir is not None:
-            check_scores_current(scores_csv, test_h5, cache_dir)
+            check_scores_current(scores_csv, test_h5, cache_dir, runs_dir)
         sub = _checked(scores_csv, test_h5, allow_degenerate)
         if kaggle:
             _upload(sub, Path(scores_csv).parent, kaggle)
