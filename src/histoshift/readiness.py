@@ -18,13 +18,11 @@ import torch
 
 from .config import Config
 from .paths import Paths
+from .models.foundation.hub import WEIGHT_FILES
 from .records import WeightSource
 
 ViT_EFFICIENCY = 0.5  # share of a large matmul's rate a whole forward reaches (assumed, see bench/fm.py)
 HEADROOM = 1.05       # disk: the store plus 5%
-# a repo's weights as timm / transformers name them (sharded ones by their index)
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
-                "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass

@@ -114,3 +114,51 @@ def test_submit_refuses_a_stack_made_from_a_checkpoint_retrained_since(finished,
     line = one_error_line(capsys)
     assert "made from head/seed0/fold1's previous checkpoint" in line and "before submitting" in line, line
     assert (finished / "submissions" / "submission.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("weights", ["hub", "dir"])
+def test_a_truncated_weights_file_is_named_not_the_config(hf_cache, prepared_root, tmp_path, capsys, weights):
+    from histoshift.models.foundation import RECIPES
+    from histoshift.models.foundation.standin import write_standin
+
+    from helpers import fm_config
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    if weights == "hub":
+        folder = write_standin(RECIPES["hoptimus0"], hf_cache)
+        fm_config(tmp_path / "c.yaml", "hoptimus0")
+    else:
+        folder = write_standin(RECIPES["hoptimus0"], tmp_path / "copy", layout="dir")
+        fm_config(tmp_path / "c.yaml", "hoptimus0", weights=f"dir:{folder}")
+    blob = (folder / "model.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    assert main(["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]) == 2
+    line = one_error_line(capsys)
+    assert "model.safetensors: truncated" in line and "config.json" not in line, line
+
+
+def test_a_disk_that_fills_while_embedding_names_the_store(prepared_root, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import yaml
+
+    from histoshift.features import embedder
+
+    from helpers import tiny_config
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    (tmp_path / "h.yaml").write_text(yaml.safe_dump(tiny_config("feature")))
+
+    real = embedder.write_text
+
+    def full(path, text):
+        if path.parent.name != "progress":
+            return real(path, text)
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() reports it: no file name
+
+    monkeypatch.setattr(embedder, "write_text", full)
+    assert main(["--root", str(root), "embed", "--config", str(tmp_path / "h.yaml")]) == 2
+    line = one_error_line(capsys)
+    assert "features_train.npy: disk full while storing rows 0-" in line and "it resumes" in line, line

@@ -14,6 +14,7 @@ out-of-memory. With `accelerate launch` each process embeds its own share of the
 """
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -33,7 +34,7 @@ from ..data.cache import SPLITS, Cache
 from ..models.backbone import PatchClassifier
 from ..precision import autocast
 from ..progress import bar as progress_bar
-from ..safeio import Lock, open_npy, reserve_npy, write_text
+from ..safeio import DiskError, Lock, open_npy, reserve_npy, write_text
 from ..stain.hed import hed_transform
 from ..tta import per_view, view_stack
 from . import store as layout  # layout.CHUNK_ROWS read at call time: one fact, in store.py
@@ -150,9 +151,15 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
                 raise FeatureError(f"{path}: the backbone gave non-finite features for {split} row {row} (id in the "
                                    "cache's index); nothing of this chunk was stored. Use model.recipe_overrides "
                                    "precision fp32 or bf16 (float16 overflows in some models), then embed again")
-            arr[start:start + len(chunk)] = out
-            arr.flush()
-            write_text(marks / f"{split}-{start}", chunk_digest(arr, start))  # after the rows: checked when read
+            try:
+                arr[start:start + len(chunk)] = out
+                arr.flush()
+                write_text(marks / f"{split}-{start}", chunk_digest(arr, start))  # after the rows: checked when read
+            except (OSError, DiskError) as e:  # the rows' space is reserved: a full disk meets the marker or the flush
+                if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskError(f"{target}: disk full while storing rows {start}-{start + len(chunk) - 1} of {split} "
+                                f"(in {path}); free some space and run embed again (it resumes at this chunk)") from None
             embedded += len(chunk) * n_views
             bar.update(len(chunk) * accelerator.num_processes * n_views)
     bar.close()

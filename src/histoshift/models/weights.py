@@ -16,6 +16,7 @@ Every source ends in `load_into(model, state_dict)`: shapes must match, only the
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -58,6 +59,30 @@ def _torch_checkpoint(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def check_weights_file(path: Path) -> None:
+    """A weights file's container is whole: a safetensors header whose tensors end inside the file, a zip
+    archive whose directory can be read (torch.save's format). Cheap (headers only); WeightsError names the file."""
+    import zipfile
+
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix == ".json":  # a shard index: its shards are checked when loaded
+        return
+    if is_safetensors(path):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise WeightsError(f"{path}: a damaged safetensors header; download the file again") from None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise WeightsError(f"{path}: truncated ({size} of {8 + n + end} bytes); download the file again")
+    elif _torch_checkpoint(path) and path.read_bytes()[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path}: a damaged or truncated torch checkpoint (its zip directory is unreadable); "
+                           "download the file again")
 
 
 def read_state_dict(path: Path, keep=None) -> dict[str, torch.Tensor]:

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from ...records import WeightSource
-from ..weights import WeightsError, load_into, read_state_dict
+from ..weights import WeightsError, check_weights_file, load_into, read_state_dict
 from .adapters import ADAPTERS
-from .hub import hub_error, repo_path, preprocessor_config, from_the_hub
+from .hub import from_the_hub, hub_error, local_weights_file, preprocessor_config, repo_path
 from .recipe import Recipe, RecipeError
 
 # tensors a card's inference never uses, allowed to be absent from (or left over in) a transformers repo
@@ -156,6 +156,9 @@ def load_network(recipe: Recipe, weights: WeightSource, repo_config: dict) -> tu
             load_into(net, read_state_dict(path), str(path))
         return net, build, None
     where = recipe.hub_id if weights.kind == "hub" else str(weights.path)
+    held = local_weights_file(recipe, weights)
+    if held is not None:  # a truncated or damaged download is named before a library blames another file
+        check_weights_file(held)
     try:
         if recipe.library == "timm":
             import timm

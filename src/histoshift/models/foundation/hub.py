@@ -12,6 +12,9 @@ from .adapters import ADAPTERS
 from .recipe import Recipe
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# a repo's weights as timm / transformers name them (sharded ones by their index)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
+                "model.safetensors.index.json", "pytorch_model.bin.index.json")
 CONFIG_SUFFIXES = (".json", ".yaml")
 
 
@@ -135,3 +138,19 @@ def preprocessor_config(recipe: Recipe, weights: WeightSource) -> dict:
     else:
         path = None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def local_weights_file(recipe: Recipe, weights: WeightSource) -> Path | None:
+    """The weights file a hub snapshot (in the local cache) or a local copy holds, by timm's and transformers'
+    names; None when none is at hand (the loader then downloads, or says what is missing)."""
+    if weights.kind == "dir":
+        return next((weights.path / n for n in WEIGHT_FILES if (weights.path / n).is_file()), None)
+    if weights.kind != "hub":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in WEIGHT_FILES:
+        found = try_to_load_from_cache(recipe.hub_id, name)
+        if isinstance(found, str):
+            return Path(found)
+    return None
