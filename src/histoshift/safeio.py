@@ -128,14 +128,14 @@ def human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
-def require_free(folder: Path, nbytes: int, what: str) -> None:
-    """Refuse (DiskError) unless the disk holding `folder` has room for `nbytes` more (+ 1% and 64 MB)."""
+def require_free(folder: Path, nbytes: int, what: str, margin: int = 64 << 20) -> None:
+    """Refuse (DiskError) unless the disk holding `folder` has room for `nbytes` more (+ 1% and `margin`)."""
     folder = Path(folder)
     probe = folder
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    need = int(nbytes * 1.01) + (64 << 20)
+    need = int(nbytes * 1.01) + margin
     if free < need:
         raise DiskError(f"{folder}: {what} needs {human(need)} free, the disk has {human(free)}; "
                         "free some space (nothing was changed)")

@@ -162,3 +162,71 @@ def test_a_disk_that_fills_while_embedding_names_the_store(prepared_root, tmp_pa
     assert main(["--root", str(root), "embed", "--config", str(tmp_path / "h.yaml")]) == 2
     line = one_error_line(capsys)
     assert "features_train.npy: disk full while storing rows 0-" in line and "it resumes" in line, line
+
+
+def test_a_cache_folder_that_cannot_be_replaced_is_one_line_and_leaves_nothing(prepared_root, tmp_path, capsys,
+                                                                                monkeypatch):
+    """work/cache on a read-only bind mount (os.path.ismount says no, the rename says EBUSY)."""
+    import json
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cache = root / "work" / "cache"
+    before = (cache / "manifest.json").read_text()
+
+    def busy(self, target, _rename=type(cache).rename):
+        if os.fspath(self) == os.fspath(cache):
+            raise OSError(16, "Device or resource busy", os.fspath(self))
+        return _rename(self, target)
+
+    monkeypatch.setattr(type(cache), "rename", busy)
+    assert main(["--root", str(root), "prepare", "--force"]) == 2
+    line = one_error_line(capsys)
+    assert f"{cache}: the new cache cannot take its place (Device or resource busy" in line, line
+    assert (cache / "manifest.json").read_text() == before and json.loads(before)["cache_id"]
+    assert not [p.name for p in cache.parent.iterdir() if p.name.startswith(".cache.")
+                and not p.name.endswith(".lock")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_the_free_space_asked_for_is_what_a_run_writes(prepared_root, tmp_path, monkeypatch, epochs):
+    """The check before training asks for the run's measured peak (plus a small margin), not four models' worth."""
+    import yaml
+
+    from histoshift import checkpoint, engine
+    from histoshift.stages import train as train_stage
+
+    from helpers import tiny_config
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(tiny_config(algorithm={"name": "dann"}, train={"epochs": epochs})))
+    run = root / "work" / "runs" / "t" / "seed0" / "fold0"
+    sizes, asked = [], []
+
+    def folder_size() -> int:
+        return sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+
+    real_save, real_writes = engine.save_state, train_stage.run_writes
+
+    def save_and_measure(*args, **kwargs):  # the moment two states exist: the new one complete, the old not yet gone
+        real_rmtree = shutil.rmtree
+
+        def measure_first(path, *a, **k):
+            sizes.append(folder_size())
+            return real_rmtree(path, *a, **k)
+
+        checkpoint.shutil.rmtree = measure_first
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            checkpoint.shutil.rmtree = real_rmtree
+
+    monkeypatch.setattr(engine, "save_state", save_and_measure)
+    monkeypatch.setattr(train_stage, "run_writes", lambda *a: asked.append(real_writes(*a)[0]) or real_writes(*a))
+    assert main(["--root", str(root), "train", "--config", str(tmp_path / "t.yaml"), "--fold", "0"]) == 0
+    peak = max(sizes + [folder_size()])
+    assert bool(sizes) == (epochs > 1)  # the states were measured as they were saved (two at once at the peak)
+    assert asked and asked[0] >= peak, (asked, peak)
+    assert asked[0] < 3 * peak + (1 << 20), (asked, peak)  # close to what was written, not a multiple of it

@@ -343,7 +343,7 @@ def test_free_space_for_the_fold_is_checked_before_training(prepared_root, tmp_p
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(safeio.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 65 * 2**20, 65 * 2**20))
+    monkeypatch.setattr(safeio.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 4 * 2**20, 4 * 2**20))
     capsys.readouterr()
     assert main(["--root", str(root), "train", "--config", str(cfg), "--fold", "0"]) == 2
     out, err = capsys.readouterr()

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import HistoshiftError
 from . import Stage, timed
 
 STAGE = Stage("validate the HDF5 files and build the uint8 cache with aberrant-patch flags",
@@ -88,15 +89,13 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise
-        if mounted:
-            _swap_contents(cache_dir, new)
-        elif cache_dir.exists():  # swap: the old cache goes only once the new one is complete
-            old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
-            cache_dir.rename(old)
-            new.rename(cache_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            new.rename(cache_dir)
+        try:
+            _place(cache_dir, new, mounted)
+        except OSError as e:  # a mount point os.path.ismount does not see (bind mounts), a read-only folder
+            shutil.rmtree(new, ignore_errors=True)
+            raise CacheError(f"{cache_dir}: the new cache cannot take its place ({e.strerror}: a mount point or a "
+                             "read-only folder?); the previous cache is unchanged and nothing was left behind. Make "
+                             "it writable, or point --root at a folder whose work/cache is an ordinary folder") from None
     report = quality_report(index)
     print("aberrant patches per center (left out of training; test patches are always predicted):")
     print(report.to_string(index=False))
@@ -119,3 +118,24 @@ def _swap_contents(cache_dir: Path, new: Path) -> None:
     for p in sorted(new.iterdir(), key=lambda p: p.name == "manifest.json"):
         p.rename(cache_dir / p.name)
     new.rmdir()
+
+
+class CacheError(HistoshiftError, OSError):
+    """The cache folder cannot be replaced (read-only, a mount point rename cannot move)."""
+
+
+def _place(cache_dir: Path, new: Path, mounted: bool) -> None:
+    """The complete new cache in place of the old one: swapped by renames, or file by file inside a mount point."""
+    if mounted:
+        _swap_contents(cache_dir, new)
+    elif cache_dir.exists():  # swap: the old cache goes only once the new one is complete
+        old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
+        cache_dir.rename(old)
+        try:
+            new.rename(cache_dir)
+        except OSError:
+            old.rename(cache_dir)  # put the old one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(cache_dir)

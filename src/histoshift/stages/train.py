@@ -13,6 +13,7 @@ import shutil
 import time
 from contextlib import nullcontext
 
+from ..safeio import human
 from . import Stage, config_arguments, experiment, seed as seed_option, timed
 
 STAGE = Stage("train one config on some or all folds (resumes a killed run from its last epoch)",
@@ -70,6 +71,21 @@ def train_fold(cfg, paths, run, force: bool = False) -> dict | None:
     # one process trains a run folder at a time (the lock dies with its holder, kill -9 included)
     with Lock(run.lock, f"the run {run.path}") if accelerator.is_main_process else nullcontext():
         return _train_fold(cfg, paths, run, force, accelerator, precision)
+
+
+def run_writes(cfg, algorithm, rows: int) -> tuple[int, str]:
+    """The most a fold run has on disk at once, from the model's own sizes: the checkpoint and the per-patch
+    files; with more than one epoch, two epoch states while the newer one is written (the algorithm's state:
+    model and domain head, two AdamW moments per trainable tensor, early stopping's best weights, RNG and loop
+    files). Measured on the tiny test runs: tests/reliability/test_faults_of_issue_30.py."""
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    weights = nbytes(algorithm.model.state_dict().values())
+    files = weights + 64 * rows + (256 << 10)  # the checkpoint; oof.csv (~40 bytes a patch), metrics, summary
+    if cfg.train.epochs == 1:
+        return files, f"the checkpoint and its files, {human(files)}"
+    state = nbytes(algorithm.state_dict().values()) + 2 * nbytes(p for p in algorithm.parameters() if p.requires_grad)
+    state += (weights if cfg.train.early_stop_patience else 0) + (256 << 10)  # + RNG states, loop.json
+    return max(files, 2 * state), f"two epoch states while the newer is written, {human(2 * state)}"
 
 
 def run_inputs(cfg, task, cache, paths) -> dict:
@@ -145,9 +161,8 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
                           "which erases much of a pretrained backbone (measured: -21.6 points on the reduced protocol, "
                           "docs/benchmarks.md); the published recipe used it for a head on frozen features")
     if accelerator.is_main_process:  # before training: a trained fold is never thrown away for want of space
-        weights = sum(t.numel() * t.element_size() for t in algorithm.model.state_dict().values())
-        require_free(run.path, 4 * weights, "training this fold (an epoch state: weights and two AdamW moments; "
-                     "then the checkpoint)")
+        need, what = run_writes(cfg, algorithm, len(heldout))
+        require_free(run.path, need, f"training this fold ({what})", margin=8 << 20)
     streams = task.streams(source, target, seed)
     heldout_predictor = task.predictor(heldout, views=1, desc="held-out")
     model, oof, seconds, model_bytes = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,
