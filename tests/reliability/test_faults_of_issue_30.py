@@ -230,3 +230,47 @@ def test_the_free_space_asked_for_is_what_a_run_writes(prepared_root, tmp_path, 
     assert bool(sizes) == (epochs > 1)  # the states were measured as they were saved (two at once at the peak)
     assert asked and asked[0] >= peak, (asked, peak)
     assert asked[0] < 3 * peak + (1 << 20), (asked, peak)  # close to what was written, not a multiple of it
+
+
+def test_a_hub_blob_edited_in_place_is_refused_not_reused(hf_cache, prepared_root, tmp_path, capsys):
+    """Hub blobs are content-addressed: a weights file edited in place (size and modification time kept) is
+    tampering. The store embedded from it is not reused in silence; the line names the file and the fix."""
+    from histoshift.models.foundation import RECIPES
+    from histoshift.models.foundation.standin import write_standin
+
+    from helpers import fm_config
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    folder = write_standin(RECIPES["hoptimus0"], hf_cache)
+    fm_config(tmp_path / "c.yaml", "hoptimus0")
+    embed = ["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]
+    assert main(embed) == 0
+    time.sleep(0.01)
+    _edit_in_place((folder / "model.safetensors").resolve(), np.random.default_rng(1))
+    capsys.readouterr()
+    assert main(embed) == 2
+    line = one_error_line(capsys)
+    assert "model.safetensors: its blob" in line and "does not match its content hash" in line, line
+    assert "--force-download" in line
+
+
+def test_a_hub_cache_copied_elsewhere_is_verified_and_reused(hf_cache, prepared_root, tmp_path, capsys):
+    """Change times move with a copy: the blobs are hashed, found whole, and the store is reused as it is."""
+    from histoshift.models.foundation import RECIPES
+    from histoshift.models.foundation.standin import write_standin
+
+    from helpers import fm_config
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    folder = write_standin(RECIPES["hoptimus0"], hf_cache)
+    fm_config(tmp_path / "c.yaml", "hoptimus0")
+    embed = ["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]
+    assert main(embed) == 0
+    blob = (folder / "model.safetensors").resolve()
+    st = blob.stat()
+    blob.chmod(0o600)  # a metadata change moves the change time, not the bytes
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert main(embed) == 0 and "embedding that again" not in capsys.readouterr().out

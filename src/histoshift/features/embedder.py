@@ -208,13 +208,18 @@ def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | No
     recorded = store.meta.get("weights_files")
     if recorded is not None:
         from ..models.foundation import resolve_recipe
-        from ..models.foundation.hub import snapshot_files
+        from ..models.foundation.hub import check_blob, snapshot_ctimes, snapshot_files
 
-        now = snapshot_files(resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides))
+        recipe = resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
+        now = snapshot_files(recipe)
         moved = [name for name, entry in recorded.items() if now.get(name) != entry]
         if moved:
             return (f"{', '.join(moved)} changed in the Hugging Face cache since the store was embedded (same revision)",
                     [m.name for m in (store.path / "progress").iterdir()])
+        ctimes, then = snapshot_ctimes(recipe), store.meta.get("weights_ctimes", {})
+        for name in recorded:  # same size and times, but written since: the bytes must still be the blob's
+            if ctimes.get(name) != then.get(name):
+                check_blob(recipe, name)
     bad = store.bad_chunks()
     if bad:
         return f"chunk(s) {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} do not match their checksums", bad
@@ -246,9 +251,10 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
                 "seconds": round(seconds, 1), "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1)}
         if spec["backbone"].get("weights", {}).get("hub"):  # the snapshot's files as the weights were loaded
             from ..models.foundation import resolve_recipe
-            from ..models.foundation.hub import snapshot_files
+            from ..models.foundation.hub import snapshot_ctimes, snapshot_files
 
-            meta["weights_files"] = snapshot_files(resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides))
+            recipe = resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
+            meta["weights_files"], meta["weights_ctimes"] = snapshot_files(recipe), snapshot_ctimes(recipe)
         write_text(path / "meta.json", json.dumps(meta, indent=2, default=str))  # written last: the store is complete
         accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
     accelerator.wait_for_everyone()

@@ -83,6 +83,32 @@ def snapshot_files(recipe: Recipe) -> dict:
     return out
 
 
+def snapshot_ctimes(recipe: Recipe) -> dict[str, int]:
+    """The change time of each of a snapshot's files (`snapshot_files`' names): it moves on every write, even one
+    that restores size and modification time, so a store compares blob contents only when it moved."""
+    config = hub_file(recipe.hub_id, recipe.config_file)
+    snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]
+    return {p.relative_to(snapshot).as_posix(): p.resolve().stat().st_ctime_ns for p in sorted(snapshot.rglob("*"))
+            if p.suffix in WEIGHT_SUFFIXES + CONFIG_SUFFIXES and p.is_file()}
+
+
+def check_blob(recipe: Recipe, name: str) -> None:
+    """A snapshot file whose blob is named by its SHA-256 (the hub cache's large files) must hash to its name:
+    one that does not was edited in place - tampering, not an update (an update is another blob)."""
+    import re
+
+    config = hub_file(recipe.hub_id, recipe.config_file)
+    path = config.parents[len(Path(recipe.config_file).parts) - 1] / name
+    blob = path.resolve()
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return  # small files are named by their git hash (SHA-1 of a header + content): their text is compared
+    with open(blob, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != blob.name:
+        raise WeightsError(f"{path}: its blob {blob} does not match its content hash (edited in place in the Hugging "
+                           f"Face cache); restore it with `hf download {recipe.hub_id} --force-download`")
+
+
 def local_identity(path: Path) -> dict:
     """A weights file, or a folder's weight and config files (subfolders included: MedImageInsight keeps
     them in 2024.09.27/...): path, and each file's relative name, size, mtime."""

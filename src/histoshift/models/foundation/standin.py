@@ -122,4 +122,22 @@ def write_standin(recipe: Recipe, out: Path, layout: str = "cache", seed: int = 
     folder.mkdir(parents=True, exist_ok=True)
     write = _unicl_standin if recipe.adapter else _timm_standin if recipe.library == "timm" else _transformers_standin
     write(recipe, folder, seed)
+    if layout == "cache":
+        _as_blobs(repo, folder)
     return folder
+
+
+def _as_blobs(repo: Path, folder: Path) -> None:
+    """The hub cache's own layout: each file's bytes in blobs/<its hash> and the snapshot a folder of relative
+    links to them. Large (LFS) files are named by their SHA-256, small ones by their git blob hash (SHA-1)."""
+    from .hub import WEIGHT_SUFFIXES
+
+    blobs = repo / "blobs"
+    blobs.mkdir(exist_ok=True)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = path.read_bytes()
+        name = (hashlib.sha256(data).hexdigest() if path.suffix in WEIGHT_SUFFIXES
+                else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+        (blobs / name).write_bytes(data)
+        path.unlink()
+        path.symlink_to(Path(*[".."] * len(path.relative_to(repo).parts[:-1])) / "blobs" / name)
