@@ -17,6 +17,20 @@ from histoshift.stages.submit import check_submission
 from helpers import clone as make_clone
 
 
+def test_a_fresh_clone_with_broken_downloads_stops_at_preflight_in_one_line(tmp_path):
+    """The three input files are random bytes (a broken download): `bash train.sh` stops at its first stage with
+    one line naming input/train.h5, exit 2, and writes nothing."""
+    clone = make_clone(tmp_path)
+    (clone / "input").mkdir()
+    for name in ("train.h5", "val.h5", "test.h5"):
+        (clone / "input" / name).write_bytes(os.urandom(4096))
+    env = {**os.environ, "PY": sys.executable, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(["bash", "train.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "input/train.h5" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (clone / "work").exists() and not (clone / "folds" / "folds.csv").exists()
+
 
 def _small_demo(clone: Path, env: dict, per_center: int = 90, test_size: int = 60) -> None:
     """A smaller demo dataset than the scripts' own (160 a labelled center, 240 test patches), written before
