@@ -232,9 +232,9 @@ def test_the_free_space_asked_for_is_what_a_run_writes(prepared_root, tmp_path, 
     assert asked[0] < 3 * peak + (1 << 20), (asked, peak)  # close to what was written, not a multiple of it
 
 
-def test_a_hub_blob_edited_in_place_is_refused_not_reused(hf_cache, prepared_root, tmp_path, capsys):
-    """Hub blobs are content-addressed: a weights file edited in place (size and modification time kept) is
-    tampering. The store embedded from it is not reused in silence; the line names the file and the fix."""
+def _embedded_standin(hf_cache, prepared_root, tmp_path):
+    """A root whose feature store was embedded from H-optimus-0's stand-in in the hub cache: (its snapshot folder,
+    the embed command)."""
     from histoshift.models.foundation import RECIPES
     from histoshift.models.foundation.standin import write_standin
 
@@ -246,6 +246,13 @@ def test_a_hub_blob_edited_in_place_is_refused_not_reused(hf_cache, prepared_roo
     fm_config(tmp_path / "c.yaml", "hoptimus0")
     embed = ["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]
     assert main(embed) == 0
+    return folder, embed
+
+
+def test_a_hub_blob_edited_in_place_is_refused_not_reused(hf_cache, prepared_root, tmp_path, capsys):
+    """Hub blobs are content-addressed: a weights file edited in place (size and modification time kept) is
+    tampering. The store embedded from it is not reused in silence; the line names the file and the fix."""
+    folder, embed = _embedded_standin(hf_cache, prepared_root, tmp_path)
     time.sleep(0.01)
     _edit_in_place((folder / "model.safetensors").resolve(), np.random.default_rng(1))
     capsys.readouterr()
@@ -257,17 +264,7 @@ def test_a_hub_blob_edited_in_place_is_refused_not_reused(hf_cache, prepared_roo
 
 def test_a_hub_cache_copied_elsewhere_is_verified_and_reused(hf_cache, prepared_root, tmp_path, capsys):
     """Change times move with a copy: the blobs are hashed, found whole, and the store is reused as it is."""
-    from histoshift.models.foundation import RECIPES
-    from histoshift.models.foundation.standin import write_standin
-
-    from helpers import fm_config
-
-    root = tmp_path / "root"
-    shutil.copytree(prepared_root, root)
-    folder = write_standin(RECIPES["hoptimus0"], hf_cache)
-    fm_config(tmp_path / "c.yaml", "hoptimus0")
-    embed = ["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]
-    assert main(embed) == 0
+    folder, embed = _embedded_standin(hf_cache, prepared_root, tmp_path)
     blob = (folder / "model.safetensors").resolve()
     st = blob.stat()
     blob.chmod(0o600)  # a metadata change moves the change time, not the bytes
