@@ -17,6 +17,7 @@ from histoshift.stages.submit import check_submission
 from helpers import clone as make_clone
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_with_broken_downloads_stops_at_preflight_in_one_line(tmp_path):
     """The three input files are random bytes (a broken download): `bash train.sh` stops at its first stage with
     one line naming input/train.h5, exit 2, and writes nothing."""

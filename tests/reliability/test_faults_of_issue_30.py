@@ -138,6 +138,7 @@ def test_a_truncated_weights_file_is_named_not_the_config(hf_cache, prepared_roo
     assert "model.safetensors: truncated" in line and "config.json" not in line, line
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_while_embedding_names_the_store(prepared_root, tmp_path, capsys, monkeypatch):
     import errno
 
@@ -249,6 +250,7 @@ def _embedded_standin(hf_cache, prepared_root, tmp_path):
     return folder, embed
 
 
+@pytest.mark.slow
 def test_a_hub_blob_edited_in_place_is_refused_not_reused(hf_cache, prepared_root, tmp_path, capsys):
     """Hub blobs are content-addressed: a weights file edited in place (size and modification time kept) is
     tampering. The store embedded from it is not reused in silence; the line names the file and the fix."""
@@ -262,6 +264,7 @@ def test_a_hub_blob_edited_in_place_is_refused_not_reused(hf_cache, prepared_roo
     assert "--force-download" in line
 
 
+@pytest.mark.slow
 def test_a_hub_cache_copied_elsewhere_is_verified_and_reused(hf_cache, prepared_root, tmp_path, capsys):
     """Change times move with a copy: the blobs are hashed, found whole, and the store is reused as it is."""
     folder, embed = _embedded_standin(hf_cache, prepared_root, tmp_path)
