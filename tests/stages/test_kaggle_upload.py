@@ -11,6 +11,7 @@ import pytest
 
 from histoshift.cli import main
 from histoshift.kaggle_upload import lineage_message
+from histoshift.stackdir import StackDir
 
 pytestmark = pytest.mark.slow  # the `finished` root trains heads
 
@@ -45,7 +46,7 @@ def test_the_message_says_what_the_submission_was_made_from(finished):
     import json
 
     choice = json.loads((finished / "work" / "stack" / "choice.json").read_text())
-    text = lineage_message(finished / "work" / "stack")
+    text = lineage_message(StackDir(finished / "work" / "stack").require_choice("stack"))
     method = choice["method"]
     assert "head seeds 0 x 4 folds" in text and f"combiner {method}" in text
     assert f"LOCO acc {choice['loco_accuracy'][method]:.4f}" in text and choice["lineage"]["cache"] in text
@@ -101,7 +102,7 @@ def test_an_accepted_upload_sends_the_checked_file_and_then_places_it(finished, 
     assert "uploaded to kaggle.com/competitions/some-competition (Successfully submitted" in out
     local = pd.read_csv(finished / "submissions" / "submission.csv")
     assert sent["competition"] == "some-competition" and sent["csv"].equals(local)
-    assert sent["message"] == lineage_message(finished / "work" / "stack")
+    assert sent["message"] == lineage_message(StackDir(finished / "work" / "stack").require_choice("stack"))
     # a refusal the client reports in its answer, not by raising: one line, nothing placed
     monkeypatch.setattr(KaggleApi, "competition_submit",
                         lambda self, *a, **k: type("R", (), {"message": KaggleApi.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE})())

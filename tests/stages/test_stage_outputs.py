@@ -230,7 +230,7 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     adapted = pd.read_csv(run.tta_path("test", adapted=True))
     assert (before.id == adapted.id).all() and not np.allclose(before.v0, adapted.v0)
     pd.testing.assert_frame_equal(pd.read_csv(run.tta_test), before)  # plain predictions stay as they were
-    assert main(r + ["infer", "--adabn"]) == 0 and "(AdaBN) is up to date" in capsys.readouterr().out
+    assert main(r + ["infer", "--adabn"]) == 0 and "(adapted) is up to date" in capsys.readouterr().out
     # the stack stage scores both prediction sets leave-one-center-out and says which one it used
     assert main(r + ["stack"]) == 0
     comparison = pd.read_csv(pipeline / "work" / "stack" / "comparison.csv")
