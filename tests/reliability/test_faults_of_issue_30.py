@@ -61,12 +61,19 @@ def test_messages_print_numbers_not_numpy_reprs(prepared_root, tmp_path, capsys)
 
 
 def _edit_in_place(path, rng) -> None:
-    """New bytes of the same size, the modification time set back (as `touch -r` or a careless tool does)."""
+    """New bytes of the same size, the modification time set back (as `touch -r` or a careless tool does): an HDF5
+    file's first image inverted (still valid), any other file's bytes overwritten near its end."""
+    import h5py
+
     st = path.stat()
-    data = bytearray(path.read_bytes())
-    with open(path, "r+b") as f:  # flip bytes well inside the file: the HDF5 structure survives, pixels change
-        f.seek(len(data) - 2048)
-        f.write(rng.integers(0, 256, 1024, dtype=np.uint8).tobytes())
+    if path.suffix == ".h5":
+        with h5py.File(path, "r+") as f:
+            key = sorted(f.keys())[0]
+            f[key]["img"][...] = 1.0 - f[key]["img"][...]
+    else:
+        with open(path, "r+b") as f:
+            f.seek(st.st_size - 2048)
+            f.write(rng.integers(0, 256, 1024, dtype=np.uint8).tobytes())
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
