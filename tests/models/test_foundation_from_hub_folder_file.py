@@ -35,6 +35,7 @@ def _copy(prepared_root, tmp_path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_local_folder_and_weights_file_keep_the_recipe(name, hf_cache, tmp_path):
     """A downloaded copy of the repo (dir:, a Kaggle dataset) and, for timm models, a bare weights file
@@ -211,6 +212,7 @@ def test_embedding_resumes_at_the_first_unfinished_chunk(hf_cache, prepared_root
     assert (resumed.path / "meta.json").exists()
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monkeypatch, capsys):
     from histoshift.data.cache import Cache
     from histoshift.features.embedder import Embedder

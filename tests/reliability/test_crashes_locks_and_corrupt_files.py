@@ -368,6 +368,7 @@ def test_a_diverging_training_is_refused_and_not_marked_done(finished, tmp_path,
     assert not RunDir.of(finished / "work" / "runs", "head", 0, 1).is_done
 
 
+@pytest.mark.slow
 def test_duplicate_ids_across_files_still_refused_after_parallel_read(tmp_path, capsys):
     """The reader processes return chunks in id order; a duplicate across files is still found."""
     rng = np.random.default_rng(5)

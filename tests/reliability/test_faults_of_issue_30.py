@@ -94,6 +94,7 @@ def test_a_test_file_changed_in_place_makes_infer_stack_and_submit_refuse(finish
     assert "changed since the cache was built (in place" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_copied_root_is_not_stale_and_prepare_says_up_to_date(prepared_root, tmp_path, capsys):
     """A copy moves every change time: the bytes are compared once, found equal, and the manifest remembers."""
     from histoshift.data.cache import check_inputs
@@ -172,6 +173,7 @@ def test_a_disk_that_fills_while_embedding_names_the_store(prepared_root, tmp_pa
     assert "features_train.npy: disk full while storing rows 0-" in line and "it resumes" in line, line
 
 
+@pytest.mark.slow
 def test_a_cache_folder_that_cannot_be_replaced_is_one_line_and_leaves_nothing(prepared_root, tmp_path, capsys,
                                                                                 monkeypatch):
     """work/cache on a read-only bind mount (os.path.ismount says no, the rename says EBUSY)."""

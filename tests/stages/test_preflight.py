@@ -37,6 +37,7 @@ def root(prepared_root, tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys, monkeypatch):
     import histoshift.readiness as readiness
 
@@ -71,6 +72,7 @@ def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys, 
     assert not (root / "work" / "features").exists()  # nothing embedded
 
 
+@pytest.mark.slow
 def test_missing_and_gated_models_offline_are_one_line_each(root, hf_cache, capsys):
     code, out, err = _run(root, CONFIGS / "fm_midnight_frozen.yaml", CONFIGS / "fm_virchow2_frozen.yaml", capsys=capsys)
     assert code == 2 and len(err) == 2
@@ -81,6 +83,7 @@ def test_missing_and_gated_models_offline_are_one_line_each(root, hf_cache, caps
     assert not (root / "work" / "features").exists()
 
 
+@pytest.mark.slow
 def test_local_copies_packages_and_dependencies(root, tmp_path, capsys, monkeypatch):
     folder = write_standin(RECIPES["medimageinsight"], tmp_path / "kaggle", layout="dir")
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
@@ -104,6 +107,7 @@ def test_local_copies_packages_and_dependencies(root, tmp_path, capsys, monkeypa
     assert "needs the optional package `transformers`" in err[1]
 
 
+@pytest.mark.slow
 def test_too_small_a_disk_is_refused_before_embedding(root, hf_cache, capsys, monkeypatch):
     write_standin(RECIPES["medimageinsight"], hf_cache)
     Usage = namedtuple("Usage", "total used free")
