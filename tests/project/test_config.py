@@ -54,3 +54,15 @@ def test_a_runs_identity_leaves_out_how_it_is_watched_and_unused_gan_settings():
     assert load_config(overrides=["train.log_with=tensorboard", "stain_gan.steps=5"]).identity() == plain
     gan = load_config(overrides=["aug.stain_norm=gan"]).identity()
     assert gan != plain and load_config(overrides=["aug.stain_norm=gan", "stain_gan.steps=5"]).identity() != gan
+
+
+@pytest.mark.parametrize("old, shipped", [("old_run_config_image.yaml", "demo_lite0_dann.yaml"),
+                                          ("old_run_config_feature.yaml", "fm_phikon2_frozen.yaml")])
+def test_run_folders_of_the_version_before_the_kinds_keep_their_identity(old, shipped, capsys):
+    """A finished run's config.yaml written before model.kind (every field, `frozen`, the store's settings in the
+    train section) loads as the same run: no --force, nothing retrained."""
+    here = Path(__file__).parent / "data"
+    before = load_config(here / old)
+    assert "frozen: " in (here / old).read_text() and before.model.kind in ("image", "feature")
+    assert before.identity() == load_config(CONFIGS[0].parent / shipped, [f"name={before.name}"]).identity()
+    assert "is deprecated; write model.kind" in capsys.readouterr().err

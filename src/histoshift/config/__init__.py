@@ -19,8 +19,8 @@ from pydantic import AfterValidator, BaseModel, ValidationError, model_validator
 
 from ..safeio import write_text
 from .base import ConfigError, Float, Int, NonNeg, Section, TRACKERS, tracker_names
-from .model import (FEATURE_SHIFTS, KINDS, MODEL_KINDS, STORE_KEYS, BackboneCfg, FeatureModelCfg, ImageModelCfg,
-                    ModelCfg, deprecated, forget_deprecations)
+from .model import (FEATURE_SHIFTS, KINDS, MODEL_KINDS, OLD_DEFAULTS, STORE_KEYS, BackboneCfg, FeatureModelCfg,
+                    ImageModelCfg, ModelCfg, deprecated, forget_deprecations)
 from .sections import (ALGORITHM_NAMES, EXTRA_OPTIMIZERS, AlgorithmCfg, AugCfg, OptimCfg, StainGanCfg, TrainCfg,
                        optimizer_names)
 
@@ -123,10 +123,15 @@ def _section_of(loc: list) -> type[BaseModel]:
 
 def _moved_store_keys(data: dict) -> dict:
     """Older configs kept the feature store's settings in the train section: moved to the model (one line)."""
-    train = data.get("train")
+    train, model = data.get("train"), data.get("model", {})
     moved = [k for k in STORE_KEYS if isinstance(train, dict) and k in train]
-    if not moved or not isinstance(data.get("model", {}), dict):
+    if not moved or not isinstance(model, dict):
         return data
+    if model.get("kind", "feature" if model.get("frozen") else "image") == "image":  # an old resolved config of a
+        train = {k: v for k, v in train.items() if k not in moved or v != OLD_DEFAULTS[k]}  # fine-tuned run
+        moved = [k for k in moved if k in train]
+        if not moved:
+            return {**data, "train": train}
     deprecated(f"train.{', train.'.join(moved)}: moved to the model section (model.kind: feature); write model.<key>")
     train = dict(train)
     data = {**data, "train": train, "model": {**data.get("model", {}), **{k: train.pop(k) for k in moved}}}

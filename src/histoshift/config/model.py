@@ -118,8 +118,16 @@ class FeatureModelCfg(BackboneCfg):
         return self
 
 
+# what the one model section of earlier versions held for the other kind, at its defaults: a resolved config
+# those versions wrote into a run folder (every field, `frozen` among them) loads without them
+OLD_DEFAULTS = {"drop_path_rate": 0.0, "train_last_blocks": -1, "head": "mlp", "head_hidden": 0, "head_l1": 0.0,
+                "feature_shift": "none", "coral_ridge": 0.01, "self_train_rounds": 0, "self_train_threshold": 0.9,
+                "feature_views": 8, "feature_hed_views": 0, "feature_hed_sigma": 0.05, "embed_batch_size": 0}
+
+
 def _tag(value):
-    """The kind of a model mapping: `kind`, or the deprecated `frozen` boolean, else image."""
+    """The kind of a model mapping: `kind`, or the deprecated `frozen` boolean, else image. A mapping written the old
+    way (`frozen`) drops the other kind's fields where they hold their defaults (as every resolved config did)."""
     if not isinstance(value, dict):
         return value
     value = dict(value)
@@ -131,9 +139,11 @@ def _tag(value):
         if value.setdefault("kind", kind) != kind:
             raise ValueError(f"model.frozen={frozen} contradicts model.kind={value['kind']}: keep model.kind only")
         deprecated(f"model.frozen: {str(frozen).lower()} is deprecated; write model.kind: {kind}")
+        own = MODEL_KINDS[kind].model_fields
+        value = {k: v for k, v in value.items() if k in own or k not in OLD_DEFAULTS or v != OLD_DEFAULTS[k]}
     value.setdefault("kind", "image")
     return value
 
 
-ModelCfg = Annotated[Union[ImageModelCfg, FeatureModelCfg], BeforeValidator(_tag), Field(discriminator="kind")]
 MODEL_KINDS = {"image": ImageModelCfg, "feature": FeatureModelCfg}
+ModelCfg = Annotated[Union[ImageModelCfg, FeatureModelCfg], BeforeValidator(_tag), Field(discriminator="kind")]
