@@ -87,7 +87,7 @@ def test_per_center_standardisation_recovers_a_shifted_center():
     x_src = torch.cat([x for x, _ in centers])
     y_src = torch.cat([y for _, y in centers])
     ids = np.repeat([0, 3, 4], 400)
-    standardised = standardize_per_center(x_src, ids)
+    standardised = standardize_per_center(x_src, ids, views=x_src.shape[1] if x_src.ndim == 3 else 1)
     for c in (0, 3, 4):
         mean, std = moments(standardised[torch.from_numpy(ids == c)])
         assert torch.allclose(mean, torch.zeros(D, dtype=mean.dtype), atol=1e-5)
@@ -250,3 +250,45 @@ def test_sparse_head_config_and_jaccard():
         validated({"model": {"feature_shift": "coral"}})
     assert jaccard([{1, 2, 3}, {2, 3, 4}]) == 0.5 and jaccard([{1}]) == 1.0
     assert jaccard([{1, 2}, {1, 2}, {3}]) == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_chunked_statistics_match_the_whole_tensor_and_scale_to_large_offsets(monkeypatch):
+    """Moments and covariances accumulate in float64 chunks (no float64 copy of a whole center): the same numbers
+    as the direct computation, also for features far from zero (the accumulators are shifted)."""
+    import histoshift.models.feature_shift as fs
+
+    x = (torch.randn(5000, 3, 16) * 0.5 + 300.0).half()  # float16 as stored, a large common offset
+    exact = x.reshape(-1, 16).double()
+    monkeypatch.setattr(fs, "CHUNK", 7)  # many chunks of an odd size
+    mean, std = fs.moments(x)
+    torch.testing.assert_close(mean, exact.mean(0), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(std, exact.std(0, unbiased=False), atol=1e-7, rtol=1e-7)
+    c_mean, cov = fs.covariance(x)
+    d = exact - exact.mean(0)
+    torch.testing.assert_close(cov, d.T @ d / (len(exact) - 1), atol=1e-7, rtol=1e-7)
+
+
+def test_training_standardises_with_the_statistics_of_the_views_inference_uses(prepared_root, tmp_path):
+    """One rule for the views that feed statistics: a head's training rows are standardised per center with the
+    moments of the TTA views, as its shift is at inference and adaptation, even when the store also holds HED
+    views of labelled patches (they used to enter training's moments: 10 views there, 8 at inference)."""
+    from accelerate import Accelerator
+
+    from histoshift.config import validated
+    from histoshift.data.cache import Cache
+    from histoshift.paths import Paths
+    from histoshift.tasks import make_task
+
+    from helpers import tiny_config
+
+    cfg = validated(tiny_config("feature", model={"feature_shift": "standardize", "feature_hed_views": 2,
+                                                  "feature_hed_sigma": 0.3}))
+    task = make_task(cfg, Cache.open(prepared_root / "work" / "cache"), Paths(tmp_path), Accelerator(cpu=True))
+    store = task.stored_data()
+    assert store.arrays["train"].shape[1] == 10 and task.stat_views == store.views == 8
+    table = task.cache.index.query("split == 'train' and center == 0")
+    trained = task._inputs(table)  # what the head trains on: every stored view, standardised
+    tta = torch.from_numpy(store.rows(table, 8)).double()
+    mean, std = tta.reshape(-1, tta.shape[-1]).mean(0), tta.reshape(-1, tta.shape[-1]).std(0, unbiased=False)
+    torch.testing.assert_close(trained[:, :8].double(), ((tta - mean) / std).to(trained.dtype).double(),
+                               atol=2e-3, rtol=0)

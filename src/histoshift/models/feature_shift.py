@@ -23,18 +23,39 @@ from ..config import FEATURE_SHIFTS as SHIFTS
 EPS = 1e-6
 
 
+CHUNK = 8192  # rows (x views) per float64 chunk: the statistics never hold a float64 copy of a whole center
+
+
+def _chunks(x: torch.Tensor):
+    """The rows of an n x D (or n x V x D: every view) tensor as float64 chunks of at most CHUNK patches."""
+    flat = x.reshape(-1, x.shape[-1])
+    step = CHUNK * (x.shape[1] if x.ndim == 3 else 1)
+    for i in range(0, len(flat), step):
+        yield flat[i:i + step].double()
+
+
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation over the rows of an n x D (or n x V x D: every view) tensor."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    return x.mean(0), x.std(0, unbiased=False).clamp_min(EPS)
+    """Mean and standard deviation over the rows of an n x D (or n x V x D: every view) tensor, accumulated in
+    float64 chunks (shifted by the first chunk's mean, so the sum of squares does not cancel)."""
+    shift, total, squares, n = None, 0, 0, 0
+    for c in _chunks(x):
+        shift = c.mean(0) if shift is None else shift
+        d = c - shift
+        total, squares, n = total + d.sum(0), squares + (d * d).sum(0), n + len(c)
+    mean = total / n
+    return shift + mean, (squares / n - mean * mean).clamp_min(0).sqrt().clamp_min(EPS)
 
 
 def covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance (float64) of the rows of an n x D (or n x V x D) tensor."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    mean = x.mean(0)
-    centred = x - mean
-    return mean, centred.T @ centred / max(len(x) - 1, 1)
+    """Mean and covariance (float64) of the rows of an n x D (or n x V x D) tensor, accumulated in float64 chunks
+    (shifted by the first chunk's mean)."""
+    shift, total, outer, n = None, 0, 0, 0
+    for c in _chunks(x):
+        shift = c.mean(0) if shift is None else shift
+        d = c - shift
+        total, outer, n = total + d.sum(0), outer + d.T @ d, n + len(c)
+    mean = total / n
+    return shift + mean, (outer - n * torch.outer(mean, mean)) / max(n - 1, 1)
 
 
 def _sym_power(cov: torch.Tensor, power: float, ridge: float) -> torch.Tensor:
@@ -104,12 +125,16 @@ class FeatureShift(nn.Module):
         return x
 
 
-def standardize_per_center(feats: torch.Tensor, centers) -> torch.Tensor:
-    """Every center's rows centred and scaled by that center's own statistics (n x V x D, any dtype)."""
+def standardize_per_center(feats: torch.Tensor, centers, views: int) -> torch.Tensor:
+    """Every center's rows (n x V x D, any dtype) centred and scaled by that center's own statistics, taken from
+    its first `views` views: the TTA views, the ones the shift's statistics come from at inference and adaptation
+    (a store's extra HED views of labelled patches are standardised, never counted)."""
     centers = np.asarray(centers)
     out = torch.empty_like(feats)
     for c in np.unique(centers):
         rows = torch.from_numpy(np.flatnonzero(centers == c)).to(feats.device)
-        mean, std = moments(feats[rows])
-        out[rows] = ((feats[rows].double() - mean) / std).to(feats.dtype)
+        mean, std = moments(feats[rows, :views])
+        for i in range(0, len(rows), CHUNK):  # applied in chunks too: no float64 copy of the center
+            part = rows[i:i + CHUNK]
+            out[part] = ((feats[part].double() - mean) / std).to(feats.dtype)
     return out

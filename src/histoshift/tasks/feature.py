@@ -61,8 +61,15 @@ class FeatureTask:
             model.shift.fit_source([self._tta_rows(group) for _, group in source.groupby("center")])
         return model
 
+    @property
+    def stat_views(self) -> int:
+        """The one rule for which views feed every statistic (the shift's source and target moments, CORAL's
+        covariances, training's per-center standardisation): the TTA views every split has, never the extra HED
+        views only labelled patches have."""
+        return self.store.views
+
     def _tta_rows(self, table: pd.DataFrame) -> torch.Tensor:
-        return torch.from_numpy(self.store.rows(table, self.store.views))
+        return torch.from_numpy(self.store.rows(table, self.stat_views))
 
     def streams(self, source: pd.DataFrame, target: pd.DataFrame, seed: int) -> Streams:
         # labelled rows with every stored view (the HED views too), target rows with the TTA views; kept
@@ -103,7 +110,7 @@ class FeatureTask:
         """Labelled rows (every stored view) in the head's input space, as training saw them."""
         feats = torch.from_numpy(self.store.rows(source)).to(self.acc.device)
         if self.cfg.model.feature_shift == "standardize":
-            feats = standardize_per_center(feats, source["center"].to_numpy())
+            feats = standardize_per_center(feats, source["center"].to_numpy(), self.stat_views)
         return feats
 
     def adapt(self, model: nn.Module, table: pd.DataFrame, source: pd.DataFrame) -> tuple[nn.Module, dict]:
