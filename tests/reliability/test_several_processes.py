@@ -61,3 +61,39 @@ def test_two_processes_match_one(prepared_root, tmp_path):
             assert len(merged) == len(one)
             for k in range(8):
                 pd.testing.assert_series_equal(merged[f"v{k}_1"], merged[f"v{k}_2"], check_names=False, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_embed_the_same_store_as_one(prepared_root, tmp_path):
+    """`accelerate launch` with 2 processes shards the store's chunks (16 rows each here: several a split, so both
+    processes write into the same memory-mapped files): every array and every chunk marker byte for byte as one
+    process writes them (the embeddings writer of eva broke exactly there)."""
+    cfg = tmp_path / "head.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config("feature", model={"feature_hed_views": 2})))
+    stores = {}
+    for n in (1, 2):
+        root = tmp_path / f"root{n}"
+        shutil.copytree(prepared_root, root)
+        env = {**os.environ, "HISTOSHIFT_CHUNK_ROWS": "16"}
+        if n == 1:
+            proc = subprocess.run([sys.executable, "-m", "histoshift", "--root", str(root), "embed", "--config", str(cfg)],
+                                  env={**env, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+                                  capture_output=True, text=True, timeout=1800)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            os.environ["HISTOSHIFT_CHUNK_ROWS"] = "16"
+            try:
+                _launch(root, "embed", "--config", str(cfg))
+            finally:
+                del os.environ["HISTOSHIFT_CHUNK_ROWS"]
+        (store,) = [p for p in (root / "work" / "features").iterdir() if p.is_dir()]
+        stores[n] = store
+    one, two = stores[1], stores[2]
+    assert one.name == two.name
+    marks = sorted(p.name for p in (one / "progress").iterdir())
+    assert len([m for m in marks if m.startswith("train-")]) >= 4  # several chunks: both processes wrote
+    assert marks == sorted(p.name for p in (two / "progress").iterdir())
+    for name in marks:
+        assert (one / "progress" / name).read_text() == (two / "progress" / name).read_text(), name
+    for split in ("train", "val", "test"):
+        assert (one / f"features_{split}.npy").read_bytes() == (two / f"features_{split}.npy").read_bytes(), split

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +29,10 @@ from ..config import Config
 from ..data.cache import LABELLED, SPLITS, gather_by_split
 from ..errors import HistoshiftError
 
-CHUNK_ROWS = 2048  # rows per resumable unit (fixed: a resumed run finds the same chunks)
+# rows per resumable unit (fixed: a resumed run finds the same chunks; a store embedded with another value
+# re-embeds, its markers being named by row). HISTOSHIFT_CHUNK_ROWS sets it for tests and benchmarks that need
+# many chunks of a small store (two processes sharding them, resume points).
+CHUNK_ROWS = int(os.environ.get("HISTOSHIFT_CHUNK_ROWS", "2048"))
 
 
 def weights_identity(m) -> dict:
