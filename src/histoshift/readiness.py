@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .models.weights import WeightsError
 from .paths import Paths
 from .models.foundation.hub import WEIGHT_FILES
 from .records import WeightSource
@@ -145,12 +146,40 @@ def patch_counts(paths: Paths) -> dict[str, int] | None:
 
 
 def architecture(cfg: Config):
-    """The config's backbone on the meta device (no weights, no hub): (network, embedding length)."""
+    """The config's backbone on the meta device (no weights): (network, embedding length). A recipe whose repo is
+    at hand (hub cache or folder) is sized by the repo's own config, as the embed stage will build it; otherwise
+    by the recipe (the card's full size)."""
     from .models.backbone import PatchClassifier
 
     with torch.device("meta"):
-        model = PatchClassifier(cfg.model, load_weights=False)
+        model = PatchClassifier(cfg.model, load_weights=False, build=_repo_build(cfg))
     return model, model.num_features
+
+
+def _repo_build(cfg: Config) -> dict | None:
+    """The build record of the network the recipe's repo describes, when its config file is at hand."""
+    m = cfg.model
+    if not m.recipe or m.source.kind not in ("hub", "dir"):
+        return None
+    from .models.foundation import resolve_recipe
+    from .models.foundation.build import timm_build
+    from .models.foundation.hub import repo_config
+
+    recipe = resolve_recipe(m.recipe, m.recipe_overrides)
+    try:
+        found = repo_config(recipe, m.source)
+    except WeightsError:  # not at hand (offline, not downloaded): the card's full size
+        return None
+    if recipe.library == "timm" or recipe.adapter:
+        return timm_build(recipe, found)
+    return {"library": "transformers", "architecture": recipe.architecture, "config": found}
+
+
+def weights_bytes(backbone: torch.nn.Module) -> int:
+    """What the embed stage holds of a backbone on the device: its parameters and buffers at the dtype they are
+    loaded in (float32: autocast casts each operation's inputs, the weights stay as loaded), counted on the meta
+    device without weights."""
+    return sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
 
 
 def forward_flops(backbone: torch.nn.Module, side: int) -> float:

@@ -11,6 +11,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from histoshift.cli import main
@@ -53,18 +54,21 @@ def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys, 
     test = sum(1 for line in (root / "work" / "cache" / "index.csv").open() if ",test," in line)
     images = int(cells[3])
     assert images == (n - test) * (8 + 4) + test * 8  # 8 dihedral views, 4 HED views of labelled patches
-    assert cells[4] == f"{images * 1024 * 2 / 1e9:.2f} GB"  # float16, 1024 values (the projected embedding)
-    # the projected time: images x forward FLOPs of the card's architecture (480 px DaViT-H, counted on the meta
-    # device) / (rate x assumed efficiency)
-    import torch
-
+    # sized as the embed stage will build it: the repo in the cache (a narrow stand-in here), not the card's DaViT-H
     from histoshift.models.backbone import PatchClassifier
     from histoshift.tasks import load_experiment
 
-    with torch.device("meta"):
-        net = PatchClassifier(load_experiment(CONFIGS / "fm_medimageinsight_frozen.yaml").model, load_weights=False)
+    cfg = load_experiment(CONFIGS / "fm_medimageinsight_frozen.yaml")
+    net, dim = readiness.architecture(cfg)
+    loaded = PatchClassifier(cfg.model)  # the stand-in, loaded from the hub cache
+    assert dim == loaded.num_features and readiness.weights_bytes(net.backbone) == readiness.weights_bytes(
+        loaded.backbone)
+    assert cells[4] == f"{images * dim * 2 / 1e9:.2f} GB"  # float16, the embedding's values
+    # the projected time: images x forward FLOPs (counted on the meta device) / (rate x assumed efficiency)
     flops = readiness.forward_flops(net.backbone, 480)
-    assert flops > 1e11  # a ViT-H class model at 480 px: hundreds of GFLOPs an image
+    with torch.device("meta"):
+        full = PatchClassifier(cfg.model.model_copy(update={"weights": "none"}), load_weights=False)
+    assert 0 < flops < readiness.forward_flops(full.backbone, 480)  # the card's full size when no repo is at hand
     assert cells[6] == readiness.human(images * flops / (2e11 * readiness.ViT_EFFICIENCY))
     mlp = next(line for line in out.splitlines() if line.startswith("| paper_medimageinsight_mlp |"))
     assert "| 0.00 GB |" in mlp and "shared with fm_medimageinsight_frozen" in mlp  # one store, counted once
@@ -111,7 +115,7 @@ def test_local_copies_packages_and_dependencies(root, tmp_path, capsys, monkeypa
 def test_too_small_a_disk_is_refused_before_embedding(root, hf_cache, capsys, monkeypatch):
     write_standin(RECIPES["medimageinsight"], hf_cache)
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 10**3, 10**3))  # 1 KB free
     code, _, err = _run(root, CONFIGS / "fm_medimageinsight_frozen.yaml", capsys=capsys)
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: disk: the feature stores to write need") and "0.00 GB free" in err[0]
@@ -133,3 +137,24 @@ def test_train_sh_stops_at_preflight(tmp_path):
     assert errors == [line for line in errors if "bioptimus/H-optimus-0 not in the Hugging Face cache" in line]
     assert len(errors) == 1
     assert not (clone / "demo" / "work").exists()
+
+
+@pytest.mark.parametrize("name", ["hoptimus0", "phikon2"])
+def test_the_memory_estimate_is_what_the_embed_stage_loads(hf_cache, tmp_path, name):
+    """preflight counts the backbone on the meta device; the embed stage loads it (stand-in from the hub cache):
+    the same bytes, parameters and buffers at their loaded dtype (float32 under any autocast precision)."""
+    import torch
+
+    from histoshift.models.backbone import PatchClassifier
+    from histoshift.readiness import architecture, weights_bytes
+    from histoshift.tasks import load_experiment
+
+    from helpers import fm_config
+
+    write_standin(RECIPES[name], hf_cache)
+    cfg = load_experiment(fm_config(tmp_path / "c.yaml", name))
+    estimate = weights_bytes(architecture(cfg)[0].backbone)
+    loaded = PatchClassifier(cfg.model).backbone  # what embed holds, weights from the stand-in
+    held = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    assert estimate == held and all(t.dtype == torch.float32 for t in loaded.state_dict().values()
+                                    if t.is_floating_point())

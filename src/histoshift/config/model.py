@@ -10,7 +10,6 @@ the kinds existed (`frozen: true|false`) still load, with one deprecation line.
 from __future__ import annotations
 
 import sys
-from functools import cached_property
 from typing import Annotated, Literal, Union
 
 from pydantic import BeforeValidator, Field, model_validator
@@ -53,9 +52,10 @@ class BackboneCfg(Section):
     timm_kwargs: dict = {}
     drop_rate: Float = Field(0.2, ge=0, le=1)  # before the classifier (the backbone's, or the head's)
 
-    @cached_property
+    @property
     def source(self) -> WeightSource:
-        """`weights` as the typed record (validated when the config was)."""
+        """`weights` as the typed record (validated when the config was; a property, not cached, so that a copy
+        with other weights never carries the old record)."""
         return WeightSource.parse(self.weights, recipe=bool(self.recipe))
 
     @model_validator(mode="after")

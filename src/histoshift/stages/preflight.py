@@ -64,7 +64,7 @@ def preflight(configs: list, paths) -> list:
     from ..models.weights import WeightsError
     from ..precision import config_precision
     from ..readiness import (HEADROOM, ViT_EFFICIENCY, Check, architecture, check_weights, forward_flops, free_bytes,
-                             human, matmul_rate, patch_counts)
+                             human, matmul_rate, patch_counts, weights_bytes)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     counts = patch_counts(paths)
@@ -80,14 +80,13 @@ def preflight(configs: list, paths) -> list:
         except (WeightsError, RecipeError) as e:  # e.g. an optional dependency: already said above, or say it
             check.problems[:] = check.problems or [f"{check.config}: {e}"]
             continue
-        params = sum(p.numel() for p in net.backbone.parameters())
+        held = weights_bytes(net.backbone)  # as loaded: float32 whatever the autocast precision
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            weights_bytes = params * (2 if precision in ("bf16", "fp16") else 4)
-            check.gpu = f"{free / 2**30:.1f} GiB free, weights {weights_bytes / 2**30:.1f} GiB"
-            if weights_bytes > free:
-                check.problems.append(f"{check.config}: {model}'s weights ({weights_bytes / 2**30:.1f} GiB in {precision}) "
-                                      f"exceed the GPU's free memory ({free / 2**30:.1f} GiB)")
+            check.gpu = f"{free / 2**30:.1f} GiB free, weights {held / 2**30:.1f} GiB"
+            if held > free:
+                check.problems.append(f"{check.config}: {model}'s weights ({held / 2**30:.1f} GiB as loaded, autocast "
+                                      f"{precision}) exceed the GPU's free memory ({free / 2**30:.1f} GiB)")
         else:
             check.gpu = "no GPU (CPU)"
         if cfg.model.kind != "feature" or counts is None:
