@@ -183,10 +183,8 @@ class Lock:
     def __enter__(self) -> "Lock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:  # never through a symlink: the holder's pid would overwrite the link's target
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
+            fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except LinkError:
             raise LockError(f"{self.path}: is a symbolic link; a lock file is never opened through one "
                             "(remove the link)") from None
         try:

@@ -110,14 +110,15 @@ class StackDir:
     def write_choice(self, choice: StackChoice) -> None:
         write_json(self.choice_file, asdict(choice))
 
-    def require_current(self, cache_id: str, checkpoints: dict[str, str], before: str) -> StackChoice:
+    def require_current(self, cache_id: str, checkpoints: dict[str, str] | None, before: str) -> StackChoice:
         """The choice, refused (one line) when it was made from another cache or from checkpoints that are not the
-        current ones (`checkpoints`: fold run -> digest of its checkpoint now; a run removed is missing)."""
+        current ones (`checkpoints`: fold run -> digest of its checkpoint now, a run removed is missing; None:
+        the cache only)."""
         choice = self.require_choice("run the stack stage")
         if choice.cache_id != cache_id:
             raise StaleError(f"{self.choice_file}: computed from another cache ({choice.cache_id}, now {cache_id}); "
                              f"rerun infer and stack {before}")
-        moved = [name for name, digest in choice.checkpoints.items() if checkpoints.get(name) != digest]
+        moved = [] if checkpoints is None else [n for n, d in choice.checkpoints.items() if checkpoints.get(n) != d]
         if moved:
             raise StaleError(f"{self.choice_file}: made from {moved[0]}'s previous checkpoint"
                              f"{' (and others)' if len(moved) > 1 else ''} (retrained or removed since); rerun infer "

@@ -77,10 +77,13 @@ def input_files(input_dir: Path) -> dict:
         p = input_dir / f"{split}.h5"
         if not p.exists():
             raise InputError(f"{p}: file not found")
-        st = p.stat()
-        files[split] = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                        "ctime_ns": st.st_ctime_ns}
+        files[split] = _file_entry(p)
     return files
+
+
+def _file_entry(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 _DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, ctime) -> content digest, within a process
@@ -113,7 +116,7 @@ def changed_inputs(input_dir: Path, manifest: dict, verify: bool = False) -> dic
         path = input_dir / f"{split}.h5"
         if not path.exists():
             continue
-        now, then = input_files(input_dir)[split], manifest.get("files", {}).get(split, {})
+        now, then = _file_entry(path), manifest.get("files", {}).get(split, {})
         if any(now[k] != then.get(k) for k in ("size", "mtime_ns")):
             out[split] = f"{path} changed since the cache was built (size or modification time)"
         elif (verify or now["ctime_ns"] != then.get("ctime_ns")) and \

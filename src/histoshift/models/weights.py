@@ -54,11 +54,15 @@ def is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < Path(path).stat().st_size
 
 
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def _torch_checkpoint(path: Path) -> bool:
     """torch.save's formats by their first bytes: a zip archive (PK), or a bare pickle (protocol 2+: 0x80)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    head = _head(path)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def check_weights_file(path: Path) -> None:
@@ -80,7 +84,7 @@ def check_weights_file(path: Path) -> None:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise WeightsError(f"{path}: truncated ({size} of {8 + n + end} bytes); download the file again")
-    elif _torch_checkpoint(path) and path.read_bytes()[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+    elif _head(path) == b"PK\x03\x04" and not zipfile.is_zipfile(path):
         raise WeightsError(f"{path}: a damaged or truncated torch checkpoint (its zip directory is unreadable); "
                            "download the file again")
 

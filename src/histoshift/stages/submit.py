@@ -73,12 +73,11 @@ def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path, runs_
     from ..stackdir import StackDir
 
     current = check_inputs(Path(test_h5).parent, cache_dir)["cache_id"]
-    runs = find_runs(Path(runs_dir)) if runs_dir is not None and Path(runs_dir).is_dir() else []
-    checkpoints = {r.name: digest_file(r.checkpoint) for r in runs if r.checkpoint.is_file()}
-    stack = StackDir(Path(scores_csv).parent)
-    if runs_dir is None:  # the scores' cache only (callers without a runs folder)
-        checkpoints = stack.require_choice("run the stack stage").checkpoints
-    stack.require_current(current, checkpoints, "before submitting")
+    checkpoints = None  # without a runs folder: the scores' cache only
+    if runs_dir is not None:
+        runs = find_runs(Path(runs_dir)) if Path(runs_dir).is_dir() else []
+        checkpoints = {r.name: digest_file(r.checkpoint) for r in runs if r.checkpoint.is_file()}
+    StackDir(Path(scores_csv).parent).require_current(current, checkpoints, "before submitting")
 
 
 def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degenerate: bool = False,

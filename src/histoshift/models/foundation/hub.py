@@ -48,12 +48,22 @@ def hub_file(repo: str, filename: str) -> Path:
         raise hub_error(repo, e) from e
 
 
+def snapshot_dir(recipe: Recipe) -> Path:
+    """The recipe's snapshot folder in the local hub cache (snapshots/<revision>), found through its config file."""
+    config = hub_file(recipe.hub_id, recipe.config_file)
+    return config.parents[len(Path(recipe.config_file).parts) - 1]
+
+
+def _snapshot_files(snapshot: Path) -> list[Path]:
+    """A snapshot's weight and config files (subfolders included), in name order."""
+    return [p for p in sorted(snapshot.rglob("*")) if p.suffix in WEIGHT_SUFFIXES + CONFIG_SUFFIXES and p.is_file()]
+
+
 def source_identity(recipe: Recipe, weights: WeightSource) -> dict:
     """What identifies the weights without loading them: the hub snapshot's commit, or a local copy's
     files (path, size, modification time). Part of the feature-store key."""
     if weights.kind == "hub":
-        config = hub_file(recipe.hub_id, recipe.config_file)
-        snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]  # snapshots/<revision>
+        snapshot = snapshot_dir(recipe)
         return {"hub": recipe.hub_id, "revision": snapshot.name}
     if weights.kind == "none":
         return {"random_init": True}
@@ -68,12 +78,9 @@ def snapshot_files(recipe: Recipe) -> dict:
     per file its blob name (the hub cache names blobs by their content hash), size and modification time,
     and for config files a hash of their text. The feature store records it when it is embedded and
     compares it when reused: a file replaced or edited in the cache under the same revision is caught."""
-    config = hub_file(recipe.hub_id, recipe.config_file)
-    snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]
+    snapshot = snapshot_dir(recipe)
     out = {}
-    for p in sorted(snapshot.rglob("*")):
-        if p.suffix not in WEIGHT_SUFFIXES + CONFIG_SUFFIXES or not p.is_file():
-            continue
+    for p in _snapshot_files(snapshot):
         real = p.resolve()
         st = real.stat()
         entry = [real.name if p.is_symlink() else None, st.st_size, st.st_mtime_ns]
@@ -86,10 +93,8 @@ def snapshot_files(recipe: Recipe) -> dict:
 def snapshot_ctimes(recipe: Recipe) -> dict[str, int]:
     """The change time of each of a snapshot's files (`snapshot_files`' names): it moves on every write, even one
     that restores size and modification time, so a store compares blob contents only when it moved."""
-    config = hub_file(recipe.hub_id, recipe.config_file)
-    snapshot = config.parents[len(Path(recipe.config_file).parts) - 1]
-    return {p.relative_to(snapshot).as_posix(): p.resolve().stat().st_ctime_ns for p in sorted(snapshot.rglob("*"))
-            if p.suffix in WEIGHT_SUFFIXES + CONFIG_SUFFIXES and p.is_file()}
+    snapshot = snapshot_dir(recipe)
+    return {p.relative_to(snapshot).as_posix(): p.resolve().stat().st_ctime_ns for p in _snapshot_files(snapshot)}
 
 
 def check_blob(recipe: Recipe, name: str) -> None:
@@ -97,8 +102,7 @@ def check_blob(recipe: Recipe, name: str) -> None:
     one that does not was edited in place - tampering, not an update (an update is another blob)."""
     import re
 
-    config = hub_file(recipe.hub_id, recipe.config_file)
-    path = config.parents[len(Path(recipe.config_file).parts) - 1] / name
+    path = snapshot_dir(recipe) / name
     blob = path.resolve()
     if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
         return  # small files are named by their git hash (SHA-1 of a header + content): their text is compared
