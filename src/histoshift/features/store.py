@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..data.cache import LABELLED, SPLITS, gather_by_split
+from ..data.cache import LABELLED, SPLITS
 from ..errors import HistoshiftError
+from .rows import NpyRows, TableRows
 
 # rows per resumable unit (fixed: a resumed run finds the same chunks; a store embedded with another value
 # re-embeds, its markers being named by row). HISTOSHIFT_CHUNK_ROWS sets it for tests and benchmarks that need
@@ -96,7 +97,11 @@ class FeatureError(HistoshiftError, ValueError):
 
 def chunk_digest(arr: np.ndarray, start: int) -> str:
     """The checksum of one chunk of stored rows (the bytes as stored, float16)."""
-    return hashlib.blake2b(np.ascontiguousarray(arr[start:start + CHUNK_ROWS]).tobytes(), digest_size=16).hexdigest()
+    return bytes_digest(np.ascontiguousarray(arr[start:start + CHUNK_ROWS]).tobytes())
+
+
+def bytes_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class FeatureStore:
@@ -123,18 +128,29 @@ class FeatureStore:
                                    "N x V x D float16 features; run embed for this config (it embeds the store again)")
         return out
 
+    @cached_property
+    def files(self) -> dict[str, NpyRows]:
+        """Per split, its rows read from disk on demand (rows.py): what training, prediction and statistics read,
+        so that memory is bounded by a batch or a chunk, never by the store."""
+        return {s: NpyRows(a.filename, a.offset, a.shape, a.dtype) for s, a in self.arrays.items()}
+
     @property
     def dim(self) -> int:
         return self.arrays["train"].shape[-1]
 
     def bad_chunks(self) -> list[str]:
-        """The chunks whose rows do not match the checksum in their marker (or have none): '<split>-<row>'."""
+        """The chunks whose rows do not match the checksum in their marker (or have none): '<split>-<row>'.
+        Read a chunk at a time (not through the memory map: the check reads the whole store)."""
         bad = []
-        for split, arr in self.arrays.items():
-            for start in range(0, len(arr), CHUNK_ROWS):
+        for split, rows in self.files.items():
+            for start in range(0, len(rows), CHUNK_ROWS):
                 marker = self.path / "progress" / f"{split}-{start}"
                 recorded = marker.read_text().strip() if marker.is_file() else ""
-                if recorded != chunk_digest(arr, start):
+                try:
+                    digest = bytes_digest(rows.raw(start, min(start + CHUNK_ROWS, len(rows))))
+                except EOFError:
+                    digest = "truncated"
+                if recorded != digest:
                     bad.append(marker.name)
         return bad
 
@@ -147,8 +163,7 @@ class FeatureStore:
     def rows(self, table: pd.DataFrame, views: int | None = None) -> np.ndarray:
         """Features (n x V x D, float16 as stored) of the table's patches, in its order: the first `views`
         views, or every view that all the table's splits have (labelled splits also hold the HED views)."""
-        v = views or min(self.arrays[s].shape[1] for s in table["split"].unique())
-        return gather_by_split({s: a[:, :v] for s, a in self.arrays.items()}, table)
+        return TableRows(self, table, views).tensor().numpy()
 
 
 def views_of(split: str, cfg: Config) -> int:

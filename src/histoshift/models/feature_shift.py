@@ -14,7 +14,6 @@ float64 (D up to a few thousand: well under a second).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,12 +25,19 @@ EPS = 1e-6
 CHUNK = 8192  # rows (x views) per float64 chunk: the statistics never hold a float64 copy of a whole center
 
 
-def _chunks(x: torch.Tensor):
-    """The rows of an n x D (or n x V x D: every view) tensor as float64 chunks of at most CHUNK patches."""
-    flat = x.reshape(-1, x.shape[-1])
-    step = CHUNK * (x.shape[1] if x.ndim == 3 else 1)
-    for i in range(0, len(flat), step):
-        yield flat[i:i + step].double()
+def _chunks(x):
+    """The rows of an n x D (or n x V x D: every view) tensor as float64 chunks of at most CHUNK patches; `x` may
+    also be a source of chunks (an object with `chunks()`: rows read from the store a chunk at a time) or a list
+    of either (their rows pooled)."""
+    for part in x if isinstance(x, (list, tuple)) else [x]:
+        if not isinstance(part, torch.Tensor):
+            for chunk in part.chunks():
+                yield chunk.reshape(-1, chunk.shape[-1]).double()
+            continue
+        flat = part.reshape(-1, part.shape[-1])
+        step = CHUNK * (part.shape[1] if part.ndim == 3 else 1)
+        for i in range(0, len(flat), step):
+            yield flat[i:i + step].double()
 
 
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,20 +99,20 @@ class FeatureShift(nn.Module):
             self.affine: tuple[torch.Tensor, torch.Tensor] | None = None  # set by adapt_to, never saved
 
     @torch.no_grad()
-    def fit_source(self, per_center: list[torch.Tensor]) -> None:
-        """The training centers' statistics (each center's stored features, n x V x D)."""
+    def fit_source(self, per_center: list) -> None:
+        """The training centers' statistics (each center's stored features, n x V x D, or a source of chunks)."""
         if self.kind == "standardize":  # pooled: the average center's mean and spread
             stats = [moments(x) for x in per_center]
             self.mean.copy_(torch.stack([m for m, _ in stats]).mean(0))
             self.std.copy_(torch.stack([s for _, s in stats]).pow(2).mean(0).sqrt())
         elif self.kind == "coral":
-            mean, cov = covariance(torch.cat([x.reshape(-1, x.shape[-1]) for x in per_center]))
+            mean, cov = covariance(list(per_center))
             self.source_mean.copy_(mean)
             self.source_cov.copy_(cov)
 
     @torch.no_grad()
-    def adapt_to(self, target: torch.Tensor) -> int:
-        """Re-estimate the map from one center's unlabelled features (n x V x D)."""
+    def adapt_to(self, target) -> int:
+        """Re-estimate the map from one center's unlabelled features (n x V x D, or a source of chunks)."""
         if self.kind == "standardize":
             mean, std = moments(target)
             self.mean.copy_(mean)
@@ -123,18 +129,3 @@ class FeatureShift(nn.Module):
             a, b = self.affine
             return x @ a.to(x) + b.to(x)
         return x
-
-
-def standardize_per_center(feats: torch.Tensor, centers, views: int) -> torch.Tensor:
-    """Every center's rows (n x V x D, any dtype) centred and scaled by that center's own statistics, taken from
-    its first `views` views: the TTA views, the ones the shift's statistics come from at inference and adaptation
-    (a store's extra HED views of labelled patches are standardised, never counted)."""
-    centers = np.asarray(centers)
-    out = torch.empty_like(feats)
-    for c in np.unique(centers):
-        rows = torch.from_numpy(np.flatnonzero(centers == c)).to(feats.device)
-        mean, std = moments(feats[rows, :views])
-        for i in range(0, len(rows), CHUNK):  # applied in chunks too: no float64 copy of the center
-            part = rows[i:i + CHUNK]
-            out[part] = ((feats[part].double() - mean) / std).to(feats.dtype)
-    return out

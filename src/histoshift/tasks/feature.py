@@ -7,6 +7,7 @@ import copy
 from functools import cached_property
 from typing import Callable, ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
@@ -15,8 +16,9 @@ from torch import nn
 from ..config import Config
 from ..data.cache import Cache
 from ..features.embedder import embed
+from ..features.rows import TableRows
 from ..features.store import FeatureStore, feature_spec, store_key
-from ..models.feature_shift import standardize_per_center
+from ..models.feature_shift import moments
 from ..models.head import FeatureClassifier
 from ..models.self_training import SelfTraining
 from ..paths import Paths
@@ -68,13 +70,15 @@ class FeatureTask:
         views only labelled patches have."""
         return self.store.views
 
-    def _tta_rows(self, table: pd.DataFrame) -> torch.Tensor:
-        return torch.from_numpy(self.store.rows(table, self.stat_views))
+    def _tta_rows(self, table: pd.DataFrame) -> TableRows:
+        """The table's stat views, read from disk a chunk at a time onto the device (statistics never hold a
+        whole center)."""
+        return TableRows(self.store, table, self.stat_views, chunk_device=self.acc.device)
 
     def streams(self, source: pd.DataFrame, target: pd.DataFrame, seed: int) -> Streams:
-        # labelled rows with every stored view (the HED views too), target rows with the TTA views; kept
-        # in float16 on the device (a third of the competition x 12 views x 2560 values is 8 GB, not 16).
-        # Per-center standardisation: every center's rows by its own moments (the target's too: label-free)
+        # labelled rows with every stored view (the HED views too), target rows with the TTA views, read from
+        # the store a batch at a time (memory bounded by the batch, not the store: 5-11 GB at the competition's
+        # size). Per-center standardisation: every center's rows by its own moments (the target's too: label-free)
         return tensor_streams(self, self._inputs, source, target, seed)
 
     def _view(self, feats: torch.Tensor) -> torch.Tensor:
@@ -97,8 +101,12 @@ class FeatureTask:
                   desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
         """`views`: 1 (the plain view) or None (every stored TTA view). The rows are gathered once (no
         progress bar: a head predicts a whole center in well under a second)."""
-        feats = torch.from_numpy(self.store.rows(table, views or self.store.views)).to(self.acc.device)
-        return lambda model: views_table(table, view_logits(model, feats))
+        rows = TableRows(self.store, table, views or self.store.views, chunk_device=self.acc.device)
+
+        def predict(model: nn.Module) -> pd.DataFrame:  # a chunk of the store at a time
+            logits = [view_logits(model, chunk) for chunk in rows.chunks()]
+            return views_table(table, np.concatenate(logits) if logits else np.zeros((0, rows.views), np.float32))
+        return predict
 
     def save(self, run: RunDir, model: nn.Module) -> None:
         save_weights(run, model)
@@ -106,12 +114,14 @@ class FeatureTask:
     def load(self, run: RunDir) -> nn.Module:
         return load_weights(run, self.build_model()).to(self.acc.device)
 
-    def _inputs(self, source: pd.DataFrame) -> torch.Tensor:
-        """Labelled rows (every stored view) in the head's input space, as training saw them."""
-        feats = torch.from_numpy(self.store.rows(source)).to(self.acc.device)
+    def _inputs(self, source: pd.DataFrame) -> TableRows:
+        """The table's rows (every stored view) in the head's input space, as training sees them: read a batch
+        at a time, each center standardised by its own moments (from its stat views, in chunks) when
+        model.feature_shift is standardize."""
+        standard = None
         if self.cfg.model.feature_shift == "standardize":
-            feats = standardize_per_center(feats, source["center"].to_numpy(), self.stat_views)
-        return feats
+            standard = {c: moments(self._tta_rows(group)) for c, group in source.groupby("center")}
+        return TableRows(self.store, source, standard=standard, chunk_device=self.acc.device)
 
     def adapt(self, model: nn.Module, table: pd.DataFrame, source: pd.DataFrame) -> tuple[nn.Module, dict]:
         """The head adapted to one center from its unlabelled stored views: the feature shift re-estimated on
@@ -122,16 +132,16 @@ class FeatureTask:
         if m.feature_shift == "none" and not m.self_train_rounds:
             return model, {"changed": 0, "method": "none"}
         adapted = copy.deepcopy(self.acc.unwrap_model(model)).eval()
-        target = self._tta_rows(table).to(self.acc.device)
+        target = self._tta_rows(table)
         steps = [f"feature shift {m.feature_shift}"] * (m.feature_shift != "none") + \
             [f"self-training x{m.self_train_rounds}"] * bool(m.self_train_rounds)
         record = {"changed": adapted.shift.adapt_to(target), "method": " + ".join(steps)}
         if m.self_train_rounds:
-            with torch.no_grad():  # the target through its re-estimated shift, kept in float16 like the streams
-                target = torch.cat([adapted.shift(target[i:i + 4096].float()).half() for i in range(0, len(target), 4096)])
+            with torch.no_grad():  # self-training holds the center (float16, through its re-estimated shift)
+                target = torch.cat([adapted.shift(chunk.float()).half() for chunk in target.chunks()])
             labels = torch.tensor(source["label"].to_numpy(), device=self.acc.device)
             train = SelfTraining(m.self_train_rounds, m.self_train_threshold, self.cfg.optim.lr,
                                  self.cfg.train.batch_size, self.cfg.train.seed)
-            record.update(train(adapted, self._inputs(source), labels, target))
+            record.update(train(adapted, self._inputs(source).tensor().to(self.acc.device), labels, target))
             record["changed"] += sum(n > 0 for n in record["self_training"]["pseudo_labelled"])  # rounds that trained
         return self.acc.prepare(adapted), record

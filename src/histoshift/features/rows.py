@@ -1,0 +1,121 @@
+"""Rows of a feature store read from disk a batch or a chunk at a time: what training, prediction and every
+statistic read, so that memory is bounded by a chunk, never by the store (the competition's stores are 5-11 GB).
+
+Written by hand, not np.memmap: a memory map puts every page it touches into the process's resident memory, and
+one epoch of random batches touches the whole split (RSS grows to the store's size). `os.pread` copies only the
+rows asked for, from the page cache, into a fresh buffer; rows that follow each other are read in one call.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+CHUNK_BYTES = 32 << 20  # bytes of stored rows per chunk of a sequential pass (statistics, prediction)
+
+
+class NpyRows:
+    """The rows of one .npy array file (N x V x D, C order) read with pread: `read(rows, views)`."""
+
+    def __init__(self, path, offset: int, shape: tuple, dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, int(offset), tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def raw(self, start: int, stop: int) -> bytes:
+        """The stored bytes of rows start..stop-1 (a chunk's checksum hashes exactly these)."""
+        with open(self.path, "rb", buffering=0) as f:
+            return self._pread(f.fileno(), start, stop - start)
+
+    def _pread(self, fd: int, first: int, count: int) -> bytes:
+        want, at, parts = count * self.row_bytes, self.offset + first * self.row_bytes, []
+        while want:
+            got = os.pread(fd, min(want, 1 << 30), at)
+            if not got:
+                raise EOFError(f"{self.path}: ends before row {first + count - 1} (truncated)")
+            parts.append(got)
+            want, at = want - len(got), at + len(got)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read(self, rows: np.ndarray, views: int | None = None) -> np.ndarray:
+        """The first `views` views (all: None) of `rows` (any order, repeats allowed), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        v = views or self.shape[1]
+        out = np.empty((len(rows), v) + self.shape[2:], self.dtype)
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(ordered) != 1) + 1, [len(rows)]])
+        with open(self.path, "rb", buffering=0) as f:
+            for a, b in zip(bounds[:-1], bounds[1:]):  # one read per run of consecutive rows
+                block = np.frombuffer(self._pread(f.fileno(), int(ordered[a]), int(b - a)), self.dtype)
+                out[order[a:b]] = block.reshape((b - a,) + self.shape[1:])[:, :v]
+        return out
+
+
+class TableRows:
+    """A table's patches (any mix of splits) in a store: `rows[positions]` (positions in the table) for a
+    training batch, `chunks()` for a sequential pass, `tensor()` for all of them (float16 as stored).
+
+    `views`: the first V stored views (None: every view all the table's splits have). `standard`: center ->
+    (mean, std) (float64, D): rows come back standardised by their center's statistics, computed as
+    `((x.double() - mean) / std).half()`; `device`: where `chunks()` puts its chunks."""
+
+    device = torch.device("cpu")  # where an index for `rows[...]` lives (TensorBatches moves it here)
+
+    def __init__(self, store, table: pd.DataFrame, views: int | None = None,
+                 standard: dict | None = None, chunk_device: torch.device | str = "cpu"):
+        self.files = store.files
+        splits = list(table["split"].unique())
+        self.views = views or (min(self.files[s].shape[1] for s in splits) if splits else store.views)
+        self.split_codes = table["split"].map({s: i for i, s in enumerate(splits)}).to_numpy()
+        self.splits, self.rows = splits, table["row"].to_numpy(np.int64)
+        self.centers = table["center"].to_numpy()
+        self.standard, self.chunk_device = standard, torch.device(chunk_device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self.files.values())).shape[-1]
+
+    def _read(self, positions: np.ndarray) -> np.ndarray:
+        out = np.empty((len(positions), self.views, self.dim), np.float16)
+        codes = self.split_codes[positions]
+        for k, split in enumerate(self.splits):
+            mine = np.flatnonzero(codes == k)
+            if len(mine):
+                out[mine] = self.files[split].read(self.rows[positions[mine]], self.views)
+        return out
+
+    def __getitem__(self, positions) -> torch.Tensor:
+        positions = positions.numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
+        x = torch.from_numpy(self._read(positions.astype(np.int64)))
+        if self.standard is None:
+            return x
+        centers = self.centers[positions]
+        for c in np.unique(centers):
+            mean, std = self.standard[c]
+            part = torch.from_numpy(np.flatnonzero(centers == c))
+            x[part] = ((x[part].double() - mean.cpu()) / std.cpu()).to(x.dtype)
+        return x
+
+    def chunk_rows(self) -> int:
+        return max(1, CHUNK_BYTES // (self.views * self.dim * 2))
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """The rows in table order, a chunk of CHUNK_BYTES at a time, on `chunk_device`."""
+        step = self.chunk_rows()
+        for i in range(0, len(self), step):
+            yield self[np.arange(i, min(i + step, len(self)))].to(self.chunk_device)
+
+    def tensor(self) -> torch.Tensor:
+        """Every row at once (float16, n x V x D): for the few users that need the whole table (self-training)."""
+        return self[np.arange(len(self))]
