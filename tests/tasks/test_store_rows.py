@@ -103,5 +103,5 @@ def test_a_pass_over_the_store_holds_a_chunk_not_the_store(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     grown_mb, mean, std = int(out[0]), float(out[1]), float(out[2])
-    assert abs(std - 1) < 0.01 and mean < 0.01  # the pass read the real rows
+    assert abs(std - 1) < 0.01 and mean < 0.03  # the pass read the real rows
     assert grown_mb < 64, f"peak RSS grew by {grown_mb} MB reading a 128 MB split (a memory map: about 135)"
