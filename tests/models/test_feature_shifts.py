@@ -262,7 +262,7 @@ def test_chunked_statistics_match_the_whole_tensor_and_scale_to_large_offsets(mo
 
     x = (torch.randn(5000, 3, 16) * 0.5 + 300.0).half()  # float16 as stored, a large common offset
     exact = x.reshape(-1, 16).double()
-    monkeypatch.setattr(fs, "CHUNK", 7)  # many chunks of an odd size
+    monkeypatch.setattr(fs, "CHUNK_VALUES", 7 * 16 + 5)  # many chunks of an odd size (7 rows)
     mean, std = fs.moments(x)
     torch.testing.assert_close(mean, exact.mean(0), atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(std, exact.std(0, unbiased=False), atol=1e-7, rtol=1e-7)

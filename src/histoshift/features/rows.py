@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-CHUNK_BYTES = 32 << 20  # bytes of stored rows per chunk of a sequential pass (statistics, prediction)
+CHUNK_BYTES = 8 << 20  # bytes of stored rows per chunk of a sequential pass (statistics: 4x that in float64)
 
 
 class NpyRows:

@@ -22,22 +22,19 @@ from ..config import FEATURE_SHIFTS as SHIFTS
 EPS = 1e-6
 
 
-CHUNK = 8192  # rows (x views) per float64 chunk: the statistics never hold a float64 copy of a whole center
+CHUNK_VALUES = 1 << 22  # values per float64 chunk (32 MB): the statistics never hold a float64 copy of a center
 
 
 def _chunks(x):
-    """The rows of an n x D (or n x V x D: every view) tensor as float64 chunks of at most CHUNK patches; `x` may
-    also be a source of chunks (an object with `chunks()`: rows read from the store a chunk at a time) or a list
-    of either (their rows pooled)."""
+    """The rows of an n x D (or n x V x D: every view) tensor as fresh float64 chunks (the callers work on them in
+    place); `x` may also be a source of chunks (an object with `chunks()`: rows read from the store a chunk at a
+    time) or a list of either (their rows pooled)."""
     for part in x if isinstance(x, (list, tuple)) else [x]:
-        if not isinstance(part, torch.Tensor):
-            for chunk in part.chunks():
-                yield chunk.reshape(-1, chunk.shape[-1]).double()
-            continue
-        flat = part.reshape(-1, part.shape[-1])
-        step = CHUNK * (part.shape[1] if part.ndim == 3 else 1)
-        for i in range(0, len(flat), step):
-            yield flat[i:i + step].double()
+        for piece in (part,) if isinstance(part, torch.Tensor) else part.chunks():
+            flat = piece.reshape(-1, piece.shape[-1])
+            step = max(1, CHUNK_VALUES // flat.shape[1])
+            for i in range(0, len(flat), step):
+                yield flat[i:i + step].to(torch.float64, copy=True)
 
 
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +43,9 @@ def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shift, total, squares, n = None, 0, 0, 0
     for c in _chunks(x):
         shift = c.mean(0) if shift is None else shift
-        d = c - shift
-        total, squares, n = total + d.sum(0), squares + (d * d).sum(0), n + len(c)
+        d = c.sub_(shift)
+        total, n = total + d.sum(0), n + len(c)
+        squares = squares + d.square_().sum(0)
     mean = total / n
     return shift + mean, (squares / n - mean * mean).clamp_min(0).sqrt().clamp_min(EPS)
 
@@ -58,7 +56,7 @@ def covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shift, total, outer, n = None, 0, 0, 0
     for c in _chunks(x):
         shift = c.mean(0) if shift is None else shift
-        d = c - shift
+        d = c.sub_(shift)
         total, outer, n = total + d.sum(0), outer + d.T @ d, n + len(c)
     mean = total / n
     return shift + mean, (outer - n * torch.outer(mean, mean)) / max(n - 1, 1)
