@@ -14,8 +14,6 @@ out-of-memory. With `accelerate launch` each process embeds its own share of the
 """
 from __future__ import annotations
 
-import errno
-import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +32,12 @@ from ..data.cache import SPLITS, Cache
 from ..models.backbone import PatchClassifier
 from ..precision import autocast
 from ..progress import bar as progress_bar
-from ..safeio import DiskError, Lock, open_npy, reserve_npy, write_text
+from ..safeio import Lock
 from ..stain.hed import hed_transform
 from ..tta import per_view, view_stack
 from . import store as layout  # layout.CHUNK_ROWS read at call time: one fact, in store.py
-from .store import FeatureError, FeatureStore, chunk_digest, store_key, views_of
+from .store import (FeatureError, FeatureStore, begin_store, finish_store, open_split, reserve_split, store_key,
+                    views_of, write_chunk)
 
 CPU_IMAGES = 64  # images per forward on CPU (small batches stay in cache)
 MAX_IMAGES = 2048  # images per forward on a GPU (throughput saturates well before)
@@ -123,16 +122,11 @@ class Embedder:
 def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder, n_views: int, dim: int,
                  accelerator: Accelerator) -> int:
     """Fill features_<split>.npy chunk by chunk; returns the images embedded by this process."""
-    target, marks = path / f"features_{split}.npy", path / "progress"
-    n = len(images)
-    if accelerator.is_main_process and not target.exists():
-        tmp = path / f"features_{split}.tmp.npy"
-        reserve_npy(tmp, (n, n_views, dim), np.float16, f"the {split} features").flush()
-        tmp.replace(target)
+    marks, n = path / "progress", len(images)
+    if accelerator.is_main_process:
+        reserve_split(path, split, (n, n_views, dim))
     accelerator.wait_for_everyone()
-    arr = open_npy(target, "r+")  # never through a planted link
-    if arr.shape != (n, n_views, dim):
-        raise RuntimeError(f"{target}: shape {arr.shape}, expected {(n, n_views, dim)}; delete {path} and embed again")
+    arr = open_split(path, split, (n, n_views, dim))
     starts = [s for s in range(0, n, layout.CHUNK_ROWS) if not (marks / f"{split}-{s}").exists()]
     mine = starts[accelerator.process_index::accelerator.num_processes]
     done_before = n - sum(min(layout.CHUNK_ROWS, n - s) for s in starts)
@@ -151,15 +145,7 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
                 raise FeatureError(f"{path}: the backbone gave non-finite features for {split} row {row} (id in the "
                                    "cache's index); nothing of this chunk was stored. Use model.recipe_overrides "
                                    "precision fp32 or bf16 (float16 overflows in some models), then embed again")
-            try:
-                arr[start:start + len(chunk)] = out
-                arr.flush()
-                write_text(marks / f"{split}-{start}", chunk_digest(arr, start))  # after the rows: checked when read
-            except (OSError, DiskError) as e:  # the rows' space is reserved: a full disk meets the marker or the flush
-                if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                raise DiskError(f"{target}: disk full while storing rows {start}-{start + len(chunk) - 1} of {split} "
-                                f"(in {path}); free some space and run embed again (it resumes at this chunk)") from None
+            write_chunk(path, split, arr, start, out)
             embedded += len(chunk) * n_views
             bar.update(len(chunk) * accelerator.num_processes * n_views)
     bar.close()
@@ -236,8 +222,7 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
     backbone = model.backbone.eval().to(accelerator.device)
     embedder = Embedder(backbone, model.preprocess, cfg, transform, accelerator.device, precision)
     if accelerator.is_main_process:
-        (path / "progress").mkdir(parents=True, exist_ok=True)
-        write_text(path / "spec.json", json.dumps(spec, indent=2, default=str))
+        begin_store(path, spec)
     accelerator.wait_for_everyone()
     accelerator.print(f"embed: {path.name}, precision {precision}, {model.num_features} values per view")
     t0, count = time.time(), 0
@@ -255,7 +240,7 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
 
             recipe = resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
             meta["weights_files"], meta["weights_ctimes"] = snapshot_files(recipe), snapshot_ctimes(recipe)
-        write_text(path / "meta.json", json.dumps(meta, indent=2, default=str))  # written last: the store is complete
+        finish_store(path, meta)
         accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
     accelerator.wait_for_everyone()
     return FeatureStore(path)

@@ -15,6 +15,7 @@ checksums), so features that changed make them stale, never silently reused.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import pandas as pd
 from ..config import Config
 from ..data.cache import LABELLED, SPLITS
 from ..errors import HistoshiftError
+from ..safeio import DiskError, open_npy, reserve_npy, write_text
 from .rows import NpyRows, TableRows
 
 # rows per resumable unit (fixed: a resumed run finds the same chunks; a store embedded with another value
@@ -102,6 +104,46 @@ def chunk_digest(arr: np.ndarray, start: int) -> str:
 
 def bytes_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+# The store's writer: the embed stage writes through it (and bench/scale.py, synthetic features at any size).
+def begin_store(path: Path, spec: dict) -> None:
+    (path / "progress").mkdir(parents=True, exist_ok=True)
+    write_text(path / "spec.json", json.dumps(spec, indent=2, default=str))
+
+
+def reserve_split(path: Path, split: str, shape: tuple) -> None:
+    """features_<split>.npy with its space reserved on disk (a full disk is refused before any work)."""
+    target = path / f"features_{split}.npy"
+    if not target.exists():
+        tmp = path / f"features_{split}.tmp.npy"
+        reserve_npy(tmp, shape, np.float16, f"the {split} features").flush()
+        tmp.replace(target)
+
+
+def open_split(path: Path, split: str, shape: tuple) -> np.memmap:
+    target = path / f"features_{split}.npy"
+    arr = open_npy(target, "r+")  # never through a planted link
+    if arr.shape != tuple(shape):
+        raise RuntimeError(f"{target}: shape {arr.shape}, expected {tuple(shape)}; delete {path} and embed again")
+    return arr
+
+
+def write_chunk(path: Path, split: str, arr: np.memmap, start: int, rows: np.ndarray) -> None:
+    """One chunk's rows, flushed, then its marker with their checksum (a chunk without one is embedded again)."""
+    try:
+        arr[start:start + len(rows)] = rows
+        arr.flush()
+        write_text(path / "progress" / f"{split}-{start}", chunk_digest(arr, start))  # after the rows
+    except (OSError, DiskError) as e:  # the rows' space is reserved: a full disk meets the marker or the flush
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskError(f"{path / f'features_{split}.npy'}: disk full while storing rows {start}-{start + len(rows) - 1}"
+                        f" of {split}; free some space and run embed again (it resumes at this chunk)") from None
+
+
+def finish_store(path: Path, meta: dict) -> None:
+    write_text(path / "meta.json", json.dumps(meta, indent=2, default=str))  # written last: the store is complete
 
 
 class FeatureStore:
