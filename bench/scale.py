@@ -4,8 +4,8 @@
                           [--epochs 3] [--keep] [--out FILE]
 
 Per size n: input files in the competition's split mix (train 100,000 : val 34,904 : test 85,054, scaled to n;
-train's three centers 0/3/4 in equal shares, val center 1, test center 2, every center balanced) holding 8 x 8
-images (the images are never read: the stages under test read features), then `prepare` and `folds` (not timed),
+train's three centers 0/3/4 in equal shares, val center 1, test center 2, every center balanced) holding one
+96 x 96 uint8 gradient image (gzip-compressed in the files; never read by the stages under test, which read features), then `prepare` and `folds` (not timed),
 then a feature store written through the store's own writer (features/store.py: reserved arrays, chunk markers with
 their checksums, meta.json last) under the key a frozen config computes, so the stages find it complete and embed
 nothing. Its features are synthetic - per-center shifted and scaled Gaussian clusters, a tumour direction a head can
@@ -15,8 +15,8 @@ each in its own process: train (every fold) -> infer --adapt (plain and adapted)
 Prints ONE JSON line per size:
   {"n": 16000, "views": 8, "dim": 1536, "store_bytes": ..., "seconds": {"train": ..., "infer": ..., "stack": ...,
    "submit": ..., "total": ...}, "peak_rss_mb": ..., "peak_gpu_mb": null, "accuracy": ...}
-peak_rss_mb is the largest peak resident memory of the four stage processes (os.wait4's rusage of each child, not
-this generator's); peak_gpu_mb the largest GPU memory nvidia-smi saw them use (null on CPU). Each size works in
+peak_rss_mb is the largest peak resident memory of the four stage processes (each one's own high-water mark, read
+from /proc while it runs; not this generator's); peak_gpu_mb the largest GPU memory nvidia-smi saw them use (null on CPU). Each size works in
 its own folder under --work (default: a temporary one), removed afterwards unless --keep.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 COMPETITION = {"train": 100_000, "val": 34_904, "test": 85_054}
 CENTERS = {"train": (0, 3, 4), "val": (1,), "test": (2,)}
-SIDE = 8  # pixels: the images are cached (prepare needs them) but never read by the feature path
+SIDE = 96  # prepare caches the images (the competition's side); the feature path never reads them
 
 
 def split_sizes(n: int) -> dict[str, int]:
@@ -54,7 +54,8 @@ def split_sizes(n: int) -> dict[str, int]:
 def write_inputs(inp: Path, n: int, seed: int) -> dict[str, pd.DataFrame]:
     """train/val/test.h5 in the competition layout (ids 0..n-1) and each split's table (id, center, label)."""
     rng, tables, next_id = np.random.default_rng(seed), {}, 0
-    img = rng.random((3, SIDE, SIDE)).astype(np.float32) * 0.5 + 0.25  # tissue-like grey, never aberrant
+    ramp = np.add.outer(np.arange(SIDE), np.arange(SIDE))  # a gradient: not flat, so never filtered as aberrant
+    img = np.stack([64 + ramp * 128 // (2 * SIDE) + 8 * c for c in range(3)]).astype(np.uint8)
     inp.mkdir(parents=True, exist_ok=True)
     for split, count in split_sizes(n).items():
         centers = np.repeat(CENTERS[split], -(-count // len(CENTERS[split])))[:count]
@@ -64,20 +65,22 @@ def write_inputs(inp: Path, n: int, seed: int) -> dict[str, pd.DataFrame]:
         with h5py.File(inp / f"{split}.h5", "w") as f:
             for i, c, y in zip(ids, centers, labels):
                 g = f.create_group(str(i))
-                g["img"], g["label"], g["metadata"] = img, np.int64(y), np.array([c, 0], np.int64)
+                g.create_dataset("img", data=img, compression="gzip", compression_opts=1)
+                g["label"], g["metadata"] = np.int64(y), np.array([c, 0], np.int64)
         tables[split] = pd.DataFrame({"id": ids.astype(str), "center": centers, "label": labels})
     return tables
 
 
 class Features:
     """Synthetic frozen features: every center its own offset and scale (the stain shift a per-center
-    standardisation removes), a tumour direction of margin `margin`, per-patch noise, and per-view noise."""
+    standardisation removes), a tumour direction (the class means `2 * margin` apart along it, per-patch noise of
+    unit variance: the best accuracy is about Phi(margin), 0.93 at 1.5, whatever the width), and per-view noise."""
 
-    def __init__(self, dim: int, views: int, seed: int, margin: float = 0.25):
+    def __init__(self, dim: int, views: int, seed: int, margin: float = 1.5):
         rng = np.random.default_rng(seed)
         self.dim, self.views, self.seed = dim, views, seed
         direction = rng.standard_normal(dim)
-        self.direction = (direction / np.linalg.norm(direction) * margin * np.sqrt(dim)).astype(np.float32)
+        self.direction = (direction / np.linalg.norm(direction) * margin).astype(np.float32)
         self.offset = {c: rng.standard_normal(dim).astype(np.float32) * 2 for c in range(5)}
         self.scale = {c: np.float32(0.6 + 0.2 * c) for c in range(5)}
 
@@ -131,22 +134,30 @@ def write_store(root: Path, config: Path, tables: dict, features: Features) -> i
     return sum(f.stat().st_size for f in path.glob("features_*.npy"))
 
 
-class GpuPeak(threading.Thread):
-    """The largest GPU memory (MB) nvidia-smi reports for one process, polled every 0.2 s."""
+class Peak(threading.Thread):
+    """A stage process's peak memory, polled every 0.1 s: resident (VmHWM of /proc/<pid>/status: the high-water mark
+    of its own address space - os.wait4's ru_maxrss would also count this generator's memory at the fork) and, with
+    `gpu`, the GPU memory nvidia-smi reports for it."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, gpu: bool):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.done = pid, 0, threading.Event()
+        self.pid, self.gpu, self.rss_kb, self.gpu_mb, self.done = pid, gpu, 0, 0, threading.Event()
 
     def run(self):
         while not self.done.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout
-            for line in out.splitlines():
-                pid, _, mb = line.partition(",")
-                if pid.strip() == str(self.pid):
-                    self.peak = max(self.peak, int(mb))
-            self.done.wait(0.2)
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+                self.rss_kb = max(self.rss_kb, int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError):
+                pass  # exited (or a zombie without an address space)
+            if self.gpu:
+                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True).stdout
+                for line in out.splitlines():
+                    pid, _, mb = line.partition(",")
+                    if pid.strip() == str(self.pid):
+                        self.gpu_mb = max(self.gpu_mb, int(mb))
+            self.done.wait(0.1)
 
 
 def stage(root: Path, args: list[str], env: dict, log, gpu: bool) -> tuple[float, float, int | None]:
@@ -154,18 +165,16 @@ def stage(root: Path, args: list[str], env: dict, log, gpu: bool) -> tuple[float
     t0 = time.time()
     child = subprocess.Popen([sys.executable, "-m", "histoshift", "--root", str(root), *args], env=env,
                              stdout=log, stderr=subprocess.STDOUT)
-    poll = GpuPeak(child.pid) if gpu else None
-    if poll:
-        poll.start()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    peak = Peak(child.pid, gpu)
+    peak.start()
+    while child.poll() is None:  # the last reads before it exits: its high-water mark is kept while it runs
+        time.sleep(0.05)
     seconds = time.time() - t0
-    if poll:
-        poll.done.set()
-        poll.join()
+    peak.done.set()
+    peak.join()
     if child.returncode:
         raise SystemExit(f"scale: `histoshift {' '.join(args)}` failed (exit {child.returncode}); see {log.name}")
-    return seconds, usage.ru_maxrss / 1024, poll.peak if poll else None
+    return seconds, peak.rss_kb / 1024, peak.gpu_mb if gpu else None
 
 
 def run_size(n: int, dim: int, views: int, epochs: int, device: str, work: Path, seed: int) -> dict:
@@ -191,7 +200,8 @@ def run_size(n: int, dim: int, views: int, epochs: int, device: str, work: Path,
     accuracy = float((submission["Pred"].to_numpy() == truth.loc[submission["ID"]].to_numpy()).mean())
     return {"n": n, "views": views, "dim": dim, "store_bytes": store_bytes, "seconds": seconds,
             "peak_rss_mb": round(max(rss)), "peak_gpu_mb": max(gpu) if device == "cuda" else None,
-            "accuracy": round(accuracy, 4)}
+            "accuracy": round(accuracy, 4), "peak_rss_mb_by_stage": dict(zip(("train", "infer", "stack", "submit"),
+                                                                            map(round, rss)))}
 
 
 def main(argv=None) -> None:

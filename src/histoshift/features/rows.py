@@ -8,6 +8,7 @@ rows asked for, from the page cache, into a fresh buffer; rows that follow each 
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
@@ -29,33 +30,37 @@ class NpyRows:
 
     def raw(self, start: int, stop: int) -> bytes:
         """The stored bytes of rows start..stop-1 (a chunk's checksum hashes exactly these)."""
+        out = np.empty((stop - start,) + self.shape[1:], self.dtype)
         with open(self.path, "rb", buffering=0) as f:
-            return self._pread(f.fileno(), start, stop - start)
+            self._pread_into(f.fileno(), start, out)
+        return out.data.cast("B")
 
-    def _pread(self, fd: int, first: int, count: int) -> bytes:
-        want, at, parts = count * self.row_bytes, self.offset + first * self.row_bytes, []
-        while want:
-            got = os.pread(fd, min(want, 1 << 30), at)
+    def _pread_into(self, fd: int, first: int, out: np.ndarray) -> None:
+        """Rows first.. into `out` (C-contiguous, whole rows), straight from the file: no intermediate buffer."""
+        view, at = memoryview(out).cast("B"), self.offset + first * self.row_bytes
+        while len(view):
+            got = os.preadv(fd, [view[:1 << 30]], at)
             if not got:
-                raise EOFError(f"{self.path}: ends before row {first + count - 1} (truncated)")
-            parts.append(got)
-            want, at = want - len(got), at + len(got)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+                raise EOFError(f"{self.path}: ends before row {first + len(out) - 1} (truncated)")
+            view, at = view[got:], at + got
 
     def read(self, rows: np.ndarray, views: int | None = None) -> np.ndarray:
         """The first `views` views (all: None) of `rows` (any order, repeats allowed), in that order."""
         rows = np.asarray(rows, dtype=np.int64)
         v = views or self.shape[1]
-        out = np.empty((len(rows), v) + self.shape[2:], self.dtype)
+        whole = np.empty((len(rows),) + self.shape[1:], self.dtype)  # whole rows, in sorted order
         if not len(rows):
-            return out
+            return whole[:, :v]
         order = np.argsort(rows, kind="stable")
         ordered = rows[order]
         bounds = np.concatenate([[0], np.flatnonzero(np.diff(ordered) != 1) + 1, [len(rows)]])
         with open(self.path, "rb", buffering=0) as f:
             for a, b in zip(bounds[:-1], bounds[1:]):  # one read per run of consecutive rows
-                block = np.frombuffer(self._pread(f.fileno(), int(ordered[a]), int(b - a)), self.dtype)
-                out[order[a:b]] = block.reshape((b - a,) + self.shape[1:])[:, :v]
+                self._pread_into(f.fileno(), int(ordered[a]), whole[a:b])
+        if v == self.shape[1] and np.all(order[1:] > order[:-1]):
+            return whole  # asked in increasing order: already in place
+        out = np.empty((len(rows), v) + self.shape[2:], self.dtype)
+        out[order] = whole[:, :v]
         return out
 
 
@@ -64,8 +69,8 @@ class TableRows:
     training batch, `chunks()` for a sequential pass, `tensor()` for all of them (float16 as stored).
 
     `views`: the first V stored views (None: every view all the table's splits have). `standard`: center ->
-    (mean, std) (float64, D): rows come back standardised by their center's statistics, computed as
-    `((x.double() - mean) / std).half()`; `device`: where `chunks()` puts its chunks."""
+    (mean, std) (D): rows come back standardised by their center's statistics, `((x - mean) / std)` in float32,
+    stored as float16; `device`: where `chunks()` puts its chunks."""
 
     device = torch.device("cpu")  # where an index for `rows[...]` lives (TensorBatches moves it here)
 
@@ -101,11 +106,21 @@ class TableRows:
         if self.standard is None:
             return x
         centers = self.centers[positions]
+        if len(np.unique(centers)) == 1:  # one center (a chunk of a pass): in place, no gather
+            mean, std = self._standard[centers[0]] if len(centers) else (0, 1)
+            return x.float().sub_(mean).div_(std).to(x.dtype)
+        out = torch.empty_like(x)
         for c in np.unique(centers):
-            mean, std = self.standard[c]
+            mean, std = self._standard[c]
             part = torch.from_numpy(np.flatnonzero(centers == c))
-            x[part] = ((x[part].double() - mean.cpu()) / std.cpu()).to(x.dtype)
-        return x
+            out[part] = x[part].float().sub_(mean).div_(std).to(x.dtype)
+        return out
+
+    @cached_property
+    def _standard(self) -> dict:
+        """The centers' statistics in float32 on the CPU (a float16 result needs no more; float64 per batch
+        tripled a training step's temporaries)."""
+        return {c: (m.float().cpu(), s.float().cpu()) for c, (m, s) in self.standard.items()}
 
     def chunk_rows(self) -> int:
         return max(1, CHUNK_BYTES // (self.views * self.dim * 2))

@@ -22,7 +22,7 @@ from ..config import FEATURE_SHIFTS as SHIFTS
 EPS = 1e-6
 
 
-CHUNK_VALUES = 1 << 22  # values per float64 chunk (32 MB): the statistics never hold a float64 copy of a center
+CHUNK_VALUES = 1 << 20  # values per float64 chunk (8 MB; 32 MB chunks fragmented the heap): never a whole center
 
 
 def _chunks(x):
