@@ -53,7 +53,7 @@ def split_sizes(n: int) -> dict[str, int]:
 
 def write_inputs(inp: Path, n: int, seed: int) -> dict[str, pd.DataFrame]:
     """train/val/test.h5 in the competition layout (ids 0..n-1) and each split's table (id, center, label)."""
-    rng, tables, next_id = np.random.default_rng(seed), {}, 0
+    tables, next_id = {}, 0
     ramp = np.add.outer(np.arange(SIDE), np.arange(SIDE))  # a gradient: not flat, so never filtered as aberrant
     img = np.stack([64 + ramp * 128 // (2 * SIDE) + 8 * c for c in range(3)]).astype(np.uint8)
     inp.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,7 @@ def test_a_disk_that_fills_while_embedding_names_the_store(prepared_root, tmp_pa
 
     import yaml
 
-    from histoshift.features import embedder
+    from histoshift.features import store
 
     from helpers import tiny_config
 
@@ -160,14 +160,14 @@ def test_a_disk_that_fills_while_embedding_names_the_store(prepared_root, tmp_pa
     shutil.copytree(prepared_root, root)
     (tmp_path / "h.yaml").write_text(yaml.safe_dump(tiny_config("feature")))
 
-    real = embedder.write_text
+    real = store.write_text
 
     def full(path, text):
         if path.parent.name != "progress":
             return real(path, text)
         raise OSError(errno.ENOSPC, "No space left on device")  # as a write() reports it: no file name
 
-    monkeypatch.setattr(embedder, "write_text", full)
+    monkeypatch.setattr(store, "write_text", full)
     assert main(["--root", str(root), "embed", "--config", str(tmp_path / "h.yaml")]) == 2
     line = one_error_line(capsys)
     assert "features_train.npy: disk full while storing rows 0-" in line and "it resumes" in line, line
