@@ -1,17 +1,16 @@
-"""Speed benchmark: data path, training loop vs model-only ceiling, TTA inference wall time.
+"""Speed benchmark: the data path, and the code that runs (training loop, embedder, TTA) against its ceiling.
 
-    python bench/speed.py [--n 20000] [--out bench/results] [--quick]
+    python bench/speed.py [--n 20000] [--out bench/results] [--quick | --smoke]
 
 1. images/s of the naive loader (one HDF5 read per item + flips/rotations in DataLoader workers, as
    public solutions do) at 0, 4 and all-core worker counts, vs this repository's path (uint8 cache
    gathered per batch + augmentation on whole batches on the device), on a generated dataset in
    the competition layout; and the CPU cores each keeps busy.
-2. training images/s of the repository's step (batch gather, device augmentation, resize,
-   normalisation, forward/backward/AdamW) vs the model-only ceiling (the same step on a pre-made
-   device tensor), for resnet50 @ 96 and vit_base_patch16_224 @ 224.
-3. wall time of 8-view TTA inference over 85,054 test patches per backbone (measured on a subset
-   and scaled when the full run would take too long, and then marked as such).
-Run it on a GPU and on the CPU; copy the printed table into docs/benchmarks.md with the machine and date.
+2-4. bench/loop.py: `engine.fit` (the real loop) on an ImageTask and on a FeatureTask, the embed stage's
+   Embedder and the infer stage's TTA predictor, each beside the model-only ceiling measured in the same run
+   (same model, same batch), printed as a ratio; the TTA row projects 85,054 test patches x 8 views.
+Run it on a GPU and on the CPU (bench/gpu.sh runs it with the other GPU rows); copy the printed table into
+docs/benchmarks.md with the machine and date.
 """
 from __future__ import annotations
 
@@ -30,25 +29,24 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from histoshift.config import AugCfg, ImageModelCfg  # noqa: E402
+import loop  # noqa: E402
+from histoshift.config import AugCfg  # noqa: E402
 from histoshift.data.augment import random_views, to_float  # noqa: E402
+from histoshift.data.cache import Cache  # noqa: E402
+from histoshift.data.demo import render_patch  # noqa: E402
+from histoshift.data.loader import TensorBatches, place_images  # noqa: E402
+from histoshift.models.preprocess import normalize  # noqa: E402
+from histoshift.stages.prepare import prepare  # noqa: E402
 from histoshift.stain.transform import InputTransform  # noqa: E402
 
 
 def augment_batch(images, aug):
     """The torch backend as the image task runs it: dihedral views of the uint8 batch, then the input transform."""
     return InputTransform(aug).train(random_views(images) if aug.dihedral else to_float(images))
-from histoshift.models.preprocess import normalize  # noqa: E402
-from histoshift.tta import view_stack  # noqa: E402
-from histoshift.data.cache import Cache  # noqa: E402
-from histoshift.stages.prepare import prepare  # noqa: E402
-from histoshift.data.demo import render_patch  # noqa: E402
-from histoshift.data.loader import TensorBatches, place_images  # noqa: E402
-from histoshift.models.backbone import PatchClassifier  # noqa: E402
-from histoshift.precision import resolve_precision  # noqa: E402
 
-TEST_PATCHES = 85_054
+
 
 
 def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
@@ -57,7 +55,7 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
     base = np.stack([render_patch(rng, k % 2, 0) for k in range(512)])
     inp = root / "input"
     inp.mkdir(parents=True)
-    sizes = {"train": (n, (0, 3, 4)), "val": (1000, (1,)), "test": (1000, (2,))}
+    sizes = {"train": (n, (0, 3, 4)), "val": (min(n, 1000), (1,)), "test": (min(n, 1000), (2,))}
     next_id = 1000
     for split, (count, centers) in sizes.items():
         with h5py.File(inp / f"{split}.h5", "w") as f:
@@ -115,10 +113,11 @@ def measure(fn, n_images: int) -> tuple[float, float]:
     return n_images / wall, (cpu_seconds() - c0) / wall
 
 
-def bench_loaders(root: Path, device: torch.device, batches: int, batch_size: int = 256) -> list[dict]:
+def bench_loaders(root: Path, device: torch.device, batches: int, batch_size: int = 256,
+                  smoke: bool = False) -> list[dict]:
     rows = []
     cores = os.cpu_count() or 1
-    for workers in sorted({0, 4, cores}):
+    for workers in [0] if smoke else sorted({0, 4, cores}):
         loader = DataLoader(NaiveH5(root / "input" / "train.h5"), batch_size=batch_size, shuffle=True,
                             num_workers=workers, persistent_workers=workers > 0, drop_last=True)
         it = iter(loader)
@@ -168,81 +167,9 @@ def bench_loaders(root: Path, device: torch.device, batches: int, batch_size: in
     return rows
 
 
-def train_step_factory(model, device, precision):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = {"bf16": torch.bfloat16}.get(precision)
-
-    def step(x, y):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x)["logits"].float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def bench_model(name: str, size: int, root: Path, device: torch.device, batch: int, steps: int, infer_n: int) -> dict:
-    precision = resolve_precision("auto", name)  # what train/infer use: bf16 on a GPU except depthwise-conv families
-    model = PatchClassifier(ImageModelCfg(backbone=name, weights="none", input_size=size), load_weights=False).to(device)
-    model.train()
-    step = train_step_factory(model, device, precision)
-    x0 = torch.randn(batch, 3, size, size, device=device)
-    y0 = (torch.rand(batch, device=device) > 0.5).float()
-    for _ in range(2):
-        step(x0, y0)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(x0, y0)
-    sync(device)
-    ceiling = steps * batch / (time.perf_counter() - t0)
-
-    cache = Cache.open(root / "work" / "cache")
-    table = cache.index[cache.index.split == "train"]
-    images = place_images(cache.gather(table), device)
-    batches = TensorBatches(images, table, {c: 0 for c in table.center.unique()}, batch, device)
-    aug = AugCfg(backend="torch", dihedral=True, hed_sigma=0.05, brightness=0.1, contrast=0.1)
-
-    def loop(n):
-        done = 0
-        while done < n:
-            for b in batches:
-                x = model.preprocess(augment_batch(b["image"], aug))
-                step(x, b["label"])
-                done += 1
-                if done == n:
-                    break
-        sync(device)
-    loop(2)
-    t0 = time.perf_counter()
-    loop(steps)
-    e2e = steps * batch / (time.perf_counter() - t0)
-
-    model.eval()
-    test = torch.from_numpy(cache.gather(cache.index.iloc[:infer_n])).to(device)
-    dtype = {"bf16": torch.bfloat16}.get(precision)
-    chunk = 512 if device.type == "cuda" else 16
-
-    @torch.no_grad()
-    def infer(warmup: bool = False):
-        for i in range(0, 2 * chunk if warmup else len(test), chunk):
-            x = to_float(test[i:i + chunk])
-            stacked = view_stack(x, range(8), model.preprocess)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                model(stacked)
-        sync(device)
-    infer(warmup=True)
-    t0 = time.perf_counter()
-    infer()
-    per_patch = (time.perf_counter() - t0) / len(test)
-    return {"backbone": f"{name} @ {size}", "precision": precision, "batch": batch,
-            "ceiling_img_s": ceiling, "e2e_img_s": e2e, "ratio": e2e / ceiling,
-            "infer_85k_x8_s": per_patch * TEST_PATCHES, "infer_measured_on": len(test)}
 
 
 def main():
@@ -250,7 +177,12 @@ def main():
     ap.add_argument("--n", type=int, default=20_000, help="train patches in the generated dataset")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true", help="few steps (CPU): numbers are rough")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (bench/gpu.sh --smoke): the code runs, the "
+                                                         "numbers mean nothing")
     a = ap.parse_args()
+    if a.smoke:
+        a.n = min(a.n, 600)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     machine = torch.cuda.get_device_name(0) if gpu else f"{platform.processor() or platform.machine()}, CPU only"
@@ -260,25 +192,20 @@ def main():
         t0 = time.perf_counter()
         make_dataset(root, a.n)
         print(f"generated {a.n} train patches in {time.perf_counter() - t0:.0f} s", flush=True)
-        loaders = bench_loaders(root, device, batches=40 if gpu else (8 if a.quick else 20))
+        loaders = bench_loaders(root, device, batches=40 if gpu else (1 if a.smoke else 8 if a.quick else 20),
+                                batch_size=32 if a.smoke else 256, smoke=a.smoke)
         for r in loaders:
             print(f"{r['loader']:<95} {r['images_per_s']:>10,.0f} img/s  {r['cores_busy']:.1f} cores", flush=True)
-        models = []
-        for name, size, batch in (("resnet50", 96, 256 if gpu else 32), ("tf_efficientnet_lite0", 96, 256 if gpu else 32),
-                                  ("vit_base_patch16_224", 224, 256 if gpu else 8)):
-            r = bench_model(name, size, root, device, batch, steps=30 if gpu else (2 if a.quick else 4),
-                            infer_n=TEST_PATCHES if gpu else 32)
-            models.append(r)
-            print(f"{r['backbone']:<28} ceiling {r['ceiling_img_s']:>8,.1f} img/s  loop {r['e2e_img_s']:>8,.1f} img/s  "
-                  f"ratio {r['ratio']:.2f}  infer 85,054 x 8 views {r['infer_85k_x8_s']:,.0f} s"
-                  f"{'' if r['infer_measured_on'] == TEST_PATCHES else ' (scaled from %d patches)' % r['infer_measured_on']}",
-                  flush=True)
-    total = sum(r["infer_85k_x8_s"] for r in models)
-    print(f"infer 85,054 x 8 views, all {len(models)} backbones together: {total:,.0f} s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # rows 2-4: the code that runs (bench/loop.py)
+        models = loop.rows(Path(tmp), device, gpu, a.quick, a.smoke)
+    for r in models:
+        print(f"{r['what']:<80} loop {r['loop_img_s']:>9,.1f} img/s  ceiling {r['ceiling_img_s']:>9,.1f} img/s  "
+              f"ratio {r['ratio']:.2f}" + (f"  85,054 x 8 views: {r['test_85054_x8_s']:,.0f} s" if "test_85054_x8_s" in r else ""),
+              flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
-    path = out / f"speed-{'gpu' if gpu else 'cpu'}-{stamp}.json"
+    path = out / f"speed-{'gpu' if gpu else 'cpu'}-{stamp}{'-smoke' if a.smoke else ''}.json"
     path.write_text(json.dumps({"machine": machine, "cores": os.cpu_count(), "date": stamp, "torch": torch.__version__,
                                 "loaders": loaders, "models": models}, indent=2))
     print(f"wrote {path}")

@@ -228,9 +228,11 @@ def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monke
     want = embedder(images, 8, 0)
     real_forward, sizes = embedder._forward, []
 
+    limit = [5]
+
     def forward(batch, n_views, jitter=None):  # a device that holds at most 5 patches x 8 views
         sizes.append(len(batch))
-        if len(batch) > 5:
+        if len(batch) > limit[0]:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # torch's wording
         return real_forward(batch, n_views, jitter)
 
@@ -239,6 +241,14 @@ def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monke
     assert embedder.batch == 4 and sizes[:3] == [16, 8, 4]
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
     assert "batch halved to 4 patches" in capsys.readouterr().out
+    # later chunks run at the batch found (no search); one that no longer fits (memory taken by something else)
+    # halves it again
+    sizes.clear()
+    np.testing.assert_array_equal(embedder(images, 8, 0), got)
+    assert set(sizes) == {4}
+    limit[0] = 3
+    np.testing.assert_allclose(embedder(images, 8, 0).astype(np.float32), got.astype(np.float32), atol=2e-3)
+    assert embedder.batch == 2 and "batch halved to 2 patches" in capsys.readouterr().out
 
 
 @pytest.mark.slow

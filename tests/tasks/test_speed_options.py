@@ -42,6 +42,22 @@ def test_tensor_batches_shard_every_pass_without_overlap():
     assert place_images(images.numpy(), torch.device("cpu")).device.type == "cpu"
 
 
+def test_one_view_batches_draw_a_view_of_each_row_with_the_order_and_repeat_per_epoch():
+    """The feature task's streams: item = one of the row's V views, drawn from the stream's generator, so an
+    epoch's batches (rows and views) are a function of (seed, epoch) and a resumed run sees the same."""
+    feats = torch.arange(30 * 4, dtype=torch.float32).view(30, 4, 1)  # value = 4 * row + view
+    table = pd.DataFrame({"id": range(30), "center": [0] * 30, "label": [0.0, 1.0] * 15})
+
+    def epoch(e):
+        stream = TensorBatches(feats, table, {0: 0}, 8, torch.device("cpu"), seed=5, one_view=True)
+        stream.set_epoch(e)
+        return torch.cat([b["image"][:, 0] for b in stream]).long()
+    first = epoch(1)
+    assert len(first) == 24 and len(set((first // 4).tolist())) == 24  # 3 batches of distinct rows
+    assert set((first % 4).tolist()) == {0, 1, 2, 3}  # every view drawn somewhere
+    assert torch.equal(first, epoch(1)) and not torch.equal(first, epoch(2))
+
+
 @pytest.mark.parametrize("overrides", [["train.channels_last=true"], ["train.compile=true"],
                                        ["train.placement=host", "train.precision=bf16"]],
                          ids=["channels_last", "compile", "host-bf16"])

@@ -40,6 +40,8 @@ def test_rows_in_any_order_with_repeats_and_fewer_views_are_the_arrays_rows(tmp_
     np.testing.assert_array_equal(store.files["train"].read(rows, 2), store.arrays["train"][rows, :2])
     assert store.files["train"].read(np.array([], int)).shape == (0, 5, 7)
     assert store.files["train"].raw(10, 20) == store.arrays["train"][10:20].tobytes()
+    views = np.array([0, 4, 2, 1, 3, 3, 0, 4, 2, 1])
+    np.testing.assert_array_equal(store.files["train"].read_one(rows, views), store.arrays["train"][rows, views])
 
 
 def test_a_truncated_file_is_an_error_naming_it(tmp_path):
@@ -67,6 +69,12 @@ def test_table_rows_mix_splits_standardise_per_center_and_chunk_like_the_whole(t
         assert torch.allclose(mean, torch.zeros_like(mean), atol=2e-3) and torch.allclose(std, torch.ones_like(std), atol=2e-3)
     batch = torch.tensor([29, 0, 15, 15])
     torch.testing.assert_close(TableRows(store, table, standard=standard)[batch], scaled[batch], rtol=0, atol=0)
+    views = torch.tensor([2, 0, 1, 2])  # one view of each row (training batches), standardised alike
+    one = TableRows(store, table, standard=standard)[batch, views]
+    assert one.dtype == torch.float32 and torch.equal(one.half(), scaled[batch, views])
+    assert rows.shape == (30, 3, 6)
+    with pytest.raises(IndexError):
+        rows[batch, torch.tensor([0, 0, 3, 0])]  # the train rows have 5 views, the table uses 3
     monkeypatch.setattr(rows_module, "CHUNK_BYTES", 3 * 6 * 2 * 7)  # 7 rows a chunk: 5 chunks
     assert rows.chunk_rows() == 7 and [len(c) for c in rows.chunks()] == [7, 7, 7, 7, 2]
     for a, b in zip(moments(rows), moments(torch.from_numpy(whole))):

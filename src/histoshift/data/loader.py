@@ -7,6 +7,8 @@ torch DataLoaders, so `accelerator.prepare` shards them across processes.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pandas as pd
 import torch
@@ -85,11 +87,13 @@ class TensorBatches:
     no per-item Python work. Every process draws the same permutation from `seed` and takes its own
     slice of each step, so `accelerate launch` shards the data without a sampler. The permutation
     changes every pass; `set_epoch` makes the order a function of (seed, epoch), so a run resumed
-    at an epoch sees the batches an uninterrupted one would."""
+    at an epoch sees the batches an uninterrupted one would. `one_view`: each row's batch item is one of its
+    views (images N x V x ...), drawn at random with the order."""
 
     def __init__(self, images: torch.Tensor, table: pd.DataFrame, domain_of_center: dict[int, int],
-                 batch_size: int, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1):
-        self.images, self.device = images, device
+                 batch_size: int, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1,
+                 one_view: bool = False):
+        self.images, self.device, self.one_view = images, device, one_view
         self.labels = torch.as_tensor(table["label"].to_numpy(np.float32))
         self.domains = torch.as_tensor(np.array([domain_of_center[c] for c in table["center"]], dtype=np.int64))
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
@@ -103,9 +107,31 @@ class TensorBatches:
 
     def __iter__(self):
         perm = torch.randperm(len(self.labels), generator=self.generator)
-        for b in range(len(self)):
-            start = (b * self.world + self.rank) * self.batch_size
-            idx = perm[start:start + self.batch_size]
-            images = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
-            yield {"image": images, "label": self.labels[idx].to(self.device, non_blocking=True),
+        batches = [perm[(b * self.world + self.rank) * self.batch_size:][:self.batch_size] for b in range(len(self))]
+        if self.one_view:  # N x V x ... images: one random view of each row, drawn with the order (resumable)
+            views = torch.randint(0, self.images.shape[1], (len(self), self.batch_size), generator=self.generator)
+            keys = [(idx, v[:len(idx)]) for idx, v in zip(batches, views)]
+            gather = lambda key: self.images[key[0].to(self.images.device), key[1].to(self.images.device)]  # noqa: E731
+        else:
+            keys = batches
+            gather = lambda idx: self.images[idx.to(self.images.device)]  # noqa: E731
+        if isinstance(self.images, torch.Tensor) or self.device.type != "cuda":
+            # on a CPU the step's threads take every core: a reading thread would only compete with them
+            pending = iter(map(gather, keys))
+        else:  # rows read from disk (a feature store) for a GPU: the next batch is read on a thread while the GPU
+            # trains on this one; by hand, since a DataLoader's workers would be processes re-opening the store
+            pending = _read_ahead(gather, keys)
+        for idx, images in zip(batches, pending):
+            yield {"image": images.to(self.device, non_blocking=True),
+                   "label": self.labels[idx].to(self.device, non_blocking=True),
                    "domain": self.domains[idx].to(self.device, non_blocking=True)}
+
+
+def _read_ahead(read, items):
+    """read(item) for each item in order, the next one read on a thread while the caller works on this one."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, items[0]) if items else None
+        for k in range(len(items)):
+            done = pending.result()
+            pending = pool.submit(read, items[k + 1]) if k + 1 < len(items) else None
+            yield done

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import find_executable_batch_size
+from accelerate.utils.memory import should_reduce_batch_size
 from torch import nn
 
 from ..config import Config
@@ -68,6 +69,7 @@ class Embedder:
         self.backbone, self.preprocess, self.cfg, self.transform = backbone, preprocess, cfg, transform
         self.device, self.precision = device, precision
         self.batch = cfg.model.embed_batch_size or None  # patches per forward; None: fitted on first use
+        self.proven = False  # whether a call ran at self.batch
 
     def _forward(self, images: np.ndarray, n_views: int, jitter=None) -> torch.Tensor:
         x = self.transform.infer(to_float(torch.from_numpy(images).to(self.device, non_blocking=True)))
@@ -110,13 +112,22 @@ class Embedder:
             print(f"embed: out of GPU memory, batch halved to {self.batch} patches x {n_views} views")
             return self.batch
 
-        @find_executable_batch_size(starting_batch_size=self.batch, reduce_batch_size_fn=halve)
         def run(batch: int) -> np.ndarray:
             out = [self._forward(images[i:i + batch], n_views,
                                  None if jitter is None else tuple(j[:, i:i + batch] for j in jitter)).half().cpu()
                    for i in range(0, len(images), batch)]
             return torch.cat(out).numpy()
-        return run()
+
+        if self.proven:  # the batch ran before: no search (Accelerate's collects garbage on every call, 0.3 s)
+            try:
+                return run(self.batch)
+            except Exception as e:
+                if not should_reduce_batch_size(e):
+                    raise
+                halve()
+        out = find_executable_batch_size(run, starting_batch_size=self.batch, reduce_batch_size_fn=halve)()
+        self.proven = True
+        return out
 
 
 def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder, n_views: int, dim: int,

@@ -18,6 +18,10 @@ import torch
 CHUNK_BYTES = 8 << 20  # bytes of stored rows per chunk of a sequential pass (statistics: 4x that in float64)
 
 
+def _numpy(index) -> np.ndarray:
+    return index.numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+
+
 class NpyRows:
     """The rows of one .npy array file (N x V x D, C order) read with pread: `read(rows, views)`."""
 
@@ -43,6 +47,22 @@ class NpyRows:
             if not got:
                 raise EOFError(f"{self.path}: ends before row {first + len(out) - 1} (truncated)")
             view, at = view[got:], at + got
+
+    def read_one(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """View views[i] of row rows[i] (n x D): one pread of D values each, in file order."""
+        out = np.empty((len(rows),) + self.shape[2:], self.dtype)
+        size = self.row_bytes // self.shape[1]
+        at = self.offset + np.asarray(rows, np.int64) * self.row_bytes + np.asarray(views, np.int64) * size
+        order = np.argsort(at, kind="stable")
+        buffer = memoryview(out).cast("B")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:  # the loop's body is one system call: Python's per-row work is what a batch costs here
+            for i, offset in zip(order.tolist(), at[order].tolist()):
+                if os.preadv(fd, [buffer[i * size:(i + 1) * size]], offset) != size:
+                    raise EOFError(f"{self.path}: ends before row {rows[i]} (truncated)")
+        finally:
+            os.close(fd)
+        return out
 
     def read(self, rows: np.ndarray, views: int | None = None) -> np.ndarray:
         """The first `views` views (all: None) of `rows` (any order, repeats allowed), in that order."""
@@ -100,27 +120,55 @@ class TableRows:
                 out[mine] = self.files[split].read(self.rows[positions[mine]], self.views)
         return out
 
-    def __getitem__(self, positions) -> torch.Tensor:
-        positions = positions.numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
-        x = torch.from_numpy(self._read(positions.astype(np.int64)))
+    @property
+    def shape(self) -> tuple:
+        return (len(self), self.views, self.dim)
+
+    def _read_one(self, positions: np.ndarray, views: np.ndarray) -> np.ndarray:
+        if len(views) and (views.min() < 0 or views.max() >= self.views):
+            raise IndexError(f"views {views.min()}..{views.max()} of {self.views}")
+        out = np.empty((len(positions), self.dim), np.float16)
+        codes = self.split_codes[positions]
+        for k, split in enumerate(self.splits):
+            mine = np.flatnonzero(codes == k)
+            if len(mine):
+                out[mine] = self.files[split].read_one(self.rows[positions[mine]], views[mine])
+        return out
+
+    def __getitem__(self, key) -> torch.Tensor:
+        """rows[positions] (n x V x D, float16) or rows[positions, views] (n x D float32: view views[i] of each
+        row, a training batch)."""
+        positions, views = key if isinstance(key, tuple) else (key, None)
+        positions = _numpy(positions).astype(np.int64)
+        if views is None:
+            x = torch.from_numpy(self._read(positions))  # float16 as stored (passes, self-training)
+        else:  # a training batch, float32 as the head takes it (numpy's float16 casts are 10x torch's)
+            x = torch.from_numpy(self._read_one(positions, _numpy(views))).float()
         if self.standard is None:
             return x
         centers = self.centers[positions]
-        if len(np.unique(centers)) == 1:  # one center (a chunk of a pass): in place, no gather
-            mean, std = self._standard[centers[0]] if len(centers) else (0, 1)
+        if len(centers) and (centers == centers[0]).all():  # one center (a chunk of a pass): no gather
+            mean, std = self._standard[centers[0]]
             return x.float().sub_(mean).div_(std).to(x.dtype)
-        out = torch.empty_like(x)
-        for c in np.unique(centers):
-            mean, std = self._standard[c]
-            part = torch.from_numpy(np.flatnonzero(centers == c))
-            out[part] = x[part].float().sub_(mean).div_(std).to(x.dtype)
-        return out
+        code = torch.from_numpy(np.searchsorted(self._centers, centers))
+        means, stds = self._stacked
+        shape = (len(x),) + (1,) * (x.ndim - 2) + (-1,)  # a batch's row statistics, broadcast over its views
+        return x.float().sub_(means[code].view(shape)).div_(stds[code].view(shape)).to(x.dtype)
 
     @cached_property
     def _standard(self) -> dict:
         """The centers' statistics in float32 on the CPU (a float16 result needs no more; float64 per batch
         tripled a training step's temporaries)."""
         return {c: (m.float().cpu(), s.float().cpu()) for c, (m, s) in self.standard.items()}
+
+    @cached_property
+    def _centers(self) -> np.ndarray:
+        return np.array(sorted(self.standard))
+
+    @cached_property
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C x D means, C x D stds), rows in the order of `_centers`."""
+        return tuple(torch.stack([self._standard[c][k] for c in self._centers]) for k in (0, 1))
 
     def chunk_rows(self) -> int:
         return max(1, CHUNK_BYTES // (self.views * self.dim * 2))

@@ -75,11 +75,12 @@ class Streams:
         return self._make(epoch)
 
 
-def tensor_streams(task, tensor_of, source, target, seed: int) -> Streams:
-    """Whole-batch gathers from tensors (device or host memory): no per-item Python work."""
+def tensor_streams(task, tensor_of, source, target, seed: int, one_view: bool = False) -> Streams:
+    """Whole-batch gathers from tensors (device or host memory, or rows read from disk): no per-item Python work.
+    `one_view`: one random view of each row (N x V x ... inputs)."""
     acc, t = task.acc, task.cfg.train
     streams = [TensorBatches(tensor_of(table), table, task.domains, bs, acc.device, seed + k,
-                             acc.process_index, acc.num_processes)
+                             acc.process_index, acc.num_processes, one_view)
                for k, (table, bs) in enumerate([(source, t.batch_size), (target, t.target_batch_size)])]
 
     def epoch(e: int):

@@ -79,18 +79,14 @@ class FeatureTask:
         # labelled rows with every stored view (the HED views too), target rows with the TTA views, read from
         # the store a batch at a time (memory bounded by the batch, not the store: 5-11 GB at the competition's
         # size). Per-center standardisation: every center's rows by its own moments (the target's too: label-free)
-        return tensor_streams(self, self._inputs, source, target, seed)
-
-    def _view(self, feats: torch.Tensor) -> torch.Tensor:
-        """B x V x D stored features -> B x D, one random view per patch (the head's augmentation)."""
-        feats = feats.to(self.acc.device)
-        pick = torch.randint(0, feats.shape[1], (feats.shape[0],), device=feats.device)
-        return feats[torch.arange(feats.shape[0], device=feats.device), pick].float()
+        # one random stored view of each patch (the head's augmentation), chosen before the read: 1/V of the bytes
+        return tensor_streams(self, self._inputs, source, target, seed, one_view=True)
 
     def feed(self, src: dict, tgt: dict | None) -> dict:
-        batch = {"x": self._view(src["image"]), "y": src["label"], "domain": src["domain"]}
+        """B x D batches (one view of each patch, drawn by the streams) as float32 on the device."""
+        batch = {"x": src["image"].to(self.acc.device).float(), "y": src["label"], "domain": src["domain"]}
         if tgt is not None:
-            batch.update(x_target=self._view(tgt["image"]), domain_target=tgt["domain"])
+            batch.update(x_target=tgt["image"].to(self.acc.device).float(), domain_target=tgt["domain"])
         batch["images"] = torch.cat([batch["x"], batch["x_target"]]) if tgt is not None else batch["x"]
         return batch
 
