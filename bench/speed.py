@@ -60,7 +60,7 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
     for split, (count, centers) in sizes.items():
         with h5py.File(inp / f"{split}.h5", "w") as f:
             for k in range(count):
-                img = np.clip(base[k % 512] + rng.normal(0, 0.01, (1, 1, 1)).astype(np.float32), 0, 1)
+                img = np.clip(base[k % len(base)] + rng.normal(0, 0.01, (1, 1, 1)).astype(np.float32), 0, 1)
                 g = f.create_group(str(next_id))
                 g["img"], g["label"] = img, np.int64(k % 2)
                 g["metadata"] = np.array([centers[k % len(centers)], k], dtype=np.int64)

@@ -84,6 +84,7 @@ def test_table_rows_mix_splits_standardise_per_center_and_chunk_like_the_whole(t
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow  # a child process
 def test_a_pass_over_the_store_holds_a_chunk_not_the_store(tmp_path):
     """A 128 MB split read in full (statistics and random batches) by a fresh process: its peak resident memory
     grows by far less than the split (a memory map would have mapped every page it touched)."""

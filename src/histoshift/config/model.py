@@ -10,7 +10,7 @@ the kinds existed (`frozen: true|false`) still load, with one deprecation line.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -78,6 +78,7 @@ class BackboneCfg(Section):
 class ImageModelCfg(BackboneCfg):
     """A backbone fine-tuned on images."""
     kind: Literal["image"] = "image"
+    embeds: ClassVar[bool] = False  # the `embed` stage has nothing to store: images are read from the cache
     drop_path_rate: Float = Field(0.0, ge=0, le=1)  # stochastic depth
     train_last_blocks: Int = -1  # partial fine-tuning: train only the last N block groups (-1 = all)
 
@@ -85,6 +86,7 @@ class ImageModelCfg(BackboneCfg):
 class FeatureModelCfg(BackboneCfg):
     """A head on features the frozen backbone stored once (the `embed` stage)."""
     kind: Literal["feature"] = "feature"
+    embeds: ClassVar[bool] = True  # the `embed` stage stores its backbone's features once
     # "mlp" (a linear probe, or an MLP of head_hidden units) | "paper_dann" (the Phikon-v2 + DANN head report's
     # layers: LayerNorm, linear to D/2, ReLU; classifier D/2 -> 100 -> 1 with ReLU and dropout 0.4)
     head: Literal["mlp", "paper_dann"] = "mlp"

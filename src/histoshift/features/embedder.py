@@ -30,7 +30,6 @@ from torch import nn
 from ..config import Config
 from ..data.augment import apply_dihedral, to_float
 from ..data.cache import SPLITS, Cache
-from ..models.backbone import PatchClassifier
 from ..precision import autocast
 from ..progress import bar as progress_bar
 from ..safeio import Lock
@@ -227,6 +226,8 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
                  spec: dict) -> FeatureStore:
     if (path / "meta.json").exists():  # completed by another process between the first check and the lock
         return FeatureStore(path)
+    from ..models.backbone import PatchClassifier  # here: a head's processes (train, infer) never import timm
+
     with torch.random.fork_rng(devices=[]):  # weights none (random features): the same store every time
         torch.manual_seed(0)
         model = PatchClassifier(cfg.model)

@@ -56,7 +56,7 @@ def seed(text: str) -> int:
 def experiment(a):
     """The config of --config with its overrides (and --seed, --pseudo), checked against the registries."""
     from ..config import ConfigError
-    from ..tasks import load_experiment
+    from ..models.foundation.checked import load_experiment  # no torch: a stage with nothing to do is quick
 
     overrides = list(a.overrides) + ([f"train.seed={a.seed}"] if getattr(a, "seed", None) is not None else [])
     if getattr(a, "pseudo", None) is not None:  # the second round: its own run names, so the first round's runs stay

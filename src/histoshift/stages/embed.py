@@ -16,14 +16,16 @@ def arguments(p) -> None:
 
 
 def run(a, paths) -> None:
+    cfg = experiment(a)
+    if not cfg.model.embeds:  # before torch is imported: train.sh asks every config
+        print(f"embed: {cfg.name}: a fine-tuned ({cfg.model.kind}) config reads images from the cache: nothing to embed")
+        return
     from accelerate import Accelerator
 
     from ..data.cache import Cache, check_inputs
     from ..tasks import make_task
 
-    cfg = experiment(a)
     check_inputs(paths.input, paths.cache)
     task = make_task(cfg, Cache.open(paths.cache), paths, Accelerator())
     store = timed("embed", task.stored_data)
-    print(f"embed: {cfg.name}: " + (f"features in {store.path}" if store is not None else
-                                    f"a {task.kind} task reads images from the cache: nothing to embed"))
+    print(f"embed: {cfg.name}: features in {store.path}")
