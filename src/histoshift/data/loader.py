@@ -120,14 +120,14 @@ class TensorBatches:
             pending = iter(map(gather, keys))
         else:  # rows read from disk (a feature store) for a GPU: the next batch is read on a thread while the GPU
             # trains on this one; by hand, since a DataLoader's workers would be processes re-opening the store
-            pending = _read_ahead(gather, keys)
+            pending = read_ahead(gather, keys)
         for idx, images in zip(batches, pending):
             yield {"image": images.to(self.device, non_blocking=True),
                    "label": self.labels[idx].to(self.device, non_blocking=True),
                    "domain": self.domains[idx].to(self.device, non_blocking=True)}
 
 
-def _read_ahead(read, items):
+def read_ahead(read, items):
     """read(item) for each item in order, the next one read on a thread while the caller works on this one."""
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(read, items[0]) if items else None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import nn
 from ..config import Config
 from ..data.augment import apply_dihedral, to_float
 from ..data.cache import SPLITS, Cache
+from ..data.loader import read_ahead
 from ..precision import autocast
 from ..progress import bar as progress_bar
 from ..safeio import Lock
@@ -143,21 +143,17 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
     bar = progress_bar(total=n * n_views, initial=done_before * n_views, unit="img", unit_scale=True, smoothing=0.1,
                desc=f"embed {split} ({n_views} views)", main=accelerator.is_local_main_process)
     embedded = 0
-    with ThreadPoolExecutor(1) as pool:  # reads the next chunk from the cache while the GPU works
-        load = lambda s: np.array(images[s:s + layout.CHUNK_ROWS])  # noqa: E731 - a writable copy
-        pending = pool.submit(load, mine[0]) if mine else None
-        for k, start in enumerate(mine):
-            chunk = pending.result()
-            pending = pool.submit(load, mine[k + 1]) if k + 1 < len(mine) else None
-            out = embedder(chunk, n_views, HED_SEED + 10**8 * SPLITS.index(split) + start)
-            if not np.isfinite(out).all():
-                row = start + int(np.argwhere(~np.isfinite(out).reshape(len(out), -1).all(1))[0, 0])
-                raise FeatureError(f"{path}: the backbone gave non-finite features for {split} row {row} (id in the "
-                                   "cache's index); nothing of this chunk was stored. Use model.recipe_overrides "
-                                   "precision fp32 or bf16 (float16 overflows in some models), then embed again")
-            write_chunk(path, split, arr, start, out)
-            embedded += len(chunk) * n_views
-            bar.update(len(chunk) * accelerator.num_processes * n_views)
+    load = lambda s: np.array(images[s:s + layout.CHUNK_ROWS])  # noqa: E731 - a writable copy
+    for start, chunk in zip(mine, read_ahead(load, mine)):  # the next chunk read from the cache while the GPU works
+        out = embedder(chunk, n_views, HED_SEED + 10**8 * SPLITS.index(split) + start)
+        if not np.isfinite(out).all():
+            row = start + int(np.argwhere(~np.isfinite(out).reshape(len(out), -1).all(1))[0, 0])
+            raise FeatureError(f"{path}: the backbone gave non-finite features for {split} row {row} (id in the "
+                               "cache's index); nothing of this chunk was stored. Use model.recipe_overrides "
+                               "precision fp32 or bf16 (float16 overflows in some models), then embed again")
+        write_chunk(path, split, arr, start, out)
+        embedded += len(chunk) * n_views
+        bar.update(len(chunk) * accelerator.num_processes * n_views)
     bar.close()
     return embedded
 
