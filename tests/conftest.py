@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import FROZEN, IMAGE
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command sets it (cli.cpu_allocator_defaults): torch is
+# imported after this, and every stage process the tests start inherits it
+
+from helpers import FROZEN, IMAGE  # noqa: E402 - after the environment above
+
 
 
 TRAINED_ROOTS = {"finished", "pipeline_root"}  # fixtures that train models (minutes on 2 cores)

@@ -17,11 +17,12 @@ from histoshift.cli import main
 PER_CENTER = 80
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (PCAM / "make_competition_h5.py").exists(),
                     reason=f"real-tissue check skipped: {PCAM} is absent (it is not part of the product)")
 @pytest.mark.slow
 def test_pipeline_on_real_tissue_beats_chance_clearly(tmp_path):
+    """Two epochs (64 s on 2 cores): held-out centers 0.81, test center 2 0.79 when measured; four epochs took 114 s
+    for 0.86 / 0.81. The bounds below are far under both."""
     root = tmp_path / "root"
     subprocess.run([sys.executable, str(PCAM / "make_competition_h5.py"), str(root / "input"),
                     "--limit", str(PER_CENTER)], check=True, capture_output=True)
@@ -31,7 +32,7 @@ def test_pipeline_on_real_tissue_beats_chance_clearly(tmp_path):
         "algorithm": {"name": "dann", "domain_weight": 0.1},
         "optim": {"lr": 1e-3, "backbone_lr": 1e-3},
         "aug": {"backend": "torch", "dihedral": True, "hed_sigma": 0.05},
-        "train": {"epochs": 4, "batch_size": 32, "target_batch_size": 16, "eval_batch_size": 64}}))
+        "train": {"epochs": 2, "batch_size": 32, "target_batch_size": 16, "eval_batch_size": 64}}))
     r = ["--root", str(root)]
     for stage in (["prepare"], ["folds"], ["train", "--config", str(cfg)], ["infer"], ["stack"], ["submit"]):
         assert main(r + stage) == 0, stage

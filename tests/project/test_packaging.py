@@ -2,6 +2,7 @@
 already there), a `histoshift` command that works from any folder; pyproject's ranges admit the pinned lock."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,19 @@ def test_editable_install_into_a_fresh_environment_gives_the_command(tmp_path):
         proc = run("--root", "root", *args)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (elsewhere / "root" / "work" / "cache" / "manifest.json").exists()
+
+
+def test_the_command_puts_large_tensors_on_huge_pages_unless_the_user_said_otherwise(monkeypatch):
+    """entry() sets torch's THP_MEM_ALLOC_ENABLE before main() (before any stage imports torch); a user's own
+    value is kept."""
+    import gc
+
+    from histoshift import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda: seen.append(os.environ.get("THP_MEM_ALLOC_ENABLE")) or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # frozen objects are never collected: not in the test process
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert cli.entry() == 0 and seen == ["1"]
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert cli.entry() == 0 and seen == ["1", "0"]

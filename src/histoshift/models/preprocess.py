@@ -58,4 +58,4 @@ def normalize(x: torch.Tensor, mean, std, input_size: int) -> torch.Tensor:
     x = resize(x, input_size)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]
-    return (x - mean) / std
+    return (x - mean).div_(std)  # one pass fewer over the batch than `/ std` (a 480 px batch is 166 MB)
