@@ -21,7 +21,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command sets it (cl
 from helpers import FROZEN, IMAGE  # noqa: E402 - after the environment above
 
 
-
 TRAINED_ROOTS = {"finished", "pipeline_root"}  # fixtures that train models (minutes on 2 cores)
 
 
