@@ -15,8 +15,10 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command sets it (cli.cpu_allocator_defaults): torch is
-# imported after this, and every stage process the tests start inherits it
+
+from histoshift.cli import cpu_allocator_defaults  # noqa: E402 - torch-free
+
+cpu_allocator_defaults()  # as the command does, before torch is imported; the stage processes the tests start inherit it
 
 from helpers import FROZEN, IMAGE  # noqa: E402 - after the environment above
 
