@@ -6,7 +6,8 @@ and turns them into model inputs. AdamW with one parameter group per part (backb
 head...), linear warm-up then cosine decay, a linear probe first when asked (backbone lr 0). After
 every epoch the held-out center is scored; by default that never selects a model (the last epoch's
 weights are kept). train.early_stop_patience is the one exception: it keeps the epoch with the best
-held-out accuracy, so that run's held-out accuracy is optimistic (the stack's choice records such members).
+held-out accuracy, so that run's held-out accuracy is optimistic (the stack's choice records such members);
+train.average averages the weights (averaging.py: EMA, SWA, or SWAD, whose window is picked on the held-out loss).
 The whole state is saved after every epoch, so a killed run resumes after its last finished epoch with
 the batches an uninterrupted run would have seen. A non-finite loss stops the run (errors.require_finite).
 """
@@ -22,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from .averaging import make_averager, refresh_batchnorm
 from .checkpoint import LOOP_STATE, load_state, save_state
 from .config import Config, ConfigError
 from .data.loader import cycle
@@ -65,15 +67,18 @@ class Progress:
 
 
 BEST_WEIGHTS = "best_model.safetensors"  # early stopping: the best epoch's weights, beside a saved state
+AVERAGE_WEIGHTS = "average.safetensors"  # train.average: the averages so far, beside a saved state
 AGAIN = "train --force starts the fold again"
 
 
 def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: int, scheduler, progress: Progress,
-                     best: dict | None = None) -> None:
+                     best: dict | None = None, average: dict | None = None) -> None:
     """Everything needed to resume after `epoch`, in run/state-epoch<N>/ (checkpoint.save_state: no pickle
-    is ever read back): the scheduler and the progress in loop.json, early stopping's best weights beside."""
+    is ever read back): the scheduler and the progress in loop.json, early stopping's best weights and the
+    weight averages beside."""
+    extra = {name: t for name, t in ((BEST_WEIGHTS, best), (AVERAGE_WEIGHTS, average)) if t}
     save_state(accelerator, run.state_dir(epoch), {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()},
-               nbytes, f"saving the epoch {epoch} state", {BEST_WEIGHTS: best} if best is not None else None)
+               nbytes, f"saving the epoch {epoch} state", extra)
 
 
 def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
@@ -102,10 +107,17 @@ def load_epoch_state(accelerator: Accelerator, folder, scheduler, progress: Prog
         raise StaleError(f"{folder / LOOP_STATE}: not a saved loop state ({type(e).__name__}: {e}); {AGAIN}") from None
 
 
+def heldout_loss(oof) -> float:
+    """The held-out center's mean binary cross-entropy (from logits: log(1 + e^z) - y z, stable)."""
+    z, y = oof["logit"].to_numpy(np.float64), oof["label"].to_numpy(np.float64)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
 def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: Accelerator, run: RunDir,
         precision: str, resume: bool):
-    """Train `algorithm` (whose `.model` is the task's model) for cfg.train.epochs; returns the trained
-    model (unwrapped), the held-out center's plain-view table of the last epoch and the seconds spent."""
+    """Train `algorithm` (whose `.model` is the task's model) for cfg.train.epochs; returns the trained (or
+    averaged) model (unwrapped), the held-out center's plain-view table of it, the seconds spent, the model's
+    bytes and what train.average did."""
     optimizer = build_optimizer(cfg.optim, algorithm.param_groups())
     algorithm, optimizer = accelerator.prepare(algorithm, optimizer)
     core = accelerator.unwrap_model(algorithm)
@@ -125,10 +137,13 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
     progress = Progress()
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in core.parameters())  # weights + two AdamW moments
     patience, best = cfg.train.early_stop_patience, None
+    averager = make_averager(core.model, cfg.train, steps_per_epoch)
     if resume:
         load_epoch_state(accelerator, run.last_state(), scheduler, progress)
         if patience and (run.last_state() / BEST_WEIGHTS).exists():
             best = load_file(str(run.last_state() / BEST_WEIGHTS))
+        if (run.last_state() / AVERAGE_WEIGHTS).exists():
+            averager.load(load_file(str(run.last_state() / AVERAGE_WEIGHTS)))
         accelerator.print(f"train {run.name}: resuming after epoch {progress.epoch} of {cfg.train.epochs}")
         if accelerator.is_main_process:  # the history as of the saved epoch (a later line may predate the kill)
             write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in progress.records))
@@ -155,18 +170,21 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
+            averager.after_step(core.model, progress.step)
             for k, v in out.items():
                 if k != "logits" and v.ndim == 0:
                     logs.setdefault(k, []).append(float(v.detach()))
             steps.set_postfix(loss=f"{np.mean(logs['loss'][-20:]):.3f}")
         require_finite(logs["loss"], f"{run.path}: the training loss became non-finite in epoch {epoch + 1} "
                        f"(step {progress.step}); lower optim.lr or check the inputs - the run is not marked done")
-        oof = heldout_predictor(core.model).rename(columns={"v0": "logit"})
+        averager.after_epoch(core.model, epoch + 1)
+        oof = heldout_predictor(averager.scored(core.model)).rename(columns={"v0": "logit"})
         held = per_center(check_finite(oof, f"{run.path} (held-out center {run.fold}, epoch {epoch + 1})")).iloc[0]
         record = {"epoch": epoch + 1, "step": progress.step, "seconds": round(time.time() - t0, 1),
                   "lr_backbone": scheduler.get_last_lr()[0],
                   **{f"train_{k}": round(float(np.mean(v)), 5) for k, v in logs.items()},
                   "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5),
+                  "heldout_loss": round(heldout_loss(oof), 5),
                   "heldout_brier": round(held["brier"], 5), "heldout_ece": round(held["ece"], 5)}
         accelerator.print(json.dumps(record))
         accelerator.log(numbers(record), step=epoch + 1)  # the trackers of train.log_with (none: nothing)
@@ -179,7 +197,7 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
             best = {k: v.detach().cpu().clone().contiguous() for k, v in core.model.state_dict().items()}
         stop = bool(patience) and epoch + 1 - progress.best_epoch >= patience
         if epoch + 1 < cfg.train.epochs and not stop:  # a kill from here on resumes after this epoch
-            save_epoch_state(accelerator, run, epoch + 1, state_bytes, scheduler, progress, best)
+            save_epoch_state(accelerator, run, epoch + 1, state_bytes, scheduler, progress, best, averager.state())
         if stop:
             accelerator.print(f"train {run.name}: early stop after epoch {epoch + 1}: no better held-out accuracy "
                               f"for {patience} epochs (best {progress.best_acc:.4f}, epoch {progress.best_epoch})")
@@ -187,4 +205,13 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
     if patience and best is not None:  # the best epoch's weights and its held-out predictions
         core.model.load_state_dict(best)  # copy_ across devices
         oof = heldout_predictor(core.model).rename(columns={"v0": "logit"})
-    return core.model, oof, time.time() - t0, state_bytes // 3
+    averaged = averager.final(core.model, [r["heldout_loss"] for r in progress.records])
+    info = {"average": averager.name}
+    if averaged is not None:  # scored, saved and adapted from the averaged weights; batch norm refreshed for them
+        core.model.load_state_dict(averaged)
+        src_loader, _ = streams.epoch(cfg.train.epochs)  # one more pass over the training stream
+        info["batchnorm_refreshed"] = refresh_batchnorm(core.model, (task.feed(b, None)["x"] for b in src_loader))
+        info["window"] = averager.window
+        oof = heldout_predictor(core.model).rename(columns={"v0": "logit"})
+        accelerator.print(f"train {run.name}: train.average={averager.name} " + json.dumps(info))
+    return core.model, oof, time.time() - t0, state_bytes // 3, info

@@ -37,7 +37,8 @@ class StackChoice:
     adaptations: dict | None = None  # fold run -> how its adapted predictions were made
     prior_matching: dict | None = None  # used only when it raises the LOCO accuracy of the chosen combiner
     test_positive_rate: float = 0.0
-    # members whose epoch was picked on their held-out center (train.early_stop_patience): their out-of-fold
+    # members whose epoch or averaging window was picked on their held-out center (train.early_stop_patience,
+    # train.average=swad): their out-of-fold
     # accuracies, and so this comparison, are optimistic for them
     heldout_selected: list[str] = field(default_factory=list)
     # what the scores were computed from: the cache id, the folds digest, every fold model's checkpoint digest

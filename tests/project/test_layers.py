@@ -19,7 +19,7 @@ LAYERS = [
     ("stain",),                               # HED, classical normalisers, colour jitter, the GAN, the input transform
     ("data",),                                # h5 reader, cache, quality, folds, splits, views, loaders
     ("models",),                              # backbones, heads, preprocessing, weights, foundation recipes
-    ("precision", "algorithms", "metrics"),   # what a training step needs besides the model
+    ("precision", "algorithms", "metrics", "averaging"),  # what a training step needs besides the model; weight averages
     ("tta",),                                 # per-view logits (views of images, stored views)
     ("features",),                            # the frozen-backbone feature store and its embedding
     ("runs",),                                # the run folder's layout and lineage

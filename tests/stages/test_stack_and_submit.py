@@ -32,8 +32,10 @@ def _fake_runs(tmp_path, members=("a", "b"), n=40, seed=0, leak_fold=None):
         for k in centers:
             run = RunDir.of(tmp_path / "runs", m, 0, k)
             run.path.mkdir(parents=True)
-            # member "b" picked its epoch on the held-out center (train.early_stop_patience)
-            run.config.write_text(f"name: {m}\n" + ("train: {early_stop_patience: 2}\n" if m == "b" else ""))
+            # member "b" picked its epoch on the held-out center (train.early_stop_patience), "c" its averaging
+            # window (train.average: swad)
+            picked = {"b": "train: {early_stop_patience: 2}\n", "c": "train: {average: swad}\n"}.get(m, "")
+            run.config.write_text(f"name: {m}\n" + picked)
             part = folds[folds.fold == k] if k != leak_fold else folds[folds.fold != k]
             logit = (part.label.to_numpy() * 2 - 1) * 1.5 + rng.normal(0, 1.2, (8, len(part)))
             t = pd.DataFrame({"id": part.id, "center": part.center, "label": part.label})
@@ -131,9 +133,9 @@ def test_choose_prefers_the_simpler_combiner_on_ties():
 
 
 def test_run_stack_writes_scores_and_comparison(tmp_path):
-    runs, folds_csv, _ = _fake_runs(tmp_path)
+    runs, folds_csv, _ = _fake_runs(tmp_path, members=("a", "b", "c"))
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
-    assert result.heldout_selected == ["b/seed0"]  # recorded: its out-of-fold accuracy is optimistic
+    assert result.heldout_selected == ["b/seed0", "c/seed0"]  # recorded: their out-of-fold accuracies are optimistic
     from histoshift.stackdir import StackDir
 
     assert StackDir(tmp_path / "stack").choice() == result  # written and read through one record

@@ -113,6 +113,14 @@ class TrainCfg(Section):
     # accuracy becomes optimistic - as in the published recipe that stopped on the validation center; the stack's
     # choice records which members did (`heldout_selected`)
     early_stop_patience: Int = Field(0, ge=0)
+    # weight averaging (averaging.py): "none" | "ema" (every step, decay ema_decay) | "swa" (the uniform mean of every
+    # step from average_start, a share of the steps, on) | "swad" (the dense mean over the epochs around the lowest
+    # held-out loss, within swad_tolerance x it: READS THE HELD-OUT CENTER'S LABELS, as early stopping does).
+    # Predictions, TTA and AdaBN use the averaged weights (batch norm recomputed for them)
+    average: Literal["none", "ema", "swa", "swad"] = "none"
+    ema_decay: Float = Field(0.999, gt=0, lt=1)  # reached through timm's warm-up ramp (1 - (1 + step)^-0.75)
+    average_start: Float = Field(0.5, ge=0, lt=1)
+    swad_tolerance: Float = Field(1.3, ge=1)  # SWAD's tolerance ratio r
     eval_batch_size: Int = Field(256, ge=1)
     # experiment trackers, through Accelerate (`log_with`): any of TRACKERS, as a list or "a,b"; [] = JSON lines
     # only. Files go to the run folder's tracker/ (hosted trackers: their own servers too). Not part of what a
@@ -123,6 +131,9 @@ class TrainCfg(Section):
     def _pseudo(self):
         if self.pseudo_threshold and not 0.5 < self.pseudo_threshold < 1:
             raise ValueError(f"train.pseudo_threshold: expected 0 (off) or a value in (0.5, 1), got {self.pseudo_threshold}")
+        if self.early_stop_patience and self.average != "none":
+            raise ValueError(f"train.average={self.average} with train.early_stop_patience: choose one (an average of "
+                             "weights and one picked epoch are two answers to the same question)")
         return self
 
 

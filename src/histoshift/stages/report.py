@@ -108,7 +108,8 @@ def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | N
                   *([f"Prior matching (threshold at {p['share']:.0%} positive): leave-one-center-out {p['loco_with']:.4f} "
                      f"against {p['loco_without']:.4f} without: {'used' if p['used'] else 'not used'}."]
                     if (p := choice.prior_matching) else []),
-                  *([f"Picked their epoch on the held-out center (train.early_stop_patience; their out-of-fold "
+                  *([f"Picked their epoch or averaging window on the held-out center (train.early_stop_patience or "
+                     f"train.average=swad; their out-of-fold "
                      f"accuracies are optimistic): {', '.join(choice.heldout_selected)}."]
                     if choice.heldout_selected else []),
                   "", "![combiners](combiners.png)", "",

@@ -81,7 +81,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
         adaptations={r.name: r.adaptation() for r in runs} if ADAPTED in features else None,
         prior_matching=matched, test_positive_rate=float(d["pred"].mean()),
         heldout_selected=sorted({r.model_name for r in runs if r.model_name in names
-                                 and r.cfg.train.early_stop_patience > 0}),
+                                 and (r.cfg.train.early_stop_patience > 0 or r.cfg.train.average == "swad")}),
         lineage={"cache": cache.id, "folds": digest_file(folds_csv),
                  "checkpoints": {r.name: digest_file(r.checkpoint) for r in runs}})
     stack.clear_choice()  # scores without a choice are never submitted
@@ -98,7 +98,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
         print(f"stack: prior matching ({prior:.0%} predicted positive) leave-one-center-out: {matched['loco_with']:.4f} "
               f"against {matched['loco_without']:.4f} without: {'used' if matched['used'] else 'not used'}")
     if choice.heldout_selected:
-        print(f"stack: {', '.join(choice.heldout_selected)} picked their epoch on the held-out center "
-              "(train.early_stop_patience): their leave-one-center-out accuracies above are optimistic")
+        print(f"stack: {', '.join(choice.heldout_selected)} picked their epoch or average on the held-out "
+              "center (train.early_stop_patience or train.average=swad): their leave-one-center-out accuracies above are optimistic")
     print(f"stack: using '{choice.method}' for the test center ({len(names)} members: {', '.join(names)})")
     return choice

@@ -85,6 +85,7 @@ def run_writes(cfg, algorithm, rows: int) -> tuple[int, str]:
         return files, f"the checkpoint and its files, {human(files)}"
     state = nbytes(algorithm.state_dict().values()) + 2 * nbytes(p for p in algorithm.parameters() if p.requires_grad)
     state += (weights if cfg.train.early_stop_patience else 0) + (256 << 10)  # + RNG states, loop.json
+    state += weights * {"none": 0, "ema": 1, "swa": 1, "swad": cfg.train.epochs}[cfg.train.average]  # the averages
     return max(files, 2 * state), f"two epoch states while the newer is written, {human(2 * state)}"
 
 
@@ -165,7 +166,7 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
         require_free(run.path, need, f"training this fold ({what})", margin=8 << 20)
     streams = task.streams(source, target, seed)
     heldout_predictor = task.predictor(heldout, views=1, desc="held-out")
-    model, oof, seconds, model_bytes = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,
+    model, oof, seconds, model_bytes, averaged = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,
                                            precision, resume=mode == "resume")
     # every labelled center for the summary: the held-out one out of fold (the last epoch's predictions,
     # not predicted again), the training ones in sample
@@ -181,7 +182,7 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
         summary = {"run": run.name, "fold": run.fold, "seconds": round(seconds, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
                    "heldout_brier": float(held["brier"]), "heldout_ece": float(held["ece"]),
-                   "pseudo_labels": n_pseudo, **accelerator.unwrap_model(model).sparsity(),
+                   "pseudo_labels": n_pseudo, **averaged, **accelerator.unwrap_model(model).sparsity(),
                    "per_center": table.to_dict(orient="records")}
         write_json(run.summary, summary)
         write_text(run.done, time.strftime("%Y-%m-%d %H:%M:%S\n"))
