@@ -1,7 +1,7 @@
 """Accuracy ablation on real tissue: PatchCamelyon patches with synthetic pseudo-center stain shifts.
 
     python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs N]
-                             [--rows none|key|more|aglr|frozen|all] [--only TEXT..] [--adabn] [--ensemble]
+                             [--rows none|key|more|aglr|stain|average|frozen|all] [--only TEXT..] [--adabn] [--ensemble]
                              [--pseudo 0.9] [--oracle] [--hidden] [--seeds 0 1 2] [--tag NAME] [--work DIR]
 
 Builds train/val/test.h5 with ../shared/data/pcam/make_competition_h5.py (real tissue and labels,
@@ -95,6 +95,14 @@ STAIN_ROWS = {  # issue 21: stain handling, optimizers and reweighting on the de
     "DANN + class reweighting": ["algorithm.class_reweight=true"],
     "DANN + inverse-frequency domain loss": ["algorithm.domain_reweight=true"],
 }
+AVERAGE_ROWS = {  # issue 32: weight averaging (train.average) and stronger HED jitter on the default recipe
+    "DANN + dihedral + HED (default)": [],
+    "DANN + EMA of the weights": ["train.average=ema"],
+    "DANN + SWAD (window on the held-out loss)": ["train.average=swad"],
+    "DANN + SWA (second half of the steps)": ["train.average=swa"],
+    "DANN, HED sigma 0.1": ["aug.hed_sigma=0.1"],
+    "DANN, HED sigma 0.2": ["aug.hed_sigma=0.2"],
+}
 # heads on frozen ImageNet features (issue 19): the frozen-feature path's mechanics on real tissue - a proxy,
 # NOT a prediction for pathology foundation models. Every Lite0 row shares one feature store (8 dihedral
 # views + 4 HED views of labelled patches); with --adabn the adapted columns are the feature shift
@@ -127,6 +135,7 @@ FROZEN_ROWS = {
 # the stack stage chooses between plain and adapted predictions by its own leave-one-center-out evidence
 FROZEN_ENSEMBLE = [*_MLP_DANN, "model.feature_shift=standardize", *_SELF_TRAIN]
 ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "aglr": AGLR_ROWS, "frozen": FROZEN_ROWS, "stain": STAIN_ROWS,
+            "average": AVERAGE_ROWS,
             "all": KEY_ROWS | MORE_ROWS | AGLR_ROWS}
 # The hidden center (issue 19): the test patches again, re-stained by the PCam script's own stain_shift with
 # parameters fixed on 2026-12-01 before any result was seen, so that a method tuned on center 2's shift
