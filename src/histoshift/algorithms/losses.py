@@ -57,3 +57,19 @@ def consistency_loss(logits: torch.Tensor, logits_altered: torch.Tensor) -> torc
 def regeneration_loss(rebuilt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Stain-AgLr (b): mean squared error between the decoder's image and the (pooled) original."""
     return F.mse_loss(rebuilt.float(), target.float())
+
+
+def info_nce(z: torch.Tensor, source: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE over views: `z` (N x D) embeddings of views, `source` (N,) the patch each came from. For each view,
+    the other views of its patch are positives and every view of another patch a negative (views of the same
+    patch are never negatives; itself is excluded): the mean over anchors of -log(sum_pos e^s / sum_pos+neg e^s),
+    s the cosine similarity / temperature. Two views a patch: SimCLR's NT-Xent."""
+    z = F.normalize(z.float(), dim=1)
+    sim = z @ z.T / temperature
+    same = source[:, None] == source[None, :]
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    positive = same & ~self_mask
+    sim = sim.masked_fill(self_mask, float("-inf"))  # never its own pair
+    log_all = torch.logsumexp(sim, dim=1)
+    log_pos = torch.logsumexp(sim.masked_fill(~positive, float("-inf")), dim=1)
+    return (log_all - log_pos).mean()

@@ -35,6 +35,24 @@ def forget_deprecations() -> None:
     _said.clear()
 
 
+class RobustifyCfg(Section):
+    """Stain-robust fine-tuning of the backbone before it is used (the `robustify` stage; arXiv 2607.22861's
+    objective on stain views): two stain views of one unlabelled patch of any center embed alike (InfoNCE)."""
+    method: Literal["auto", "lora", "partial"] = "auto"  # auto: LoRA for foundation recipes, partial for timm CNNs
+    steps: Int = Field(300, ge=1)
+    batch_size: Int = Field(32, ge=2)  # patches a step, two views each (every other patch is a negative)
+    lr: Float = Field(1e-4, gt=0)  # AdamW, linear warm-up (10%) then cosine
+    temperature: Float = Field(0.1, gt=0)
+    hed_sigma: NonNeg = 0.2  # each view: a random dihedral view with HED stain jitter of this strength
+    lora_rank: Int = Field(8, ge=1)
+    lora_alpha: Float = Field(16.0, gt=0)
+    # LoRA's target layers by name; [] = by the recipe's library (timm: qkv; transformers: query, value)
+    lora_targets: list[str] = []
+    cnn_last_blocks: Int = Field(2, ge=-1)  # partial: the last N block groups of a timm CNN train (-1: all)
+    checkpoint_every: Int = Field(100, ge=1)  # steps between resumable states
+    seed: Int = Field(0, ge=0)
+
+
 class BackboneCfg(Section):
     """What both kinds share: the backbone and where its weights come from."""
     backbone: str = "tf_efficientnet_lite0"  # any timm name, including "hf-hub:org/name"
@@ -51,6 +69,9 @@ class BackboneCfg(Section):
     # keys ending in "_layer" may name a class, e.g. "torch.nn.SiLU" or "timm.layers.SwiGLUPacked"
     timm_kwargs: dict = {}
     drop_rate: Float = Field(0.2, ge=0, le=1)  # before the classifier (the backbone's, or the head's)
+    # the backbone as the `robustify` stage tuned it for stain robustness (a new backbone identity: the feature
+    # store's key and the run's lineage name it); None = the weights as loaded
+    robustify: RobustifyCfg | None = None
 
     @property
     def source(self) -> WeightSource:

@@ -160,9 +160,10 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
 
 @torch.no_grad()
 def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str, transform,
-          spec: dict) -> FeatureStore:
+          spec: dict, robust: Path | None = None) -> FeatureStore:
     """The feature store of this config's backbone (`spec`: its `feature_spec`; `transform`: the config's
-    InputTransform, applied before the views): reused when complete, resumed when partial."""
+    InputTransform, applied before the views; `robust`: the tuned backbone's folder, with model.robustify):
+    reused when complete, resumed when partial."""
     path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
         try:
@@ -187,7 +188,7 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
     created = not path.exists()
     try:
         with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
-            return _embed_store(cfg, cache, path, accelerator, precision, transform, spec)
+            return _embed_store(cfg, cache, path, accelerator, precision, transform, spec, robust)
     except BaseException:  # a failed first attempt (weights unreadable, a bad recipe) leaves no folder behind
         if created and accelerator.is_main_process and not any((path / "progress").glob("*")):
             shutil.rmtree(path, ignore_errors=True)
@@ -219,7 +220,7 @@ def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | No
 
 
 def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator, precision: str, transform,
-                 spec: dict) -> FeatureStore:
+                 spec: dict, robust: Path | None = None) -> FeatureStore:
     if (path / "meta.json").exists():  # completed by another process between the first check and the lock
         return FeatureStore(path)
     from ..models.backbone import PatchClassifier  # here: a head's processes (train, infer) never import timm
@@ -227,6 +228,10 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
     with torch.random.fork_rng(devices=[]):  # weights none (random features): the same store every time
         torch.manual_seed(0)
         model = PatchClassifier(cfg.model)
+    if robust is not None:  # the backbone as the robustify stage tuned it
+        from ..models.robust import apply_robust
+
+        model.backbone = apply_robust(model.backbone, cfg.model, robust)
     backbone = model.backbone.eval().to(accelerator.device)
     embedder = Embedder(backbone, model.preprocess, cfg, transform, accelerator.device, precision)
     if accelerator.is_main_process:

@@ -14,7 +14,6 @@ checksums), so features that changed make them stale, never silently reused.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -38,19 +37,6 @@ from .rows import NpyRows, TableRows
 CHUNK_ROWS = int(os.environ.get("HISTOSHIFT_CHUNK_ROWS", "2048"))
 
 
-def weights_identity(m) -> dict:
-    """What identifies a non-recipe backbone's weights without loading them (a missing file is left
-    to the weight loader, which names it)."""
-    from ..models.foundation.hub import local_identity
-
-    source = m.source
-    if source.kind == "file":
-        path = source.path.resolve()
-        if path.exists():
-            return local_identity(path)
-    return {"source": str(source)}
-
-
 def store_settings(cfg: Config, precision: str) -> dict:
     """The config's part of a store's spec: the backbone as configured, the weights as written, the views and
     the colour settings (with the stain GAN's settings, which key its generator). Two configs that differ here
@@ -61,22 +47,23 @@ def store_settings(cfg: Config, precision: str) -> dict:
             {"timm": m.backbone, "timm_kwargs": m.timm_kwargs, "input_size": m.input_size},
             "weights": m.weights, "precision": precision, "views": m.feature_views, "hed_views": m.feature_hed_views,
             "hed_sigma": m.feature_hed_sigma if m.feature_hed_views else None, "stain_norm": cfg.aug.stain_norm,
-            "grayscale": cfg.aug.grayscale, "stain_gan": gan}
+            "grayscale": cfg.aug.grayscale, "stain_gan": gan,
+            **({"robustify": m.robustify.model_dump()} if m.robustify is not None else {})}
 
 
-def feature_spec(cfg: Config, cache, precision: str, gan: str | None = None) -> dict:
+def feature_spec(cfg: Config, cache, precision: str, gan: str | None = None, robust: dict | None = None) -> dict:
     """Everything that changes the stored features (the store key hashes it): `store_settings` with the
-    backbone resolved (every recipe field, the weights' identity), the trained stain GAN's identity (`gan`,
-    needed when aug.stain_norm is gan) and the cache's id."""
-    from ..models.foundation import resolve_recipe
-    from ..models.foundation.hub import source_identity
+    backbone resolved (every recipe field, the weights' identity; `robust`: the tuned backbone's identity, needed
+    with model.robustify), the trained stain GAN's identity (`gan`, needed when aug.stain_norm is gan) and the
+    cache's id."""
+    from ..models.robust import backbone_identity
 
     s, m = store_settings(cfg, precision), cfg.model
-    if m.recipe:
-        recipe = resolve_recipe(m.recipe, m.recipe_overrides)
-        backbone = {"recipe": dataclasses.asdict(recipe), "weights": source_identity(recipe, m.source)}
-    else:
-        backbone = {**s["backbone"], "weights": weights_identity(m)}
+    backbone = backbone_identity(m)
+    if m.robustify is not None:
+        if robust is None:
+            raise ValueError("feature_spec: model.robustify needs the tuned backbone's identity")
+        backbone["robustify"] = robust
     if s["stain_norm"] == "gan" and gan is None:
         raise ValueError("feature_spec: aug.stain_norm=gan needs the trained generator's identity")
     return {"backbone": backbone, "precision": precision, "views": s["views"], "hed_views": s["hed_views"],
@@ -87,7 +74,7 @@ def feature_spec(cfg: Config, cache, precision: str, gan: str | None = None) -> 
 
 def store_key(spec: dict) -> str:
     b = spec["backbone"]
-    name = b["recipe"]["name"] if "recipe" in b else b["timm"]
+    name = (b["recipe"]["name"] if "recipe" in b else b["timm"]) + ("-robust" if "robustify" in b else "")
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     hed = f"-hed{spec['hed_views']}" if spec["hed_views"] else ""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{spec['views']}v{hed}-{spec['precision']}-{digest}")

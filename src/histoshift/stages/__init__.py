@@ -13,7 +13,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-ORDER = ("demo_data", "prepare", "folds", "preflight", "stain_gan", "embed", "train", "infer", "stack", "submit",
+ORDER = ("demo_data", "prepare", "folds", "preflight", "stain_gan", "robustify", "embed", "train", "infer", "stack", "submit",
          "report", "score", "recipes", "fm_standin")
 
 

@@ -18,6 +18,7 @@ from ..data.cache import Cache
 from ..features.embedder import embed
 from ..features.rows import TableRows
 from ..features.store import FeatureStore, feature_spec, store_key
+from ..models.robust import robust_identity
 from ..models.feature_shift import moments
 from ..models.head import FeatureClassifier
 from ..models.self_training import SelfTraining
@@ -38,7 +39,9 @@ class FeatureTask:
         self.domains = domains_of(cache)
         # the embedding's input transform (stain normalisation, grayscale; the store key holds the generator's id)
         self.transform, colour = input_transform(cfg, cache, paths, accelerator.device)
-        self.spec = feature_spec(cfg, cache, precision, colour.get("stain_gan"))  # once: one hub lookup per run
+        # the tuned backbone (model.robustify) of this cache: its identity keys the store
+        self.robust = robust_identity(cfg.model, cache.id, paths.robust) if cfg.model.robustify is not None else None
+        self.spec = feature_spec(cfg, cache, precision, colour.get("stain_gan"), self.robust)  # once: one hub lookup per run
 
     def lineage(self) -> dict:
         """The store's key and, once it is complete, its content stamp (features embedded again differ)."""
@@ -53,7 +56,9 @@ class FeatureTask:
     def store(self) -> FeatureStore:
         """The feature store of this spec, embedded on first use when the `embed` stage has not run (after
         the lineage checks, so a stale run is refused before anything is embedded)."""
-        return embed(self.cfg, self.cache, self.paths.features, self.acc, self.precision, self.transform, self.spec)
+        robust = self.paths.robust / self.robust["key"] if self.robust else None
+        return embed(self.cfg, self.cache, self.paths.features, self.acc, self.precision, self.transform, self.spec,
+                     robust)
 
     def build_model(self, source: pd.DataFrame | None = None) -> FeatureClassifier:
         """A head; with the fold's labelled rows, its feature shift holds their statistics (the training

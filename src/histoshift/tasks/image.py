@@ -18,6 +18,7 @@ from ..data.augment import N_VIEWS, random_views, to_float
 from ..data.cache import Cache
 from ..data.loader import EPOCH_STRIDE, PatchDataset, make_loader, place_images
 from ..models.backbone import PatchClassifier
+from ..models.robust import apply_robust, robust_identity
 from ..paths import Paths
 from ..runs import RunDir
 from ..safeio import write_json
@@ -36,9 +37,13 @@ class ImageTask:
         self.domains = domains_of(cache)
         self.preprocess = None  # the model's, once built or loaded
         self.transform, self.colour = input_transform(cfg, cache, paths, accelerator.device)
+        self.robust_root = paths.robust
+        # the tuned backbone (model.robustify) fine-tuning starts from
+        self.robust = robust_identity(cfg.model, cache.id, paths.robust) if cfg.model.robustify is not None else None
 
     def lineage(self) -> dict:
-        return dict(self.colour)  # the stain GAN's generator, when the config uses one
+        # the stain GAN's generator and the robustified backbone, when the config uses them
+        return {**self.colour, **({"robustify": self.robust} if self.robust else {})}
 
     def stored_data(self) -> None:
         return None  # images are read from the cache
@@ -48,7 +53,10 @@ class ImageTask:
         return model.to(memory_format=torch.channels_last) if self.cfg.train.channels_last else model
 
     def build_model(self, source: pd.DataFrame | None = None) -> PatchClassifier:
-        return self._ready(PatchClassifier(self.cfg.model))
+        model = PatchClassifier(self.cfg.model)
+        if self.robust:  # LoRA merged: the checkpoint keeps the backbone's own keys (infer needs no peft)
+            model.backbone = apply_robust(model.backbone, self.cfg.model, self.robust_root / self.robust["key"])
+        return self._ready(model)
 
     def streams(self, source: pd.DataFrame, target: pd.DataFrame, seed: int) -> Streams:
         t = self.cfg.train
