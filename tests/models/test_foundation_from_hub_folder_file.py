@@ -123,7 +123,7 @@ def test_gated_model_and_unreachable_hub_each_get_one_line(prepared_root, tmp_pa
     assert "HF_TOKEN" in line
     closed = _train_with_hub(f"http://127.0.0.1:{server.server_port}", root, tmp_path / "c.yaml", tmp_path / "empty")
     assert closed.returncode == 2, closed.stderr
-    # the hub client logs its own retries first (about 20 s of back-off); ours is the one error line
+    # one probe of the endpoint (hub.endpoint_reachable), no retries with back-off: ours is the one error line
     (line,) = [l for l in closed.stderr.strip().splitlines() if l.startswith("error:")]
     assert closed.stderr.strip().splitlines()[-1] == line
     assert "not in the Hugging Face cache" in line and "cannot be reached" in line
@@ -329,3 +329,29 @@ def test_a_new_hub_snapshot_never_leaves_a_stale_head(hf_cache, prepared_root, t
     assert len(list((root / "work" / "features").iterdir())) == 2
     run = root / "work" / "runs" / "c" / "seed0" / "fold0"
     assert json.loads((run / "inputs.json").read_text())["features"].startswith("hoptimus0-8v-hed2-no-")
+
+
+def test_an_unreachable_endpoint_is_known_in_one_probe(monkeypatch):
+    """hub.endpoint_reachable: a refused connection answers at once (the hub client would retry ~20 s); behind a
+    proxy the hub client decides."""
+    import socket
+    import time
+
+    from histoshift.models.foundation.hub import endpoint_reachable
+
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    port = listening.getsockname()[1]
+    endpoint_reachable.cache_clear()
+    assert endpoint_reachable(f"http://127.0.0.1:{port}")
+    listening.close()
+    endpoint_reachable.cache_clear()
+    t0 = time.time()
+    assert not endpoint_reachable(f"http://127.0.0.1:{port}") and time.time() - t0 < 2
+    endpoint_reachable.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert endpoint_reachable(f"http://127.0.0.1:{port}")
+    endpoint_reachable.cache_clear()

@@ -2,9 +2,13 @@
 without loading them (the feature store's key records it). Every hub failure is one line (`hub_error`)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ...records import WeightSource
 from ..weights import WeightsError
@@ -38,12 +42,29 @@ def hub_error(repo: str, e: Exception) -> WeightsError:
     return WeightsError(f"{repo}: the Hugging Face hub failed: {type(e).__name__}: {text}")
 
 
-def hub_file(repo: str, filename: str) -> Path:
-    """A file of a hub repo through the local cache (downloaded when online and missing)."""
-    from huggingface_hub import hf_hub_download
-
+@functools.lru_cache(maxsize=None)
+def endpoint_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """One TCP connection to the hub's endpoint, once per process. The hub client retries a refused connection
+    with back-off (about 20 s each time, and no setting shortens it); this answers in milliseconds. Behind a proxy
+    (HTTP(S)_PROXY, ALL_PROXY) a direct connection proves nothing: the hub client is left to decide."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(endpoint)
     try:
-        return Path(hf_hub_download(repo, filename))
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """A file of a hub repo through the local cache (downloaded when online and missing; from the cache alone
+    when the hub's endpoint does not answer, as the hub client would after its retries)."""
+    from huggingface_hub import constants, hf_hub_download
+
+    local_only = not constants.HF_HUB_OFFLINE and not endpoint_reachable(constants.ENDPOINT)
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=local_only))
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
         raise hub_error(repo, e) from e
 
