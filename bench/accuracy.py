@@ -2,6 +2,7 @@
 
     python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs N]
                              [--rows none|key|more|aglr|stain|average|robust|frozen|all] [--only TEXT..] [--adabn] [--ensemble]
+                             [--frozen-ensemble] [--mixed]
                              [--pseudo 0.9] [--oracle] [--hidden] [--seeds 0 1 2] [--tag NAME] [--work DIR]
 
 Builds train/val/test.h5 with ../shared/data/pcam/make_competition_h5.py (real tissue and labels,
@@ -17,6 +18,8 @@ is reported with TTA off (view 0) / on (8-view mean) and, with --adabn, with Ada
 every leave-one-center-out fold, 8-view TTA, plain and AdaBN predictions) and reports mean logits /
 rank average / LightGBM stacker on each, and the choice the stack stage makes by leave-one-center-out
 accuracy, on the test center.
+--mixed (with both ensembles) stacks every member of the two together: a mixed set of
+fine-tuned and frozen members, chosen by the stack stage's own rule.
 --pseudo T adds one round of pseudo-labelling (train.pseudo_threshold=T) on top of each seed's
 first round. --oracle adds the default recipe trained in-domain on half of the test center's labels
 and scored on the other half, next to the shipped fold-1 model on the same half (the headroom left;
@@ -342,6 +345,8 @@ def main():
     ap.add_argument("--ensemble", action="store_true", help="the default pipeline per seed: 2 configs x 4 folds")
     ap.add_argument("--frozen-ensemble", action="store_true",
                     help="the same pipeline with frozen backbones and FROZEN_ENSEMBLE's heads (ImageNet features)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="with --ensemble and --frozen-ensemble: also every member of both through one stack")
     ap.add_argument("--pseudo", type=float, default=0.0, help="+ one round of pseudo-labels at this threshold")
     ap.add_argument("--oracle", action="store_true",
                     help="+ the default recipe trained on half of the test center's own labels, scored on the other "
@@ -354,6 +359,8 @@ def main():
                     help="score the rows on the hidden center instead (the test patches re-stained with "
                          "HIDDEN_CENTER, fixed before any result): a second work folder, everything retrained")
     a = ap.parse_args()
+    if a.mixed and not (a.ensemble and a.frozen_ensemble):
+        ap.error("--mixed stacks the members of --ensemble and --frozen-ensemble together: give both")
     pcam = Path(a.pcam)
     if not (pcam / "make_competition_h5.py").exists():
         raise SystemExit(f"{pcam} not found: this benchmark needs the shared PCam sample")
@@ -388,13 +395,19 @@ def main():
                 + table.to_string(index=False) + "\n")
         (out / f"accuracy-{stamp}-{tag}.txt").write_text(text)
 
-    for frozen in [False] * a.ensemble + [True] * a.frozen_ensemble:
-        per_seed, pre = {}, "frozen " * frozen
-        overrides = tuple([*FROZEN_ENSEMBLE] * frozen + a.extra)
+    members: dict[int, list] = {}  # seed -> every pipeline's runs (--mixed stacks them together)
+    for frozen in [False] * a.ensemble + [True] * a.frozen_ensemble + [None] * a.mixed:
+        per_seed, pre = {}, {False: "", True: "frozen ", None: "mixed (fine-tuned + frozen) "}[frozen]
+        overrides = tuple([*FROZEN_ENSEMBLE] * bool(frozen) + a.extra)
         for seed in a.seeds:
-            per_seed[seed] = bench.ensemble_scores(bench.pipeline(seed, "_frozen" * frozen, overrides))
+            if frozen is None:  # the mixed set: both pipelines' members through one stack
+                per_seed[seed] = bench.ensemble_scores(members[seed])
+                continue
+            runs = bench.pipeline(seed, "_frozen" * frozen, overrides)
+            members.setdefault(seed, []).extend(runs)
+            per_seed[seed] = bench.ensemble_scores(runs)
             print(f"seed {seed}: {pre}pipeline on the test center: {json.dumps(per_seed[seed])}", flush=True)
-        for key, label in [("single_fold_models_tta", f"single fold models, TTA (mean over {4 * len(a.configs)} models)"),
+        for key, label in [("single_fold_models_tta", f"single fold models, TTA (mean over {4 * len(a.configs) * (2 if frozen is None else 1)} models)"),
                            *[(m, f"pipeline, {m} combiner") for m in METHODS],
                            *[(m + ADAPTED, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
                            ("picked", "pipeline, combiner picked by LOCO"),
