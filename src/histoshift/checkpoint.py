@@ -14,6 +14,7 @@ import json
 import pickle
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .lineage import StaleError
@@ -21,6 +22,26 @@ from .safeio import atomic, require_free, write_json, write_text
 
 LOOP_STATE = "loop.json"  # the loop's own state in a saved state folder: JSON, never a pickle
 COMPLETE = "complete"
+
+
+@contextmanager
+def exclusive_folder(accelerator, folder: Path, marker: str, force: bool, what: str, stage: str):
+    """A trained artefact's folder, worked on by one process at a time (the main process holds the lock for all
+    under `accelerate launch`; it dies with its holder); with `force`, a finished one (its `marker` file exists) is
+    moved aside first, never deleted."""
+    from .safeio import Lock
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    main = accelerator.is_main_process
+    with Lock(folder.parent / f".{folder.name}.lock", f"{what} {folder}") if main else nullcontext():
+        if force and (folder / marker).exists() and main:
+            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            print(f"{stage}: moved the previous {what} to {aside}")
+        accelerator.wait_for_everyone()
+        folder.mkdir(exist_ok=True)
+        yield folder
 
 
 def last_state(parent: Path, prefix: str) -> Path | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from . import Stage, config_arguments, experiment, timed
@@ -47,8 +46,8 @@ def robustify(cfg, cache, paths, force: bool = False, accelerator=None) -> Path:
     from accelerate import Accelerator
 
     from ..models.robust import META, robust_folder
+    from ..checkpoint import exclusive_folder
     from ..precision import config_precision
-    from ..safeio import Lock
 
     spec, folder = robust_folder(cfg.model, cache.id, paths.robust)
     precision = config_precision(cfg)
@@ -56,15 +55,7 @@ def robustify(cfg, cache, paths, force: bool = False, accelerator=None) -> Path:
     if (folder / META).exists() and not force:
         acc.print(f"robustify: {folder} is tuned for this backbone, cache and these settings, keeping it")
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = Lock(folder.parent / f".{folder.name}.lock", f"the tuned backbone {folder}") if acc.is_main_process else nullcontext()
-    with lock:
-        if force and (folder / META).exists() and acc.is_main_process:
-            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            print(f"robustify: moved the previous tuned backbone to {aside}")
-        acc.wait_for_everyone()
-        folder.mkdir(exist_ok=True)
+    with exclusive_folder(acc, folder, META, force, "tuned backbone", "robustify"):  # one process tunes it at a time
         _fit(cfg, cache, spec, folder, acc, precision)
     return folder
 

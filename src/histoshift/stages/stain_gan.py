@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from . import Stage, config_arguments, experiment, timed
@@ -65,7 +64,7 @@ def train_stain_gan(cfg, cache, paths, force: bool = False, accelerator=None) ->
     """Train (or resume, or keep) the generator of `cfg.stain_gan` on `cache`; returns its folder."""
     from accelerate import Accelerator
 
-    from ..safeio import Lock
+    from ..checkpoint import exclusive_folder
     from ..stain.gan import META, gan_folder
 
     spec, folder = gan_folder(cfg, cache, paths)
@@ -73,17 +72,7 @@ def train_stain_gan(cfg, cache, paths, force: bool = False, accelerator=None) ->
     if (folder / META).exists() and not force:
         acc.print(f"stain-gan: {folder} is trained for this cache and these settings, keeping it")
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # one process trains a generator at a time (the lock dies with its holder); under `accelerate launch` the
-    # main process holds it for all
-    lock = Lock(folder.parent / f".{folder.name}.lock", f"the stain GAN {folder}") if acc.is_main_process else nullcontext()
-    with lock:
-        if force and (folder / META).exists() and acc.is_main_process:
-            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            print(f"stain-gan: moved the previous generator to {aside}")
-        acc.wait_for_everyone()
-        folder.mkdir(exist_ok=True)
+    with exclusive_folder(acc, folder, META, force, "stain GAN", "stain-gan"):  # one process trains it at a time
         _fit(cfg, cache, spec, folder, acc)
     return folder
 
