@@ -140,6 +140,8 @@ _ROBUST = ["model.robustify.steps=200", "model.robustify.batch_size=32"]
 ROBUST_ROWS = {
     "frozen Lite0, MLP + DANN head, standardize": [*_MLP_DANN, "model.feature_shift=standardize"],
     "frozen Lite0 robustified, MLP + DANN head, standardize": [*_MLP_DANN, "model.feature_shift=standardize", *_ROBUST],
+    "frozen Lite0 robustified (Reinhard pair), MLP + DANN head, standardize": [
+        *_MLP_DANN, "model.feature_shift=standardize", *_ROBUST, "model.robustify.pair=reinhard"],
     "frozen Lite1, MLP + DANN head, standardize": [*_MLP_DANN, *_LITE1, "model.feature_shift=standardize"],
     "frozen Lite1 robustified, MLP + DANN head, standardize": [*_MLP_DANN, *_LITE1, "model.feature_shift=standardize",
                                                                *_ROBUST],

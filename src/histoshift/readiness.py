@@ -35,6 +35,7 @@ class Check:
     images: int = 0                 # images to embed (patches x views)
     gpu: str = ""
     projected: str = "-"
+    robustify: str = "-"            # the robustify stage's projected time (model.robustify), or "tuned already"
     problems: list[str] = field(default_factory=list)
 
 

@@ -42,6 +42,29 @@ def test_info_nce_never_counts_views_of_the_same_patch_as_negatives():
     assert float(info_nce(z, torch.tensor([0, 1, 2, 3, 4, 5]), t)) > float(info_nce(z, source, t))
 
 
+def test_the_reinhard_pair_gives_the_second_view_another_centers_colours(prepared_root):
+    """pair=reinhard: view 2 of a patch carries the CIELAB statistics of a patch of another center, view 1 its own
+    (no jitter here: sigma 0; a dihedral view keeps the statistics)."""
+    from histoshift.data.augment import to_float
+    from histoshift.data.cache import Cache
+    from histoshift.stages.robustify import _views
+    from histoshift.stain.classical import rgb_to_lab
+
+    cache = Cache.open(prepared_root / "work" / "cache")
+    rows = cache.index.reset_index(drop=True)
+    every = rgb_to_lab(to_float(torch.from_numpy(cache.gather(rows))).double()).mean(dim=(2, 3))
+    x, source = _views(cache, rows, 8, np.random.default_rng(3), 0.0, "cpu", "reinhard")
+    assert x.shape[0] == 16 and source.tolist() == list(range(8)) * 2
+    lab = rgb_to_lab(x.double()).mean(dim=(2, 3))
+    nearest = torch.cdist(lab, every).argmin(1).numpy()
+    centers = rows["center"].to_numpy()[nearest]
+    assert (centers[8:] != centers[:8]).all()  # each second view looks like a patch of another center
+    assert torch.cdist(lab[:8], every).min(1).values.max() < 1e-3  # the first view is the patch itself
+    plain, _ = _views(cache, rows, 8, np.random.default_rng(3), 0.0, "cpu", "hed")  # both views: the patch itself
+    lab = rgb_to_lab(plain.double()).mean(dim=(2, 3))
+    assert torch.equal(torch.cdist(lab[8:], every).argmin(1), torch.cdist(lab[:8], every).argmin(1))
+
+
 def _root(prepared_root, path):
     shutil.copytree(prepared_root, path)
     return ["--root", str(path)]
@@ -86,6 +109,10 @@ def test_a_cnn_robustified_resumes_keys_the_store_and_is_checked(prepared_root, 
     assert not np.allclose(np.load(robust / "features_val.npy"), np.load(plain / "features_val.npy"))
     inputs = json.loads((tmp_path / "whole" / "work/runs/rb/seed0/fold0/inputs.json").read_text())
     assert inputs["features"] == robust.name
+    capsys.readouterr()  # preflight finds both: the tuned backbone and the store embedded from it
+    assert main(whole + ["preflight", "--config", str(tmp_path / "rb.yaml")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| rb |"))
+    assert "| stored already |" in row and "| tuned already |" in row
 
     # a tuned file replaced since is refused when a store is embedded from it
     shutil.rmtree(robust)
@@ -98,11 +125,15 @@ def test_a_cnn_robustified_resumes_keys_the_store_and_is_checked(prepared_root, 
 
 
 @pytest.mark.slow
-def test_a_fine_tuned_cnn_starts_from_the_robust_backbone_and_keeps_its_keys(prepared_root, tmp_path):
+def test_a_fine_tuned_cnn_starts_from_the_robust_backbone_and_keeps_its_keys(prepared_root, tmp_path, capsys):
     config = tiny_config(name="rbimg", model={"robustify": ROBUST})
     (tmp_path / "rbimg.yaml").write_text(yaml.safe_dump(config))
     r = _root(prepared_root, tmp_path / "root")
     assert main(r + ["train", "--config", str(tmp_path / "rbimg.yaml"), "--fold", "0"]) == 2  # robustify first
+    capsys.readouterr()  # preflight projects the stage's time: steps x batch x 2 views, forward and backward
+    assert main(r + ["preflight", "--config", str(tmp_path / "rbimg.yaml")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| rbimg |"))
+    assert "(4 steps x 6 x 2 views)" in row.split("|")[-3]
     assert main(r + ["robustify", "--config", str(tmp_path / "rbimg.yaml")]) == 0
     assert main(r + ["train", "--config", str(tmp_path / "rbimg.yaml"), "--fold", "0"]) == 0
     run = tmp_path / "root" / "work/runs/rbimg/seed0/fold0"

@@ -70,6 +70,7 @@ def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys, 
         full = PatchClassifier(cfg.model.model_copy(update={"weights": "none"}), load_weights=False)
     assert 0 < flops < readiness.forward_flops(full.backbone, 480)  # the card's full size when no repo is at hand
     assert cells[6] == readiness.human(images * flops / (2e11 * readiness.ViT_EFFICIENCY))
+    assert cells[7] == "-"  # no model.robustify: nothing to tune
     mlp = next(line for line in out.splitlines() if line.startswith("| paper_medimageinsight_mlp |"))
     assert "| 0.00 GB |" in mlp and "shared with fm_medimageinsight_frozen" in mlp  # one store, counted once
     assert "preflight: 3 config(s) ready" in out

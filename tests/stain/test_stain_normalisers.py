@@ -42,6 +42,18 @@ def test_reinhard_matches_the_reference_lab_mean():
     torch.testing.assert_close(lab[:, 0], torch.full((2,), LAB_REF_MEAN[0], dtype=torch.float64), atol=2.0, rtol=0)
 
 
+def test_reinhard_transfer_takes_each_reference_images_statistics():
+    """With a reference batch (robustify's pair=reinhard view), patch i takes reference i's CIELAB mean and
+    spread: center 0's tissue rendered in center 2's colours, and an image's own statistics leave it unchanged."""
+    x = _same_tissue_two_centers()
+    swapped = reinhard(x, x.flip(0))
+    lab, ref = rgb_to_lab(swapped), rgb_to_lab(x.flip(0))
+    torch.testing.assert_close(lab.mean(dim=(2, 3)), ref.mean(dim=(2, 3)), atol=2.0, rtol=0)  # gamut clamping
+    torch.testing.assert_close(lab.std(dim=(2, 3)), ref.std(dim=(2, 3)), atol=2.0, rtol=0)
+    assert (swapped[0] - x[1]).abs().mean() < 0.7 * (x[0] - x[1]).abs().mean()  # measured 0.65
+    torch.testing.assert_close(reinhard(x, x), x, atol=1e-4, rtol=0)
+
+
 def test_macenko_leaves_blank_patches_alone():
     blank = torch.ones(2, 3, 16, 16, dtype=torch.float64) * 0.97
     torch.testing.assert_close(macenko(blank), blank)

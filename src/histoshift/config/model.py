@@ -44,6 +44,9 @@ class RobustifyCfg(Section):
     lr: Float = Field(1e-4, gt=0)  # AdamW, linear warm-up (10%) then cosine
     temperature: Float = Field(0.1, gt=0)
     hed_sigma: NonNeg = 0.2  # each view: a random dihedral view with HED stain jitter of this strength
+    # the second view: hed = the same patch jittered again; reinhard = first given the CIELAB statistics of a
+    # random patch of another center (Reinhard transfer to that center's appearance), then jittered
+    pair: Literal["hed", "reinhard"] = "hed"
     lora_rank: Int = Field(8, ge=1)
     lora_alpha: Float = Field(16.0, gt=0)
     # LoRA's target layers by name; [] = by the recipe's library (timm: qkv; transformers: query, value)

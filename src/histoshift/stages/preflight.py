@@ -1,6 +1,6 @@
 """Stage `preflight`: before anything long starts, one table for every config about to run - can its weights be
 had, does its feature store fit on the disk, do the weights fit the GPU's free memory, and how long would
-embedding take on this device (the checks: readiness.py). Every problem is one line; any problem stops the run
+robustifying the backbone (model.robustify) and embedding take on this device (the checks: readiness.py). Every problem is one line; any problem stops the run
 (exit 2) before anything is embedded. Configs whose stores would be one (`features.store.store_settings`, the
 embed stage's own identity) count once.
 """
@@ -37,10 +37,17 @@ def run(a, paths) -> int:
     return 2 if problems else 0
 
 
+def _cache_id(paths) -> str | None:
+    from ..data.cache import Cache
+
+    return Cache.open(paths.cache).id if (paths.cache / "manifest.json").is_file() else None
+
+
 def _existing_store(cfg, paths, precision: str) -> bool:
     """Whether this config's complete feature store is already there (needs the prepared cache)."""
     from ..data.cache import Cache
     from ..features.store import feature_spec, store_key
+    from ..models.robust import robust_identity
     from ..stain.gan import identity
 
     if not (paths.cache / "manifest.json").is_file():
@@ -48,9 +55,23 @@ def _existing_store(cfg, paths, precision: str) -> bool:
     try:
         cache = Cache.open(paths.cache)
         gan = identity(cfg, cache, paths) if cfg.aug.stain_norm == "gan" else None
-        return (paths.features / store_key(feature_spec(cfg, cache, precision, gan)) / "meta.json").is_file()
-    except Exception:  # noqa: BLE001 - weights or generator not at hand: the weights check says so
+        robust = robust_identity(cfg.model, cache.id, paths.robust) if cfg.model.robustify is not None else None
+        return (paths.features / store_key(feature_spec(cfg, cache, precision, gan, robust)) / "meta.json").is_file()
+    except Exception:  # noqa: BLE001 - weights, generator or tuned backbone not at hand: said elsewhere or to come
         return False
+
+
+def _robustify_time(cfg, paths, flops: float, rate: float) -> str:
+    """The robustify stage's projected time (its steps x batch x 2 views, forward + backward: about 3 forward
+    passes each), or that the tuned backbone is already there."""
+    from ..models.robust import META, robust_folder
+    from ..readiness import ViT_EFFICIENCY, human
+
+    r, cache_id = cfg.model.robustify, _cache_id(paths)
+    if cache_id is not None and (robust_folder(cfg.model, cache_id, paths.robust)[1] / META).is_file():
+        return "tuned already"
+    images = r.steps * r.batch_size * 2
+    return f"{human(3 * images * flops / (rate * ViT_EFFICIENCY))} ({r.steps} steps x {r.batch_size} x 2 views)"
 
 
 def preflight(configs: list, paths) -> list:
@@ -89,6 +110,11 @@ def preflight(configs: list, paths) -> list:
                                       f"{precision}) exceed the GPU's free memory ({free / 2**30:.1f} GiB)")
         else:
             check.gpu = "no GPU (CPU)"
+        if precision not in rates:
+            rates[precision] = matmul_rate(device, precision)
+        flops = forward_flops(net.backbone, net.preprocess.size)  # the meta-device network built above
+        if cfg.model.robustify is not None:
+            check.robustify = _robustify_time(cfg, paths, flops, rates[precision])
         if cfg.model.kind != "feature" or counts is None:
             continue
         m = cfg.model
@@ -104,9 +130,6 @@ def preflight(configs: list, paths) -> list:
             continue
         counted[shared] = check.config
         needed += check.store_gb
-        if precision not in rates:
-            rates[precision] = matmul_rate(device, precision)
-        flops = forward_flops(net.backbone, net.preprocess.size)  # the meta-device network built above
         check.projected = human(check.images * flops / (rates[precision] * ViT_EFFICIENCY))
     free = free_bytes(paths.features) / 1e9
     if needed * HEADROOM > free and checks:
@@ -119,13 +142,13 @@ def table(checks: list, paths) -> str:
     from ..readiness import free_bytes, offline
 
     free = free_bytes(paths.features) / 1e9
-    rows = ["| config | model | weights | images to embed | feature store | GPU | projected embedding | status |",
-            "|---|---|---|---:|---:|---|---|---|"]
+    rows = ["| config | model | weights | images to embed | feature store | GPU | projected embedding | robustify | "
+            "status |", "|---|---|---|---:|---:|---|---|---|---|"]
     for c in checks:
         store = "-" if c.store_gb is None else f"{c.store_gb:.2f} GB"
         status = "ok" if not c.problems else f"{len(c.problems)} problem(s)"
         rows.append(f"| {c.config} | {c.model} | {c.weights or '-'} | {c.images or '-'} | {store} | {c.gpu} | "
-                    f"{c.projected} | {status} |")
+                    f"{c.projected} | {c.robustify} | {status} |")
     rows.append(f"\nfree disk at {paths.features}: {free:.2f} GB; HF_HUB_OFFLINE={int(offline())}; "
                 "projected times are estimates (FLOPs / measured matmul rate), bench/fm.py measures")
     return "\n".join(rows)

@@ -2,7 +2,8 @@
 
 The objective of "Robustifying pathology foundation models" (arXiv 2607.22861) without scanner pairs: two views of
 each unlabelled patch, drawn from every center of the cache (train, val and test images; no label is read), each a
-random dihedral view with strong HED stain jitter; InfoNCE between the views (models/robust.py: views of one patch
+random dihedral view with strong HED stain jitter (model.robustify.pair=reinhard: the second view first takes the
+colour statistics of a patch of another center); InfoNCE between the views (models/robust.py: views of one patch
 are never negatives), LoRA adapters (peft) for foundation recipes, the last block groups for timm CNNs (the tuned
 part's batch norms train, the frozen part's keep their statistics). AdamW, 10% linear warm-up then cosine. The
 batches and the jitter are a function of (seed, step, process): a killed run resumes (state-step<N>/, nothing
@@ -60,20 +61,28 @@ def robustify(cfg, cache, paths, force: bool = False, accelerator=None) -> Path:
     return folder
 
 
-def _views(cache, rows, n: int, rng, sigma: float, device):
+def _views(cache, rows, n: int, rng, sigma: float, device, pair: str = "hed"):
     """n distinct patches of `rows` (with replacement only when there are fewer), two stain views of each:
-    (2n x 3 x H x W floats in [0, 1], the patch number of each view)."""
+    (2n x 3 x H x W floats in [0, 1], the patch number of each view). pair=reinhard: the second view first takes
+    the colour statistics of a random patch of another center (any center where `rows` holds only one)."""
     import numpy as np
     import torch
 
     from ..data.augment import random_dihedral, to_float
+    from ..stain.classical import reinhard
     from ..stain.hed import random_hed
 
-    pick = rows.iloc[np.sort(rng.choice(len(rows), n, replace=len(rows) < n))]
-    x = to_float(torch.from_numpy(cache.gather(pick)).to(device))
+    at = np.sort(rng.choice(len(rows), n, replace=len(rows) < n))
+    x = to_float(torch.from_numpy(cache.gather(rows.iloc[at])).to(device))
+    second = x
+    if pair == "reinhard":
+        centers = rows["center"].to_numpy()
+        donors = [rng.choice(np.flatnonzero(centers != centers[i]) if (centers != centers[i]).any() else len(rows))
+                  for i in at]
+        second = reinhard(x, to_float(torch.from_numpy(cache.gather(rows.iloc[donors])).to(device)))
     jitter = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-    views = [random_hed(random_dihedral(x, jitter), sigma, jitter) if sigma > 0 else random_dihedral(x, jitter)
-             for _ in range(2)]
+    views = [random_hed(random_dihedral(v, jitter), sigma, jitter) if sigma > 0 else random_dihedral(v, jitter)
+             for v in (x, second)]
     source = torch.arange(n, device=device).repeat(2)
     return torch.cat(views), source
 
@@ -124,7 +133,7 @@ def _fit(cfg, cache, spec: dict, folder: Path, acc, precision: str) -> None:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
                 m.eval()
         rng = np.random.default_rng([r.seed, step, acc.process_index])
-        x, source = _views(cache, rows, r.batch_size, rng, r.hed_sigma, acc.device)
+        x, source = _views(cache, rows, r.batch_size, rng, r.hed_sigma, acc.device, r.pair)
         with autocast(acc.device, precision):
             z = backbone(preprocess(x))
         loss = info_nce(z, source, r.temperature)

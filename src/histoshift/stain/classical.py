@@ -52,12 +52,20 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin).clamp(0, 1)
 
 
-def reinhard(x: torch.Tensor) -> torch.Tensor:
+def _lab_stats(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return lab.mean(dim=(2, 3), keepdim=True), lab.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)
+
+
+def reinhard(x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's CIELAB mean and standard deviation matched to the fixed reference, or with `reference` (a
+    batch of the same size) to those of the reference image at the same position (a stain transfer)."""
     lab = rgb_to_lab(x)
-    mean = lab.mean(dim=(2, 3), keepdim=True)
-    std = lab.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)
-    ref_mean = torch.as_tensor(LAB_REF_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
-    ref_std = torch.as_tensor(LAB_REF_STD, dtype=x.dtype, device=x.device)[None, :, None, None]
+    mean, std = _lab_stats(lab)
+    if reference is None:
+        ref_mean = torch.as_tensor(LAB_REF_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
+        ref_std = torch.as_tensor(LAB_REF_STD, dtype=x.dtype, device=x.device)[None, :, None, None]
+    else:
+        ref_mean, ref_std = _lab_stats(rgb_to_lab(reference))
     return lab_to_rgb((lab - mean) / std * ref_std + ref_mean)
 
 
