@@ -84,14 +84,15 @@ def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: 
 def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     """`optim.name` over the algorithm's parameter groups (each with its own lr), from maintained libraries:
     timm's factory for the names it knows, pytorch-optimizer for Nero (which constrains its weights itself
-    and takes no weight decay: optim.weight_decay does not apply to it)."""
-    if cfg.name == "nero":
+    and takes no weight decay: optim.weight_decay does not apply to it) and AvaGrad (Savarese et al. 2021,
+    decoupled weight decay; its step is normalised by the adaptive rates' norm, so its lr is on SGD's scale)."""
+    if cfg.name in ("nero", "avagrad"):
         try:
             from pytorch_optimizer import load_optimizer
         except ImportError:
-            raise ConfigError("optim.name=nero needs the pytorch-optimizer package (pip install pytorch-optimizer; "
-                              "it is in requirements.txt)") from None
-        return load_optimizer("nero")(groups)
+            raise ConfigError(f"optim.name={cfg.name} needs the pytorch-optimizer package (pip install "
+                              "pytorch-optimizer; it is in requirements.txt)") from None
+        return load_optimizer(cfg.name)(groups, **({"weight_decay": cfg.weight_decay} if cfg.name == "avagrad" else {}))
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(groups, opt=cfg.name, weight_decay=cfg.weight_decay)

@@ -257,3 +257,53 @@ def test_reweighting_switches_match_a_hand_computation():
     plain = ALGORITHMS["dann"](PatchClassifier(cfg.model, load_weights=False), 3,
                                Config.model_validate({**cfg.to_dict(), "algorithm": {"name": "dann"}}))
     assert not hasattr(plain, "class_weights")  # off: the default state dict is unchanged
+
+
+def test_confusion_and_negative_entropy_against_a_hand_computation():
+    from histoshift.algorithms.losses import confusion_loss, negative_entropy
+
+    logits = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, -1.0]])
+    p = torch.softmax(logits, 1)
+    k = 3
+    assert float(confusion_loss(logits[:1])) == pytest.approx(math.log(k))  # uniform: log K, the minimum
+    assert float(negative_entropy(logits[:1])) == pytest.approx(-math.log(k))  # uniform: -log K, the minimum
+    row = p[1]
+    hand_conf = -sum(math.log(float(q)) for q in row) / k
+    hand_negent = sum(float(q) * math.log(float(q)) for q in row)
+    assert float(confusion_loss(logits[1:])) == pytest.approx(hand_conf, rel=1e-6)
+    assert float(negative_entropy(logits[1:])) == pytest.approx(hand_negent, rel=1e-6)
+    kl = sum(math.log(1 / k / float(q)) / k for q in row)  # KL(uniform || p)
+    assert float(confusion_loss(logits[1:])) == pytest.approx(math.log(k) + kl, rel=1e-6)
+    assert float(confusion_loss(logits)) == pytest.approx((math.log(k) + hand_conf) / 2, rel=1e-6)
+
+
+def _debias_grads(name, domain_weight, debias_weight):
+    torch.manual_seed(0)
+    cfg = _cfg(name)
+    cfg.algorithm.domain_weight, cfg.algorithm.debias_weight = domain_weight, debias_weight
+    algo = ALGORITHMS[name](PatchClassifier(cfg.model, load_weights=False), 5, cfg)
+    algo.eval()  # no dropout, batch norm as is: every pass the same function
+    out = algo(_batch(), progress=0.5)
+    out["loss"].backward()
+    head = torch.cat([p.grad.flatten() for p in algo.domain_head.parameters()])
+    backbone = torch.cat([p.grad.flatten() for p in algo.model.backbone.parameters() if p.grad is not None])
+    return out, head, backbone
+
+
+@pytest.mark.parametrize("name, reverse, key", [("lntl", True, "negent_loss"), ("tabe", False, "conf_loss"),
+                                                ("clgr", True, "conf_loss")])
+def test_debiasing_heads_confine_each_gradient_to_its_parameters(name, reverse, key):
+    """The debiasing term never moves the bias head; the bias head's own loss reaches the backbone only through
+    gradient reversal (lntl, clgr), never in tabe; the total is the weighted sum of the logged terms."""
+    out, head, backbone = _debias_grads(name, 0.5, 1.0)
+    assert float(out["loss"].detach()) == pytest.approx(float(out["cls_loss"] + 0.5 * out["dom_loss"] + out[key]), rel=1e-5)
+    _, head_no_debias, backbone_no_debias = _debias_grads(name, 0.5, 0.0)
+    torch.testing.assert_close(head, head_no_debias)  # the term goes through the head with its parameters fixed
+    assert not torch.allclose(backbone, backbone_no_debias)  # ... and reaches the backbone
+    _, head_no_bias, backbone_no_bias = _debias_grads(name, 0.0, 1.0)
+    assert head_no_bias.abs().max() == 0  # the head learns from its own cross entropy alone
+    assert torch.allclose(backbone, backbone_no_bias) != reverse  # tabe: the head's loss never reaches the backbone
+    if name == "lntl":
+        assert float(out[key]) >= -math.log(5) - 1e-6 and float(out[key]) <= 0
+    else:
+        assert float(out[key]) >= math.log(5) - 1e-6

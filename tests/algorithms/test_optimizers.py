@@ -1,5 +1,5 @@
 """optim.name: the optimizers people expect, from maintained libraries (timm's factory, pytorch-optimizer for
-Nero), each parameter group keeping its own learning rate; a name neither knows is one line."""
+Nero and AvaGrad), each parameter group keeping its own learning rate; a name neither knows is one line."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ def _groups():
 
 
 @pytest.mark.parametrize("name, cls", [("adamw", "AdamW"), ("sgd", "SGD"), ("lamb", "Lamb"), ("nero", "Nero"),
-                                       ("lion", "Lion")])
+                                       ("lion", "Lion"), ("avagrad", "AvaGrad")])
 def test_each_optimizer_keeps_the_groups_and_takes_a_step(name, cls):
     a, b, groups = _groups()
     opt = build_optimizer(load_config(overrides=[f"optim.name={name}"]).optim, groups)
@@ -35,6 +35,12 @@ def test_adamw_is_torchs_with_the_defaults_it_had():
     _, _, groups = _groups()
     opt = build_optimizer(load_config().optim, groups)
     assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.01 and opt.defaults["betas"] == (0.9, 0.999)
+
+
+def test_avagrad_takes_the_configs_decoupled_weight_decay():
+    _, _, groups = _groups()
+    opt = build_optimizer(load_config(overrides=["optim.name=avagrad", "optim.weight_decay=0.05"]).optim, groups)
+    assert opt.defaults["weight_decay"] == 0.05 and opt.defaults["weight_decouple"] is True
 
 
 def test_an_unknown_optimizer_is_one_line():

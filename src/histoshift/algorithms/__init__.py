@@ -1,8 +1,9 @@
 """Algorithms by name: outputs and losses behind one interface (see base.py)."""
 from .base import Algorithm
 from .dann import DANN
+from .debias import CLGR, LNTL, TABE
 from .erm import ERM
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"erm": ERM, "dann": DANN}
+ALGORITHMS: dict[str, type[Algorithm]] = {"erm": ERM, "dann": DANN, "lntl": LNTL, "tabe": TABE, "clgr": CLGR}
 
-__all__ = ["ALGORITHMS", "Algorithm", "ERM", "DANN"]
+__all__ = ["ALGORITHMS", "Algorithm", "ERM", "DANN", "LNTL", "TABE", "CLGR"]

@@ -73,3 +73,17 @@ def info_nce(z: torch.Tensor, source: torch.Tensor, temperature: float) -> torch
     log_all = torch.logsumexp(sim, dim=1)
     log_pos = torch.logsumexp(sim.masked_fill(~positive, float("-inf")), dim=1)
     return (log_all - log_pos).mean()
+
+
+def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of sum_k p_k log p_k, p = softmax(logits): -log K at the uniform prediction (its
+    minimum), 0 at a certain one. LNTL's term: minimising it makes the bias prediction unsure."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return (logp.exp() * logp).sum(1).mean()
+
+
+def confusion_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy between the uniform distribution over K classes and p = softmax(logits):
+    -(1/K) sum_k log p_k = log K + KL(uniform || p), so log K at the uniform prediction (its minimum). TABE's
+    and CLGR's term (Alvi et al. 2018)."""
+    return -F.log_softmax(logits.float(), dim=1).mean(1).mean()

@@ -8,8 +8,8 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from .base import Float, Int, NonNeg, Section, names
 
-ALGORITHM_NAMES = ("erm", "dann")  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
-EXTRA_OPTIMIZERS = ("nero",)  # not in timm: taken from pytorch-optimizer (engine.build_optimizer)
+ALGORITHM_NAMES = ("erm", "dann", "lntl", "tabe", "clgr")  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
+EXTRA_OPTIMIZERS = ("nero", "avagrad")  # not in timm: taken from pytorch-optimizer (engine.build_optimizer)
 
 
 class AlgorithmCfg(Section):
@@ -22,6 +22,8 @@ class AlgorithmCfg(Section):
     domain_loss: Literal["ce", "ls"] = "ce"  # cross-entropy | least squares on the softmax (LSGAN style)
     focal_gamma: NonNeg = 0.0  # focal loss exponent for the tumour loss (0 = plain BCE)
     entropy_weight: NonNeg = 0.0  # entropy minimisation on the unlabelled target centers (0 = off)
+    # lntl: weight of the bias prediction's negative entropy; tabe, clgr: of the confusion loss (algorithms/debias.py)
+    debias_weight: NonNeg = 0.1
     # Stain-AgLr (DART 2022) as two switches for any algorithm on images (model.kind: image); each image of a step
     # also goes through the model as a copy with HED stain alteration of strength `alter_sigma`
     consistency_weight: NonNeg = 0.0  # KL between the predictions for an image and for its altered copy
@@ -49,14 +51,14 @@ class AlgorithmCfg(Section):
 
 
 def optimizer_names() -> list[str]:
-    """What `optim.name` takes: every optimizer timm's factory builds, and Nero (from pytorch-optimizer)."""
+    """What `optim.name` takes: every optimizer timm's factory builds, Nero and AvaGrad (from pytorch-optimizer)."""
     from timm.optim import list_optimizers
 
     return sorted({*list_optimizers(), *EXTRA_OPTIMIZERS})
 
 
 class OptimCfg(Section):
-    # a name of timm's optimizer factory (adamw, sgd, lamb, lars, adabelief, lion, ...) or nero; every
+    # a name of timm's optimizer factory (adamw, sgd, lamb, lars, adabelief, lion, ...), nero or avagrad; every
     # parameter group keeps its own learning rate (backbone, head, domain head)
     name: str = "adamw"
     lr: NonNeg = 1e-3  # classifier head
