@@ -108,6 +108,16 @@ def load_epoch_state(accelerator: Accelerator, folder, scheduler, progress: Prog
         raise StaleError(f"{folder / LOOP_STATE}: not a saved loop state ({type(e).__name__}: {e}); {AGAIN}") from None
 
 
+def gather_rows(accelerator: Accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of `t` concatenated (processes may hold different numbers of rows)."""
+    if accelerator.num_processes == 1:
+        return t
+    counts = accelerator.gather(torch.tensor([len(t)], device=t.device)).tolist()
+    padded = accelerator.gather(accelerator.pad_across_processes(t, dim=0))
+    width = max(counts)
+    return torch.cat([padded[i * width:i * width + n] for i, n in enumerate(counts)])
+
+
 def heldout_loss(oof) -> float:
     """The held-out center's mean binary cross-entropy (from logits: log(1 + e^z) - y z, stable)."""
     z, y = oof["logit"].to_numpy(np.float64), oof["label"].to_numpy(np.float64)
@@ -153,6 +163,9 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
     for epoch in range(progress.epoch, cfg.train.epochs):
         algorithm.train()
         src_loader, tgt_loader = streams.epoch(epoch)  # the data order is a function of (seed, epoch)
+        if core.embeds_each_epoch:  # e.g. AIVA's clusters: the epoch's batches, in order, before its first step
+            core.before_epoch((task.feed(s, t) for s, t in zip(src_loader, tgt_loader)),
+                              lambda t: gather_rows(accelerator, t), seed=cfg.train.seed * 1000 + epoch)
         src_iter = cycle(src_loader)
         tgt_iter = cycle(tgt_loader) if core.uses_target else None
         logs: dict[str, list[float]] = {}

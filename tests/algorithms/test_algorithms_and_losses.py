@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,8 @@ def test_every_algorithm_trains_a_few_steps(name):
     assert sum(len(g["params"]) for g in groups) == len(list(algo.parameters()))
     opt = torch.optim.AdamW(groups)
     batch = _batch()
+    if algo.embeds_each_epoch:  # AIVA: its clusters before the first step
+        algo.before_epoch([batch], lambda t: t, seed=0)
     losses = []
     for step in range(3):
         out = algo(batch, progress=step / 3)
@@ -307,3 +310,54 @@ def test_debiasing_heads_confine_each_gradient_to_its_parameters(name, reverse, 
         assert float(out[key]) >= -math.log(5) - 1e-6 and float(out[key]) <= 0
     else:
         assert float(out[key]) >= math.log(5) - 1e-6
+
+
+def test_hungarian_matching_recovers_a_known_permutation():
+    from histoshift.algorithms.aiva import match_clusters
+
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(6, 4)) * 5
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    target = source[perm] + rng.normal(size=(6, 4)) * 0.1  # target cluster i is source cluster perm[i], shifted
+    assert match_clusters(target, source).tolist() == perm.tolist()
+    # the least total distance, not each row's nearest: two targets near one source share it greedily, not here
+    assert match_clusters(np.array([[0.0], [0.4]]), np.array([[0.1], [10.0]])).tolist() == [0, 1]
+    assert match_clusters(np.array([[0.0], [0.4]]), np.array([[0.5], [-10.0]])).tolist() == [1, 0]
+
+
+def test_alignment_loss_against_a_hand_computation():
+    from histoshift.algorithms.aiva import alignment_loss
+
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    matched = torch.tensor([[1.0, 1.0], [9.0, 0.0], [5.0, 5.0]])
+    z = torch.tensor([[0.5, 0.0], [-0.5, 1.0], [11.0, 0.0]], requires_grad=True)  # clusters 0, 0, 1; none in 2
+    loss = alignment_loss(z, centers, matched)
+    hand = (((0.0 - 1) ** 2 + (0.5 - 1) ** 2) + ((11.0 - 9) ** 2 + 0.0)) / 2
+    assert float(loss.detach()) == pytest.approx(hand)
+    loss.backward()
+    torch.testing.assert_close(z.grad[2], torch.tensor([2.0 * 2 / 2, 0.0]))  # d/dz of (z - m)^2 / 2 clusters
+
+
+@pytest.mark.parametrize("name", ["aiva", "dann_aiva"])
+def test_aiva_clusters_once_an_epoch_and_pulls_target_clusters(name):
+    """before_epoch projects, clusters and matches; the step's loss adds aiva_weight x the alignment term, which
+    moves the backbone; the clusters are a function of the weights, the batches and the seed."""
+    torch.manual_seed(0)
+    cfg = _cfg(name)
+    cfg.algorithm.aiva_clusters, cfg.algorithm.aiva_dims, cfg.algorithm.aiva_weight = 2, 3, 0.5
+    algo = ALGORITHMS[name](PatchClassifier(cfg.model, load_weights=False), 5, cfg)
+    batch = _batch(12, 8)
+    with pytest.raises(RuntimeError, match="before_epoch"):
+        algo(batch)
+    algo.before_epoch([batch], lambda t: t, seed=3)
+    target, matched = algo.aiva_target.clone(), algo.aiva_matched.clone()
+    assert target.shape == (2, 3) and not torch.equal(target, matched)
+    algo.before_epoch([batch], lambda t: t, seed=3)
+    torch.testing.assert_close(algo.aiva_target, target)  # the same again
+    algo.eval()
+    out = algo(batch, progress=0.5)
+    base = out["cls_loss"] + (cfg.algorithm.domain_weight * out["dom_loss"] if name == "dann_aiva" else 0)
+    assert float(out["loss"].detach()) == pytest.approx(float(base + 0.5 * out["aiva_loss"]), rel=1e-5)
+    assert float(out["aiva_loss"]) > 0
+    state = algo.state_dict()
+    assert "aiva_basis" in state and "aiva_basis" not in algo.model.state_dict()  # never in the saved model

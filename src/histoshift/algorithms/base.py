@@ -82,6 +82,8 @@ class Algorithm(nn.Module):
             seen = pd.concat([source["center"], target["center"]]).value_counts()
             for center, n in seen.items():
                 self.domain_weights[domains[int(center)]] = seen.sum() / (len(seen) * n)
+    embeds_each_epoch = False  # True: the loop calls before_epoch(batches, gather, seed) before each epoch (AIVA)
+
     @property
     def uses_target(self) -> bool:
         """Whether the loop must feed unlabelled target-center batches."""

@@ -8,7 +8,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from .base import Float, Int, NonNeg, Section, names
 
-ALGORITHM_NAMES = ("erm", "dann", "lntl", "tabe", "clgr")  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
+ALGORITHM_NAMES = ("erm", "dann", "lntl", "tabe", "clgr", "aiva", "dann_aiva")  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
 EXTRA_OPTIMIZERS = ("nero", "avagrad")  # not in timm: taken from pytorch-optimizer (engine.build_optimizer)
 
 
@@ -24,6 +24,12 @@ class AlgorithmCfg(Section):
     entropy_weight: NonNeg = 0.0  # entropy minimisation on the unlabelled target centers (0 = off)
     # lntl: weight of the bias prediction's negative entropy; tabe, clgr: of the confusion loss (algorithms/debias.py)
     debias_weight: NonNeg = 0.1
+    # aiva, dann_aiva (algorithms/aiva.py): once an epoch, k-means of the source and of the target features in their
+    # joint principal components, clusters matched by the Hungarian method; the loss pulls target clusters' batch means
+    aiva_weight: NonNeg = 0.1
+    aiva_clusters: Int = Field(8, ge=1)
+    aiva_dims: Int = Field(32, ge=1)  # principal components the clusters live in
+    aiva_samples: Int = Field(2048, ge=2)  # labelled (and as many unlabelled) patches embedded each epoch
     # Stain-AgLr (DART 2022) as two switches for any algorithm on images (model.kind: image); each image of a step
     # also goes through the model as a copy with HED stain alteration of strength `alter_sigma`
     consistency_weight: NonNeg = 0.0  # KL between the predictions for an image and for its altered copy
