@@ -1,7 +1,7 @@
 """Accuracy ablation on real tissue: PatchCamelyon patches with synthetic pseudo-center stain shifts.
 
     python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs N]
-                             [--rows none|key|more|aglr|stain|average|robust|frozen|all] [--only TEXT..] [--adabn] [--ensemble]
+                             [--rows none|key|more|aglr|stain|average|robust|dart|frozen|all] [--only TEXT..] [--adabn] [--ensemble]
                              [--frozen-ensemble] [--mixed]
                              [--pseudo 0.9] [--oracle] [--hidden] [--seeds 0 1 2] [--tag NAME] [--work DIR]
 
@@ -106,6 +106,18 @@ AVERAGE_ROWS = {  # issue 32: weight averaging (train.average) and stronger HED 
     "DANN, HED sigma 0.1": ["aug.hed_sigma=0.1"],
     "DANN, HED sigma 0.2": ["aug.hed_sigma=0.2"],
 }
+# issue 33: the DART 2022 methods beside DANN on the default recipe (configs/dart_*_lite0.yaml's switches); --adabn
+# adds each with the existing adaptation
+_AVAGRAD = ["optim.name=avagrad", "optim.lr=0.5", "optim.backbone_lr=0.2", "optim.domain_lr=0.5"]
+DART_ROWS = {
+    "DANN (the default, reference)": [],
+    "LNTL (bias head reversed + negative entropy)": ["algorithm.name=lntl"],
+    "TABE (confusion loss, bias head alone)": ["algorithm.name=tabe"],
+    "CLGR (confusion loss + reversal)": ["algorithm.name=clgr"],
+    "AIVA on ERM": ["algorithm.name=aiva"],
+    "DANN + AIVA": ["algorithm.name=dann_aiva"],
+    "DANN, AvaGrad + early stopping (patience 1)": [*_AVAGRAD, "train.early_stop_patience=1"],
+}
 # heads on frozen ImageNet features (issue 19): the frozen-feature path's mechanics on real tissue - a proxy,
 # NOT a prediction for pathology foundation models. Every Lite0 row shares one feature store (8 dihedral
 # views + 4 HED views of labelled patches); with --adabn the adapted columns are the feature shift
@@ -151,7 +163,7 @@ ROBUST_ROWS = {
 # the stack stage chooses between plain and adapted predictions by its own leave-one-center-out evidence
 FROZEN_ENSEMBLE = [*_MLP_DANN, "model.feature_shift=standardize", *_SELF_TRAIN]
 ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "aglr": AGLR_ROWS, "frozen": FROZEN_ROWS, "stain": STAIN_ROWS,
-            "average": AVERAGE_ROWS, "robust": ROBUST_ROWS,
+            "average": AVERAGE_ROWS, "robust": ROBUST_ROWS, "dart": DART_ROWS,
             "all": KEY_ROWS | MORE_ROWS | AGLR_ROWS}
 # The hidden center (issue 19): the test patches again, re-stained by the PCam script's own stain_shift with
 # parameters fixed on 2026-12-01 before any result was seen, so that a method tuned on center 2's shift
