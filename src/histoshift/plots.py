@@ -34,7 +34,8 @@ def run_table(runs: list[RunDir]) -> pd.DataFrame:
     rows = []
     for run in runs:
         s = json.loads(run.summary.read_text())
-        rows.append({"run": run.name, "held-out center": run.fold, "accuracy": s["heldout_accuracy"],
+        rows.append({"run": run.name, "method": run.cfg.method(), "held-out center": run.fold,
+                     "accuracy": s["heldout_accuracy"],
                      "auc": s["heldout_auc"], "brier": s.get("heldout_brier", float("nan")),
                      "ece": s.get("heldout_ece", float("nan")), "train seconds": s["seconds"]})
     return pd.DataFrame(rows)

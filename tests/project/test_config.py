@@ -7,7 +7,8 @@ import pytest
 
 from histoshift.config import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -66,3 +67,16 @@ def test_run_folders_of_the_version_before_the_kinds_keep_their_identity(old, sh
     assert "frozen: " in (here / old).read_text() and before.model.kind in ("image", "feature")
     assert before.identity() == load_config(CONFIGS[0].parent / shipped, [f"name={before.name}"]).identity()
     assert "is deprecated; write model.kind" in capsys.readouterr().err
+
+
+def test_a_configs_method_names_the_backbone_the_algorithm_and_the_switches_that_are_on():
+    from histoshift.config import load_config
+
+    assert load_config(CONFIG_DIR / "lite0_dann.yaml").method() == "tf_efficientnet_lite0 fine-tuned, DANN"
+    assert load_config(CONFIG_DIR / "dart_avagrad_lite0.yaml").method() == (
+        "tf_efficientnet_lite0 fine-tuned, DANN, optimizer avagrad, early stopping patience 2")
+    frozen = load_config(CONFIG_DIR / "fm_midnight_frozen.yaml", overrides=["algorithm.name=tabe",
+                                                                              "model.robustify.steps=10"])
+    assert frozen.method().startswith("midnight frozen (robustified, hed pairs), MLP 512 head, TABE")
+    assert load_config(overrides=["algorithm.name=dann_aiva", "train.average=swad"]).method().endswith(
+        "DANN + AIVA, averaging swad")

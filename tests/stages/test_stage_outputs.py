@@ -74,6 +74,9 @@ def test_stack_and_submission(pipeline):
     assert list(sub.columns) == ["ID", "Pred"] and len(sub) == 30 and set(sub.Pred) <= {0, 1}
     report = (pipeline / "work" / "report" / "report.md").read_text()
     assert "tiny_dann/seed0/fold3" in report and "Mean ensemble per held-out center" in report
+    # every member's method beside its runs
+    assert "| tiny_dann/seed0/fold3 | test_efficientnet fine-tuned, DANN |" in report
+    assert "| tiny_erm_albu/seed0/fold0 | test_efficientnet fine-tuned, ERM |" in report
     for png in ("curves.png", "combiners.png", "per_center.png", "roc.png", "feature_map.png"):
         assert (pipeline / "work" / "report" / png).stat().st_size > 1000
 

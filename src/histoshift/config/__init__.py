@@ -60,6 +60,26 @@ class Config(Section):
     def to_dict(self) -> dict:
         return self.model_dump()
 
+    def method(self) -> str:
+        """How a run of this config is made, in one line (the report's method column): the backbone, frozen or
+        fine-tuned, the algorithm, and every switch against the shift that is on."""
+        m, a, t = self.model, self.algorithm, self.train
+        head = ("" if m.kind == "image" else
+                f", {m.head if m.head != 'mlp' else ('MLP ' + str(m.head_hidden) if m.head_hidden else 'linear')} head")
+        parts = [f"{m.recipe or m.backbone} {'fine-tuned' if m.kind == 'image' else 'frozen'}"
+                 + (f" (robustified, {m.robustify.pair} pairs)" if m.robustify is not None else "") + head,
+                 a.name.upper().replace("_", " + ")]
+        parts += [f"{k} {v}" for k, v in [
+            ("optimizer", self.optim.name if self.optim.name != "adamw" else None),
+            ("averaging", t.average if t.average != "none" else None),
+            ("early stopping patience", t.early_stop_patience or None),
+            ("stain norm", self.aug.stain_norm if self.aug.stain_norm != "none" else None),
+            ("Stain-AgLr consistency", a.consistency_weight or None), ("Stain-AgLr regeneration", a.regen_weight or None),
+            ("entropy", a.entropy_weight or None),
+            ("feature shift", getattr(m, "feature_shift", "none") if getattr(m, "feature_shift", "none") != "none" else None),
+            ("self-training rounds", getattr(m, "self_train_rounds", 0) or None)] if v is not None]
+        return ", ".join(parts)
+
     def identity(self) -> dict:
         """What makes a run this run: the resolved config without the settings that change only how it is
         watched (train.log_with) and, unless aug.stain_norm is gan, the stain GAN's (unused) settings."""
