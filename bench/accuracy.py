@@ -55,7 +55,8 @@ from histoshift.stages.infer import infer_run  # noqa: E402
 from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.stack import ADAPTED, METHODS, compare_prediction_sets, decide, fit_stacker, predict  # noqa: E402
+from histoshift.choice import compare_prediction_sets, decide, split_label  # noqa: E402
+from histoshift.stack import ADAPTED, METHODS, fit_stacker, predict  # noqa: E402
 from histoshift.stages.stack import run_stack  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
@@ -324,7 +325,7 @@ class Bench:
         out["picked_method"] = picked
         # prior matching: the picked combiner thresholded so that half the test patches are positive
         oof, test, names = d["oof"], d["test"].merge(self.labels, left_on="id", right_on="ID"), d["names"]
-        method = picked.removesuffix(ADAPTED)
+        method = split_label(picked)[0]
         _, pred = predict(method, test, names, fit_stacker(oof, names) if method == "stack" else None, prior=0.5)
         out["picked_prior"] = float((pred == test["label"].to_numpy()).mean())
         out["prior_used"] = bool(matched["used"])

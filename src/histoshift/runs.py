@@ -99,26 +99,29 @@ class RunDir:
         """The newest complete saved state (a state being written when the process died has no marker)."""
         return last_state(self.path, "state-epoch")
 
-    def tta_path(self, part: str, adapted: bool = False) -> Path:
-        """8-view logits of `part` ('heldout' | 'test'), plain or after AdaBN on that center."""
-        return self.path / f"tta_{part}{'_adabn' if adapted else ''}.csv"  # the first adaptation's name
+    def tta_path(self, part: str, adapted: bool | str = False) -> Path:
+        """TTA logits of `part` ('heldout' | 'test'): plain (False), adapted to that center first (True; named
+        after the first adaptation, AdaBN), or another prediction set by name (e.g. 'fourier-b0.05')."""
+        return self.path / f"tta_{part}{set_suffix(adapted)}.csv"
 
     def recorded_inputs(self) -> dict:
         """inputs.json as written by training ({} before the run has one)."""
         return _record(self.inputs)
 
-    def prediction_lineage(self, cache_id: str) -> dict:
-        """What a TTA file of this run must have been predicted from now: this checkpoint, this cache."""
-        return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id}
+    def prediction_lineage(self, cache_id: str, settings: dict | None = None) -> dict:
+        """What a TTA file of this run must have been predicted from now: this checkpoint, this cache (and, for a
+        set made with settings of its own, e.g. Fourier transfer's donors, those settings)."""
+        return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id, **({"settings": settings} if settings else {})}
 
-    def write_tta(self, part: str, adapted: bool, table, cache_id: str, adaptation: dict | None = None) -> None:
-        """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache)
-        and, for adapted predictions, how many layers the adaptation changed and what else it recorded
+    def write_tta(self, part: str, adapted: bool | str, table, cache_id: str, adaptation: dict | None = None,
+                  settings: dict | None = None) -> None:
+        """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache, the set's
+        settings) and, for adapted predictions, how many layers the adaptation changed and what else it recorded
         (self-training: its confidence threshold and pseudo-label counts)."""
         path = self.tta_path(part, adapted)
         write_csv(path, table, float_format="%.6g")
         recorded = _record(self.predictions)
-        recorded[path.name] = self.prediction_lineage(cache_id)
+        recorded[path.name] = self.prediction_lineage(cache_id, settings)
         if adaptation is not None:
             recorded[f"{path.name}:adapted"] = adaptation["changed"]
             if len(adaptation) > 1:
@@ -134,15 +137,20 @@ class RunDir:
         """What the adapted TTA file of `part` was adapted by (method; self-training: threshold, pseudo-labels)."""
         return _record(self.predictions).get(f"{self.tta_path(part, True).name}:adaptation")
 
-    def stale_predictions(self, cache_id: str, adapted: bool = False) -> list[str]:
-        """The TTA files (heldout, test) that are missing or were predicted from another checkpoint or cache."""
+    def stale_predictions(self, cache_id: str, adapted: bool | str = False, settings: dict | None = None) -> list[str]:
+        """The TTA files (heldout, test) that are missing or were predicted from another checkpoint, cache or
+        settings."""
         recorded = _record(self.predictions)
-        want = self.prediction_lineage(cache_id)
+        want = self.prediction_lineage(cache_id, settings)
         return [p.name for p in (self.tta_path(part, adapted) for part in ("heldout", "test"))
                 if not p.exists() or recorded.get(p.name) != want]
 
-    def tta_fresh(self, cache_id: str, adapted: bool = False) -> bool:
-        return not self.stale_predictions(cache_id, adapted)
+    def tta_fresh(self, cache_id: str, adapted: bool | str = False, settings: dict | None = None) -> bool:
+        return not self.stale_predictions(cache_id, adapted, settings)
+
+    def recorded_settings(self, name: str, part: str = "test") -> dict | None:
+        """The settings a named prediction set's file was predicted with (None: not predicted)."""
+        return (_record(self.predictions).get(self.tta_path(part, name).name) or {}).get("settings")
 
     def check_inputs(self, cache_digests: dict) -> None:
         """Refuse (StaleError) a run trained on another version of the cache."""
@@ -189,6 +197,18 @@ class RunDir:
     @property
     def is_done(self) -> bool:
         return self.done.exists() and self.checkpoint.exists()
+
+
+SET_NAME = re.compile(r"[a-z][a-z0-9.-]*")  # a named prediction set becomes part of a file name
+
+
+def set_suffix(adapted: bool | str) -> str:
+    """The file-name suffix of a prediction set: plain '', adapted '_adabn', a named set '_<name>'."""
+    if isinstance(adapted, bool):
+        return "_adabn" if adapted else ""
+    if not SET_NAME.fullmatch(adapted) or adapted in ("adabn",):
+        raise ValueError(f"not a prediction set name: {adapted!r}")
+    return f"_{adapted}"
 
 
 def _record(path: Path) -> dict:

@@ -31,9 +31,11 @@ class StackChoice:
     members: list[str]  # <config>/seed<S>, the ensemble
     method: str  # the combiner; "+adabn": on the adapted predictions; "@prior": thresholded to the known share
     adabn: bool = False  # the adapted prediction set was chosen
+    prediction_set: str = ""  # the chosen set's suffix: "" plain, "+adabn", "+fourier-b<beta>-n<donors>"
     loco_accuracy: dict = field(default_factory=dict)  # combiner -> mean accuracy leave-one-center-out
     loco_calibration: dict = field(default_factory=dict)  # combiner -> mean Brier and ECE
     adabn_vs_plain: dict | None = None  # the paired test between the prediction sets
+    fourier_vs_pick: dict | None = None  # the paired test of the best Fourier set against that pick
     adaptations: dict | None = None  # fold run -> how its adapted predictions were made
     prior_matching: dict | None = None  # used only when it raises the LOCO accuracy of the chosen combiner
     test_positive_rate: float = 0.0
@@ -55,6 +57,13 @@ class StackChoice:
     def evidence_line(self) -> str:
         """The paired test between the plain and the adapted prediction sets, in words."""
         return evidence_line(self.adabn_vs_plain) if self.adabn_vs_plain else ""
+
+    def fourier_line(self) -> str:
+        """The paired test of the best Fourier transfer set against the plain-or-adapted pick, in words."""
+        f = self.fourier_vs_pick
+        return (f"Fourier transfer '{f['fourier']}' against '{f['against']}' on the same out-of-fold patches: paired "
+                f"McNemar z = {f['z_fourier_over_pick']:+.2f} ({'used' if f['used'] else 'not used'}: it must exceed "
+                "1.96)") if f else ""
 
     def adaptation_lines(self) -> list[str]:
         """One line per fold model: how its adapted test predictions were made."""

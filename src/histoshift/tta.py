@@ -51,9 +51,10 @@ def check_finite(table: pd.DataFrame, where: str) -> pd.DataFrame:
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
                   views=tuple(range(N_VIEWS)), desc: str = "predict", precision: str = "no",
-                  channels_last: bool = False, transform=None) -> pd.DataFrame:
+                  channels_last: bool = False, transform=None, make_views=None) -> pd.DataFrame:
     """Logits for every dataset item under each dihedral view: id, center, label, v0..v{V-1} (`transform`: the
-    config's input transform at inference, InputTransform.infer; None: the plain images)."""
+    config's input transform at inference, InputTransform.infer; None: the plain images). `make_views(x, centers)`,
+    when given, makes the views instead (V x B images in [0, 1], e.g. Fourier transfers to V donors)."""
     model.eval()
     preprocess = accelerator.unwrap_model(model).preprocess
     ids, centers, labels, logits = [], [], [], []
@@ -63,12 +64,16 @@ def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
     for batch in bar:
         x = to_float(batch["image"].to(accelerator.device))
         x = transform(x) if transform is not None else x
-        stacked = view_stack(x, views, preprocess)
+        if make_views is None:
+            stacked, n_views = view_stack(x, views, preprocess), len(views)
+        else:
+            made = make_views(x, batch["center"])
+            stacked, n_views = preprocess(made.flatten(0, 1)), made.shape[0]
         if channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
         with autocast(accelerator.device, precision):
             out = torch.cat([model(part)["logits"].float() for part in stacked.split(chunk)])
-        out = per_view(out, len(views)).contiguous()
+        out = per_view(out, n_views).contiguous()
         g = accelerator.gather_for_metrics((batch["id"].to(accelerator.device), batch["center"].to(accelerator.device),
                                             batch["label"].to(accelerator.device), out))
         for store, value in zip((ids, centers, labels, logits), g):
@@ -76,7 +81,7 @@ def predict_views(model: torch.nn.Module, loader, accelerator: Accelerator,
     table = pd.DataFrame({"id": torch.cat(ids).numpy(), "center": torch.cat(centers).numpy(),
                           "label": torch.cat(labels).numpy().astype(int)})
     views_arr = torch.cat(logits).numpy()
-    for j, k in enumerate(views):
+    for j, k in enumerate(views if make_views is None else range(views_arr.shape[1])):
         table[f"v{k}"] = views_arr[:, j]
     return table
 

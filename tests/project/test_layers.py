@@ -25,7 +25,7 @@ LAYERS = [
     ("runs",),                                # the run folder's layout and lineage
     ("tasks",),                               # the kinds of model behind one protocol
     ("engine",),                              # the training loop
-    ("stack", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
+    ("stack", "choice", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
     ("stages",),                              # one module per CLI stage; nothing imports them
     ("cli", "__main__"),                      # the entry point
 ]

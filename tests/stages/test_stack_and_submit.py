@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from helpers import random_items, write_h5
 from histoshift.data.cache import CACHE_VERSION, Cache
 from histoshift.runs import RunDir
-from histoshift.stack import build_features, choose, compare_loco, feature_columns, fit_stacker, mcnemar_z, rank_predict
+from histoshift.choice import choose, mcnemar_z
+from histoshift.stack import build_features, compare_loco, feature_columns, fit_stacker, rank_predict
 from histoshift.stages.stack import run_stack
 from histoshift.stages.submit import SubmissionError, check_submission, write_submission
 
@@ -127,9 +128,9 @@ def test_rank_average_keeps_the_mean_positive_count():
 def test_choose_prefers_the_simpler_combiner_on_ties():
     c = pd.DataFrame({"method": ["mean", "rank", "stack"] * 2, "center": [0] * 3 + [1] * 3,
                       "accuracy": [0.9, 0.9, 0.9, 0.8, 0.8, 0.8]})
-    assert choose(c) == ("mean", None)
+    assert choose(c) == ("mean", None, None)
     c.loc[5, "accuracy"] = 0.85
-    assert choose(c) == ("stack", None)
+    assert choose(c) == ("stack", None, None)
 
 
 def test_run_stack_writes_scores_and_comparison(tmp_path):
@@ -190,7 +191,8 @@ def test_choose_keeps_adabn_unless_plain_is_significantly_better():
     plain[:4], adabn[4:9] = False, False  # plain wins 5 patches, AdaBN 4: noise
     hits = {"mean": plain, "rank": plain, "mean+adabn": adabn, "rank+adabn": adabn}
     # the best AdaBN combiner (ties go to the simpler one); z = (5 - 4) / sqrt(9)
-    assert choose(c, hits) == ("mean+adabn", {"plain": "mean", "adabn": "mean+adabn", "z_plain_over_adabn": 0.333})
+    assert choose(c, hits) == ("mean+adabn", {"plain": "mean", "adabn": "mean+adabn", "z_plain_over_adabn": 0.333},
+                               None)
     adabn[10:30] = False  # now plain wins 25 patches, AdaBN 4: z = 21 / sqrt(29) = 3.9
     assert mcnemar_z(hits["mean"], adabn) == pytest.approx(21 / np.sqrt(29))
     assert choose(c, hits | {"mean+adabn": adabn, "rank+adabn": adabn})[0] == "mean"
@@ -298,3 +300,67 @@ def test_score_prints_the_accuracy_and_exits_zero(tmp_path, capsys):
     pd.DataFrame({"ID": [1, 2, 3, 4], "label": [1, 1, 0, 1]}).to_csv(tmp_path / "labels.csv", index=False)
     assert main(["--root", str(tmp_path), "score", "--labels", str(tmp_path / "labels.csv")]) == 0
     assert "score: test accuracy 0.5000 on 4 patches" in capsys.readouterr().out
+
+
+def test_a_fourier_set_replaces_the_pick_only_when_significantly_better():
+    c = pd.DataFrame({"method": ["mean", "mean+adabn", "mean+fourier-b0.03-n1", "mean+fourier-b0.03-n7",
+                                 "mean+fourier-b0.01-n7"], "center": [0] * 5,
+                      "accuracy": [0.80, 0.80, 0.81, 0.83, 0.82]})
+    right = np.ones(200, dtype=bool)
+    pick, best = right.copy(), right.copy()
+    pick[:10], best[10:16] = False, False  # the best Fourier set wins 10 patches, loses 6: z = 1.0, noise
+    hits = {"mean": pick, "mean+adabn": pick, "mean+fourier-b0.03-n1": pick, "mean+fourier-b0.03-n7": best,
+            "mean+fourier-b0.01-n7": pick}
+    label, _, fourier = choose(c, hits)
+    assert label == "mean+adabn" and fourier == {"fourier": "mean+fourier-b0.03-n7", "against": "mean+adabn",
+                                                 "z_fourier_over_pick": 1.0, "used": False}
+    best[10:16] = True  # now it wins 10, loses none: z = 3.16
+    label, _, fourier = choose(c, hits)
+    assert label == "mean+fourier-b0.03-n7" and fourier["used"] and fourier["z_fourier_over_pick"] == pytest.approx(3.162)
+
+
+def _with_fourier(runs, sharp: bool, settings: dict, donors: int = 7):
+    """Give every fake fold run a Fourier set (`donors` views), recorded with `settings` as infer --fourier does;
+    its held-out logits sharp (`sharp`) or as noisy as the plain ones."""
+    rng = np.random.default_rng(2)
+    for run in runs:
+        for part in ("heldout", "test"):
+            t = pd.read_csv(run.tta_path(part))[["id", "center", "label"]]
+            sign = t.label.to_numpy()[:, None] * 2 - 1
+            logits = sign * 1.5 + rng.normal(0, 0.3 if sharp else 1.2, (len(t), donors)) if part == "heldout" \
+                else rng.normal(0, 2, (len(t), donors))
+            for v in range(donors):
+                t[f"v{v}"] = logits[:, v]
+            run.write_tta(part, "fourier-b0.03", t, "c0", settings=settings)
+
+
+def test_the_stack_tries_each_number_of_donors_and_takes_a_fourier_set_that_wins(tmp_path):
+    from histoshift.config import Config, save_config
+
+    runs, folds_csv, _ = _fake_runs(tmp_path)
+    rng = np.random.default_rng(3)
+    for run in runs:  # plain held-out logits barely informative: a sharp Fourier set can win significantly
+        save_config(Config(), run.config)
+        t = pd.read_csv(run.tta_heldout)
+        t[[f"v{v}" for v in range(8)]] = (t.label.to_numpy()[:, None] * 2 - 1) * 0.3 + rng.normal(0, 3.0, (len(t), 8))
+        t.to_csv(run.tta_heldout, index=False)
+        refresh_predictions(run)
+    settings = {"beta": 0.03, "donors": 7, "per_center": 128, "pool": "p0"}
+    _with_fourier(runs, sharp=True, settings=settings)
+    result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
+    methods = set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
+    assert {f"mean+fourier-b0.03-n{n}" for n in (1, 3, 7)} <= methods
+    assert result.prediction_set.startswith("+fourier-b0.03-n") and result.fourier_vs_pick["used"]
+    assert result.method.split("+")[0] in ("mean", "rank", "stack")
+    # the number of donors changes the features: n = 1 is the nearest donor's view alone
+    oof1, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"), adapted="fourier-b0.03", views=1)
+    run = next(r for r in runs if r.model_name == names[0] and r.fold == 0)
+    t = pd.read_csv(run.tta_path("heldout", "fourier-b0.03")).set_index("id")
+    assert oof1.set_index("id").loc[t.index[0], f"{names[0]}__mean"] == pytest.approx(t.iloc[0]["v0"])
+
+    # a set whose fold models disagree on the settings (another pool) is not compared at all
+    other = next(r for r in runs if r.fold == 3)
+    t = pd.read_csv(other.tta_path("test", "fourier-b0.03"))
+    other.write_tta("test", "fourier-b0.03", t, "c0", settings={**settings, "pool": "p1"})
+    result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
+    assert result.fourier_vs_pick is None and result.prediction_set in ("", "+adabn")

@@ -23,6 +23,14 @@ def arguments(p) -> None:
                         "fine-tuned backbones; feature-shift re-estimation and self-training for heads, as their "
                         "configs say); the stack stage keeps them unless leave-one-center-out shows they hurt. "
                         "--adabn is the older name")
+    p.add_argument("--fourier", action="store_true",
+                   help="also predict fine-tuned models' Fourier transfer sets (feather-light FDA, stain/fourier.py): "
+                        "each patch given the low-frequency amplitudes of its nearest donors of other training "
+                        "centers; one set per beta, the stack chooses beta and the number of donors leave one "
+                        "center out")
+    p.add_argument("--fourier-betas", type=float, nargs="+", default=[0.01, 0.03, 0.05], metavar="BETA",
+                   help="disc radii, as a share of the patch side (default: 0.01 0.03 0.05)")
+    p.add_argument("--fourier-donors", type=int, default=7, help="donors (views) a patch (default 7, as the paper)")
 
 
 def run(a, paths) -> None:
@@ -30,10 +38,14 @@ def run(a, paths) -> None:
     from ..runs import find_runs
 
     check_inputs(paths.input, paths.cache)
-    timed("infer", infer_all, find_runs(paths.runs), paths, force=a.force, adapt=a.adapt)
+    fourier = None
+    if a.fourier:
+        from ..data.donors import FourierTTA
+        fourier = FourierTTA(a.fourier_betas, a.fourier_donors)
+    timed("infer", infer_all, find_runs(paths.runs), paths, force=a.force, adapt=a.adapt, fourier=fourier)
 
 
-def infer_run(run, cache, paths, accelerator, force: bool = False, adapt: bool = False) -> None:
+def infer_run(run, cache, paths, accelerator, force: bool = False, adapt: bool = False, fourier=None) -> None:
     """TTA predictions of one finished fold run for its held-out center and the test set; with `adapt`,
     also a second set for which the model is first adapted to each target center without its labels (the task's
 `adapt`: AdaBN for a fine-tuned backbone; feature-shift re-estimation and self-training for a head).
@@ -44,6 +56,8 @@ def infer_run(run, cache, paths, accelerator, force: bool = False, adapt: bool =
     run.check_inputs(cache.digests)  # a model trained on other data is not silently reused
     with Lock(run.lock, f"the run {run.path}") if accelerator.is_main_process else nullcontext():
         _infer_run(run, cache, paths, accelerator, force, adapt)
+        if fourier is not None:
+            _infer_fourier(run, cache, paths, accelerator, force, fourier)
 
 
 def _todo(run, cache, accelerator, force: bool, adapt: bool) -> list[bool]:
@@ -88,6 +102,34 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
     accelerator.wait_for_everyone()
 
 
+def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None:
+    """The Fourier transfer sets of one run (fine-tuned models; the plain, unadapted model), one per beta."""
+    from ..data.splits import heldout_rows, test_rows
+    from ..tasks import run_task
+    from ..tta import check_finite
+
+    if run.kind != "image":
+        accelerator.print(f"infer: {run.name}: Fourier transfer sets are built for fine-tuned models only (a head on "
+                          "stored features would need its donor views embedded into the store): skipped")
+        return
+    todo = [b for b in fourier.betas if force or run.stale_predictions(cache.id, fourier.name(b), fourier.settings(b, cache))]
+    if not todo:
+        accelerator.print(f"infer: {run.path} (Fourier sets) is up to date")
+        return
+    task, trained = run_task(run, cache, paths, accelerator)
+    donors = fourier.donors_for(cache, accelerator.device, task.transform.infer)
+    for beta in todo:
+        for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
+            predict = task.fourier_predictor(table, donors, beta, fourier.donors, desc=f"{run.name} {name} beta {beta:g}")
+            out = check_finite(predict(trained), f"{run.path} ({name}, Fourier transfer beta {beta:g})")
+            if name == "test":
+                out["label"] = -1
+            if accelerator.is_main_process:
+                run.write_tta(name, fourier.name(beta), out, cache.id, settings=fourier.settings(beta, cache))
+            accelerator.print(f"infer: {run.name} {name}: Fourier transfer beta {beta:g}, {fourier.donors} donors a patch")
+    accelerator.wait_for_everyone()
+
+
 MIN_ADAPT_PATCHES = 16  # fewer target patches than this: statistics too noisy to adapt to (plain predictions kept)
 
 
@@ -110,7 +152,7 @@ def describe(record: dict) -> str:
     return text
 
 
-def infer_all(runs: list, paths, force: bool = False, adapt: bool = False) -> None:
+def infer_all(runs: list, paths, force: bool = False, adapt: bool = False, fourier=None) -> None:
     from accelerate import Accelerator
 
     from ..data.cache import Cache
@@ -123,4 +165,4 @@ def infer_all(runs: list, paths, force: bool = False, adapt: bool = False) -> No
     for run in runs:  # refuse before predicting anything
         run.check_inputs(cache.digests)
     for run in runs:  # with adapt, two sets of files: the stack stage keeps them only where they win LOCO
-        infer_run(run, cache, paths, accelerator, force, adapt)
+        infer_run(run, cache, paths, accelerator, force, adapt, fourier)

@@ -102,6 +102,7 @@ def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | N
                   f"Chosen for the test center: **{choice.method}** over {len(choice.members)} members "
                   f"({', '.join(choice.members)}).", *([f"Between the prediction sets: {choice.evidence_line()}."]
                     if choice.adabn_vs_plain else []),
+                  *([f"{choice.fourier_line()}."] if choice.fourier_vs_pick else []),
                   *(["", "Adapted predictions (per fold model, test center):", "",
                      *[f"- {line}" for line in choice.adaptation_lines()], ""]
                     if choice.adaptations else []),

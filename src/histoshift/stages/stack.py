@@ -61,7 +61,8 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
 
     from ..lineage import digest_file
     from ..safeio import write_csv
-    from ..stack import ADAPTED, calibration_means, compare_prediction_sets, decide
+    from ..choice import compare_prediction_sets, decide
+    from ..stack import ADAPTED, calibration_means
     from ..stackdir import StackChoice
 
     stack.path.mkdir(parents=True, exist_ok=True)
@@ -72,11 +73,12 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
     names, evidence, matched = d["names"], d["evidence"], d["prior_matching"]
     scores = pd.DataFrame({"id": d["test"]["id"], "score": d["score"], "pred": d["pred"]})
     choice = StackChoice(
-        members=names, method=d["method"], adabn=d["adabn"],
+        members=names, method=d["method"], adabn=d["adabn"], prediction_set=d["prediction_set"],
         loco_accuracy={m: float(table.loc["mean", m]) for m in table.columns},
         # calibration of each combiner's tumour probability, mean over held-out centers (rank: none)
         loco_calibration=calibration_means(comparison),
         adabn_vs_plain=evidence,  # the adapted set is dropped only when z_plain_over_adabn > 1.96
+        fourier_vs_pick=d["fourier"],  # a Fourier set replaces that pick only when z_fourier_over_pick > 1.96
         # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
         adaptations={r.name: r.adaptation() for r in runs} if ADAPTED in features else None,
         prior_matching=matched, test_positive_rate=float(d["pred"].mean()),
@@ -94,6 +96,8 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
     print(table.round(4).to_string())
     if evidence is not None:
         print(f"stack: {choice.evidence_line()}")
+    if choice.fourier_vs_pick is not None:
+        print(f"stack: {choice.fourier_line()}")
     if matched is not None:
         print(f"stack: prior matching ({prior:.0%} predicted positive) leave-one-center-out: {matched['loco_with']:.4f} "
               f"against {matched['loco_without']:.4f} without: {'used' if matched['used'] else 'not used'}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
+
 
 def _real(x: torch.Tensor) -> torch.Tensor:
     """float64 stays, anything else computes in float32 (half-precision FFTs take powers of two only)."""
@@ -58,3 +60,24 @@ def fourier_views(x: torch.Tensor, pool: torch.Tensor, beta: float, n: int,
     pd = descriptor(pool, beta) if pool_descriptors is None else pool_descriptors
     idx = nearest_donors(descriptor(x, beta), pd, n)  # B x n
     return torch.stack([fourier_transfer(x, pool[idx[:, k]], beta) for k in range(idx.shape[1])])
+
+
+class Donors:
+    """The donor pool on the device and, per beta, its descriptors. `views(x, centers, beta, n)`: each image of x
+    transferred to its n nearest donors of another center than its own (a held-out training center never
+    donates to itself, so leave-one-center-out scores stay honest): n x B x C x H x W."""
+
+    def __init__(self, images: torch.Tensor, centers: torch.Tensor):
+        self.images, self.centers = images, centers
+        self._descriptors: dict[float, torch.Tensor] = {}
+
+    def views(self, x: torch.Tensor, centers: torch.Tensor, beta: float, n: int) -> torch.Tensor:
+        if beta not in self._descriptors:
+            self._descriptors[beta] = descriptor(self.images, beta)
+        d = torch.cdist(descriptor(x, beta), self._descriptors[beta])  # B x P
+        d = d.masked_fill(centers.to(d.device)[:, None] == self.centers.to(d.device)[None, :], float("inf"))
+        idx = d.topk(min(n, len(self.images)), dim=1, largest=False).indices
+        if torch.isinf(d.gather(1, idx)).any():
+            raise ConfigError(f"Fourier transfer: fewer than {n} donors of other centers in the pool; lower "
+                              "infer --fourier-donors")
+        return torch.stack([fourier_transfer(x, self.images[idx[:, k]].to(x.dtype), beta) for k in range(idx.shape[1])])

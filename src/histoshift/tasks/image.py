@@ -102,6 +102,16 @@ class ImageTask:
                        precision=self.precision, channels_last=self.cfg.train.channels_last,
                        transform=self.transform.infer)
 
+    def fourier_predictor(self, table: pd.DataFrame, donors, beta: float, n: int,
+                          desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
+        """Like `predictor`, the views being each patch's Fourier transfers to its n nearest donors of other
+        centers (stain/fourier.py's Donors), nearest first: v0..v{n-1}."""
+        ds = PatchDataset(self.cache.gather(table), table, self.domains)
+        loader = self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
+        return partial(predict_views, loader=loader, accelerator=self.acc, desc=desc, precision=self.precision,
+                       channels_last=self.cfg.train.channels_last, transform=self.transform.infer,
+                       make_views=lambda x, centers: donors.views(x, centers, beta, n))
+
     def save(self, run: RunDir, model: PatchClassifier) -> None:
         save_weights(run, model)
         if self.cfg.model.recipe:  # what the backbone was built as: infer rebuilds it without the hub
