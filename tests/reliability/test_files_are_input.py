@@ -225,8 +225,8 @@ def test_non_finite_features_from_the_backbone_are_one_line(prepared_root, tmp_p
     cfg.write_text(yaml.safe_dump(HEAD))
     real = features.Embedder.__call__
 
-    def overflow(self, images, n_views, seed):
-        out = real(self, images, n_views, seed)
+    def overflow(self, images, n_views, seed, centers=None):
+        out = real(self, images, n_views, seed, centers)
         out[2, 0, 0] = np.inf
         return out
 

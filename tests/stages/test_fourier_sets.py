@@ -1,6 +1,7 @@
 """`infer --fourier`: fine-tuned models predict each patch through its Fourier transfers to donors of other
 training centers, one set per beta, recorded with its settings (changed settings predict again); heads on stored
-features are skipped in one line; the stack compares every beta and number of donors leave one center out."""
+features read the transfers from a store of their own; the stack compares every beta and number of donors leave
+one center out."""
 from __future__ import annotations
 
 import json
@@ -69,6 +70,14 @@ def test_infer_fourier_writes_a_set_per_beta_that_the_stack_compares(pipeline_ro
     choice = json.loads((pipeline_root / "work" / "stack" / "choice.json").read_text())
     assert choice["fourier_vs_pick"]["fourier"].startswith(("mean+fourier", "rank+fourier", "stack+fourier"))
 
-    capsys.readouterr()  # a head on stored features: skipped, one line
-    assert main(["--root", str(finished), "infer", "--fourier"]) == 0
-    assert "Fourier transfer sets are built for fine-tuned models only" in capsys.readouterr().out
+    # a head on stored features: its backbone's transfers embedded once into a store of their own, every fold reads it
+    h = ["--root", str(finished), "infer", "--fourier", "--fourier-betas", "0.03", "--fourier-donors", "2"]
+    assert main(h) == 0
+    stores = [p for p in (finished / "work" / "features").iterdir() if "-fourier-b0.03-" in p.name]
+    assert len(stores) == 1 and json.loads((stores[0] / "meta.json").read_text())["spec"]["fourier"]["donors"] == 2
+    for fold in (finished / "work" / "runs").rglob("fold*"):
+        if fold.is_dir():
+            t = pd.read_csv(fold / "tta_heldout_fourier-b0.03.csv")
+            assert [c for c in t.columns if c.startswith("v")] == ["v0", "v1"]
+    capsys.readouterr()
+    assert main(h) == 0 and "(Fourier sets) is up to date" in capsys.readouterr().out

@@ -64,15 +64,21 @@ class Embedder:
     """Runs the backbone over uint8 batches: the views stacked into one forward, autocast, and a batch
     size fitted to free GPU memory (halved on out-of-memory)."""
 
-    def __init__(self, backbone: nn.Module, preprocess, cfg: Config, transform, device: torch.device, precision: str):
+    def __init__(self, backbone: nn.Module, preprocess, cfg: Config, transform, device: torch.device, precision: str,
+                 make_views=None):
         self.backbone, self.preprocess, self.cfg, self.transform = backbone, preprocess, cfg, transform
         self.device, self.precision = device, precision
+        self.make_views = make_views  # (x, centers) -> V x B images instead of the dihedral and HED views
+        self._probe_centers = None  # the first two centers of the chunk at hand (the GPU batch-size probe)
         self.batch = cfg.model.embed_batch_size or None  # patches per forward; None: fitted on first use
         self.proven = False  # whether a call ran at self.batch
 
-    def _forward(self, images: np.ndarray, n_views: int, jitter=None) -> torch.Tensor:
+    def _forward(self, images: np.ndarray, n_views: int, jitter=None, centers=None) -> torch.Tensor:
         x = self.transform.infer(to_float(torch.from_numpy(images).to(self.device, non_blocking=True)))
-        stacked = view_stack(x, range(self.cfg.model.feature_views), self.preprocess)
+        if self.make_views is not None:
+            stacked = self.preprocess(self.make_views(x, centers).flatten(0, 1))
+        else:
+            stacked = view_stack(x, range(self.cfg.model.feature_views), self.preprocess)
         if jitter is not None:
             stacked = torch.cat([stacked, self.preprocess(hed_views(x, *jitter))])
         with autocast(self.device, self.precision):
@@ -87,21 +93,25 @@ class Embedder:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        self._forward(images[:2], n_views, self._jitter(2, n_views, 0))
+        self._forward(images[:2], n_views, self._jitter(2, n_views, 0), None if self.make_views is None else
+                      self._probe_centers)
         torch.cuda.synchronize(self.device)
         per_patch = max(1, (torch.cuda.max_memory_allocated(self.device) - base) / 2)
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(max(1, min(0.85 * free / per_patch, MAX_IMAGES // n_views)))
 
     def _jitter(self, n: int, n_views: int, seed: int):
+        if self.make_views is not None:
+            return None
         k = n_views - self.cfg.model.feature_views
         return draw_jitter(n, k, self.cfg.model.feature_hed_sigma, seed) if k > 0 else None
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray, n_views: int, seed: int) -> np.ndarray:
-        """(n, V, D) float16 features of n uint8 images. On out-of-memory Accelerate's
-        `find_executable_batch_size` retries the chunk with the batch halved (the fitted size is kept
-        for the chunks after)."""
+    def __call__(self, images: np.ndarray, n_views: int, seed: int, centers: torch.Tensor | None = None) -> np.ndarray:
+        """(n, V, D) float16 features of n uint8 images (`centers`: theirs, for `make_views`). On out-of-memory
+        Accelerate's `find_executable_batch_size` retries the chunk with the batch halved (the fitted size is
+        kept for the chunks after)."""
+        self._probe_centers = None if centers is None else centers[:2]
         if self.batch is None:
             self.batch = self._fit(images, n_views)
         jitter = self._jitter(len(images), n_views, seed)
@@ -113,7 +123,8 @@ class Embedder:
 
         def run(batch: int) -> np.ndarray:
             out = [self._forward(images[i:i + batch], n_views,
-                                 None if jitter is None else tuple(j[:, i:i + batch] for j in jitter)).half().cpu()
+                                 None if jitter is None else tuple(j[:, i:i + batch] for j in jitter),
+                                 None if centers is None else centers[i:i + batch]).half().cpu()
                    for i in range(0, len(images), batch)]
             return torch.cat(out).numpy()
 
@@ -130,8 +141,9 @@ class Embedder:
 
 
 def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder, n_views: int, dim: int,
-                 accelerator: Accelerator) -> int:
-    """Fill features_<split>.npy chunk by chunk; returns the images embedded by this process."""
+                 accelerator: Accelerator, centers: np.ndarray | None = None) -> int:
+    """Fill features_<split>.npy chunk by chunk (`centers`: each row's, for an embedder that makes its views by
+    center); returns the images embedded by this process."""
     marks, n = path / "progress", len(images)
     if accelerator.is_main_process:
         reserve_split(path, split, (n, n_views, dim))
@@ -145,7 +157,8 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
     embedded = 0
     load = lambda s: np.array(images[s:s + layout.CHUNK_ROWS])  # noqa: E731 - a writable copy
     for start, chunk in zip(mine, read_ahead(load, mine)):  # the next chunk read from the cache while the GPU works
-        out = embedder(chunk, n_views, HED_SEED + 10**8 * SPLITS.index(split) + start)
+        out = embedder(chunk, n_views, HED_SEED + 10**8 * SPLITS.index(split) + start,
+                       None if centers is None else torch.as_tensor(centers[start:start + layout.CHUNK_ROWS]))
         if not np.isfinite(out).all():
             row = start + int(np.argwhere(~np.isfinite(out).reshape(len(out), -1).all(1))[0, 0])
             raise FeatureError(f"{path}: the backbone gave non-finite features for {split} row {row} (id in the "
@@ -160,10 +173,11 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
 
 @torch.no_grad()
 def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, precision: str, transform,
-          spec: dict, robust: Path | None = None) -> FeatureStore:
+          spec: dict, robust: Path | None = None, fourier=None) -> FeatureStore:
     """The feature store of this config's backbone (`spec`: its `feature_spec`; `transform`: the config's
     InputTransform, applied before the views; `robust`: the tuned backbone's folder, with model.robustify):
-    reused when complete, resumed when partial."""
+    reused when complete, resumed when partial. `fourier` (a data.donors.FourierTTA and a beta; `spec` then
+    carries their settings): instead of the TTA views, every patch's Fourier transfers to its donors."""
     path = Path(root) / store_key(spec)
     if (path / "meta.json").exists():
         try:
@@ -188,7 +202,7 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
     created = not path.exists()
     try:
         with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
-            return _embed_store(cfg, cache, path, accelerator, precision, transform, spec, robust)
+            return _embed_store(cfg, cache, path, accelerator, precision, transform, spec, robust, fourier)
     except BaseException:  # a failed first attempt (weights unreadable, a bad recipe) leaves no folder behind
         if created and accelerator.is_main_process and not any((path / "progress").glob("*")):
             shutil.rmtree(path, ignore_errors=True)
@@ -220,7 +234,7 @@ def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | No
 
 
 def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator, precision: str, transform,
-                 spec: dict, robust: Path | None = None) -> FeatureStore:
+                 spec: dict, robust: Path | None = None, fourier=None) -> FeatureStore:
     if (path / "meta.json").exists():  # completed by another process between the first check and the lock
         return FeatureStore(path)
     from ..models.backbone import PatchClassifier  # here: a head's processes (train, infer) never import timm
@@ -233,15 +247,22 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
 
         model.backbone = apply_robust(model.backbone, cfg.model, robust)
     backbone = model.backbone.eval().to(accelerator.device)
-    embedder = Embedder(backbone, model.preprocess, cfg, transform, accelerator.device, precision)
+    make_views, centers = None, {}
+    if fourier is not None:  # each patch through its donors of other training centers (Fourier transfer)
+        tta, beta = fourier
+        donors = tta.donors_for(cache, accelerator.device, transform.infer)
+        make_views = lambda x, c: donors.views(x, c, beta, tta.donors)  # noqa: E731
+        centers = {s: cache.index[cache.index["split"] == s].sort_values("row")["center"].to_numpy() for s in SPLITS}
+    embedder = Embedder(backbone, model.preprocess, cfg, transform, accelerator.device, precision, make_views)
     if accelerator.is_main_process:
         begin_store(path, spec)
     accelerator.wait_for_everyone()
     accelerator.print(f"embed: {path.name}, precision {precision}, {model.num_features} values per view")
     t0, count = time.time(), 0
     for split in SPLITS:
-        count += _embed_split(path, split, cache.images(split, in_memory=False), embedder, views_of(split, cfg),
-                              model.num_features, accelerator)
+        count += _embed_split(path, split, cache.images(split, in_memory=False), embedder,
+                              views_of(split, cfg) if fourier is None else fourier[0].donors, model.num_features,
+                              accelerator, centers.get(split))
     seconds = time.time() - t0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

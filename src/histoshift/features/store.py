@@ -72,9 +72,16 @@ def feature_spec(cfg: Config, cache, precision: str, gan: str | None = None, rob
             "cache": cache.id}  # the cache's content digest (not where or when its files were made)
 
 
+def fourier_spec(spec: dict, settings: dict) -> dict:
+    """The spec of the store of a backbone's Fourier transfers (infer --fourier on a head): `spec`'s backbone,
+    colour and cache, the donors as its views (no HED views), and the transfer's settings (beta, donors, pool)."""
+    return {**spec, "views": settings["donors"], "hed_views": 0, "hed_sigma": None, "fourier": settings}
+
+
 def store_key(spec: dict) -> str:
     b = spec["backbone"]
     name = (b["recipe"]["name"] if "recipe" in b else b["timm"]) + ("-robust" if "robustify" in b else "")
+    name += f"-fourier-b{spec['fourier']['beta']:g}" if "fourier" in spec else ""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     hed = f"-hed{spec['hed_views']}" if spec["hed_views"] else ""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{spec['views']}v{hed}-{spec['precision']}-{digest}")

@@ -24,7 +24,7 @@ def arguments(p) -> None:
                         "configs say); the stack stage keeps them unless leave-one-center-out shows they hurt. "
                         "--adabn is the older name")
     p.add_argument("--fourier", action="store_true",
-                   help="also predict fine-tuned models' Fourier transfer sets (feather-light FDA, stain/fourier.py): "
+                   help="also predict Fourier transfer sets (feather-light FDA, stain/fourier.py): "
                         "each patch given the low-frequency amplitudes of its nearest donors of other training "
                         "centers; one set per beta, the stack chooses beta and the number of donors leave one "
                         "center out")
@@ -103,24 +103,20 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
 
 
 def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None:
-    """The Fourier transfer sets of one run (fine-tuned models; the plain, unadapted model), one per beta."""
+    """The Fourier transfer sets of one run (the plain, unadapted model), one per beta; a head on stored features
+    reads them from a store of the transfers (embedded once for its backbone, every head and fold)."""
     from ..data.splits import heldout_rows, test_rows
     from ..tasks import run_task
     from ..tta import check_finite
 
-    if run.kind != "image":
-        accelerator.print(f"infer: {run.name}: Fourier transfer sets are built for fine-tuned models only (a head on "
-                          "stored features would need its donor views embedded into the store): skipped")
-        return
     todo = [b for b in fourier.betas if force or run.stale_predictions(cache.id, fourier.name(b), fourier.settings(b, cache))]
     if not todo:
         accelerator.print(f"infer: {run.path} (Fourier sets) is up to date")
         return
     task, trained = run_task(run, cache, paths, accelerator)
-    donors = fourier.donors_for(cache, accelerator.device, task.transform.infer)
     for beta in todo:
         for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
-            predict = task.fourier_predictor(table, donors, beta, fourier.donors, desc=f"{run.name} {name} beta {beta:g}")
+            predict = task.fourier_predictor(table, fourier, beta, desc=f"{run.name} {name} beta {beta:g}")
             out = check_finite(predict(trained), f"{run.path} ({name}, Fourier transfer beta {beta:g})")
             if name == "test":
                 out["label"] = -1

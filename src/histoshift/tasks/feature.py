@@ -17,7 +17,7 @@ from ..config import Config
 from ..data.cache import Cache
 from ..features.embedder import embed
 from ..features.rows import TableRows
-from ..features.store import FeatureStore, feature_spec, store_key
+from ..features.store import FeatureStore, feature_spec, fourier_spec, store_key
 from ..models.robust import robust_identity
 from ..models.feature_shift import moments
 from ..models.head import FeatureClassifier
@@ -102,12 +102,26 @@ class FeatureTask:
                   desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
         """`views`: 1 (the plain view) or None (every stored TTA view). The rows are gathered once (no
         progress bar: a head predicts a whole center in well under a second)."""
-        rows = TableRows(self.store, table, views or self.store.views, chunk_device=self.acc.device)
+        return self._predictor(self.store, table, views)
+
+    def _predictor(self, store: FeatureStore, table: pd.DataFrame, views: int | None) -> Callable[[nn.Module], pd.DataFrame]:
+        rows = TableRows(store, table, views or store.views, chunk_device=self.acc.device)
 
         def predict(model: nn.Module) -> pd.DataFrame:  # a chunk of the store at a time
             logits = [view_logits(model, chunk) for chunk in rows.chunks()]
             return views_table(table, np.concatenate(logits) if logits else np.zeros((0, rows.views), np.float32))
         return predict
+
+    def fourier_predictor(self, table: pd.DataFrame, fourier, beta: float,
+                          desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
+        """Like `predictor`, on the store of this backbone's Fourier transfers (embedded on first use, shared by
+        every head and fold on the backbone): each patch's views are its transfers to its nearest donors of
+        other training centers (data/donors.py), nearest first."""
+        spec = fourier_spec(self.spec, fourier.settings(beta, self.cache))
+        robust = self.paths.robust / self.robust["key"] if self.robust else None
+        store = embed(self.cfg, self.cache, self.paths.features, self.acc, self.precision, self.transform, spec,
+                      robust, (fourier, beta))
+        return self._predictor(store, table, None)
 
     def save(self, run: RunDir, model: nn.Module) -> None:
         save_weights(run, model)

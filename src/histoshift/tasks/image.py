@@ -37,6 +37,7 @@ class ImageTask:
         self.domains = domains_of(cache)
         self.preprocess = None  # the model's, once built or loaded
         self.transform, self.colour = input_transform(cfg, cache, paths, accelerator.device)
+        self._donors = (None, None)  # infer --fourier: (its FourierTTA, the donor pool on the device)
         self.robust_root = paths.robust
         # the tuned backbone (model.robustify) fine-tuning starts from
         self.robust = robust_identity(cfg.model, cache.id, paths.robust) if cfg.model.robustify is not None else None
@@ -102,10 +103,13 @@ class ImageTask:
                        precision=self.precision, channels_last=self.cfg.train.channels_last,
                        transform=self.transform.infer)
 
-    def fourier_predictor(self, table: pd.DataFrame, donors, beta: float, n: int,
+    def fourier_predictor(self, table: pd.DataFrame, fourier, beta: float,
                           desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
-        """Like `predictor`, the views being each patch's Fourier transfers to its n nearest donors of other
-        centers (stain/fourier.py's Donors), nearest first: v0..v{n-1}."""
+        """Like `predictor`, the views being each patch's Fourier transfers to its nearest donors of other
+        training centers (data/donors.py's FourierTTA), nearest first: v0..v{n-1}."""
+        if self._donors[0] is not fourier:  # the pool on the device, once a task
+            self._donors = fourier, fourier.donors_for(self.cache, self.acc.device, self.transform.infer)
+        donors, n = self._donors[1], fourier.donors
         ds = PatchDataset(self.cache.gather(table), table, self.domains)
         loader = self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
         return partial(predict_views, loader=loader, accelerator=self.acc, desc=desc, precision=self.precision,
