@@ -230,11 +230,11 @@ def test_out_of_memory_halves_the_batch(hf_cache, prepared_root, tmp_path, monke
 
     limit = [5]
 
-    def forward(batch, n_views, jitter=None):  # a device that holds at most 5 patches x 8 views
+    def forward(batch, n_views, jitter=None, centers=None):  # a device that holds at most 5 patches x 8 views
         sizes.append(len(batch))
         if len(batch) > limit[0]:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # torch's wording
-        return real_forward(batch, n_views, jitter)
+        return real_forward(batch, n_views, jitter, centers)
 
     monkeypatch.setattr(embedder, "_forward", forward)
     got = embedder(images, 8, 0)
