@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from histoshift.data.demo import render_patch
-from histoshift.stain.fourier import (amplitude_swap, descriptor, fourier_transfer, fourier_views, low_frequency_mask,
+from histoshift.stain.fourier import (Donors, amplitude_swap, descriptor, fourier_transfer, low_frequency_mask,
                                       nearest_donors)
 
 
@@ -58,7 +58,7 @@ def test_donors_are_the_nearest_in_the_swapped_amplitudes_and_views_come_per_don
     idx = nearest_donors(d_target, d_pool, 3)
     brute = torch.cdist(d_target, d_pool).argsort(1)[:, :3]
     assert torch.equal(idx, brute)
-    views = fourier_views(target, pool, 0.03, 3)
+    views = Donors(pool, torch.tensor([0, 3, 4, 0, 3, 4])).views(target, torch.tensor([2, 2]), 0.03, 3)
     assert views.shape == (3, 2, 3, 96, 96)
     torch.testing.assert_close(views[1, 0], fourier_transfer(target[:1], pool[idx[0, 1]][None], 0.03)[0])
     # the transferred image sits nearer its donor than the target did, in what was swapped

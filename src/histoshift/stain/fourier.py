@@ -48,18 +48,17 @@ def descriptor(x: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.log1p(torch.fft.fft2(_real(x)).abs()[..., mask]).flatten(1)
 
 
-def nearest_donors(target: torch.Tensor, pool: torch.Tensor, n: int) -> torch.Tensor:
-    """B x n indices into `pool` (P x K descriptors): each target descriptor's n nearest, nearest first."""
-    return torch.cdist(target, pool).topk(min(n, len(pool)), dim=1, largest=False).indices
-
-
-def fourier_views(x: torch.Tensor, pool: torch.Tensor, beta: float, n: int,
-                  pool_descriptors: torch.Tensor | None = None) -> torch.Tensor:
-    """n x B x C x H x W: each image of `x` transferred to each of its n nearest donors among `pool` (P x C x H x W
-    source images); `pool_descriptors` when computed once for many batches."""
-    pd = descriptor(pool, beta) if pool_descriptors is None else pool_descriptors
-    idx = nearest_donors(descriptor(x, beta), pd, n)  # B x n
-    return torch.stack([fourier_transfer(x, pool[idx[:, k]], beta) for k in range(idx.shape[1])])
+def nearest_donors(target: torch.Tensor, pool: torch.Tensor, n: int, forbidden: torch.Tensor | None = None) -> torch.Tensor:
+    """B x n indices into `pool` (P x K descriptors): each target descriptor's n nearest, nearest first, never a
+    pair `forbidden` (B x P booleans) marks; fewer than n allowed donors is a ConfigError."""
+    d = torch.cdist(target, pool)
+    if forbidden is not None:
+        d = d.masked_fill(forbidden, float("inf"))
+    idx = d.topk(min(n, len(pool)), dim=1, largest=False).indices
+    if torch.isinf(d.gather(1, idx)).any():
+        raise ConfigError(f"Fourier transfer: fewer than {n} donors of other centers in the pool; lower "
+                          "infer --fourier-donors")
+    return idx
 
 
 class Donors:
@@ -74,10 +73,6 @@ class Donors:
     def views(self, x: torch.Tensor, centers: torch.Tensor, beta: float, n: int) -> torch.Tensor:
         if beta not in self._descriptors:
             self._descriptors[beta] = descriptor(self.images, beta)
-        d = torch.cdist(descriptor(x, beta), self._descriptors[beta])  # B x P
-        d = d.masked_fill(centers.to(d.device)[:, None] == self.centers.to(d.device)[None, :], float("inf"))
-        idx = d.topk(min(n, len(self.images)), dim=1, largest=False).indices
-        if torch.isinf(d.gather(1, idx)).any():
-            raise ConfigError(f"Fourier transfer: fewer than {n} donors of other centers in the pool; lower "
-                              "infer --fourier-donors")
+        forbidden = centers.to(self.centers.device)[:, None] == self.centers[None, :]  # its own center: never
+        idx = nearest_donors(descriptor(x, beta), self._descriptors[beta], n, forbidden.to(x.device))
         return torch.stack([fourier_transfer(x, self.images[idx[:, k]].to(x.dtype), beta) for k in range(idx.shape[1])])
