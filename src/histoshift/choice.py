@@ -90,7 +90,7 @@ def fourier_sets(runs: list[RunDir], cache: Cache) -> dict[str, tuple[str, int]]
     with the same settings; the donors tried are FOURIER_DONORS up to those predicted, and all of them."""
     names = None
     for run in runs:
-        have = {p.name.removeprefix("tta_test_").removesuffix(".csv") for p in run.path.glob("tta_test_fourier-b*.csv")}
+        have = run.named_sets("fourier-b")
         names = have if names is None else names & have
     out = {}
     for name in sorted(names or ()):

@@ -148,6 +148,11 @@ class RunDir:
     def tta_fresh(self, cache_id: str, adapted: bool | str = False, settings: dict | None = None) -> bool:
         return not self.stale_predictions(cache_id, adapted, settings)
 
+    def named_sets(self, prefix: str, part: str = "test") -> set[str]:
+        """The named prediction sets (e.g. 'fourier-b0.05') starting with `prefix` that have a file of `part`."""
+        head = self.tta_path(part).stem + "_"
+        return {p.stem.removeprefix(head) for p in self.path.glob(f"{head}{prefix}*.csv")}
+
     def recorded_settings(self, name: str, part: str = "test") -> dict | None:
         """The settings a named prediction set's file was predicted with (None: not predicted)."""
         return (_record(self.predictions).get(self.tta_path(part, name).name) or {}).get("settings")
