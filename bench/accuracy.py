@@ -58,6 +58,8 @@ from histoshift.runs import RunDir, find_runs  # noqa: E402
 from histoshift.choice import compare_prediction_sets, decide, split_label  # noqa: E402
 from histoshift.stack import ADAPTED, METHODS, fit_stacker, predict  # noqa: E402
 from histoshift.stages.stack import run_stack  # noqa: E402
+from histoshift.data.donors import FourierTTA  # noqa: E402
+from histoshift.tta import view_columns  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
 PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
@@ -229,12 +231,12 @@ def build_oracle(root: Path, train_patches: int, seed: int = 0) -> tuple[Path, s
 
 
 def build_data(pcam: Path, root: Path, train_patches: int, seed: int = 0) -> None:
+    inp = root / "input"
+    if (inp / "test.h5").exists():  # built already (or the same files rebuilt on another machine)
+        return
     full = root / "full"
     if not (full / "test.h5").exists():
         subprocess.run([sys.executable, str(pcam / "make_competition_h5.py"), str(full)], check=True)
-    inp = root / "input"
-    if (inp / "test.h5").exists():
-        return
     inp.mkdir(parents=True)
     for name in ("val.h5", "test.h5", "test_labels.csv"):
         shutil.copy(full / name, inp / name)
@@ -258,8 +260,8 @@ def build_data(pcam: Path, root: Path, train_patches: int, seed: int = 0) -> Non
 
 
 class Bench:
-    def __init__(self, root: Path, epochs: int | None, configs: list[Path]):
-        self.root, self.epochs, self.configs = root, epochs, configs
+    def __init__(self, root: Path, epochs: int | None, configs: list[Path], fourier: FourierTTA | None = None):
+        self.root, self.epochs, self.configs, self.fourier = root, epochs, configs, fourier
         self.runs = root / "work" / "runs"
         self.labels = pd.read_csv(root / "input" / "test_labels.csv")
         self._cache = self._accelerator = None
@@ -281,7 +283,7 @@ class Bench:
         the AdaBN set too."""
         if self._cache is None:
             self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
-        infer_run(run, self._cache, Paths(self.root), self._accelerator, adapt=adabn)
+        infer_run(run, self._cache, Paths(self.root), self._accelerator, adapt=adabn, fourier=self.fourier)
 
     def test_table(self, run: RunDir, adabn: bool = False) -> pd.DataFrame:
         test = pd.read_csv(run.tta_path("test", adabn)).drop(columns="label")
@@ -290,8 +292,14 @@ class Bench:
     def score_run(self, run: RunDir, adabn: bool = False) -> dict:
         held, test = pd.read_csv(run.tta_path("heldout", adabn)), self.test_table(run, adabn)
         views = [f"v{k}" for k in range(8)]
-        return {"val": accuracy(held, ["v0"]), "val_tta": accuracy(held, views),
-                "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}
+        out = {"val": accuracy(held, ["v0"]), "val_tta": accuracy(held, views),
+               "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}
+        if self.fourier is not None and not adabn:  # each beta's set: logits averaged over its donors
+            for beta in self.fourier.betas:
+                table = pd.read_csv(run.tta_path("test", self.fourier.name(beta))).drop(columns="label")
+                table = table.merge(self.labels, left_on="id", right_on="ID")
+                out[f"test_fourier_b{beta:g}"] = accuracy(table, view_columns(table))
+        return out
 
     def pipeline(self, seed: int, suffix: str = "", overrides: tuple[str, ...] = ()) -> list[RunDir]:
         """train.sh + infer.sh for one seed: every default config on every fold, TTA predictions."""
@@ -332,6 +340,7 @@ class Bench:
         shipped = d["test"][["id"]].assign(pred=d["pred"]).merge(self.labels, left_on="id", right_on="ID")
         out["shipped"] = float((shipped["pred"] == shipped["label"]).mean())
         out["loco_prior"] = f"{matched['loco_with']:.4f} vs {matched['loco_without']:.4f}"
+        out["fourier"] = d["fourier"]
         single = [self.score_run(r)["test_tta"] for r in runs]
         out["single_fold_models_tta"] = float(np.mean(single))
         return out
@@ -362,6 +371,9 @@ def main():
                     help="the same pipeline with frozen backbones and FROZEN_ENSEMBLE's heads (ImageNet features)")
     ap.add_argument("--mixed", action="store_true",
                     help="with --ensemble and --frozen-ensemble: also every member of both through one stack")
+    ap.add_argument("--fourier", action="store_true",
+                    help="also `infer --fourier` (betas 0.01 0.03 0.05, 7 donors): single rows get a column per beta, "
+                         "the ensembles' stack weighs the Fourier sets (rows per set, mean combiner)")
     ap.add_argument("--pseudo", type=float, default=0.0, help="+ one round of pseudo-labels at this threshold")
     ap.add_argument("--oracle", action="store_true",
                     help="+ the default recipe trained on half of the test center's own labels, scored on the other "
@@ -384,7 +396,7 @@ def main():
     if a.hidden:
         build_hidden(pcam, root, root.with_name(root.name + "_hidden"))
         root = root.with_name(root.name + "_hidden")
-    bench = Bench(root, a.epochs, a.configs)
+    bench = Bench(root, a.epochs, a.configs, FourierTTA() if a.fourier else None)
     bench.stage("prepare")
     bench.stage("folds")
     tag = a.tag or f"{a.train_patches}p-{a.epochs or 'cfg'}ep" + ("-hidden" if a.hidden else "")
@@ -397,7 +409,8 @@ def main():
         results.append(row)
         print(row, f"[{time.time() - t0:.0f} s]", flush=True)
         table = pd.DataFrame(results)
-        order = [c for c in ["row", "val", "val_tta", "val_tta_adabn", "test", "test_tta", "test_tta_adabn", "note"]
+        order = [c for c in ["row", "val", "val_tta", "val_tta_adabn", "test", "test_tta", "test_tta_adabn",
+                             *sorted(c for c in table.columns if c.startswith("test_fourier")), "note"]
                  if c in table.columns]
         table = table[order].fillna("")
         text = (f"# {stamp}, {a.train_patches} train patches, epochs {a.epochs or 'from the configs'}, seeds {a.seeds}\n"
@@ -432,6 +445,13 @@ def main():
                     "picked_prior": "LOCO with vs without: " + "; ".join(s["loco_prior"] for s in per_seed.values()),
                     "shipped": "prior used: " + ",".join(str(s["prior_used"]) for s in per_seed.values())}.get(key, "")
             record({"row": pre + label, "test_tta": fmt([s[key] for s in per_seed.values()]), "note": note})
+        fourier_keys = sorted(k for k in per_seed[a.seeds[0]] if k.startswith("mean+fourier"))
+        for key in fourier_keys:  # each Fourier set and number of donors (mean combiner), and the stack's verdict
+            record({"row": f"{pre}pipeline, Fourier set {key.removeprefix('mean+fourier-')}, mean combiner",
+                    "test_tta": fmt([s[key] for s in per_seed.values()])})
+        if fourier_keys:
+            record({"row": f"{pre}stack's Fourier verdict (best Fourier set vs the pick, McNemar z LOCO)", "test_tta": "",
+                    "note": "; ".join(json.dumps(s["fourier"]) for s in per_seed.values())})
         if a.pseudo:
             # the second round's models alone, and both rounds together (the stack stage ensembles
             # every run in work/runs, so a second round run after the first gives the latter)
