@@ -14,7 +14,7 @@ with the repository's configs. `--epochs` overrides every config's epochs (defau
 Single-model rows (overrides of configs/lite0_dann.yaml) use the fold that holds out center 1, i.e.
 a model trained on centers 0/3/4 only, as in ANCHORS.md: val = center 1, test = center 2. Each row
 is reported with TTA off (view 0) / on (8-view mean) and, with --adabn, with AdaBN.
---ensemble runs the default pipeline per seed (configs/lite0_dann.yaml + configs/lite1_dann.yaml,
+--ensemble runs the default pipeline per seed (configs/dart_lntl_lite0.yaml + configs/lite1_dann.yaml,
 every leave-one-center-out fold, 8-view TTA, plain and AdaBN predictions) and reports mean logits /
 rank average / LightGBM stacker on each, and the choice the stack stage makes by leave-one-center-out
 accuracy, on the test center.
@@ -62,7 +62,7 @@ from histoshift.data.donors import FourierTTA  # noqa: E402
 from histoshift.tta import view_columns  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
-PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
+PIPELINE = [REPO / "configs" / "dart_lntl_lite0.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
 NO_AUG = ["aug.dihedral=false", "aug.hed_sigma=0", "aug.brightness=0", "aug.contrast=0"]
 KEY_ROWS = {  # name -> overrides of the default recipe (empty: the default config itself, shared with --ensemble)
     "ERM, no augmentation": ["algorithm.name=erm", *NO_AUG],
