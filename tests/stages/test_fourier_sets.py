@@ -46,12 +46,22 @@ def test_the_pool_is_a_fixed_sample_of_each_training_center(prepared_root):
 
 
 @pytest.mark.slow
-def test_infer_fourier_writes_a_set_per_beta_that_the_stack_compares(pipeline_root, finished, tmp_path, capsys):
+def test_infer_fourier_writes_a_set_per_beta_that_the_stack_compares(pipeline_root, finished, tmp_path, capsys,
+                                                                      monkeypatch):
+    from histoshift.data.cache import Cache
+
     r = ["--root", str(pipeline_root)]
     assert main(r + ["train", "--config", str(tmp_path / "img.yaml")]) == 0  # every fold: the stack needs them
     args = ["infer", "--fourier", "--fourier-betas", "0.02", "0.05", "--fourier-donors", "3"]
+    assert main(r + ["infer"]) == 0  # the plain sets first: below, only the Fourier sets read images
+    gathered, gather = [], Cache.gather
+    monkeypatch.setattr(Cache, "gather", lambda self, table: gathered.append(tuple(table["id"])) or gather(self, table))
     assert main(r + args) == 0
+    monkeypatch.setattr(Cache, "gather", gather)
     run = next((pipeline_root / "work" / "runs").rglob("fold0"))
+    folds = [p for p in run.parent.iterdir() if p.is_dir() and p.name.startswith("fold")]
+    test_ids = tuple(pd.read_csv(run / "tta_test.csv")["id"])
+    assert gathered.count(test_ids) == len(folds)  # a fold model reads the test center once for both betas
     for beta in ("0.02", "0.05"):
         for part in ("heldout", "test"):
             t = pd.read_csv(run / f"tta_{part}_fourier-b{beta}.csv")

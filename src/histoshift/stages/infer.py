@@ -114,8 +114,9 @@ def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None
         accelerator.print(f"infer: {run.path} (Fourier sets) is up to date")
         return
     task, trained = run_task(run, cache, paths, accelerator)
-    for beta in todo:
-        for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
+    # centers outside, betas inside: an image task reads a center's patches once for every beta
+    for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
+        for beta in todo:
             predict = task.fourier_predictor(table, fourier, beta, desc=f"{run.name} {name} beta {beta:g}")
             out = check_finite(predict(trained), f"{run.path} ({name}, Fourier transfer beta {beta:g})")
             if name == "test":

@@ -38,6 +38,7 @@ class ImageTask:
         self.preprocess = None  # the model's, once built or loaded
         self.transform, self.colour = input_transform(cfg, cache, paths, accelerator.device)
         self._donors = (None, None)  # infer --fourier: (its FourierTTA, the donor pool on the device)
+        self._fourier_loader = (None, None)  # (the table's ids, their loader): read once for every beta
         self.robust_root = paths.robust
         # the tuned backbone (model.robustify) fine-tuning starts from
         self.robust = robust_identity(cfg.model, cache.id, paths.robust) if cfg.model.robustify is not None else None
@@ -110,9 +111,11 @@ class ImageTask:
         if self._donors[0] is not fourier:  # the pool on the device, once a task
             self._donors = fourier, fourier.donors_for(self.cache, self.acc.device, self.transform.infer)
         donors, n = self._donors[1], fourier.donors
-        ds = PatchDataset(self.cache.gather(table), table, self.domains)
-        loader = self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
-        return partial(predict_views, loader=loader, accelerator=self.acc, desc=desc, precision=self.precision,
+        ids = table["id"].to_numpy()
+        if self._fourier_loader[0] is None or not np.array_equal(self._fourier_loader[0], ids):
+            ds = PatchDataset(self.cache.gather(table), table, self.domains)
+            self._fourier_loader = ids, self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
+        return partial(predict_views, loader=self._fourier_loader[1], accelerator=self.acc, desc=desc, precision=self.precision,
                        channels_last=self.cfg.train.channels_last, transform=self.transform.infer,
                        make_views=lambda x, centers: donors.views(x, centers, beta, n))
 
