@@ -285,8 +285,9 @@ class Bench:
             self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
         infer_run(run, self._cache, Paths(self.root), self._accelerator, adapt=adabn, fourier=self.fourier)
 
-    def test_table(self, run: RunDir, adabn: bool = False) -> pd.DataFrame:
-        test = pd.read_csv(run.tta_path("test", adabn)).drop(columns="label")
+    def test_table(self, run: RunDir, prediction_set: bool | str = False) -> pd.DataFrame:
+        """The test center's predictions of one set (plain, adapted, or named, as RunDir.tta_path) with labels."""
+        test = pd.read_csv(run.tta_path("test", prediction_set)).drop(columns="label")
         return test.merge(self.labels, left_on="id", right_on="ID")
 
     def score_run(self, run: RunDir, adabn: bool = False) -> dict:
@@ -296,8 +297,7 @@ class Bench:
                "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}
         if self.fourier is not None and not adabn:  # each beta's set: logits averaged over its donors
             for beta in self.fourier.betas:
-                table = pd.read_csv(run.tta_path("test", self.fourier.name(beta))).drop(columns="label")
-                table = table.merge(self.labels, left_on="id", right_on="ID")
+                table = self.test_table(run, self.fourier.name(beta))
                 out[f"test_fourier_b{beta:g}"] = accuracy(table, view_columns(table))
         return out
 
