@@ -14,7 +14,7 @@ with the repository's configs. `--epochs` overrides every config's epochs (defau
 Single-model rows (overrides of configs/lite0_dann.yaml) use the fold that holds out center 1, i.e.
 a model trained on centers 0/3/4 only, as in ANCHORS.md: val = center 1, test = center 2. Each row
 is reported with TTA off (view 0) / on (8-view mean) and, with --adabn, with AdaBN.
---ensemble runs the default pipeline per seed (configs/dart_lntl_lite0.yaml + configs/lite1_dann.yaml,
+--ensemble runs the default pipeline per seed (configs/lite0_dann.yaml + configs/lite1_dann.yaml,
 every leave-one-center-out fold, 8-view TTA, plain and AdaBN predictions) and reports mean logits /
 rank average / LightGBM stacker on each, and the choice the stack stage makes by leave-one-center-out
 accuracy, on the test center.
@@ -55,14 +55,15 @@ from histoshift.stages.infer import infer_run  # noqa: E402
 from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.choice import compare_prediction_sets, decide, split_label  # noqa: E402
+from histoshift.choice import compare_prediction_sets, decide  # noqa: E402
+from histoshift.rules import split_label  # noqa: E402
 from histoshift.stack import ADAPTED, METHODS, fit_stacker, predict  # noqa: E402
 from histoshift.stages.stack import run_stack  # noqa: E402
 from histoshift.data.donors import FourierTTA  # noqa: E402
 from histoshift.tta import view_columns  # noqa: E402
 
 BASE = REPO / "configs" / "lite0_dann.yaml"
-PIPELINE = [REPO / "configs" / "dart_lntl_lite0.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
+PIPELINE = [REPO / "configs" / "lite0_dann.yaml", REPO / "configs" / "lite1_dann.yaml"]  # train.sh's default
 NO_AUG = ["aug.dihedral=false", "aug.hed_sigma=0", "aug.brightness=0", "aug.contrast=0"]
 KEY_ROWS = {  # name -> overrides of the default recipe (empty: the default config itself, shared with --ensemble)
     "ERM, no augmentation": ["algorithm.name=erm", *NO_AUG],
@@ -177,20 +178,22 @@ HIDDEN_CENTER = ((0.70, 1.40, 0.85), (-0.02, 0.05, -0.01), 1.06)
 def build_hidden(pcam: Path, root: Path, hidden: Path) -> None:
     """A copy of `root`'s input whose test.h5 holds the same PCam patches (by their pcam_index) re-stained
     with HIDDEN_CENTER (center id 2 kept: the layout's test center). Labels and ids unchanged."""
-    import importlib.util
+    build_restained(pcam, root, hidden, HIDDEN_CENTER, "hidden center")
 
-    if (hidden / "input" / "test.h5").exists():
+
+def build_restained(pcam: Path, root: Path, out: Path, stain: tuple, what: str) -> None:
+    """A copy of `root`'s input whose test.h5 holds the same PCam patches (by their pcam_index) re-stained with
+    `stain` (make_competition_h5.CENTERS' format; center id 2 kept: the layout's test center). Labels, ids kept."""
+    if (out / "input" / "test.h5").exists():
         return
-    spec = importlib.util.spec_from_file_location("make_competition_h5", pcam / "make_competition_h5.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.CENTERS[99] = HIDDEN_CENTER
+    script = make_script(pcam)
+    script.CENTERS[99] = stain
     manifest = {int(r["pcam_index"]): r for r in pd.read_csv(pcam / "manifest.csv").to_dict("records")
                 if r["split"] == "valid"}
-    (hidden / "input").mkdir(parents=True)
+    (out / "input").mkdir(parents=True)
     for name in ("train.h5", "val.h5", "test_labels.csv"):
-        shutil.copy(root / "input" / name, hidden / "input" / name)
-    with h5py.File(root / "input" / "test.h5") as src, h5py.File(hidden / "input" / "test.h5", "w") as dst:
+        shutil.copy(root / "input" / name, out / "input" / name)
+    with h5py.File(root / "input" / "test.h5") as src, h5py.File(out / "input" / "test.h5", "w") as dst:
         keys = list(src.keys())
         rows = [manifest[int(src[k]["metadata"][1])] for k in keys]
         images = script.stain_shift(script.load(rows), 99)
@@ -199,7 +202,17 @@ def build_hidden(pcam: Path, root: Path, hidden: Path) -> None:
             g["img"] = img.transpose(2, 0, 1).astype(np.float32) / 255.0
             g["label"] = np.int64(src[k]["label"][()])
             g["metadata"] = np.array(src[k]["metadata"][()], dtype=np.int64)
-    print(f"data: hidden center - the {len(keys)} test patches re-stained with {HIDDEN_CENTER}")
+    print(f"data: {what} - the {len(keys)} test patches re-stained with {stain}")
+
+
+def make_script(pcam: Path):
+    """The PCam sample's make_competition_h5.py as a module (its CENTERS, stain_shift, load)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_competition_h5", pcam / "make_competition_h5.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def build_oracle(root: Path, train_patches: int, seed: int = 0) -> tuple[Path, set[int], int]:

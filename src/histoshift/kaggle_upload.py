@@ -34,7 +34,8 @@ def check_slug(slug: str) -> str:
 
 def lineage_message(choice) -> str:
     """What the submission was made from, from the stack's choice (a stackdir.StackChoice): the members (config x
-    seeds, folds), the combiner and its leave-one-center-out accuracy, adapted or plain, the cache id."""
+    seeds, folds), the combiner and its leave-one-center-out accuracy, the prediction set and the rule that chose it,
+    the cache id."""
     seeds: dict[str, list[str]] = {}
     for member in choice.members:  # <config>/seed<S>
         name, _, seed = str(member).partition("/")
@@ -46,10 +47,17 @@ def lineage_message(choice) -> str:
     loco = choice.loco_accuracy.get(method)
     parts = [f"histoshift: {configs}" if configs else "histoshift",
              f"combiner {method}" + (f" (LOCO acc {loco:.4f})" if isinstance(loco, (int, float)) else ""),
-             "AdaBN" if choice.adabn else "plain predictions",
+             f"set {choice.prediction_set.lstrip('+') or 'plain'} by rule {choice.rule}" + _evidence(choice),
              f"cache {choice.cache_id or '?'}"]
     text = " | ".join(parts)
     return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
+
+
+def _evidence(choice) -> str:
+    """The paired plain-vs-adapted evidence the rules weigh, short: ' (plain-adapted LOCO -0.4 pts, CI -1.0..+0.2)'."""
+    p = (choice.adabn_vs_plain or {}).get("paired")
+    return (f" (plain-adapted LOCO {100 * p['diff']:+.1f} pts, CI {100 * p['lo']:+.1f}..{100 * p['hi']:+.1f})"
+            if p else "")
 
 
 def connect():

@@ -2,8 +2,10 @@
 to combine them.
 
 Features per ensemble member m (one config and seed, all its folds):
-  m__mean    mean logit over the 8 TTA views
-  m__spread  standard deviation over the views (how unsure the model is under rotation/flip)
+  m__mean      mean logit over the 8 TTA views
+  m__spread    standard deviation over the views (how unsure the model is under rotation/flip)
+  m__disagree  test center only: the share of pairs of m's fold models that predict different classes (never a
+               combiner's input; rules.py's unsupervised criterion)
 For labelled patches they come from the one fold model that never saw the patch's center (out of
 fold); for the test center they are averaged over the member's fold models. The center id is
 never a feature.
@@ -35,9 +37,13 @@ from .errors import HistoshiftError, Missing
 METHODS = ("mean", "rank", "stack")
 ADAPTED = "+adabn"  # suffix of a combiner scored on adapted predictions (named after the first adaptation)
 PRIOR = "@prior"  # suffix of a combiner thresholded to the known positive share (prior matching)
+BOTH = "+both"  # the plain and the adapted predictions of every member side by side, one set (join_sets)
+# n_jobs=1: LightGBM's own OpenMP pool spins against torch's in the same process; on 2 busy cores a fit of 900
+# rows took 1.34 s with its default threads and 0.03 s with one, 135,000 rows x 16 features 11.6 s and 2.2 s
+# (2026-12-07, docs/benchmarks.md); the stacker's inputs are a few columns, threads buy little even when idle
 LGB_PARAMS = dict(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=20,
                   subsample=0.8, subsample_freq=1, colsample_bytree=1.0, reg_lambda=1.0,
-                  deterministic=True, force_row_wise=True, verbose=-1)
+                  deterministic=True, force_row_wise=True, verbose=-1, n_jobs=1)
 
 
 class StackError(HistoshiftError, ValueError):
@@ -107,9 +113,32 @@ def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adapted: b
                 raise StackError(f"{name}: fold models predicted different test ids")
         test[f"{name}__mean"] = np.mean([t["mean"] for t in tests], axis=0)
         test[f"{name}__spread"] = np.mean([t["spread"] for t in tests], axis=0)
+        test[f"{name}__disagree"] = disagreement(np.stack([t["mean"].to_numpy() > 0 for t in tests]))
     if not names:
         raise Missing("stack: no ensemble member has finished every fold")
     return oof, test, names
+
+
+def join_sets(plain: tuple, adapted: tuple) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """One set of the plain and the adapted features of every member side by side (an adapted member is named
+    `<member>+adabn`): its rank average is the rank average of plain and adapted (rules.py's `rank_both`)."""
+    (oof_p, test_p, names), (oof_a, test_a, _) = plain, adapted
+    renamed = {c: c.replace("__", ADAPTED + "__", 1) for c in test_a.columns if "__" in c}
+    oof = oof_p.merge(oof_a[["id", *(c for c in renamed if c in oof_a.columns)]].rename(columns=renamed), on="id")
+    test = test_p.merge(test_a[["id", *renamed]].rename(columns=renamed), on="id")
+    if len(oof) != len(oof_p) or len(test) != len(test_p):
+        raise StackError("the plain and the adapted predictions cover different patches")
+    return oof, test, [*names, *(n + ADAPTED for n in names)]
+
+
+def disagreement(votes: np.ndarray) -> np.ndarray:
+    """Per patch, the share of pairs of fold models (rows of `votes`, 0/1) that predict different classes: the
+    unsupervised criterion of rules.py (no label is read). One model: 0."""
+    k = votes.shape[0]
+    if k < 2:
+        return np.zeros(votes.shape[1])
+    pos = votes.sum(0)
+    return pos * (k - pos) / (k * (k - 1) / 2)
 
 
 def feature_columns(names: list[str]) -> list[str]:

@@ -22,18 +22,30 @@ CHOICE = "choice.json"
 
 
 def evidence_line(evidence: dict) -> str:
+    paired = evidence.get("paired")  # choices written before the paired interval have the z alone
+    diff = f"plain - adapted = {_points(paired)}, " if paired else ""
     return (f"plain '{evidence['plain']}' against adapted '{evidence['adabn']}' on the same out-of-fold patches: "
-            f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f} (the adapted set is dropped only above 1.96)")
+            f"{diff}McNemar z = {evidence['z_plain_over_adabn']:+.2f}")
+
+
+def _points(p: dict) -> str:
+    """A paired record (paired.Paired.record) in accuracy points with its interval."""
+    return (f"{100 * p['diff']:+.1f} points (95% CI {100 * p['lo']:+.1f} to {100 * p['hi']:+.1f}, "
+            f"{'decisive' if p['decisive'] else 'not decisive'})")
 
 
 @dataclass(frozen=True)
 class StackChoice:
     members: list[str]  # <config>/seed<S>, the ensemble
     method: str  # the combiner; "+adabn": on the adapted predictions; "@prior": thresholded to the known share
-    adabn: bool = False  # the adapted prediction set was chosen
-    prediction_set: str = ""  # the chosen set's suffix: "" plain, "+adabn", "+fourier-b<beta>-n<donors>"
+    adabn: bool = False  # adapted predictions were chosen (alone, "+adabn", or beside the plain ones, "+both")
+    prediction_set: str = ""  # the chosen set's suffix: "" plain, "+adabn", "+both", "+fourier-b<beta>-n<donors>"
     loco_accuracy: dict = field(default_factory=dict)  # combiner -> mean accuracy leave-one-center-out
     loco_calibration: dict = field(default_factory=dict)  # combiner -> mean Brier and ECE
+    rule: str = "loco"  # the choice rule (rules.py); choices written before rules existed used `loco`
+    rule_summary: str = ""
+    rule_evidence: dict = field(default_factory=dict)  # what the rule measured (paired records, test criteria)
+    rule_picks: dict = field(default_factory=dict)  # rule -> the label it would have picked on the same candidates
     adabn_vs_plain: dict | None = None  # the paired test between the prediction sets
     fourier_vs_pick: dict | None = None  # the paired test of the best Fourier set against that pick
     adaptations: dict | None = None  # fold run -> how its adapted predictions were made
@@ -58,12 +70,20 @@ class StackChoice:
         """The paired test between the plain and the adapted prediction sets, in words."""
         return evidence_line(self.adabn_vs_plain) if self.adabn_vs_plain else ""
 
+    def rule_line(self) -> str:
+        """Which rule chose, in words, and where the other rules differ."""
+        others = {n: p for n, p in self.rule_picks.items() if n != self.rule}
+        differ = [f"{n}: {p}" for n, p in others.items() if p != self.rule_picks.get(self.rule)]
+        return (f"rule '{self.rule}'" + (f" ({self.rule_summary})" if self.rule_summary else "")
+                + (f"; other rules would pick {', '.join(differ)}" if differ else
+                   "; every other rule picks the same" if others else ""))
+
     def fourier_line(self) -> str:
         """The paired test of the best Fourier transfer set against the plain-or-adapted pick, in words."""
         f = self.fourier_vs_pick
-        return (f"Fourier transfer '{f['fourier']}' against '{f['against']}' on the same out-of-fold patches: paired "
-                f"McNemar z = {f['z_fourier_over_pick']:+.2f} ({'used' if f['used'] else 'not used'}: it must exceed "
-                "1.96)") if f else ""
+        return (f"Fourier transfer '{f['fourier']}' against '{f['against']}' on the same out-of-fold patches: "
+                + (f"{_points(f['paired'])}, " if "paired" in f else "")
+                + f"McNemar z = {f['z_fourier_over_pick']:+.2f} ({'used' if f['used'] else 'not used'})") if f else ""
 
     def adaptation_lines(self) -> list[str]:
         """One line per fold model: how its adapted test predictions were made."""

@@ -19,13 +19,14 @@ LAYERS = [
     ("stain",),                               # HED, classical normalisers, colour jitter, the GAN, the input transform
     ("data",),                                # h5 reader, cache, quality, folds, splits, views, loaders
     ("models",),                              # backbones, heads, preprocessing, weights, foundation recipes
-    ("precision", "algorithms", "metrics", "averaging"),  # what a training step needs besides the model; weight averages
+    ("precision", "algorithms", "metrics", "averaging", "paired"),  # what a training step needs besides the model; weight
+                                              # averages; paired evidence between prediction sets
     ("tta",),                                 # per-view logits (views of images, stored views)
     ("features",),                            # the frozen-backbone feature store and its embedding
     ("runs",),                                # the run folder's layout and lineage
     ("tasks",),                               # the kinds of model behind one protocol
     ("engine",),                              # the training loop
-    ("stack", "choice", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
+    ("stack", "rules", "choice", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
     ("stages",),                              # one module per CLI stage; nothing imports them
     ("cli", "__main__"),                      # the entry point
 ]

@@ -67,6 +67,17 @@ def test_train_then_infer_on_the_demo(tmp_path):
     report = (demo / "work" / "report" / "report.md").read_text()
     for picture in ("../cache/overview.png", "../cache/colours.png", "curves.png", "feature_map.png", "combiners.png"):
         assert f"]({picture})" in report and (demo / "work" / "report" / picture).stat().st_size > 1000, picture
+    assert f"by the rule '{choice['rule']}'" in report and choice["rule"] == "margin"
+    # the scripts reach every candidate: FOURIER=1 predicts the Fourier sets (one beta here) and the stack weighs
+    # them; RULE picks the rule
+    proc = subprocess.run(["bash", "infer.sh"], cwd=clone, env={**env, "FOURIER": "1", "FOURIER_BETAS": "0.03",
+                                                                  "RULE": "loco"},
+                          capture_output=True, text=True, timeout=5400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    methods = set(pd.read_csv(demo / "work" / "stack" / "comparison.csv")["method"])
+    assert {f"mean+fourier-b0.03-n{n}" for n in (1, 3, 7)} <= methods
+    choice = json.loads((demo / "work" / "stack" / "choice.json").read_text())
+    assert choice["rule"] == "loco" and choice["fourier_vs_pick"]["fourier"].split("+")[1].startswith("fourier-b0.03")
 
 
 @pytest.mark.slow

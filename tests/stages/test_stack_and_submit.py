@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from helpers import random_items, write_h5
 from histoshift.data.cache import CACHE_VERSION, Cache
 from histoshift.runs import RunDir
-from histoshift.choice import choose, mcnemar_z
+from histoshift.paired import mcnemar_z
+from histoshift.rules import RULES, Candidates
 from histoshift.stack import build_features, compare_loco, feature_columns, fit_stacker, rank_predict
 from histoshift.stages.stack import run_stack
 from histoshift.stages.submit import SubmissionError, check_submission, write_submission
@@ -87,7 +88,9 @@ def test_features_are_out_of_fold_and_exclude_the_center(tmp_path):
     t = pd.read_csv(run.tta_heldout).set_index("id")
     row = oof.set_index("id").loc[t.index[0]]
     assert row["a/seed0__mean"] == pytest.approx(t.iloc[0][[f"v{v}" for v in range(8)]].mean())
-    assert len(test) == 30 and set(test.columns) == {"id", "center", *cols}
+    disagree = {f"{n}__disagree" for n in names}  # test only: the unsupervised rule's criterion, never a feature
+    assert len(test) == 30 and set(test.columns) == {"id", "center", *cols, *disagree}
+    assert not disagree & set(cols) and not disagree & set(oof.columns)
 
 
 def test_in_fold_predictions_are_refused(tmp_path):
@@ -125,12 +128,19 @@ def test_rank_average_keeps_the_mean_positive_count():
     assert pred.tolist() == [0, 0, 1, 1, 1]
 
 
+def loco(c: pd.DataFrame, hits: dict | None = None):
+    """The original rule's pick and evidence."""
+    pick = RULES["loco"].pick(Candidates(c, hits or {}))
+    return pick.label, pick.evidence.get("adabn_vs_plain"), pick.evidence.get("fourier")
+
+
 def test_choose_prefers_the_simpler_combiner_on_ties():
     c = pd.DataFrame({"method": ["mean", "rank", "stack"] * 2, "center": [0] * 3 + [1] * 3,
                       "accuracy": [0.9, 0.9, 0.9, 0.8, 0.8, 0.8]})
-    assert choose(c) == ("mean", None, None)
+    for rule in ("loco", "margin", "rank_both", "adapted"):  # one set: each takes its LOCO-best combiner
+        assert RULES[rule].pick(Candidates(c, {})).label == "mean"
     c.loc[5, "accuracy"] = 0.85
-    assert choose(c) == ("stack", None, None)
+    assert loco(c) == ("stack", None, None)
 
 
 def test_run_stack_writes_scores_and_comparison(tmp_path):
@@ -191,13 +201,16 @@ def test_choose_keeps_adabn_unless_plain_is_significantly_better():
     plain[:4], adabn[4:9] = False, False  # plain wins 5 patches, AdaBN 4: noise
     hits = {"mean": plain, "rank": plain, "mean+adabn": adabn, "rank+adabn": adabn}
     # the best AdaBN combiner (ties go to the simpler one); z = (5 - 4) / sqrt(9)
-    assert choose(c, hits) == ("mean+adabn", {"plain": "mean", "adabn": "mean+adabn", "z_plain_over_adabn": 0.333},
-                               None)
+    label, evidence, fourier = loco(c, hits)
+    assert (label, fourier) == ("mean+adabn", None)
+    assert {k: evidence[k] for k in ("plain", "adabn", "z_plain_over_adabn")} == \
+        {"plain": "mean", "adabn": "mean+adabn", "z_plain_over_adabn": 0.333}
+    assert evidence["paired"]["diff"] == pytest.approx(0.01) and not evidence["paired"]["decisive"]
     adabn[10:30] = False  # now plain wins 25 patches, AdaBN 4: z = 21 / sqrt(29) = 3.9
     assert mcnemar_z(hits["mean"], adabn) == pytest.approx(21 / np.sqrt(29))
-    assert choose(c, hits | {"mean+adabn": adabn, "rank+adabn": adabn})[0] == "mean"
+    assert loco(c, hits | {"mean+adabn": adabn, "rank+adabn": adabn})[0] == "mean"
     with pytest.raises(ValueError, match="per-patch hits"):
-        choose(c)
+        loco(c)
 
 
 def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
@@ -311,11 +324,11 @@ def test_a_fourier_set_replaces_the_pick_only_when_significantly_better():
     pick[:10], best[10:16] = False, False  # the best Fourier set wins 10 patches, loses 6: z = 1.0, noise
     hits = {"mean": pick, "mean+adabn": pick, "mean+fourier-b0.03-n1": pick, "mean+fourier-b0.03-n7": best,
             "mean+fourier-b0.01-n7": pick}
-    label, _, fourier = choose(c, hits)
-    assert label == "mean+adabn" and fourier == {"fourier": "mean+fourier-b0.03-n7", "against": "mean+adabn",
-                                                 "z_fourier_over_pick": 1.0, "used": False}
+    label, _, fourier = loco(c, hits)
+    assert label == "mean+adabn" and {k: fourier[k] for k in ("fourier", "against", "z_fourier_over_pick", "used")} \
+        == {"fourier": "mean+fourier-b0.03-n7", "against": "mean+adabn", "z_fourier_over_pick": 1.0, "used": False}
     best[10:16] = True  # now it wins 10, loses none: z = 3.16
-    label, _, fourier = choose(c, hits)
+    label, _, fourier = loco(c, hits)
     assert label == "mean+fourier-b0.03-n7" and fourier["used"] and fourier["z_fourier_over_pick"] == pytest.approx(3.162)
 
 

@@ -245,9 +245,12 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     assert means[base] == means[same_set].max() and choice["adabn"] == base.endswith("+adabn")
     assert choice["method"].endswith("@prior") == choice["prior_matching"]["used"]
     evidence = choice["adabn_vs_plain"]
-    assert base == (evidence["plain"] if evidence["z_plain_over_adabn"] > 1.96 else evidence["adabn"])
+    assert choice["rule"] == "margin" and base == choice["rule_picks"]["margin"]  # the default rule's pick ships
+    assert base == (evidence["plain"] if evidence["paired"]["lo"] > 0.01 else evidence["adabn"])
+    assert set(choice["rule_picks"]) == {"loco", "margin", "agreement", "entropy", "rank_both", "adapted"}
     assert main(r + ["report"]) == 0
-    assert f"paired McNemar z = {evidence['z_plain_over_adabn']:+.2f}" in (pipeline / "work" / "report" / "report.md").read_text()
+    report = (pipeline / "work" / "report" / "report.md").read_text()
+    assert f"McNemar z = {evidence['z_plain_over_adabn']:+.2f}" in report and "by the rule 'margin'" in report
     for p in pipeline.glob("work/runs/*/seed*/fold*/tta_*_adabn.csv"):  # the other tests expect plain ones only
         p.unlink()
     assert main(r + ["stack"]) == 0 and not json.loads((pipeline / "work" / "stack" / "choice.json").read_text())["adabn"]

@@ -100,7 +100,8 @@ def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | N
                      "probability):", "", markdown_table(pd.DataFrame([{"method": m, **v} for m, v in calib.items()])),
                      ""] if (calib := calibration_means(comparison)) else []),
                   f"Chosen for the test center: **{choice.method}** over {len(choice.members)} members "
-                  f"({', '.join(choice.members)}).", *([f"Between the prediction sets: {choice.evidence_line()}."]
+                  f"({', '.join(choice.members)}), by the {choice.rule_line()}.",
+                  *([f"Between the prediction sets: {choice.evidence_line()}."]
                     if choice.adabn_vs_plain else []),
                   *([f"{choice.fourier_line()}."] if choice.fourier_vs_pick else []),
                   *(["", "Adapted predictions (per fold model, test center):", "",

@@ -19,9 +19,22 @@ def arguments(p) -> None:
     p.add_argument("--prior", type=float, default=0.5, metavar="SHARE",
                    help="the test center's known share of tumour patches (0.5: balanced); thresholding to it is "
                         "scored leave-one-center-out and used only where it helps (0: never)")
+    p.add_argument("--rule", default=None, metavar="NAME",
+                   help="how the prediction set is chosen (rules.py): " + ", ".join(
+                       f"{name}: {r.summary}".replace("%", "%%") for name, r in _rules().items()) + f" (default: {_default()})")
     p.add_argument("--log-with", default="", metavar="NAMES",
                    help="experiment trackers for the comparison table, e.g. tensorboard (Accelerate's names, comma-"
                         "separated; files in work/stack/tracker/)")
+
+
+def _rules() -> dict:
+    from ..rules import RULES
+    return RULES
+
+
+def _default() -> str:
+    from ..rules import DEFAULT
+    return DEFAULT
 
 
 def run(a, paths) -> None:
@@ -32,10 +45,13 @@ def run(a, paths) -> None:
 
     if not (a.prior == 0 or 0 < a.prior < 1):
         raise ConfigError(f"--prior {a.prior}: expected a share in (0, 1), or 0 for never")
+    rule = a.rule or _default()
+    if rule not in _rules():
+        raise ConfigError(f"--rule {rule}: not a choice rule; one of {', '.join(_rules())}")
     trackers = tracker_names(a.log_with)  # checked before the work
     check_inputs(paths.input, paths.cache)
     timed("stack", run_stack, find_runs(paths.runs), paths.folds_csv, paths.stack, paths.cache, seed=a.seed,
-          prior=a.prior or None)
+          prior=a.prior or None, rule=rule)
     if trackers:
         from ..tracking import log_stack
 
@@ -44,19 +60,20 @@ def run(a, paths) -> None:
 
 
 def run_stack(runs: list, folds_csv: Path, out_dir: Path, cache_dir: Path, seed: int = 0,
-              prior: float | None = 0.5):
+              prior: float | None = 0.5, rule: str | None = None):
     """`prior`: the test center's known positive share (0.5: exactly balanced), tried as a threshold
-    leave-one-center-out and used when it helps there; None: never. Returns the StackChoice written."""
+    leave-one-center-out and used when it helps there; None: never. `rule`: the choice rule (rules.py; None: its
+    default). Returns the StackChoice written."""
     from ..data.cache import Cache
     from ..safeio import Lock
     from ..stackdir import StackDir
 
     stack = StackDir(Path(out_dir))
     with Lock(stack.lock, f"the stack folder {stack.path}"):
-        return _run_stack(runs, folds_csv, stack, Cache.open(cache_dir), seed, prior)
+        return _run_stack(runs, folds_csv, stack, Cache.open(cache_dir), seed, prior, rule or _default())
 
 
-def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: float | None):
+def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: float | None, rule: str):
     import pandas as pd
 
     from ..lineage import digest_file
@@ -69,7 +86,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
     features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed, prior)
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
-    d = decide(features, comparison, hits, prior, seed)
+    d = decide(features, comparison, hits, prior, seed, rule)
     names, evidence, matched = d["names"], d["evidence"], d["prior_matching"]
     scores = pd.DataFrame({"id": d["test"]["id"], "score": d["score"], "pred": d["pred"]})
     choice = StackChoice(
@@ -77,8 +94,9 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
         loco_accuracy={m: float(table.loc["mean", m]) for m in table.columns},
         # calibration of each combiner's tumour probability, mean over held-out centers (rank: none)
         loco_calibration=calibration_means(comparison),
-        adabn_vs_plain=evidence,  # the adapted set is dropped only when z_plain_over_adabn > 1.96
-        fourier_vs_pick=d["fourier"],  # a Fourier set replaces that pick only when z_fourier_over_pick > 1.96
+        rule=rule, rule_summary=_rules()[rule].summary, rule_evidence=d["rule_evidence"], rule_picks=d["rule_picks"],
+        adabn_vs_plain=evidence,  # the paired comparison of the best plain and the best adapted combiner, LOCO
+        fourier_vs_pick=d["fourier"],  # the best Fourier set against the pick (rules loco and margin)
         # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
         adaptations={r.name: r.adaptation() for r in runs} if ADAPTED in features else None,
         prior_matching=matched, test_positive_rate=float(d["pred"].mean()),
@@ -96,6 +114,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
     print(table.round(4).to_string())
     if evidence is not None:
         print(f"stack: {choice.evidence_line()}")
+    print(f"stack: {choice.rule_line()}")
     if choice.fourier_vs_pick is not None:
         print(f"stack: {choice.fourier_line()}")
     if matched is not None:

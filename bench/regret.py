@@ -1,0 +1,223 @@
+"""Regret of the stack's choice rules, and the shift penalty, on the accuracy benchmark's trained ensembles.
+
+    python bench/regret.py [--work work/bench_accuracy] [--seeds 0 1 2] [--noshift [SEED ...]] [--tag NAME]
+
+Trains nothing: it re-stacks the runs that
+`python bench/accuracy.py --rows none --ensemble --frozen-ensemble --mixed --configs configs/lite0_dann.yaml
+--epochs 3 --seeds S` trained and predicted (real PCam tissue, SYNTHETIC pseudo-center stain shifts). A case is
+one unseen center x one seed x one set: `fine-tuned` (Lite0 DANN x 4 folds), `frozen` (heads on frozen ImageNet
+Lite0 features x 4 folds), `mixed` (all 8 through one stack). The unseen centers:
+
+- center 2, the test center the runs were trained beside (its unlabelled patches fed DANN's domain head, as the
+  shipped pipeline does);
+- the hidden center: the same test patches re-stained with accuracy.HIDDEN_CENTER, predicted by the same models
+  (plain, and adapted to those patches). Unlike `accuracy.py --hidden`, which trains everything again with the
+  hidden patches as the unlabelled target, no model saw these patches in any form: a hospital that arrives after
+  training. (Two CPU cores train one seed's ensembles in about 50 minutes; this halves that.)
+
+Per case: every candidate the stack compared (combiner x prediction set, plain and prior-matched) with its
+accuracy on the unseen center; every rule's pick (rules.py, through choice.decide as the stack stage ships it; the
+unsupervised rules read that center's patches) and its **regret** = the best candidate there minus the shipped
+one. With --noshift: the same test patches at training center 0's stain (make_competition_h5.CENTERS[0]),
+predicted by the same models, plain and adapted, give every candidate's no-shift accuracy and the **shift
+penalty** of what each rule shipped (no-shift minus shifted: same models, same patches, same stackers).
+Predictions on other stains load each model straight from its run folder against a second cache
+(`<work>_hidden_patches`, `<work>_noshift`): the run's lineage check is bypassed on purpose, predicting other
+patches with the same model being the point; they are saved there and reused.
+
+Writes bench/results/regret-<date>-<tag>-{candidates,rules}.csv (one row per case x candidate / rule) and
+-patches.csv.gz (per patch and case: the label and every rule's and candidate's 0/1 prediction, for paired
+comparisons), then prints the summary: each rule's mean and worst regret, and paired differences pooled over
+seeds and both unseen centers (paired.py; the same patch under several seeds and centers is one cluster).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import accuracy as bench  # bench/accuracy.py: its data builders and the package on sys.path
+from histoshift.choice import compare_prediction_sets, decide
+from histoshift.data.cache import Cache
+from histoshift.paired import compare
+from histoshift.rules import RULES, split_label
+from histoshift.runs import find_runs
+from histoshift.stack import ADAPTED, BOTH, PRIOR, disagreement, fit_stacker, join_sets, predict
+
+SETS = {"fine-tuned": ("lite0_dann",), "frozen": ("lite0_dann_frozen",), "mixed": ("lite0_dann", "lite0_dann_frozen")}
+
+
+def candidate_predictions(features: dict, comparison: pd.DataFrame) -> dict:
+    """Label -> 0/1 predictions on the test center of every candidate in `comparison` (its prior-matched variants
+    thresholded to half positive), from `features` (suffix -> (oof, test, names); stackers fitted on oof)."""
+    out, stackers = {}, {}
+    for label in comparison["method"].unique():
+        method, suffix = split_label(label.removesuffix(PRIOR))
+        oof, test, names = features[suffix]
+        if method == "stack" and suffix not in stackers:
+            stackers[suffix] = fit_stacker(oof, names)
+        _, pred = predict(method, test, names, stackers.get(suffix), 0.5 if label.endswith(PRIOR) else None)
+        out[label] = pd.Series(pred, index=test["id"].to_numpy())
+    return out
+
+
+def other_stain_tables(run, cache: Cache, paths, store: Path, accelerator) -> dict[bool, pd.DataFrame]:
+    """The run's model on the test patches of another root (`cache`): 8-view logits, plain (False) and adapted to
+    those patches (True). Saved under `store` and reused (resumable)."""
+    from histoshift.data.splits import test_rows, training_rows
+    from histoshift.precision import config_precision
+    from histoshift.tasks import task_class
+
+    from histoshift.lineage import digest_file
+
+    files = {adapted: store / run.name / f"tta_test{'_adabn' if adapted else ''}.csv" for adapted in (False, True)}
+    stamp, digest = store / run.name / "checkpoint.digest", digest_file(run.checkpoint)
+    if not (stamp.exists() and stamp.read_text() == digest and all(f.exists() for f in files.values())):
+        task = task_class(run.kind)(run.cfg, cache, paths, accelerator, config_precision(run.cfg))
+        model, table = task.load(run), test_rows(cache.index)
+        predict_views = task.predictor(table, desc=f"{run.name} {store.parent.name}")
+        adapted, _ = task.adapt(model, table, training_rows(cache.index, run.fold))
+        for flag, m in ((False, model), (True, adapted)):
+            files[flag].parent.mkdir(parents=True, exist_ok=True)
+            predict_views(m).to_csv(files[flag], index=False)
+        stamp.write_text(digest)  # last: the files are from this checkpoint
+    return {flag: pd.read_csv(f) for flag, f in files.items()}
+
+
+def test_features(tables: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
+    """stack.build_features' test rows from per-member lists of fold models' 8-view tables (mean and spread over
+    views, averaged over folds; disagreement between folds)."""
+    out = None
+    for name, parts in sorted(tables.items()):
+        parts = [t.sort_values("id").reset_index(drop=True) for t in parts]
+        views = [[c for c in t.columns if c.startswith("v")] for t in parts]
+        means = np.stack([t[v].to_numpy().mean(1) for t, v in zip(parts, views)])
+        spreads = np.stack([t[v].to_numpy().std(1) for t, v in zip(parts, views)])
+        if out is None:
+            out = parts[0][["id", "center"]].copy()
+        out[f"{name}__mean"], out[f"{name}__spread"] = means.mean(0), spreads.mean(0)
+        out[f"{name}__disagree"] = disagreement(means > 0)
+    return out
+
+
+class Elsewhere:
+    """The same test patches under another stain: a second root (input copied, test.h5 re-stained, its own cache
+    and, for heads, its own feature store) and every run's predictions there."""
+
+    def __init__(self, pcam: Path, work: Path, name: str, stain: tuple, what: str, accelerator):
+        from histoshift.paths import Paths
+
+        self.root = work.with_name(f"{work.name}_{name}")
+        bench.build_restained(pcam, work, self.root, stain, what)
+        bench.Bench(self.root, None, []).stage("prepare")
+        self.cache, self.paths, self.acc = Cache.open(self.root / "work" / "cache"), Paths(self.root), accelerator
+
+    def features(self, runs: list, features: dict) -> dict:
+        """suffix -> (oof, test features here, names) for the plain, adapted and joined sets of `features`."""
+        tables = {False: {}, True: {}}
+        for run in runs:
+            for flag, t in other_stain_tables(run, self.cache, self.paths, self.root / "preds", self.acc).items():
+                tables[flag].setdefault(run.model_name, []).append(t)
+        out = {"": (features[""][0], test_features(tables[False]), features[""][2])}
+        if ADAPTED in features:
+            out[ADAPTED] = (features[ADAPTED][0], test_features(tables[True]), features[ADAPTED][2])
+            out[BOTH] = join_sets(out[""], out[ADAPTED])
+        return out
+
+
+def score_case(case: dict, features: dict, comparison: pd.DataFrame, hits: dict, y: np.ndarray,
+               noshift: dict | None) -> tuple[list, list, pd.DataFrame]:
+    """One case: candidate rows, rule rows and the per-patch frame (see the module docstring)."""
+    preds = candidate_predictions(features, comparison)
+    ids = next(iter(preds.values())).index
+    acc = {k: float((p.to_numpy() == y).mean()) for k, p in preds.items()}
+    ns = {}
+    if noshift is not None:
+        ns = {k: float((p.loc[ids].to_numpy() == y).mean())
+              for k, p in candidate_predictions(noshift, comparison).items()}
+    loco, best = comparison.groupby("method")["accuracy"].mean(), max(acc.values())
+    cands = [{**case, "candidate": k, "loco": round(float(loco[k]), 5), "test": round(acc[k], 5),
+              "noshift": round(ns.get(k, np.nan), 5)} for k in sorted(acc)]
+    rules, frame = [], pd.DataFrame({"id": ids, "label": y, **case})
+    for name in RULES:
+        d = decide(features, comparison, hits, prior=0.5, rule=name)
+        shipped, right = d["method"], float((d["pred"] == y).mean())
+        assert abs(right - acc[shipped]) < 1e-9, (shipped, right, acc[shipped])  # decide ships that candidate
+        rules.append({**case, "rule": name, "shipped": shipped, "test": round(right, 5), "best": round(best, 5),
+                      "regret": round(best - right, 5), "noshift": round(ns.get(shipped, np.nan), 5),
+                      "shift_penalty": round(ns.get(shipped, np.nan) - right, 5)})
+        frame[f"rule:{name}"] = d["pred"]
+    for label, p in preds.items():
+        frame[label] = p.to_numpy()
+    return cands, rules, frame
+
+
+def main():
+    from accelerate import Accelerator
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pcam", default=str(bench.REPO.parent / "shared" / "data" / "pcam"))
+    ap.add_argument("--work", default=str(bench.REPO / "work" / "bench_accuracy"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--noshift", type=int, nargs="*", default=None, metavar="SEED",
+                    help="also predict the no-shift patches (for the seeds given; none given: every seed)")
+    ap.add_argument("--tag", default="lite0")
+    ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
+    a = ap.parse_args()
+    work, pcam, acc = Path(a.work), Path(a.pcam), Accelerator()
+    noshift_seeds = None if a.noshift is None else set(a.noshift or a.seeds)
+    hidden = Elsewhere(pcam, work, "hidden_patches", bench.HIDDEN_CENTER, "hidden center (prediction only)", acc)
+    noshift = Elsewhere(pcam, work, "noshift", bench.make_script(pcam).CENTERS[0],
+                        "no shift (training center 0's stain)", acc) if noshift_seeds else None
+    labels = pd.read_csv(work / "input" / "test_labels.csv").set_index("ID")["label"]
+    cache, all_runs = Cache.open(work / "work" / "cache"), find_runs(work / "work" / "runs")
+    cand_rows, rule_rows, patches, t0 = [], [], [], time.time()
+    for seed in a.seeds:
+        for set_name, configs in SETS.items():
+            runs = [r for r in all_runs if r.model_name in {f"{c}/seed{seed}" for c in configs}]
+            if len(runs) != 4 * len(configs) or not all(r.tta_fresh(cache.id, adapted=True) for r in runs):
+                print(f"skip: seed {seed}, {set_name}: not trained and predicted")
+                continue
+            features, comparison, hits = compare_prediction_sets(runs, work / "folds" / "folds.csv", cache, prior=0.5)
+            if set(features) - {"", ADAPTED, BOTH}:
+                raise SystemExit("Fourier sets present: this benchmark compares plain, adapted and both")
+            ns = noshift.features(runs, features) if noshift and seed in noshift_seeds else None
+            for center, feats in (("center 2", features), ("hidden", hidden.features(runs, features))):
+                case = {"center": center, "seed": seed, "set": set_name}
+                y = labels.loc[feats[""][1]["id"]].to_numpy()
+                cands, rules, frame = score_case(case, feats, comparison, hits, y, ns)
+                cand_rows += cands
+                rule_rows += rules
+                patches.append(frame)
+                print(f"{center}, seed {seed}, {set_name}: best {rules[0]['best']:.4f}; "
+                      + ", ".join(f"{r['rule']} {r['test']:.4f}" for r in rules) + f" [{time.time() - t0:.0f} s]",
+                      flush=True)
+    if not rule_rows:
+        raise SystemExit("no trained case found: run bench/accuracy.py first (see this script's help)")
+    out, stamp = Path(a.out), time.strftime("%Y-%m-%d")
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"regret-{stamp}-{a.tag}"
+    pd.DataFrame(cand_rows).to_csv(f"{base}-candidates.csv", index=False)
+    pd.DataFrame(rule_rows).to_csv(f"{base}-rules.csv", index=False)
+    pd.concat(patches, ignore_index=True).to_csv(f"{base}-patches.csv.gz", index=False)
+    print(summary(pd.DataFrame(rule_rows), pd.concat(patches, ignore_index=True)))
+    print(f"wrote {base}-{{candidates,rules}}.csv, {base}-patches.csv.gz")
+
+
+def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -> str:
+    """Per rule: cases, mean and worst regret, mean shift penalty; the shipped predictions against `against`'s,
+    paired over every case's patches (clusters: patch ids)."""
+    lines = ["rule        cases  mean regret  worst  (points)  vs " + against + ", pooled paired (95% CI)"]
+    right = {c: (patches[c] == patches["label"]).to_numpy() for c in patches.columns if c.startswith("rule:")}
+    for name, part in rules.groupby("rule", sort=False):
+        p = compare(right[f"rule:{name}"], right[f"rule:{against}"], patches["id"])
+        lines.append(f"{name:<11} {len(part):>5}  {100 * part['regret'].mean():>11.2f}  {100 * part['regret'].max():>5.2f}"
+                     f"            {p.text()}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
