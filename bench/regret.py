@@ -134,10 +134,10 @@ def score_case(case: dict, features: dict, comparison: pd.DataFrame, hits: dict,
     preds = candidate_predictions(features, comparison)
     ids = next(iter(preds.values())).index
     acc = {k: float((p.to_numpy() == y).mean()) for k, p in preds.items()}
-    ns = {}
+    ns, ns_preds = {}, {}
     if noshift is not None:
-        ns = {k: float((p.loc[ids].to_numpy() == y).mean())
-              for k, p in candidate_predictions(noshift, comparison).items()}
+        ns_preds = {k: p.loc[ids].to_numpy() for k, p in candidate_predictions(noshift, comparison).items()}
+        ns = {k: float((p == y).mean()) for k, p in ns_preds.items()}
     loco, best = comparison.groupby("method")["accuracy"].mean(), max(acc.values())
     cands = [{**case, "candidate": k, "loco": round(float(loco[k]), 5), "test": round(acc[k], 5),
               "noshift": round(ns.get(k, np.nan), 5)} for k in sorted(acc)]
@@ -150,6 +150,8 @@ def score_case(case: dict, features: dict, comparison: pd.DataFrame, hits: dict,
                       "regret": round(best - right, 5), "noshift": round(ns.get(shipped, np.nan), 5),
                       "shift_penalty": round(ns.get(shipped, np.nan) - right, 5)})
         frame[f"rule:{name}"] = d["pred"]
+        if ns_preds:  # what this rule shipped, on the no-shift patches (the shift penalty, paired)
+            frame[f"noshift:{name}"] = ns_preds[shipped]
     for label, p in preds.items():
         frame[label] = p.to_numpy()
     return cands, rules, frame
@@ -203,20 +205,46 @@ def main():
     pd.DataFrame(cand_rows).to_csv(f"{base}-candidates.csv", index=False)
     pd.DataFrame(rule_rows).to_csv(f"{base}-rules.csv", index=False)
     pd.concat(patches, ignore_index=True).to_csv(f"{base}-patches.csv.gz", index=False)
-    print(summary(pd.DataFrame(rule_rows), pd.concat(patches, ignore_index=True)))
-    print(f"wrote {base}-{{candidates,rules}}.csv, {base}-patches.csv.gz")
+    text = summary(pd.DataFrame(rule_rows), pd.concat(patches, ignore_index=True))
+    Path(f"{base}-summary.txt").write_text(text + "\n")
+    print(text)
+    print(f"wrote {base}-{{candidates,rules}}.csv, {base}-patches.csv.gz, {base}-summary.txt")
 
 
 def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -> str:
-    """Per rule: cases, mean and worst regret, mean shift penalty; the shipped predictions against `against`'s,
-    paired over every case's patches (clusters: patch ids)."""
-    lines = ["rule        cases  mean regret  worst  (points)  vs " + against + ", pooled paired (95% CI)"]
-    right = {c: (patches[c] == patches["label"]).to_numpy() for c in patches.columns if c.startswith("rule:")}
+    """Per rule: cases, mean and worst regret, its shipped predictions against `against`'s (paired over every case's
+    patches; clusters: patch ids); per set and center, the rules' regret; the shift penalty of what each rule
+    shipped (paired: the same patches without and with the shift); mixed against fine-tuned under each rule."""
+    def hits(frame: pd.DataFrame, col: str) -> np.ndarray:
+        return (frame[col] == frame["label"]).to_numpy()
+
+    out = [f"cases: {len(rules.groupby(['center', 'seed', 'set']))} ({', '.join(f'{k}: {v}' for k, v in rules.groupby('set')['seed'].apply(lambda x: sorted(set(x))).items())} seeds), "
+           f"centers {sorted(rules['center'].unique())}; points = 0.01 accuracy",
+           "", f"rule        cases  mean regret  worst   shipped - {against}'s, pooled paired (95% CI)"]
     for name, part in rules.groupby("rule", sort=False):
-        p = compare(right[f"rule:{name}"], right[f"rule:{against}"], patches["id"])
-        lines.append(f"{name:<11} {len(part):>5}  {100 * part['regret'].mean():>11.2f}  {100 * part['regret'].max():>5.2f}"
-                     f"            {p.text()}")
-    return "\n".join(lines)
+        p = compare(hits(patches, f"rule:{name}"), hits(patches, f"rule:{against}"), patches["id"])
+        out.append(f"{name:<11} {len(part):>5}  {100 * part['regret'].mean():>11.2f}  {100 * part['regret'].max():>5.2f}"
+                   f"   {p.text()}")
+    out += ["", "regret per set and center (points, mean over seeds):",
+            (100 * rules.pivot_table(index=["set", "center"], columns="rule", values="regret", sort=False)).round(2)
+            .to_string()]
+    if any(c.startswith("noshift:") for c in patches.columns):
+        out += ["", "shift penalty of what each rule shipped: no-shift minus shifted, same models and patches, pooled paired:"]
+        for name in rules["rule"].unique():
+            for key, part in patches.dropna(subset=[f"noshift:{name}"]).groupby(["set", "center"], sort=False):
+                p = compare(hits(part, f"noshift:{name}"), hits(part, f"rule:{name}"), part["id"])
+                out.append(f"  {name:<10} {key[0]:<10} {key[1]:<8} {100 * p.acc_b:.1f} -> {100 * p.acc_a:.1f} without the "
+                           f"shift: {p.text()}")
+    keys = ["center", "seed", "id"]
+    for name in rules["rule"].unique():
+        mixed = patches[patches["set"] == "mixed"].set_index(keys)
+        tuned = patches[patches["set"] == "fine-tuned"].set_index(keys)
+        both = mixed.index.intersection(tuned.index)
+        if len(both):
+            m, t = mixed.loc[both], tuned.loc[both]
+            p = compare(hits(m, f"rule:{name}"), hits(t, f"rule:{name}"), both.get_level_values("id"))
+            out.append(f"mixed - fine-tuned set, rule {name}: {p.text()}")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,15 @@ def compare(a, b, clusters=None, level: float = LEVEL) -> Paired:
     return Paired(n=n, clusters=groups, acc_a=float(a.mean()), acc_b=float(b.mean()), diff=diff,
                   lo=diff - half, hi=diff + half, only_a=int((a & ~b).sum()), only_b=int((~a & b).sum()),
                   z=mcnemar_z(a, b), level=level)
+
+
+def worst_case(acc_a: float, acc_b: float, patches: int, level: float = LEVEL) -> tuple[float, float]:
+    """The widest paired interval of A - B that two accuracies on the same `patches` allow, for results whose
+    per-patch predictions were not kept: every error of one set a patch the other gets right (the largest
+    discordance, P(d != 0) = (1 - acc_a) + (1 - acc_b)), and repeats of the same patches (seeds, re-stained
+    centers) perfectly correlated, so only the distinct patches count. A difference decisive under it is
+    decisive under any discordance; one that is not may still be, measured paired."""
+    diff = acc_a - acc_b
+    var = max(min(1.0, (1 - acc_a) + (1 - acc_b)) - diff ** 2, 0.0) / patches
+    half = float(norm.ppf(0.5 + level / 2) * np.sqrt(var))
+    return diff - half, diff + half

@@ -32,8 +32,8 @@ def local_links(path: Path) -> list[str]:
 def test_slug_matches_github():
     assert slug("`prepare` at competition scale (2-core CPU machine, 24 GiB RAM, no GPU, 2026-11-24)") == \
         "prepare-at-competition-scale-2-core-cpu-machine-24-gib-ram-no-gpu-2026-11-24"
-    assert slug("Plain or AdaBN predictions: how the stack stage decides") == \
-        "plain-or-adabn-predictions-how-the-stack-stage-decides"
+    assert slug("Plain, adapted or both: how the stack stage chooses") == \
+        "plain-adapted-or-both-how-the-stack-stage-chooses"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

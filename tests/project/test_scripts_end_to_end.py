@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from histoshift.data.h5_reader import list_ids
+from histoshift.rules import DEFAULT
 from histoshift.stages.submit import check_submission
 
 from helpers import clone as make_clone
@@ -67,7 +68,7 @@ def test_train_then_infer_on_the_demo(tmp_path):
     report = (demo / "work" / "report" / "report.md").read_text()
     for picture in ("../cache/overview.png", "../cache/colours.png", "curves.png", "feature_map.png", "combiners.png"):
         assert f"]({picture})" in report and (demo / "work" / "report" / picture).stat().st_size > 1000, picture
-    assert f"by the rule '{choice['rule']}'" in report and choice["rule"] == "margin"
+    assert f"by the rule '{choice['rule']}'" in report and choice["rule"] == DEFAULT
     # the scripts reach every candidate: FOURIER=1 predicts the Fourier sets (one beta here) and the stack weighs
     # them; RULE picks the rule
     proc = subprocess.run(["bash", "infer.sh"], cwd=clone, env={**env, "FOURIER": "1", "FOURIER_BETAS": "0.03",

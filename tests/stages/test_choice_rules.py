@@ -161,3 +161,19 @@ def test_fold_model_disagreement_by_hand():
     # patch 0: two say 1, two say 0 -> 4 of 6 pairs differ; patch 1: none; patch 2: one against three -> 3 of 6
     assert disagreement(votes).tolist() == pytest.approx([4 / 6, 0.0, 0.5, 0.0])
     assert disagreement(votes[:1]).tolist() == [0.0] * 4
+
+
+def test_worst_case_interval_of_two_accuracies_by_hand():
+    from histoshift.paired import worst_case
+
+    # 0.843 vs 0.838 on 1,454 patches: discordance at most 0.157 + 0.162 = 0.319, var <= (0.319 - 0.005^2) / 1454
+    lo, hi = worst_case(0.843, 0.838, 1454)
+    half = 1.959964 * np.sqrt((0.319 - 0.005 ** 2) / 1454)
+    assert (lo, hi) == pytest.approx((0.005 - half, 0.005 + half), abs=1e-6) and lo < 0 < hi
+    assert worst_case(0.858, 0.720, 1454)[0] > 0.1  # +13.8 points: decisive whatever the discordance
+    # no measured paired interval of the same accuracies can be wider
+    a = np.ones(1000, dtype=bool)
+    b = np.ones(1000, dtype=bool)
+    a[:200], b[200:450] = False, False  # 0.80 vs 0.75, errors disjoint (discordance 0.45): the worst case itself
+    p = compare(a, b)
+    assert (p.lo, p.hi) == pytest.approx(worst_case(0.80, 0.75, 1000), abs=2e-4)
