@@ -177,3 +177,14 @@ def test_worst_case_interval_of_two_accuracies_by_hand():
     a[:200], b[200:450] = False, False  # 0.80 vs 0.75, errors disjoint (discordance 0.45): the worst case itself
     p = compare(a, b)
     assert (p.lo, p.hi) == pytest.approx(worst_case(0.80, 0.75, 1000), abs=2e-4)
+
+
+def test_stack_help_names_every_registered_rule_and_the_default(capsys):
+    from histoshift.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["stack", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in RULES:
+        assert name in text, name
+    assert f"{DEFAULT} (the default" in text

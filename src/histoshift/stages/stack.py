@@ -19,9 +19,11 @@ def arguments(p) -> None:
     p.add_argument("--prior", type=float, default=0.5, metavar="SHARE",
                    help="the test center's known share of tumour patches (0.5: balanced); thresholding to it is "
                         "scored leave-one-center-out and used only where it helps (0: never)")
+    # the names, not the registry: importing rules.py would import torch and LightGBM into every stage's --help
     p.add_argument("--rule", default=None, metavar="NAME",
-                   help="how the prediction set is chosen (rules.py): " + ", ".join(
-                       f"{name}: {r.summary}".replace("%", "%%") for name, r in _rules().items()) + f" (default: {_default()})")
+                   help="how the prediction set is chosen (rules.py, docs/design.md): loco, margin (the default: "
+                        "adapted unless plain is better leave one center out by more than a point beyond doubt), "
+                        "agreement, entropy, rank_both or adapted")
     p.add_argument("--log-with", default="", metavar="NAMES",
                    help="experiment trackers for the comparison table, e.g. tensorboard (Accelerate's names, comma-"
                         "separated; files in work/stack/tracker/)")
