@@ -1,6 +1,7 @@
 """Regret of the stack's choice rules, and the shift penalty, on the accuracy benchmark's trained ensembles.
 
     python bench/regret.py [--work work/bench_accuracy] [--seeds 0 1 2] [--noshift [SEED ...]] [--tag NAME]
+    python bench/regret.py --summary-of bench/results/regret-<date>-<tag>     (the summary of saved files again)
 
 Trains nothing: it re-stacks the runs that
 `python bench/accuracy.py --rows none --ensemble --frozen-ensemble --mixed --configs configs/lite0_dann.yaml
@@ -47,6 +48,7 @@ from histoshift.rules import RULES, split_label
 from histoshift.runs import find_runs
 from histoshift.stack import ADAPTED, BOTH, PRIOR, disagreement, fit_stacker, join_sets, predict
 
+META = ("id", "label", "center", "seed", "set")  # the per-patch frame's columns that are not predictions
 SETS = {"fine-tuned": ("lite0_dann",), "frozen": ("lite0_dann_frozen",), "mixed": ("lite0_dann", "lite0_dann_frozen")}
 
 
@@ -168,7 +170,14 @@ def main():
                     help="also predict the no-shift patches (for the seeds given; none given: every seed)")
     ap.add_argument("--tag", default="lite0")
     ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
+    ap.add_argument("--summary-of", metavar="PREFIX",
+                    help="only write the summary of the files PREFIX-rules.csv and PREFIX-patches.csv.gz again")
     a = ap.parse_args()
+    if a.summary_of:
+        text = summary(pd.read_csv(f"{a.summary_of}-rules.csv"), pd.read_csv(f"{a.summary_of}-patches.csv.gz"))
+        Path(f"{a.summary_of}-summary.txt").write_text(text + "\n")
+        print(text)
+        return
     work, pcam, acc = Path(a.work), Path(a.pcam), Accelerator()
     noshift_seeds = None if a.noshift is None else set(a.noshift or a.seeds)
     hidden = Elsewhere(pcam, work, "hidden_patches", bench.HIDDEN_CENTER, "hidden center (prediction only)", acc)
@@ -218,13 +227,22 @@ def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -
     def hits(frame: pd.DataFrame, col: str) -> np.ndarray:
         return (frame[col] == frame["label"]).to_numpy()
 
-    out = [f"cases: {len(rules.groupby(['center', 'seed', 'set']))} ({', '.join(f'{k}: {v}' for k, v in rules.groupby('set')['seed'].apply(lambda x: sorted(set(x))).items())} seeds), "
+    seeds = rules.groupby("set")["seed"].apply(lambda x: sorted(set(x)))
+    out = [f"cases: {len(rules.groupby(['center', 'seed', 'set']))} ({', '.join(f'{k}: seeds {v}' for k, v in seeds.items())}), "
            f"centers {sorted(rules['center'].unique())}; points = 0.01 accuracy",
-           "", f"rule        cases  mean regret  worst   shipped - {against}'s, pooled paired (95% CI)"]
+           "", f"rule        cases  mean regret  worst  regret decisive*  shipped - {against}'s, pooled paired (95% CI)"]
+    cases = {key: part for key, part in patches.groupby(["center", "seed", "set"], sort=False)}
     for name, part in rules.groupby("rule", sort=False):
         p = compare(hits(patches, f"rule:{name}"), hits(patches, f"rule:{against}"), patches["id"])
+        decisive = 0
+        for _, row in part.iterrows():  # the best candidate against what shipped, on that case's patches
+            frame = cases[(row["center"], row["seed"], row["set"])]
+            best = max((c for c in frame.columns if c not in META and not c.startswith(("rule:", "noshift:"))),
+                       key=lambda c: hits(frame, c).mean())
+            decisive += compare(hits(frame, best), hits(frame, f"rule:{name}")).decisive
         out.append(f"{name:<11} {len(part):>5}  {100 * part['regret'].mean():>11.2f}  {100 * part['regret'].max():>5.2f}"
-                   f"   {p.text()}")
+                   f"  {decisive:>6} of {len(part):<8} {p.text()}")
+    out.append("* cases where the best candidate beats what shipped decisively (paired 95% interval above 0)")
     out += ["", "regret per set and center (points, mean over seeds):",
             (100 * rules.pivot_table(index=["set", "center"], columns="rule", values="regret", sort=False)).round(2)
             .to_string()]
