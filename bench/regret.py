@@ -253,6 +253,12 @@ def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -
                 p = compare(hits(part, f"noshift:{name}"), hits(part, f"rule:{name}"), part["id"])
                 out.append(f"  {name:<10} {key[0]:<10} {key[1]:<8} {100 * p.acc_b:.1f} -> {100 * p.acc_a:.1f} without the "
                            f"shift: {p.text()}")
+    out += ["", "candidates against each other, pooled paired (every case; per center):"]
+    for a, b in (("mean+adabn", "mean"), ("stack+adabn", "mean+adabn"), ("rank+both", "mean+adabn"),
+                 ("mean+adabn@prior", "mean+adabn"), ("mean@prior", "mean")):
+        if a in patches and b in patches:
+            parts = [("all", patches), *patches.groupby("center", sort=False)]
+            out += [f"  {a} - {b}, {key}: {compare(hits(f, a), hits(f, b), f['id']).text()}" for key, f in parts]
     keys = ["center", "seed", "id"]
     for name in rules["rule"].unique():
         mixed = patches[patches["set"] == "mixed"].set_index(keys)
