@@ -9,8 +9,9 @@ number of donors is chosen here, and beta by which set); and, with adapted predi
 by side ("+both"). Every combiner on every set is scored leave one center out (LOCO) on the out-of-fold patches;
 a rule (rules.py, `stack --rule`, default rules.DEFAULT) then picks the set. The default was chosen by its regret
 on two unseen centers (the best candidate there minus what shipped), not by LOCO: the labelled centers are milder
-stain shifts than a new hospital, and LOCO vetoes of the adapted set cost up to 4.3 points (docs/benchmarks.md,
-"Which rule ships"). The decision record (stackdir.StackChoice) keeps the rule, its evidence, and what every other rule would have picked.
+stain shifts than a new hospital, and LOCO vetoes of the adapted set cost up to 4.75 points (docs/benchmarks.md,
+"Which rule ships"). The decision record (stackdir.StackChoice) keeps the rule, its evidence, and what every other
+rule would have picked.
 
 Prior matching: the competition's test center is exactly balanced. Each combiner is also scored thresholded so
 that that share of patches is predicted positive (`mean@prior`, ...; the labelled centers are balanced as well);
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .data.cache import Cache
@@ -64,8 +64,8 @@ def fourier_sets(runs: list[RunDir], cache: Cache) -> dict[str, tuple[str, int]]
 def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0,
                             prior: float | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """Features of the plain predictions (""), and, when every fold model has them, of the adapted ones (ADAPTED)
-    and of both side by side (BOTH), and of each Fourier set and number of donors; the leave-one-center-out comparison of every combiner on each
-    set; per-patch hits."""
+    and of both side by side (BOTH), and of each Fourier set and number of donors; the leave-one-center-out
+    comparison of every combiner on each set; per-patch hits."""
     features = {"": build_features(runs, folds_csv, cache)}
     if adapted_ready(runs, cache):
         features[ADAPTED] = build_features(runs, folds_csv, cache, adapted=True)

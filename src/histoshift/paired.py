@@ -68,6 +68,11 @@ class Paired:
         return out
 
 
+def _half_width(var: float, level: float) -> float:
+    """Half the normal interval of a difference with variance `var` at `level`."""
+    return float(NormalDist().inv_cdf(0.5 + level / 2) * np.sqrt(var))
+
+
 def mcnemar_z(a, b) -> float:
     """Paired evidence that predictions with hits `a` beat those with hits `b` on the same patches."""
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
@@ -94,7 +99,7 @@ def compare(a, b, clusters=None, level: float = LEVEL) -> Paired:
     diff = float(d.mean())
     groups = len(sums)
     var = groups / (groups - 1) * float(((sums - diff * sizes) ** 2).sum()) / n ** 2 if groups > 1 else 0.0
-    half = float(NormalDist().inv_cdf(0.5 + level / 2) * np.sqrt(var))
+    half = _half_width(var, level)
     return Paired(n=n, clusters=groups, acc_a=float(a.mean()), acc_b=float(b.mean()), diff=diff,
                   lo=diff - half, hi=diff + half, only_a=int((a & ~b).sum()), only_b=int((~a & b).sum()),
                   z=mcnemar_z(a, b), level=level)
@@ -108,5 +113,5 @@ def worst_case(acc_a: float, acc_b: float, patches: int, level: float = LEVEL) -
     decisive under any discordance; one that is not may still be, measured paired."""
     diff = acc_a - acc_b
     var = max(min(1.0, (1 - acc_a) + (1 - acc_b)) - diff ** 2, 0.0) / patches
-    half = float(NormalDist().inv_cdf(0.5 + level / 2) * np.sqrt(var))
+    half = _half_width(var, level)
     return diff - half, diff + half

@@ -159,8 +159,9 @@ class Margin(Rule):
 
 def _unsupervised(c: Candidates, score: Callable[[pd.DataFrame, list[str]], float], key: str) -> Pick:
     """The set with the lowest `score` on the test center (ties: plain, adapted, Fourier), its LOCO-best combiner."""
-    scores = {s: float(score(c.features[s][1], c.features[s][2])) for s in c.sets()}
-    best = min(scores, key=lambda s: (scores[s], c.sets().index(s)))
+    order = c.sets()
+    scores = {s: float(score(c.features[s][1], c.features[s][2])) for s in order}
+    best = min(scores, key=lambda s: (scores[s], order.index(s)))
     return Pick(c.best(best), {key: {s or "plain": round(v, 5) for s, v in scores.items()}})
 
 
