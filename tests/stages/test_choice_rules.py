@@ -188,3 +188,11 @@ def test_stack_help_names_every_registered_rule_and_the_default(capsys):
     for name in RULES:
         assert name in text, name
     assert f"{DEFAULT} (the default" in text
+
+
+def test_an_unknown_rule_stops_the_stack_stage_in_one_line(tmp_path, capsys):
+    from histoshift.cli import main
+
+    assert main(["--root", str(tmp_path), "stack", "--rule", "oracle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rule oracle" in err[0] and "margin" in err[0]

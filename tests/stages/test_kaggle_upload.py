@@ -50,6 +50,7 @@ def test_the_message_says_what_the_submission_was_made_from(finished):
     method = choice["method"]
     assert "head seeds 0 x 4 folds" in text and f"combiner {method}" in text
     assert f"LOCO acc {choice['loco_accuracy'][method]:.4f}" in text and choice["lineage"]["cache"] in text
+    assert f"set {choice['prediction_set'].lstrip('+') or 'plain'} by rule {choice['rule']}" in text  # rule named
     assert len(text) <= 500
 
 
