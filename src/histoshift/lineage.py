@@ -52,6 +52,6 @@ def changed(recorded: dict, current: dict, prefix: str = "") -> list[str]:
             out += changed(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}")
-    if f"{prefix}features" in out and f"{prefix}features_content" in out:  # another store: its content follows
-        out.remove(f"{prefix}features_content")
+    if f"{prefix}features" in out:  # another store: its content (per split) follows
+        out = [k for k in out if not k.startswith(f"{prefix}features_content")]
     return out

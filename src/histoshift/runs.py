@@ -42,6 +42,7 @@ INPUT_NAMES = {"cache.train": "the cached train.h5", "cache.val": "the cached va
                "folds": "folds.csv", "features": "the feature store (new weights, views or cache)",
                "stain_gan": "the stain GAN's generator (trained again)",
                "features_content": "the stored features (embedded again since)",
+               **{f"features_content.{s}": f"the stored {s} features (embedded again since)" for s in ("train", "val", "test")},
                "pseudo": "the stack's test predictions it took pseudo-labels from", "task": "the kind of model"}
 
 

@@ -88,7 +88,7 @@ class LinkError(HistoshiftError, OSError):
     """A path histoshift would write through is a symbolic link (planted, or left by another tool)."""
 
 
-def _open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
+def open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
     """os.open that never follows a symbolic link at `path` (O_NOFOLLOW: checked and opened in one call)."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW, mode & ~_UMASK)
@@ -100,7 +100,7 @@ def _open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
 
 def append_text(path: Path, text: str) -> None:
     """Append to a log file (metrics.jsonl), never through a symbolic link."""
-    fd = _open_nofollow(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = open_nofollow(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     with os.fdopen(fd, "a") as f:
         f.write(text)
 
@@ -110,7 +110,7 @@ def open_npy(path: Path, mode: str = "r+"):
     a link planted between a check and its open would be followed). ValueError: not a .npy array file."""
     import numpy as np
 
-    fd = _open_nofollow(Path(path), os.O_RDWR if mode == "r+" else os.O_RDONLY)
+    fd = open_nofollow(Path(path), os.O_RDWR if mode == "r+" else os.O_RDONLY)
     with os.fdopen(fd, "r+b" if mode == "r+" else "rb") as f:
         version = np.lib.format.read_magic(f)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
@@ -183,7 +183,7 @@ class Lock:
     def __enter__(self) -> "Lock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:  # never through a symlink: the holder's pid would overwrite the link's target
-            fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except LinkError:
             raise LockError(f"{self.path}: is a symbolic link; a lock file is never opened through one "
                             "(remove the link)") from None

@@ -34,7 +34,7 @@ def test_a_chunk_embedded_again_with_other_bytes_makes_the_run_stale(finished, m
                         lambda self, *a, **k: real(self, *a, **k) + np.float16(0.01))  # "another GPU"
     assert main(["--root", str(finished), "infer", "--force"]) == 2
     line = one_error_line(capsys)
-    assert "the stored features (embedded again since)" in line and "retrain" in line, line
+    assert "the stored test features (embedded again since)" in line and "retrain" in line, line
 
 
 def test_a_chunk_embedded_again_with_the_same_bytes_is_used(finished, capsys):
@@ -44,20 +44,79 @@ def test_a_chunk_embedded_again_with_the_same_bytes_is_used(finished, capsys):
     arr.flush()
     del arr
     assert main(["--root", str(finished), "infer", "--force"]) == 0  # CPU: the same bytes again
-    assert "do not match their checksums; embedding that again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chunk(s) test-0 do not match their checksums; embedding again 1 chunk(s) (test-0), meta.json" in out, out
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header"])
-def test_a_store_file_with_a_damaged_header_or_length_is_embedded_again(finished, capsys, damage):
+def _other_gpu(monkeypatch):
+    """Embeddings that differ from the first ones (GPU kernels are not bit-reproducible)."""
+    from histoshift.features import embedder
+
+    real = embedder.Embedder.__call__
+    monkeypatch.setattr(embedder.Embedder, "__call__", lambda self, *a, **k: real(self, *a, **k) + np.float16(0.01))
+
+
+def _snapshot(store):
+    return {p.name: p.read_bytes() for p in [*store.glob("features_*.npy"), *(store / "progress").iterdir()]}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "missing"])
+def test_a_damaged_split_file_costs_that_split_alone(finished, capsys, monkeypatch, damage):
+    """Re-embedded with other bytes (as on a GPU), the val split comes back alone: the train and test files and
+    their chunk markers are the bytes they were (the old code deleted and embedded all three); the message says
+    what is embedded again and why; the runs that read val are refused naming it."""
     store = _store(finished)
+    before = _snapshot(store)
     path = store / "features_val.npy"
-    good = np.load(path).copy()
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64 + data[64:])
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64 + data[64:])
+    _other_gpu(monkeypatch)
+    assert main(["--root", str(finished), "embed", "--config", str(finished.parent / "head.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: " in out and "embedding again the val split's file, meta.json (the rest is kept" in out, out
+    after = _snapshot(store)
+    assert sorted(after) == sorted(before)
+    kept = [n for n in before if "val" not in n]
+    assert len(kept) >= 4 and all(after[n] == before[n] for n in kept)
+    assert after["features_val.npy"] != before["features_val.npy"]  # embedded again, with the new bytes
+    assert main(["--root", str(finished), "infer", "--force"]) == 2
+    assert "the stored val features (embedded again since)" in one_error_line(capsys)
+
+
+def test_a_damaged_meta_json_costs_meta_json_alone(finished, capsys, monkeypatch):
+    """Its chunks are verified and kept: no feature is embedded again, so every head stays valid."""
+    store = _store(finished)
+    before = _snapshot(store)
+    (store / "meta.json").write_text('{"spec": {"vie')
+    _other_gpu(monkeypatch)
     assert main(["--root", str(finished), "infer", "--force"]) == 0
     out = capsys.readouterr().out
-    assert str(path) in out and "embedding that again" in out, out
-    np.testing.assert_array_equal(np.load(path), good)
+    assert "meta.json: not the store's record (JSONDecodeError); embedding again meta.json" in out, out
+    assert _snapshot(store) == before
+    assert json.loads((store / "meta.json").read_text())["spec"]["views"] == 8
+
+
+def test_a_read_the_system_refuses_deletes_nothing(finished, capsys, monkeypatch):
+    """EIO (or EACCES, EMFILE) while the store is opened: one line naming the file, exit 2, every file kept."""
+    import errno
+
+    store = _store(finished)
+    before = _snapshot(store)
+    real = np.load
+
+    def failing(file, *a, **k):
+        if str(file).endswith("features_val.npy"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(file, *a, **k)
+
+    monkeypatch.setattr(np, "load", failing)
+    assert main(["--root", str(finished), "infer", "--force"]) == 2
+    line = one_error_line(capsys)
+    assert "features_val.npy: cannot be read now (OSError: Input/output error); nothing was deleted" in line, line
+    assert _snapshot(store) == before and (store / "meta.json").exists()
 
 
 def test_logs_are_never_appended_through_a_planted_link(tmp_path):
@@ -90,3 +149,42 @@ def test_the_features_memory_map_is_never_opened_through_a_link(finished, tmp_pa
     with pytest.raises(LinkError, match="is a symbolic link"):
         open_npy(link, "r+")
     assert json.loads((store / "meta.json").read_text())  # the store itself untouched
+
+
+def _hold(store, mode):
+    """Another process holding the store's lock as a reader (a head training on it) or as `embed` does."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from histoshift.features.lock import StoreLock; StoreLock.of({str(store)!r}).{mode}(); "
+            "print('held', flush=True); sys.stdin.readline()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_no_repair_under_a_reader_and_no_reading_during_a_rebuild(finished, capsys):
+    """Two processes: while one reads the store, a repair in another is refused before it deletes anything; while
+    one embeds it, a head's stage is refused before it reads anything; each in one line naming the other side."""
+    store = _store(finished)
+    arr = np.load(store / "features_test.npy", mmap_mode="r+")
+    arr[0] = 0  # a chunk to repair
+    arr.flush()
+    del arr
+    before = _snapshot(store)
+    reader = _hold(store, "shared")
+    try:
+        assert main(["--root", str(finished), "embed", "--config", str(finished.parent / "head.yaml")]) == 2
+        line = one_error_line(capsys)
+        assert "the feature store is read by another process (a head training or predicting on it)" in line, line
+        assert _snapshot(store) == before and (store / "meta.json").exists()
+    finally:
+        reader.communicate("\n")
+    writer = _hold(store, "exclusive")
+    try:
+        assert main(["--root", str(finished), "infer", "--force"]) == 2
+        line = one_error_line(capsys)
+        assert f"is being embedded or rebuilt by embed, pid {writer.pid}" in line, line
+    finally:
+        writer.communicate("\n")
+    assert main(["--root", str(finished), "infer", "--force"]) == 0  # nobody else: repaired (CPU: same bytes)

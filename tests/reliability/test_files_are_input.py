@@ -2,6 +2,7 @@
 code, write outside its root or train on what it should not. Each test here fails on the code before it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -209,7 +210,7 @@ def test_a_damaged_store_chunk_is_embedded_again_never_trained_on(prepared_root,
     del arr
     capsys.readouterr()
     assert main(embed) == 0
-    assert "train-0 do not match their checksums; embedding that again" in capsys.readouterr().out
+    assert "train-0 do not match their checksums; embedding again 1 chunk(s) (train-0)" in capsys.readouterr().out
     np.testing.assert_array_equal(np.load(store / "features_train.npy"), good)  # CPU embedding is deterministic
     assert main(embed) == 0 and "checksums" not in capsys.readouterr().out  # verified now
 
@@ -239,8 +240,9 @@ def test_non_finite_features_from_the_backbone_are_one_line(prepared_root, tmp_p
 
 def test_weights_replaced_in_the_hub_cache_under_the_same_revision_reembed_and_stale_the_heads(
         hf_cache, prepared_root, tmp_path, capsys):
-    """The store key covers the snapshot's revision; meta.json also records its files (blob, size, time,
-    config text): weights replaced in place embed again, and the heads trained on the old features refuse."""
+    """The store key covers the snapshot's revision; meta.json also records its files (blob, size, config text):
+    weights replaced under the same revision embed again, and the heads trained on the old features refuse. (A
+    blob edited in place is refused: test_verified_once.py.)"""
     from histoshift.models.foundation import RECIPES
     from histoshift.models.foundation.standin import write_standin
     from helpers import fm_config
@@ -254,15 +256,18 @@ def test_weights_replaced_in_the_hub_cache_under_the_same_revision_reembed_and_s
     meta = json.loads((_store(root) / "meta.json").read_text())
     assert "model.safetensors" in meta["weights_files"] and "config.json" in meta["weights_files"]
     other = write_standin(RECIPES["hoptimus0"], tmp_path / "other", layout="dir", seed=1)
-    weights = folder / "model.safetensors"
-    target = weights.resolve()  # the blob: replaced in place, the revision and blob name unchanged
-    shutil.copyfile(other / "model.safetensors", target)
+    weights = folder / "model.safetensors"  # the snapshot's link now names another blob (the revision unchanged)
+    data = (other / "model.safetensors").read_bytes()
+    blob = weights.resolve().parent / hashlib.sha256(data).hexdigest()
+    blob.write_bytes(data)
+    weights.unlink()
+    weights.symlink_to(os.path.relpath(blob, weights.parent))
     capsys.readouterr()
     assert main(r + ["embed", "--config", str(tmp_path / "c.yaml")]) == 0
     assert "model.safetensors changed in the Hugging Face cache since the store was embedded" in capsys.readouterr().out
     assert len(list((root / "work" / "features").iterdir())) == 1  # same key, embedded again
     assert main(r + ["infer"]) == 2
-    assert "the stored features (embedded again since) changed since the run was trained" in one_error_line(capsys)
+    assert "the stored train features (embedded again since)" in one_error_line(capsys)
     # a config.json edited in place (its text): embedded again as well
     config = folder / "config.json"
     config.resolve().write_text(config.read_text().replace("{", '{"edited": true, ', 1))

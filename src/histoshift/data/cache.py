@@ -25,6 +25,7 @@ import pandas as pd
 
 from ..errors import Missing
 from ..lineage import StaleError
+from ..verified import VERIFIED, Record
 from .h5_reader import InputError
 
 SPLITS = ("train", "val", "test")
@@ -89,28 +90,41 @@ def _file_entry(path: Path) -> dict:
 _DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, ctime) -> content digest, within a process
 
 
-def file_digest(path: Path) -> str:
+def _blake2b(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def file_digest(path: Path, record: Record | None = None) -> str:
     """A digest of a file's bytes (blake2b; Python's file_digest reads in large blocks at about 1 GB/s a core),
-    memoised per (path, size, mtime, ctime) within a process."""
+    memoised per (path, size, mtime, ctime) within a process and, with the root's `record` (verified.py), across
+    processes and stages: a file is read again only when a stat says it may have changed since it was read."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _DIGESTS:
-        with open(path, "rb") as f:
-            _DIGESTS[key] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        _DIGESTS[key] = _blake2b(path) if record is None else record.digest(path, _blake2b, "blake2b")
     return _DIGESTS[key]
 
 
-def file_digests(input_dir: Path) -> dict:
+def file_digests(input_dir: Path, record: Record | None = None) -> dict:
     """The content digest of each input file. Stored in the manifest by prepare; compared whenever a file's
-    change time moved (`changed_inputs`) and, with `prepare --verify`, always."""
-    return {split: file_digest(Path(input_dir) / f"{split}.h5") for split in SPLITS}
+    change time moved (`changed_inputs`) and, with `prepare --verify`, whenever a stat cannot show it unchanged
+    since it was last read."""
+    return {split: file_digest(Path(input_dir) / f"{split}.h5", record) for split in SPLITS}
 
 
-def changed_inputs(input_dir: Path, manifest: dict, verify: bool = False) -> dict[str, str]:
+def record_of(cache_dir: Path) -> Record:
+    """The verification record of the root a cache belongs to (work/verified.json)."""
+    return Record(Path(cache_dir).parent / VERIFIED)
+
+
+def changed_inputs(input_dir: Path, manifest: dict, verify: bool = False,
+                   record: Record | None = None) -> dict[str, str]:
     """The input files that are not the ones the cache was built from -> how they changed. Size or modification
-    time differ: changed. Change time moved (or `verify`): the bytes are read and compared with the manifest's
-    digest, so an edit in place that kept size and modification time is caught. Missing files are not checked
-    (inputs moved away after prepare)."""
+    time differ: changed. Change time moved (or `verify`): the bytes are compared with the manifest's digest, so
+    an edit in place that kept size and modification time is caught - read only when the `record` cannot show
+    them unchanged since they were last read (a `cp -a` of the root costs one read per file, then stats).
+    Missing files are not checked (inputs moved away after prepare)."""
     input_dir, out = Path(input_dir), {}
     for split in SPLITS:
         path = input_dir / f"{split}.h5"
@@ -120,7 +134,7 @@ def changed_inputs(input_dir: Path, manifest: dict, verify: bool = False) -> dic
         if any(now[k] != then.get(k) for k in ("size", "mtime_ns")):
             out[split] = f"{path} changed since the cache was built (size or modification time)"
         elif (verify or now["ctime_ns"] != then.get("ctime_ns")) and \
-                file_digest(path) != manifest.get("content", {}).get(split):
+                file_digest(path, record) != manifest.get("content", {}).get(split):
             out[split] = f"{path} changed since the cache was built (in place: same size and modification time, " \
                          "other bytes)"
     return out
@@ -159,7 +173,7 @@ def check_inputs(input_dir: Path, cache_dir: Path) -> dict:
     """The cache's manifest, after checking that input/*.h5 are the files it was built from (`changed_inputs`;
     a folder without the files, e.g. inputs moved away after prepare, is not checked)."""
     manifest = read_manifest(cache_dir)
-    changed = changed_inputs(input_dir, manifest)
+    changed = changed_inputs(input_dir, manifest, record=record_of(cache_dir))
     if changed:
         raise StaleError(f"{'; '.join(changed.values())}; run prepare (then the stages after it recompute or refuse "
                          "what is stale)")

@@ -6,7 +6,7 @@ Embedding is the long step (a ViT-g over the competition runs for about an hour 
 runs in fixed chunks of rows written straight into the memory-mapped arrays; a chunk's marker file is
 written after its rows are flushed (with its checksum), and a killed run resumes at the first chunk without
 a marker; a chunk whose rows no longer match is embedded again, never trained on. For hub weights, meta.json
-also records the snapshot's files as they were (`snapshot_files`: blob names, sizes, times, config text hashes):
+also records the snapshot's files as they were (`snapshot_files`: blob names, sizes, config text hashes):
 a file replaced in the cache under the same revision makes the store embed again. Within a chunk, all views of a
 batch go through the backbone in one forward under the recipe's autocast precision, after the config's input
 transform (stain normalisation, grayscale); on a GPU the batch is fitted to free memory and halved on
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import find_executable_batch_size
+from accelerate.utils import broadcast_object_list, find_executable_batch_size
 from accelerate.utils.memory import should_reduce_batch_size
 from torch import nn
 
@@ -32,10 +31,12 @@ from ..data.cache import SPLITS, Cache
 from ..data.loader import read_ahead
 from ..precision import autocast
 from ..progress import bar as progress_bar
-from ..safeio import Lock
 from ..stain.hed import hed_transform
 from ..tta import per_view, view_stack
 from . import store as layout  # layout.CHUNK_ROWS read at call time: one fact, in store.py
+from ..verified import VERIFIED, Record
+from .lock import StoreLock
+from .repair import diagnose
 from .store import (FeatureError, FeatureStore, begin_store, finish_store, open_split, reserve_split, store_key,
                     views_of, write_chunk)
 
@@ -152,6 +153,9 @@ def _embed_split(path: Path, split: str, images: np.ndarray, embedder: Embedder,
     starts = [s for s in range(0, n, layout.CHUNK_ROWS) if not (marks / f"{split}-{s}").exists()]
     mine = starts[accelerator.process_index::accelerator.num_processes]
     done_before = n - sum(min(layout.CHUNK_ROWS, n - s) for s in starts)
+    if starts and done_before:
+        accelerator.print(f"embed: {path.name}: resuming {split} at row {starts[0]} ({done_before} of {n} rows stored "
+                          f"before, {len(starts)} chunk(s) to embed)")
     bar = progress_bar(total=n * n_views, initial=done_before * n_views, unit="img", unit_scale=True, smoothing=0.1,
                desc=f"embed {split} ({n_views} views)", main=accelerator.is_local_main_process)
     embedded = 0
@@ -176,67 +180,51 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
           spec: dict, robust: Path | None = None, fourier=None) -> FeatureStore:
     """The feature store of this config's backbone (`spec`: its `feature_spec`; `transform`: the config's
     InputTransform, applied before the views; `robust`: the tuned backbone's folder, with model.robustify):
-    reused when complete, resumed when partial. `fourier` (a data.donors.FourierTTA and a beta; `spec` then
-    carries their settings): instead of the TTA views, every patch's Fourier transfers to its donors."""
+    reused when complete, resumed when partial, and a damaged part (a split's file, chunks, meta.json) embedded
+    again alone. `fourier` (a data.donors.FourierTTA and a beta; `spec` then carries their settings): instead of
+    the TTA views, every patch's Fourier transfers to its donors.
+
+    Returns with this process holding the store's shared lock (StoreLock, until it exits): a rebuild elsewhere is
+    refused while it reads, and it is refused while one runs, so nothing is ever trained on a mixture. The
+    clean-up and the embedding run under the exclusive lock; what a full check found whole is recorded
+    (verified.py), so the next stage or fold only stats the files."""
     path = Path(root) / store_key(spec)
+    lock, record = StoreLock.of(path), Record(Path(root).parent / VERIFIED)
+    repair = None
     if (path / "meta.json").exists():
-        try:
-            stale = _stale_parts(FeatureStore(path), cfg)  # every process reads; the main one clears
-        except (OSError, ValueError) as e:  # a features file that is not an array of the store any more
-            stale = (f"its files cannot be read ({type(e).__name__}: {e})", [])
-            if accelerator.is_main_process:
-                for split in SPLITS:
-                    (path / f"features_{split}.npy").unlink(missing_ok=True)
-                shutil.rmtree(path / "progress", ignore_errors=True)
-        if not stale:
+        lock.shared()
+        repair = [diagnose(FeatureStore(path), cfg, record) if accelerator.is_main_process else None]
+        repair = broadcast_object_list(repair)[0]
+        if repair is None:
             return FeatureStore(path)
-        if accelerator.is_main_process:
-            reason, markers = stale
-            accelerator.print(f"embed: {path.name}: {reason}; embedding that again (nothing stale is trained on)")
-            (path / "meta.json").unlink()
-            for name in markers:
-                (path / "progress" / name).unlink(missing_ok=True)
-            (path / "progress").mkdir(exist_ok=True)
+        lock.release()  # every process: the main one takes the exclusive lock to repair
         accelerator.wait_for_everyone()
-    # one process embeds a store at a time (two head configs with the same backbone share it)
     created = not path.exists()
     try:
-        with Lock(path / ".lock", f"the feature store {path}") if accelerator.is_main_process else nullcontext():
-            return _embed_store(cfg, cache, path, accelerator, precision, transform, spec, robust, fourier)
+        if accelerator.is_main_process:
+            lock.exclusive()  # one process embeds a store at a time (two head configs on one backbone share it)
+            if repair is not None:
+                repair.apply(path, accelerator.print)
+        accelerator.wait_for_everyone()
+        _embed_store(cfg, cache, path, accelerator, precision, transform, spec, robust, fourier)
     except BaseException:  # a failed first attempt (weights unreadable, a bad recipe) leaves no folder behind
-        if created and accelerator.is_main_process and not any((path / "progress").glob("*")):
+        if created and accelerator.is_main_process and lock.mode == "exclusive" and \
+                not any((path / "progress").glob("*")):
+            lock.release()
             shutil.rmtree(path, ignore_errors=True)
         raise
-
-
-def _stale_parts(store: FeatureStore, cfg: Config) -> tuple[str, list[str]] | None:
-    """Why a complete store cannot be used as it is, and the chunk markers to clear: hub weight files that
-    changed in the cache since it was embedded (every chunk), or chunks that fail their checksum."""
-    recorded = store.meta.get("weights_files")
-    if recorded is not None:
-        from ..models.foundation import resolve_recipe
-        from ..models.foundation.hub import check_blob, snapshot_ctimes, snapshot_files
-
-        recipe = resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
-        now = snapshot_files(recipe)
-        moved = [name for name, entry in recorded.items() if now.get(name) != entry]
-        if moved:
-            return (f"{', '.join(moved)} changed in the Hugging Face cache since the store was embedded (same revision)",
-                    [m.name for m in (store.path / "progress").iterdir()])
-        ctimes, then = snapshot_ctimes(recipe), store.meta.get("weights_ctimes", {})
-        for name in recorded:  # same size and times, but written since: the bytes must still be the blob's
-            if ctimes.get(name) != then.get(name):
-                check_blob(recipe, name)
-    bad = store.bad_chunks()
-    if bad:
-        return f"chunk(s) {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} do not match their checksums", bad
-    return None
+    finally:
+        if accelerator.is_main_process:
+            lock.release()
+    accelerator.wait_for_everyone()
+    lock.shared()
+    return FeatureStore(path)
 
 
 def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator, precision: str, transform,
-                 spec: dict, robust: Path | None = None, fourier=None) -> FeatureStore:
+                 spec: dict, robust: Path | None = None, fourier=None) -> None:
     if (path / "meta.json").exists():  # completed by another process between the first check and the lock
-        return FeatureStore(path)
+        return
     from ..models.backbone import PatchClassifier  # here: a head's processes (train, infer) never import timm
 
     with torch.random.fork_rng(devices=[]):  # weights none (random features): the same store every time
@@ -270,11 +258,10 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
                 "seconds": round(seconds, 1), "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1)}
         if spec["backbone"].get("weights", {}).get("hub"):  # the snapshot's files as the weights were loaded
             from ..models.foundation import resolve_recipe
-            from ..models.foundation.hub import snapshot_ctimes, snapshot_files
+            from ..models.foundation.hub import snapshot_files
 
             recipe = resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
-            meta["weights_files"], meta["weights_ctimes"] = snapshot_files(recipe), snapshot_ctimes(recipe)
+            meta["weights_files"] = snapshot_files(recipe, Record(path.parent.parent / VERIFIED))
         finish_store(path, meta)
         accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
     accelerator.wait_for_everyone()
-    return FeatureStore(path)

@@ -29,6 +29,7 @@ from ..config import Config
 from ..data.cache import LABELLED, SPLITS
 from ..errors import HistoshiftError
 from ..safeio import DiskError, open_npy, reserve_npy, write_text
+from ..verified import Record, identity
 from .rows import NpyRows, TableRows
 
 # rows per resumable unit (fixed: a resumed run finds the same chunks; a store embedded with another value
@@ -140,29 +141,72 @@ def finish_store(path: Path, meta: dict) -> None:
     write_text(path / "meta.json", json.dumps(meta, indent=2, default=str))  # written last: the store is complete
 
 
+MARKER = re.compile(r"(train|val|test)-[0-9]+")  # a chunk's marker (a leftover temporary file is none)
+
+
+class StoreDamage(FeatureError):
+    """A part of the store that is not what was written (`part`: a split's file, or 'meta' for meta.json): the
+    embed stage embeds that part again, alone."""
+
+    def __init__(self, message: str, part: str):
+        super().__init__(message)
+        self.part = part
+
+
+def unreadable(file: Path, e: OSError) -> HistoshiftError:
+    """An error of the system, not of the bytes (permissions, EIO, too many open files): one line; nothing is
+    deleted or embedded again for it."""
+    return HistoshiftError(f"{file}: cannot be read now ({type(e).__name__}: {e.strerror or e}); nothing was deleted "
+                           "or embedded again; fix the cause and run again")
+
+
+def read_meta(path: Path) -> dict:
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+        meta["spec"]["views"]
+        return meta
+    except FileNotFoundError:
+        raise StoreDamage(f"{file}: missing", "meta") from None
+    except OSError as e:
+        raise unreadable(file, e) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreDamage(f"{file}: not the store's record ({type(e).__name__})", "meta") from None
+
+
 class FeatureStore:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.meta = json.loads((self.path / "meta.json").read_text())
-        self.views = self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
+
+    @cached_property
+    def meta(self) -> dict:
+        return read_meta(self.path)
+
+    @property
+    def views(self) -> int:
+        return self.meta["spec"]["views"]  # the TTA views every split has (labelled ones may have more)
+
+    def array(self, split: str) -> np.ndarray:
+        """A split's memory-mapped features; a file that is not the store's array (missing, truncated, its header
+        overwritten, another file) is StoreDamage naming it; the system refusing the read is one line."""
+        file = self.path / f"features_{split}.npy"
+        try:
+            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise StoreDamage(f"{file}: missing", split) from None
+        except (ValueError, EOFError) as e:
+            raise StoreDamage(f"{file}: cannot be read as the store's features ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'damaged'})", split) from None
+        except OSError as e:
+            raise unreadable(file, e) from None
+        if arr.ndim != 3 or arr.dtype != np.float16:
+            raise StoreDamage(f"{file}: holds {arr.dtype} of shape {arr.shape}, not the store's N x V x D float16 "
+                              "features", split)
+        return arr
 
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:
-        """The memory-mapped features per split; a file that is not the store's array (truncated, its header
-        overwritten, another file) is FeatureError naming it - the embed stage then embeds it again."""
-        out = {}
-        for split in SPLITS:
-            file = self.path / f"features_{split}.npy"
-            try:
-                out[split] = np.load(file, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                raise FeatureError(f"{file}: cannot be read as the store's features ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else 'damaged'}); run embed for this config "
-                                   "(it embeds the store again)") from None
-            if out[split].ndim != 3 or out[split].dtype != np.float16:
-                raise FeatureError(f"{file}: holds {out[split].dtype} of shape {out[split].shape}, not the store's "
-                                   "N x V x D float16 features; run embed for this config (it embeds the store again)")
-        return out
+        return {split: self.array(split) for split in SPLITS}
 
     @cached_property
     def files(self) -> dict[str, NpyRows]:
@@ -174,11 +218,24 @@ class FeatureStore:
     def dim(self) -> int:
         return self.arrays["train"].shape[-1]
 
-    def bad_chunks(self) -> list[str]:
+    def markers(self, split: str | None = None) -> list[Path]:
+        marks = self.path / "progress"
+        found = sorted(m for m in marks.iterdir() if MARKER.fullmatch(m.name)) if marks.is_dir() else []
+        return [m for m in found if split is None or m.name.startswith(f"{split}-")]
+
+    def bad_chunks(self, record: Record | None = None, splits=SPLITS) -> list[str]:
         """The chunks whose rows do not match the checksum in their marker (or have none): '<split>-<row>'.
-        Read a chunk at a time (not through the memory map: the check reads the whole store)."""
+        Read a chunk at a time (not through the memory map: the check reads the whole store). With a `record`, a
+        split verified before (same file by a stat, same markers) is not read again, and one found whole is
+        recorded."""
         bad = []
-        for split, rows in self.files.items():
+        for split in splits:
+            arr = self.array(split)
+            rows = NpyRows(arr.filename, arr.offset, arr.shape, arr.dtype)
+            file = Path(rows.path)
+            if record is not None and record.known(file, "chunks") == self.split_stamp(split):
+                continue
+            stat, before = identity(file), len(bad)
             for start in range(0, len(rows), CHUNK_ROWS):
                 marker = self.path / "progress" / f"{split}-{start}"
                 recorded = marker.read_text().strip() if marker.is_file() else ""
@@ -188,13 +245,18 @@ class FeatureStore:
                     digest = "truncated"
                 if recorded != digest:
                     bad.append(marker.name)
+            if record is not None and len(bad) == before:
+                record.remember(file, self.split_stamp(split), "chunks", stat)
         return bad
 
-    def stamp(self) -> str:
-        """The store's content identity: a hash of every chunk's checksum (runs record it)."""
-        marks = sorted((self.path / "progress").iterdir())
-        return hashlib.blake2b("".join(f"{m.name}={m.read_text().strip()};" for m in marks).encode(),
-                               digest_size=8).hexdigest()
+    def split_stamp(self, split: str) -> str:
+        """A split's content identity: a hash of its chunks' checksums."""
+        return bytes_digest("".join(f"{m.name}={m.read_text().strip()};" for m in self.markers(split)).encode())[:16]
+
+    def stamp(self) -> dict[str, str]:
+        """The store's content identity per split (runs record it: a split embedded again with other bytes makes
+        the runs that read it stale, and says which split)."""
+        return {split: self.split_stamp(split) for split in SPLITS}
 
     def rows(self, table: pd.DataFrame, views: int | None = None) -> np.ndarray:
         """Features (n x V x D, float16 as stored) of the table's patches, in its order: the first `views`

@@ -46,7 +46,7 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
     `workers`: reader processes (0: one per core, at most 8, for files of more than 8 chunks). Unchanged
     means same size and modification time, and with `verify` also the same bytes (`file_digests`)."""
     from ..data.build import build, default_workers, first_side, fingerprint
-    from ..data.cache import SPLITS, Contract, changed_inputs, file_digests, load_index, quality_report
+    from ..data.cache import SPLITS, Contract, changed_inputs, file_digests, load_index, quality_report, record_of
     from ..data.h5_reader import sorted_keys
     from ..data.quality import QualityRule
     from ..safeio import Lock, require_free, write_json
@@ -61,7 +61,7 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
             moved = [f"the {what} changed since the cache was built" for what in ("rule", "contract")
                      if old.get(what) != fp[what]]
             moved += ["the cache was built by an older version"] * (old.get("version") != fp["version"])
-            moved = moved or list(changed_inputs(input_dir, old, verify=verify).values())
+            moved = moved or list(changed_inputs(input_dir, old, verify=verify, record=record_of(cache_dir)).values())
             if not moved:
                 if old.get("files") != fp["files"]:  # change times or paths moved, the bytes compared equal
                     write_json(manifest, {**old, "files": fp["files"]})
@@ -85,7 +85,7 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
                else cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}"))
         new.mkdir(parents=True)
         try:
-            index = build(paths, keys, new, rule, contract, side, workers, fp, file_digests(input_dir))
+            index = build(paths, keys, new, rule, contract, side, workers, fp, file_digests(input_dir, record_of(cache_dir)))
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise

@@ -128,7 +128,9 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
     from ..data.folds import check_folds, read_folds
     from ..data.splits import in_sample
     from ..engine import fit
+    from ..lineage import StaleError, changed
     from ..metrics import per_center
+    from ..runs import INPUT_NAMES
     from ..safeio import require_free, write_csv, write_json, write_text
     from ..tasks import make_task
 
@@ -143,6 +145,11 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
         return None
     task.stored_data()  # a head's feature store, embedded here if the embed stage did not run: before the
     seed = cfg.train.seed + 1000 * run.fold  # seed, so the head's init never depends on whether it did
+    if mode == "resume" and run_inputs(cfg, task, cache, paths) != inputs:  # chunks embedded again just now
+        moved = changed(inputs, run_inputs(cfg, task, cache, paths))
+        raise StaleError(f"{run.path}: {' and '.join(INPUT_NAMES.get(k, k) for k in moved)} changed while the fold "
+                         "was interrupted: its saved epochs were trained on the old features and are not continued "
+                         "on new ones; train it again (train --force)")
     set_seed(seed, device_specific=True)
     if accelerator.is_main_process and mode == "fresh":
         run.path.mkdir(parents=True, exist_ok=True)

@@ -94,41 +94,54 @@ def source_identity(recipe: Recipe, weights: WeightSource) -> dict:
     return local_identity(path)
 
 
-def snapshot_files(recipe: Recipe) -> dict:
-    """The content identity of a hub snapshot's weight and config files as they are in the local cache now:
-    per file its blob name (the hub cache names blobs by their content hash), size and modification time,
-    and for config files a hash of their text. The feature store records it when it is embedded and
-    compares it when reused: a file replaced or edited in the cache under the same revision is caught."""
+def snapshot_files(recipe: Recipe, record=None) -> dict:
+    """The content identity of a hub snapshot's weight and config files as they are in the local cache now: per
+    file its blob name (the hub cache names blobs by their content hash) and size, and for config files a hash of
+    their text. No times: a copied cache (a Kaggle dataset is one) has other times and the same content. The
+    feature store records it when it is embedded and compares it when reused (`same_file`): a file replaced or
+    edited in the cache under the same revision is caught; an edit in place of a blob by `check_blob`. `record`
+    (verified.Record): a plain file's bytes are hashed only when a stat says they may have changed."""
     snapshot = snapshot_dir(recipe)
     out = {}
     for p in _snapshot_files(snapshot):
         real = p.resolve()
-        st = real.stat()
-        entry = [real.name if p.is_symlink() else None, st.st_size, st.st_mtime_ns]
-        if p.suffix in CONFIG_SUFFIXES:
-            entry.append(hashlib.sha256(real.read_bytes()).hexdigest()[:16])
+        entry = {"blob": real.name if p.is_symlink() else None, "size": real.stat().st_size}
+        if p.suffix in CONFIG_SUFFIXES or not p.is_symlink():  # a file that is no blob: its bytes are its identity
+            entry["sha256"] = _sha256(real) if record is None else record.digest(real, _sha256, "sha256")
         out[p.relative_to(snapshot).as_posix()] = entry
     return out
 
 
-def snapshot_ctimes(recipe: Recipe) -> dict[str, int]:
-    """The change time of each of a snapshot's files (`snapshot_files`' names): it moves on every write, even one
-    that restores size and modification time, so a store compares blob contents only when it moved."""
-    snapshot = snapshot_dir(recipe)
-    return {p.relative_to(snapshot).as_posix(): p.resolve().stat().st_ctime_ns for p in _snapshot_files(snapshot)}
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def check_blob(recipe: Recipe, name: str) -> None:
+def same_file(recorded, now: dict | None) -> bool:
+    """Whether a snapshot file is the one a store recorded. Stores of earlier versions recorded
+    [blob, size, mtime(, text hash)]: their blob and size (and text hash) are compared, not the time."""
+    if now is None:
+        return False
+    if isinstance(recorded, list):
+        blob, size, text = recorded[0], recorded[1], recorded[3] if len(recorded) > 3 else None
+        if blob is None:  # a plain file, recorded by its time then: its bytes were never recorded
+            return False
+        return blob == now["blob"] and size == now["size"] and (text is None or text == now.get("sha256", "")[:16])
+    return recorded == now
+
+
+def check_blob(recipe: Recipe, name: str, record=None) -> None:
     """A snapshot file whose blob is named by its SHA-256 (the hub cache's large files) must hash to its name:
-    one that does not was edited in place - tampering, not an update (an update is another blob)."""
+    one that does not was edited in place - tampering, not an update (an update is another blob). With a
+    `record` (verified.Record), a blob is hashed only when a stat says it may have changed since it was last found
+    whole (4.5 GB for H-optimus-0: once, not at every open)."""
     import re
 
     path = snapshot_dir(recipe) / name
     blob = path.resolve()
     if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
         return  # small files are named by their git hash (SHA-1 of a header + content): their text is compared
-    with open(blob, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = _sha256(blob) if record is None else record.digest(blob, _sha256, "sha256")
     if digest != blob.name:
         raise WeightsError(f"{path}: its blob {blob} does not match its content hash (edited in place in the Hugging "
                            f"Face cache); restore it with `hf download {recipe.hub_id} --force-download`")
