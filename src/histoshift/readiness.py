@@ -135,15 +135,16 @@ def check_weights(check: Check, cfg: Config) -> None:
 # -- sizes -------------------------------------------------------------------------------------------------
 def patch_counts(paths: Paths) -> dict[str, int] | None:
     """Patches per split, read through the reader that owns the input contract (data/h5_reader.py): a missing,
-    empty, truncated or non-HDF5 input file is InputError naming the file, before anything long starts. None:
-    no input file at all (nothing to count yet)."""
+    empty, truncated or non-HDF5 input file, or one damaged inside (every group's headers are opened, no pixels
+    read), is InputError naming the file (and the id), before anything long starts. None: no input file at all
+    (nothing to count yet)."""
     from .data.cache import SPLITS
-    from .data.h5_reader import sorted_keys
+    from .data.h5_reader import check_structure
 
     files = {split: paths.input / f"{split}.h5" for split in SPLITS}
     if not any(p.exists() for p in files.values()):
         return None
-    return {split: len(sorted_keys(path)) for split, path in files.items()}  # sorted_keys: open_h5's checks
+    return {split: check_structure(path) for split, path in files.items()}
 
 
 def architecture(cfg: Config):

@@ -9,6 +9,7 @@ Everything that breaks the contract raises `InputError` naming the file, the id 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,21 @@ class Record:
     center: int
 
 
+@contextmanager
+def structure(path: Path, key: str | None = None):
+    """HDF5 damage inside a file (bytes overwritten in its B-trees, heaps or object headers; the size kept) as one
+    line naming the file and the id: h5py raises RuntimeError, KeyError or OSError there, with no file name."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = (str(e).strip("'\"").splitlines() or [type(e).__name__])[0]
+        where = f", id {key}" if key is not None else ""
+        raise InputError(f"{path}{where}: the HDF5 file is damaged inside ({type(e).__name__}: {first}); copy it "
+                         "again from its source") from None
+
+
 def open_h5(path: Path) -> h5py.File:
     path = Path(path)
     if not path.exists():
@@ -42,7 +58,13 @@ def open_h5(path: Path) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as e:
         raise InputError(f"{path}: cannot be read as HDF5 ({e})") from None
-    if len(f.keys()) == 0:
+    try:
+        with structure(path):
+            empty = len(f.keys()) == 0
+    except InputError:
+        f.close()
+        raise
+    if empty:
         f.close()
         raise InputError(f"{path}: file is empty (no image groups)")
     return f
@@ -55,8 +77,29 @@ def list_ids(path: Path) -> list[int]:
 
 def sorted_keys(path: Path) -> list[str]:
     """The group names of a file in id order, every name validated."""
-    with open_h5(path) as f:
+    with open_h5(path) as f, structure(path):
         return sorted(f.keys(), key=lambda k: _parse_id(path, k))
+
+
+def check_structure(path: Path) -> int:
+    """The number of image groups, after reading every object's header (HDF5's own visit: no pixels, about 17 us a
+    group, 4 s for the competition's 220k patches; opening the groups one by one from Python costs 150 us): what
+    preflight reads to notice a file damaged inside before an hour of work. When the visit fails, the groups are
+    opened one by one to name the first damaged id."""
+    keys = sorted_keys(path)
+    with open_h5(path) as f:
+        try:
+            h5py.h5o.visit(f.id, lambda name: None)
+        except (RuntimeError, OSError, KeyError, ValueError) as e:
+            for key in keys:
+                with structure(path, key):
+                    item = f[key]
+                    for name in ("img", "label", "metadata") if isinstance(item, h5py.Group) else ():
+                        if name in item:
+                            item[name].id
+            with structure(path):
+                raise e
+    return len(keys)
 
 
 ID_PATTERN = re.compile(r"0|[1-9][0-9]*")  # ASCII digits only, no leading zero (007 and 7 would collide)
@@ -125,6 +168,11 @@ def _read_center(path: Path, key: str, group: h5py.Group) -> int:
 
 def read_record(path: Path, f: h5py.File, key: str, labelled: bool) -> Record:
     """One validated group of an open file."""
+    with structure(path, key):
+        return _read_record(path, f, key, labelled)
+
+
+def _read_record(path: Path, f: h5py.File, key: str, labelled: bool) -> Record:
     item = f[key]
     if not isinstance(item, h5py.Group):
         raise InputError(f"{path}, id {key}: expected a group holding img/label/metadata, found a dataset")
