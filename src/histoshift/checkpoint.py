@@ -11,8 +11,10 @@ is input - a pickle planted in an unfinished run's state would run its code on t
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -52,25 +54,33 @@ def last_state(parent: Path, prefix: str) -> Path | None:
 
 def save_state(accelerator, folder: Path, loop: dict, nbytes: int, what: str, tensors: dict[str, dict] | None = None) -> None:
     """Everything needed to resume, in `folder` (named <prefix><N>); `tensors`: file name -> a flat dict of
-    tensors saved beside it as safetensors. `nbytes`: the free space to ask for first (`what` names it)."""
+    tensors saved beside it as safetensors. `nbytes`: the free space to ask for first (`what` names it). Written
+    into a new hidden folder (mkdtemp: exclusive, a random name) and renamed into place when complete: no window
+    in which a link planted at `folder` could be written through, and no half-written folder under its name."""
+    from accelerate.utils import broadcast_object_list
     from safetensors.torch import save_file
 
     folder = Path(folder)
     prefix = folder.name.rstrip("0123456789")
+    tmp = [None]
     if accelerator.is_main_process:
         require_free(folder.parent, nbytes, what)
-        if folder.is_symlink():  # rmtree refuses a link and Accelerate would write into its target
-            folder.unlink()
-        shutil.rmtree(folder, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(folder))
+        for left in folder.parent.glob(f".{prefix}*.tmp"):  # a save a crash interrupted
+            shutil.rmtree(left, ignore_errors=True)
+        tmp = [tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp")]  # new, never a link
+    tmp = Path(broadcast_object_list(tmp)[0])
+    accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(folder / LOOP_STATE, loop)
+        write_json(tmp / LOOP_STATE, loop)
         for name, flat in (tensors or {}).items():
-            with atomic(folder / name) as tmp:
-                save_file(flat, str(tmp))
-        write_text(folder / COMPLETE, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            with atomic(tmp / name) as part:
+                save_file(flat, str(part))
+        write_text(tmp / COMPLETE, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        if folder.is_symlink():  # rmtree refuses a link; the rename below never follows one
+            folder.unlink()
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished save of the same epoch
+        os.rename(tmp, folder)  # a directory onto a name: fails (ENOTDIR, ENOTEMPTY) if a link was planted since
         for old in folder.parent.glob(f"{prefix}*"):
             if old != folder and old.name[len(prefix):].isdigit():
                 shutil.rmtree(old, ignore_errors=True)

@@ -188,3 +188,83 @@ def test_no_repair_under_a_reader_and_no_reading_during_a_rebuild(finished, caps
     finally:
         writer.communicate("\n")
     assert main(["--root", str(finished), "infer", "--force"]) == 0  # nobody else: repaired (CPU: same bytes)
+
+
+def test_a_resumed_fold_refuses_features_embedded_again_since_its_saved_epoch(prepared_root, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A head killed after epoch 1; a chunk of its store then damaged and embedded again with other bytes: the rerun
+    does not continue the saved epoch on new features (it did: the stamp was compared before the store was
+    verified), it stops in one line."""
+    import shutil
+
+    import yaml
+
+    from histoshift import engine
+    from histoshift.runs import RunDir
+
+    from helpers import FROZEN
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cfg = tmp_path / "head.yaml"
+    cfg.write_text(yaml.safe_dump(FROZEN))
+    real = engine.save_state
+
+    def killed(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt  # after the first saved epoch
+
+    monkeypatch.setattr(engine, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--root", str(root), "train", "--config", str(cfg), "--fold", "0"])
+    monkeypatch.setattr(engine, "save_state", real)
+    run = RunDir.of(root / "work" / "runs", "head", 0, 0)
+    assert run.last_state() is not None and not run.is_done
+    store = _store(root)
+    arr = np.load(store / "features_train.npy", mmap_mode="r+")
+    arr[0] = 0
+    arr.flush()
+    del arr
+    _other_gpu(monkeypatch)
+    capsys.readouterr()
+    assert main(["--root", str(root), "train", "--config", str(cfg), "--fold", "0"]) == 2
+    line = one_error_line(capsys)
+    assert "the stored train features (embedded again since) changed while the fold was interrupted" in line, line
+
+
+def test_an_embed_rerun_says_where_it_resumes_and_a_leftover_temporary_file_is_no_marker(prepared_root, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import shutil
+
+    import yaml
+
+    from histoshift.features import embedder, store as layout
+    from histoshift.features.store import FeatureStore
+
+    from helpers import FROZEN
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    cfg = tmp_path / "head.yaml"
+    cfg.write_text(yaml.safe_dump(FROZEN))
+    monkeypatch.setattr(layout, "CHUNK_ROWS", 16)
+    real, written = embedder.write_chunk, []
+
+    def killed_after_two(*a, **k):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(a[3])
+        real(*a, **k)
+
+    monkeypatch.setattr(embedder, "write_chunk", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--root", str(root), "embed", "--config", str(cfg)])
+    monkeypatch.setattr(embedder, "write_chunk", real)
+    store = _store(root)
+    (store / "progress" / ".train-32.x1y2.tmp").write_text("partial")  # a marker's write a crash interrupted
+    capsys.readouterr()
+    assert main(["--root", str(root), "embed", "--config", str(cfg)]) == 0
+    assert "resuming train at row 32 (32 of" in capsys.readouterr().out
+    stamp = FeatureStore(store).stamp()
+    (store / "progress" / ".val-0.a.tmp").write_text("x")
+    assert FeatureStore(store).stamp() == stamp

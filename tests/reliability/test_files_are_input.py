@@ -455,3 +455,33 @@ def test_prepare_force_rebuilds_a_cache_folder_that_is_a_mount_point(finished, m
     assert not list(cache.glob(".building-*")) and not list(cache.parent.glob(".cache.building-*"))
     assert not list(cache.parent.glob(".cache.old-*"))
     assert main(["--root", str(finished), "stack"]) == 0  # the rebuilt cache serves the next stages
+
+
+def test_a_state_is_saved_beside_and_renamed_in_never_through_a_planted_link(tmp_path, monkeypatch):
+    """save_state writes into a new hidden folder and renames it into place: a link planted at the state's name
+    (before or while Accelerate writes) is never written through; a save a crash left half-written is cleared."""
+    from accelerate import Accelerator
+
+    from histoshift import checkpoint
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 1))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".state-epoch1.abc.tmp").mkdir()  # left by a killed save
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    folder = run / "state-epoch2"
+    real = acc.save_state
+
+    def plant_then_save(path):  # the link appears after the old folder was cleared, as in a race
+        folder.symlink_to(target)
+        real(path)
+
+    monkeypatch.setattr(acc, "save_state", plant_then_save)
+    checkpoint.save_state(acc, folder, {"epoch": 2}, 0, "a state")
+    assert not list(target.iterdir())  # nothing written through the link
+    assert folder.is_dir() and not folder.is_symlink() and (folder / checkpoint.COMPLETE).exists()
+    assert json.loads((folder / checkpoint.LOOP_STATE).read_text()) == {"epoch": 2}
+    assert sorted(p.name for p in run.iterdir()) == ["state-epoch2"]
+    assert model is not None
