@@ -72,22 +72,39 @@ def timed(fn, device, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def bench_recipe(name: str, device: torch.device, depth: int | None, patches: int, repeats: int) -> dict:
+def ceiling_inputs(images: int, side: int, device: torch.device, precision: str) -> torch.Tensor:
+    """The model-only pass's inputs, at most the fitted batch: allocated after the path's memory was given back, in
+    the dtype autocast feeds the network, and halved on out-of-memory (the Embedder sized its batch to 85% of the
+    free memory; a float32 copy of 2,048 images at 480 px is 5.7 GB on top)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    while True:
+        try:
+            return torch.randn(images, 3, side, side, device=device, dtype=dtype)
+        except torch.OutOfMemoryError:
+            if images <= 8:
+                raise
+            images //= 2
+            torch.cuda.empty_cache()
+
+
+def bench_recipe(name: str, device: torch.device, depth: int | None, patches: int, repeats: int, views: int = 8) -> dict:
     recipe = shallow(RECIPES[name], depth)
     precision = resolve_precision("auto", preferred=recipe.precision) if device.type == "cuda" else "no"
     build = recipe_build(recipe)
     backbone = FoundationBackbone(recipe, build_network(build, recipe), build, check_dim=False).eval().to(device)
-    cfg = Config(model=FeatureModelCfg(recipe=name))  # the embed stage's settings: 8 views, no HED views
+    cfg = Config(model=FeatureModelCfg(recipe=name, feature_views=views))  # the embed stage's (8 views), no HED views
     embedder = Embedder(backbone, backbone.preprocess, cfg, InputTransform(cfg.aug), device, precision)
     images = np.random.default_rng(0).integers(0, 256, (patches, 96, 96, 3), dtype=np.uint8)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    embedder(images[: max(2, min(patches, 64))], 8, 0)  # fits the batch (GPU) and warms up
+    embedder(images[: max(2, min(patches, 64))], views, 0)  # fits the batch (GPU) and warms up
     batch = embedder.batch
-    path_s = timed(lambda: embedder(images, 8, 0), device, repeats)
+    path_s = timed(lambda: embedder(images, views, 0), device, repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    ready = torch.randn(min(batch, patches) * 8, 3, recipe.input_size, recipe.input_size, device=device)
+    ready = ceiling_inputs(min(batch, patches) * views, recipe.input_size, device, precision)
 
     @torch.no_grad()
     def model_only():
@@ -97,10 +114,10 @@ def bench_recipe(name: str, device: torch.device, depth: int | None, patches: in
 
     model_s = timed(model_only, device, repeats)
     model_images = max(1, patches // min(batch, patches)) * len(ready)
-    path_rate, ceiling = patches * 8 / path_s, model_images / model_s
+    path_rate, ceiling = patches * views / path_s, model_images / model_s
     flops = flops_per_image(RECIPES[name])
     row = {"recipe": name, "title": recipe.title, "device": str(device), "depth": depth or "card",
-           "precision": precision, "batch_patches": batch, "images_per_forward": batch * 8,
+           "precision": precision, "batch_patches": batch, "images_per_forward": batch * views, "views": views,
            "path_images_per_s": round(path_rate, 1), "ceiling_images_per_s": round(ceiling, 1),
            "path_vs_ceiling": round(path_rate / ceiling, 3), "peak_gib": None if peak is None else round(peak, 2),
            "gflops_per_image": round(flops / 1e9, 1),
@@ -117,6 +134,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=None, help="blocks per model (tiny CPU runs); default: the card's")
     p.add_argument("--patches", type=int, default=None, help="patches per timed pass (default 2048 GPU / 8 CPU)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--views", type=int, default=8, help="views per patch (the embed stage: 8; fewer for a smoke run)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     device = torch.device(a.device)
@@ -128,7 +146,7 @@ def main() -> None:
           "competition x 8 views (h) | H100 estimate (h) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
-        row = bench_recipe(name, device, a.depth, patches, a.repeats)
+        row = bench_recipe(name, device, a.depth, patches, a.repeats, a.views)
         rows.append(row)
         print(f"| {row['title']} | {row['precision']} | {row['batch_patches']} | {row['path_images_per_s']:,} | "
               f"{row['ceiling_images_per_s']:,} | {row['path_vs_ceiling']:.2f} | {row['peak_gib'] or '-'} | "

@@ -10,10 +10,11 @@
 # Raw output (each tool's JSON and this log) goes to $OUT (default bench/results/gpu-<date>/); copy the rows into
 # docs/benchmarks.md with the machine and the date.
 #   bash bench/gpu.sh            on the GPU
-#   bash bench/gpu.sh --smoke    tiny sizes on the CPU (the tests run it): the script works, the numbers mean nothing
+#   bash bench/gpu.sh --smoke    the same tools, recipes and stages at tiny sizes on the CPU (the tests run it): the
+#                                script works, the numbers mean nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PY:-python}"
+source scripts/env.sh  # the project's environment, as train.sh uses it (PY=... for one of your own)
 smoke=0
 case "${1:-}" in
   --smoke) smoke=1 ;;
@@ -36,7 +37,7 @@ step() {  # step NAME COMMAND...: runs it, its output in the log and on the scre
 if [ "$smoke" = 1 ]; then
   device=cpu
   step speed "$PY" bench/speed.py --smoke --out "$OUT"
-  step fm "$PY" bench/fm.py --device cpu --depth 1 --patches 2 --repeats 1 --recipes dinov2_s,phikon --out "$OUT/fm.json"
+  step fm "$PY" bench/fm.py --device cpu --depth 1 --patches 2 --views 1 --repeats 1 --recipes hoptimus0,medimageinsight --out "$OUT/fm.json"
   step scale "$PY" bench/scale.py --sizes 1500 --dim 32 --epochs 1 --device cpu --out "$OUT/scale.jsonl"
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh: no GPU (torch.cuda.is_available() is False); --smoke runs it on the CPU')"

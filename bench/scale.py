@@ -14,7 +14,9 @@ each in its own process: train (every fold) -> infer --adapt (plain and adapted)
 
 Prints ONE JSON line per size:
   {"n": 16000, "views": 8, "dim": 1536, "store_bytes": ..., "seconds": {"train": ..., "infer": ..., "stack": ...,
-   "submit": ..., "total": ...}, "peak_rss_mb": ..., "peak_gpu_mb": null, "accuracy": ...}
+   "submit": ..., "total": ...}, "peak_rss_mb": ..., "peak_gpu_mb": null, "accuracy": ..., "bayes_accuracy": ...}
+accuracy is the submission's on the test rows; bayes_accuracy the generator's bound (no classifier does better but
+by chance: a measured accuracy above it by more than sampling noise is a leak, and the smoke test fails on it).
 peak_rss_mb is the largest peak resident memory of the four stage processes (each one's own high-water mark, read
 from /proc while it runs; not this generator's); peak_gpu_mb the largest GPU memory nvidia-smi saw them use (null on CPU). Each size works in
 its own folder under --work (default: a temporary one), removed afterwards unless --keep.
@@ -74,18 +76,29 @@ def write_inputs(inp: Path, n: int, seed: int) -> dict[str, pd.DataFrame]:
 class Features:
     """Synthetic frozen features: every center its own offset and scale (the stain shift a per-center
     standardisation removes), a tumour direction (the class means `2 * margin` apart along it, per-patch noise of
-    unit variance: the best accuracy is about Phi(margin), 0.93 at 1.5, whatever the width), and per-view noise."""
+    unit variance: the best accuracy is about Phi(margin), 0.93 at 1.5, whatever the width: `bayes`), and per-view
+    noise."""
 
     def __init__(self, dim: int, views: int, seed: int, margin: float = 1.5):
         rng = np.random.default_rng(seed)
-        self.dim, self.views, self.seed = dim, views, seed
+        self.dim, self.views, self.seed, self.margin = dim, views, seed, margin
         direction = rng.standard_normal(dim)
         self.direction = (direction / np.linalg.norm(direction) * margin).astype(np.float32)
         self.offset = {c: rng.standard_normal(dim).astype(np.float32) * 2 for c in range(5)}
         self.scale = {c: np.float32(0.6 + 0.2 * c) for c in range(5)}
 
-    def rows(self, centers: np.ndarray, labels: np.ndarray, start: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, start])
+    def bayes(self) -> float:
+        """The best accuracy any classifier can reach on these rows: the class means 2 * margin apart along the
+        tumour direction, the noise along it N(0, 1) per patch plus N(0, 0.3^2 / V) from the mean of V views (a
+        center's offset and scale are invertible: they change nothing)."""
+        from statistics import NormalDist
+
+        return NormalDist().cdf(self.margin / np.sqrt(1 + 0.09 / self.views))
+
+    def rows(self, split: str, centers: np.ndarray, labels: np.ndarray, start: int) -> np.ndarray:
+        """Rows start.. of a split, drawn independently of every other split's (each split its own stream: before,
+        test row i was train row i up to the center's shift, and the accuracy measured memorisation)."""
+        rng = np.random.default_rng([self.seed, ("train", "val", "test").index(split), start])
         base = rng.standard_normal((len(centers), self.dim), np.float32) + (2 * labels[:, None] - 1) * self.direction
         views = base[:, None] + 0.3 * rng.standard_normal((len(centers), self.views, self.dim), np.float32)
         scale = np.array([self.scale[c] for c in centers], np.float32)[:, None, None]
@@ -127,7 +140,7 @@ def write_store(root: Path, config: Path, tables: dict, features: Features) -> i
         arr = layout.open_split(path, split, shape)
         for start in range(0, len(table), layout.CHUNK_ROWS):
             part = truth.iloc[start:start + layout.CHUNK_ROWS]
-            layout.write_chunk(path, split, arr, start, features.rows(part["center"].to_numpy(),
+            layout.write_chunk(path, split, arr, start, features.rows(split, part["center"].to_numpy(),
                                                                       part["label"].to_numpy(), start))
         del arr
     layout.finish_store(path, {"spec": spec, "dim": features.dim, "synthetic": "bench/scale.py"})
@@ -188,7 +201,8 @@ def run_size(n: int, dim: int, views: int, epochs: int, device: str, work: Path,
     with open(root / "stages.log", "w") as log:
         for args in (["prepare"], ["folds"]):
             stage(root, args, env, log, False)
-        store_bytes = write_store(root, config, tables, Features(dim, views, seed))
+        features = Features(dim, views, seed)
+        store_bytes = write_store(root, config, tables, features)
         seconds, rss, gpu = {}, [], []
         for name, args in (("train", ["train", "--config", str(config)]), ("infer", ["infer", "--adapt"]),
                            ("stack", ["stack"]), ("submit", ["submit"])):
@@ -200,7 +214,8 @@ def run_size(n: int, dim: int, views: int, epochs: int, device: str, work: Path,
     accuracy = float((submission["Pred"].to_numpy() == truth.loc[submission["ID"]].to_numpy()).mean())
     return {"n": n, "views": views, "dim": dim, "store_bytes": store_bytes, "seconds": seconds,
             "peak_rss_mb": round(max(rss)), "peak_gpu_mb": max(gpu) if device == "cuda" else None,
-            "accuracy": round(accuracy, 4), "peak_rss_mb_by_stage": dict(zip(("train", "infer", "stack", "submit"),
+            "accuracy": round(accuracy, 4), "bayes_accuracy": round(features.bayes(), 4), "test_patches": len(truth),
+            "peak_rss_mb_by_stage": dict(zip(("train", "infer", "stack", "submit"),
                                                                             map(round, rss)))}
 
 

@@ -184,6 +184,38 @@ def weights_bytes(backbone: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
 
 
+def activation_bytes(backbone: torch.nn.Module, side: int) -> int:
+    """Peak bytes of the activations alive at once in one side x side image's forward (no_grad, float32: an upper
+    bound under bf16/fp16 autocast), computed on the meta device (no weights, no memory): a dispatch mode counts
+    every tensor an operation returns while Python holds it (a weak reference gives it back when freed; views share
+    their base's storage and are not counted). The caching allocator's rounding and workspaces come on top."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    live, peak = [0], [0]
+
+    def free(n: int) -> None:
+        live[0] -= n
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            for t in tree_flatten(out)[0]:  # not views, not an in-place op's own input
+                if isinstance(t, torch.Tensor) and not t._is_view() and not any(t is a for a in given):
+                    n = t.numel() * t.element_size()
+                    live[0] += n
+                    peak[0] = max(peak[0], live[0])
+                    weakref.finalize(t, free, n)
+            return out
+
+    with torch.device("meta"), torch.no_grad(), Track():
+        backbone(torch.empty(1, 3, side, side))
+    return peak[0]
+
+
 def forward_flops(backbone: torch.nn.Module, side: int) -> float:
     """Forward FLOPs of one side x side image through a backbone built on the meta device (no weights)."""
     from torch.utils.flop_counter import FlopCounterMode

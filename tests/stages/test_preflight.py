@@ -159,3 +159,18 @@ def test_the_memory_estimate_is_what_the_embed_stage_loads(hf_cache, tmp_path, n
     held = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
     assert estimate == held and all(t.dtype == torch.float32 for t in loaded.state_dict().values()
                                     if t.is_floating_point())
+
+
+def test_the_activations_of_the_first_batch_are_computed_from_the_network():
+    """The GPU check adds the activations at the embed stage's first batch to the weights: the peak of the tensors
+    alive at once, counted on the meta device (here by hand: the input 3x4x4, the conv's 8x4x4 and the ReLU's
+    8x4x4, float32; an in-place ReLU and a view add nothing)."""
+    import torch
+
+    from histoshift.readiness import activation_bytes
+
+    conv = lambda: torch.nn.Conv2d(3, 8, 3, padding=1)  # noqa: E731
+    assert activation_bytes(torch.nn.Sequential(conv(), torch.nn.ReLU(), torch.nn.Flatten()), 4) == 4 * (48 + 128 + 128)
+    assert activation_bytes(torch.nn.Sequential(conv(), torch.nn.ReLU(inplace=True)), 4) == 4 * (48 + 128)
+    big = torch.nn.Sequential(conv(), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+    assert activation_bytes(big, 4) == 4 * (48 + 128 + 128)  # each output freed once the next layer has run

@@ -84,8 +84,8 @@ def preflight(configs: list, paths) -> list:
     from ..models.foundation import RecipeError
     from ..models.weights import WeightsError
     from ..precision import config_precision
-    from ..readiness import (HEADROOM, ViT_EFFICIENCY, Check, architecture, check_weights, forward_flops, free_bytes,
-                             human, matmul_rate, patch_counts, weights_bytes)
+    from ..readiness import (HEADROOM, ViT_EFFICIENCY, Check, activation_bytes, architecture, check_weights,
+                             forward_flops, free_bytes, human, matmul_rate, patch_counts, weights_bytes)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     counts = patch_counts(paths)
@@ -102,12 +102,20 @@ def preflight(configs: list, paths) -> list:
             check.problems[:] = check.problems or [f"{check.config}: {e}"]
             continue
         held = weights_bytes(net.backbone)  # as loaded: float32 whatever the autocast precision
+        # the embed stage's first forward: the 2-patch probe (or model.embed_batch_size) x every view of a patch
+        images, acts = 0, 0
+        if cfg.model.kind == "feature":  # (a fine-tuned backbone's batch is the trainer's: not estimated here)
+            images = (cfg.model.embed_batch_size or 2) * (cfg.model.feature_views + cfg.model.feature_hed_views)
+            acts = images * activation_bytes(net.backbone, net.preprocess.size)  # computed on the meta device
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            check.gpu = f"{free / 2**30:.1f} GiB free, weights {held / 2**30:.1f} GiB"
-            if held > free:
+            check.gpu = (f"{free / 2**30:.1f} GiB free, weights {held / 2**30:.1f} GiB + activations "
+                         f"{acts / 2**30:.2f} GiB at the first batch ({images} images; computed)")
+            if held + acts > free:
                 check.problems.append(f"{check.config}: {model}'s weights ({held / 2**30:.1f} GiB as loaded, autocast "
-                                      f"{precision}) exceed the GPU's free memory ({free / 2**30:.1f} GiB)")
+                                      f"{precision}) and the activations of its first batch ({images} images: "
+                                      f"{acts / 2**30:.2f} GiB, computed) exceed the GPU's free memory "
+                                      f"({free / 2**30:.1f} GiB)")
         else:
             check.gpu = "no GPU (CPU)"
         if precision not in rates:
