@@ -3,11 +3,13 @@ exactly once with the same logits as 1 process, even when the last batch is padd
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -83,12 +85,15 @@ def test_two_processes_embed_the_same_store_as_one(prepared_root, tmp_path):
         else:
             os.environ["HISTOSHIFT_CHUNK_ROWS"] = "16"
             try:
-                _launch(root, "embed", "--config", str(cfg))
+                log = _launch(root, "embed", "--config", str(cfg))
             finally:
                 del os.environ["HISTOSHIFT_CHUNK_ROWS"]
         (store,) = [p for p in (root / "work" / "features").iterdir() if p.is_dir()]
         stores[n] = store
     one, two = stores[1], stores[2]
+    shares = [int(m) for m in re.findall(r"embed: process [12] of 2 embedded (\d+) images", log)]
+    images = sum(int(np.prod(np.load(one / f"features_{s}.npy", mmap_mode="r").shape[:2])) for s in ("train", "val", "test"))
+    assert len(shares) == 2 and min(shares) > 0 and sum(shares) == images, (shares, images)  # each rank its share
     assert one.name == two.name
     marks = sorted(p.name for p in (one / "progress").iterdir())
     assert len([m for m in marks if m.startswith("train-")]) >= 4  # several chunks: both processes wrote

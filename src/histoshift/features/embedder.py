@@ -252,6 +252,9 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
                               views_of(split, cfg) if fourier is None else fourier[0].donors, model.num_features,
                               accelerator, centers.get(split))
     seconds = time.time() - t0
+    if accelerator.num_processes > 1:  # each process its share of the chunks (tests check that every one worked)
+        print(f"embed: process {accelerator.process_index + 1} of {accelerator.num_processes} embedded {count} images",
+              flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         meta = {"spec": spec, "dim": model.num_features, "batch_patches": embedder.batch,
