@@ -210,11 +210,11 @@ def embed(cfg: Config, cache: Cache, root: Path, accelerator: Accelerator, preci
     except BaseException:  # a failed first attempt (weights unreadable, a bad recipe) leaves no folder behind
         if created and accelerator.is_main_process and lock.mode == "exclusive" and \
                 not any((path / "progress").glob("*")):
-            lock.release()
+            lock.close()
             shutil.rmtree(path, ignore_errors=True)
         raise
     finally:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and lock.fd is not None:
             lock.release()
     accelerator.wait_for_everyone()
     lock.shared()

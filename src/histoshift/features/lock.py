@@ -73,3 +73,10 @@ class StoreLock:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             self.mode = None
+
+    def close(self) -> None:
+        """Unlocked and forgotten: the store's folder is being removed (a first attempt that failed)."""
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd, self.mode = None, None
+        StoreLock._HELD.pop(self.path, None)
