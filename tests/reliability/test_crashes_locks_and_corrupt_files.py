@@ -212,7 +212,7 @@ def test_a_feature_store_being_embedded_elsewhere_is_refused(finished, tmp_path,
                                                                   Cache.open(finished / "work" / "cache"), "no"))
     with Lock(store / ".lock", "test holder"):
         _refused(capsys, ["--root", str(finished), "train", "--config", str(tmp_path / "head.yaml"), "--fold", "1",
-                          "--force", override], f"the feature store {store} is in use by another process")
+                          "--force", override], f"{store}: the feature store is being embedded by pid")
     assert not (store / "meta.json").exists()
 
 

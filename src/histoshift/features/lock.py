@@ -60,11 +60,12 @@ class StoreLock:
         if not self._flock(fcntl.LOCK_EX):
             if self.mode is None and self._flock(fcntl.LOCK_SH):  # only readers hold it
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
-                who = "read by another process (a head training or predicting on it)"
-            else:
-                who = f"in use by {os.pread(self.fd, 200, 0).decode(errors='replace').strip() or 'another process'}"
-            raise StoreBusy(f"{self.path}: the feature store is {who}; it is not embedded or repaired under a "
-                            "reader: wait for that process to finish, then run again")
+                raise StoreBusy(f"{self.path}: the feature store is read by another process (a head training or "
+                                "predicting on it); it is not embedded or repaired under a reader: wait for that "
+                                "process to finish, then run again")
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise StoreBusy(f"{self.path}: the feature store is being embedded by {holder} (configs on one backbone "
+                            "share it: it is embedded once); wait for it to finish, then run again")
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"embed, pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         self.mode = "exclusive"
