@@ -88,7 +88,7 @@ def map_pair(runs: list[RunDir]) -> list[RunDir]:
     """The fine-tuned run the feature map shows (the first DANN run on its lowest fold) and, when one
     exists, an ERM run of the same backbone, seed and fold: the same fold without the domain head."""
     cfgs = {r: r.cfg for r in runs}
-    tuned = [r for r in runs if r.kind == "image"]  # backbone features exist for fine-tuned models only
+    tuned = [r for r in runs if cfgs[r].model.fine_tuned]  # backbone features exist for fine-tuned models only
     dann = sorted((r for r in tuned if cfgs[r].algorithm.name == "dann"), key=lambda r: (r.fold, r.name))
     if not dann:
         return tuned[:1]
@@ -111,13 +111,11 @@ def center_predictability(features: np.ndarray, centers: np.ndarray) -> float:
 
 def feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
     """t-SNE of backbone features (plain view) for up to MAP_PER_CENTER non-aberrant patches per center."""
-    import torch
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
     from accelerate import Accelerator
 
-    from .data.augment import to_float
     from .data.cache import Cache
     from .tasks import run_task
 
@@ -127,17 +125,12 @@ def feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
     cache = Cache.open(cache_dir)
     ok = cache.index[~cache.index["aberrant"]]
     sample = pd.concat([p.sample(min(len(p), MAP_PER_CENTER), random_state=0) for _, p in ok.groupby("center")])
-    images = cache.gather(sample)
     fig, axes = plt.subplots(len(chosen), 2, figsize=(10, 4.3 * len(chosen)), squeeze=False)
     notes, acc = [], Accelerator()
     for row, run in enumerate(chosen):
         cfg = run.cfg
         task, model = run_task(run, cache, Paths.of_cache(cache_dir), acc)
-        model.eval()
-        with torch.no_grad():
-            feats = torch.cat([model(task.to_model(task.transform.infer(to_float(
-                                   torch.from_numpy(images[i:i + 64]).to(acc.device)))))["features"].cpu()
-                               for i in range(0, len(images), 64)]).float().numpy()
+        feats = task.features(model, sample)
         what = f"{run.name} ({cfg.algorithm.name.upper()}, held-out center {run.fold})"
         if not np.isfinite(feats).all():  # a diverged model (infer refuses it too): no map, one note
             notes.append(f"{what}: its features are not finite (the model diverged: retrain it with a lower optim.lr); "

@@ -149,7 +149,8 @@ def test_the_cycle_check_can_fail():
     assert "stain.transform" not in graph["stain.albu"]  # both backends share hed.py, not each other
     assert {d for m in graph if m.startswith("config") for d in graph[m]} <= {"safeio", "records", "errors", "config",
                                                                                "config.base", "config.model",
-                                                                               "config.sections"}, \
+                                                                               "config.sections", "config.errors",
+                                                                               "config.schema", "config.io"}, \
         "config validates without importing registries"
 
 
@@ -203,3 +204,53 @@ def test_facts_are_parsed_in_one_place():
     # the kind of model is model.kind, never a frozen boolean (older configs are mapped in config/model.py)
     assert not _literal_sites(r"\.frozen\b") - {"config.model"}
     assert _literal_sites(r"\.frozen\b") <= {"config.model"}
+
+
+KIND_ROOMS = ("tasks", "config.model")  # where a kind of model may be named; everything else asks the task or config
+
+
+def kind_comparisons(source: str) -> list[int]:
+    """Lines of `source` that compare a `kind` (a name or an attribute) with a model kind's name ("image",
+    "feature", ...: config.model.KINDS), in either order, with ==, !=, in or not in."""
+    import ast
+
+    from histoshift.config.model import KINDS
+
+    def is_kind(node) -> bool:  # x.kind, kind, x["kind"], x.get("kind", ...)
+        if isinstance(node, ast.Subscript):
+            node = node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            node = node.args[0] if node.args else None
+        return ((isinstance(node, ast.Attribute) and node.attr == "kind") or (isinstance(node, ast.Name) and node.id == "kind")
+                or (isinstance(node, ast.Constant) and node.value == "kind"))
+
+    def names_a_kind(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in KINDS
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(names_a_kind(e) for e in node.elts)
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(is_kind(s) for s in sides) and any(names_a_kind(s) for s in sides):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_nothing_outside_the_tasks_asks_which_kind_a_model_is():
+    # a third kind of model is a module in tasks/ and a class in config/model.py: no other module branches on the
+    # kind's name (they ask capabilities: model.fine_tuned, model.embeds, model.describe(), task.features(...))
+    forks = {module_name(p): lines for p in MODULES
+             if not module_name(p).startswith(KIND_ROOMS) and (lines := kind_comparisons(p.read_text()))}
+    assert not forks, f"modules comparing a model kind by name: {forks}"
+
+
+def test_the_kind_check_finds_what_it_looks_for():
+    assert kind_comparisons('if cfg.model.kind == "image":\n    pass') == [1]
+    assert kind_comparisons('x = 1\nok = "feature" != run.kind') == [2]
+    assert kind_comparisons('ok = kind in ("image", "other")') == [1]
+    assert kind_comparisons('ok = m.get("kind", "image") == "feature"') == [1]
+    assert kind_comparisons('ok = source.kind == "hub"') == []  # a weights source's kind is another fact
+    inside = [module_name(p) for p in MODULES if module_name(p).startswith(KIND_ROOMS) and kind_comparisons(p.read_text())]
+    assert inside, "the kind's own rooms compare kinds: the scan must see them"

@@ -9,10 +9,12 @@ import pytest
 from histoshift.config import ConfigError, load_config
 from histoshift.tasks import TASKS, FeatureTask, ImageTask, Task, load_experiment
 
-PROTOCOL = ("lineage", "stored_data", "build_model", "streams", "feed", "to_model", "predictor", "save", "load", "adapt")
+# the Protocol's own methods, read from it: a method added to Task is checked here without editing this list
+PROTOCOL = tuple(name for name, value in vars(Task).items() if callable(value) and not name.startswith("_"))
 
 
 def test_both_kinds_implement_the_whole_protocol_with_the_same_signatures():
+    assert {"fourier_predictor", "features", "predictor", "adapt"} <= set(PROTOCOL)  # the list is read, not empty
     assert set(TASKS) == {"image", "feature"} and TASKS["image"] is ImageTask and TASKS["feature"] is FeatureTask
     for name in PROTOCOL:
         image, feature = getattr(ImageTask, name), getattr(FeatureTask, name)
@@ -77,3 +79,30 @@ def test_a_run_without_a_recorded_kind_is_refused(tmp_path):
         run.kind
     run.inputs.write_text('{"task": "feature", "cache": {}, "folds": "x"}')
     assert run.kind == "feature"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("root", ["finished", "pipeline_root"])
+def test_features_are_what_the_head_predicts_from(root, request):
+    # task.features (the report's feature map) gives, for either kind, the pooled features of the plain view that
+    # the classifier's last layer turns into the plain view's logit
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+
+    from histoshift.data.cache import Cache
+    from histoshift.paths import Paths
+    from histoshift.runs import find_runs
+    from histoshift.tasks import run_task
+
+    path = request.getfixturevalue(root)
+    run = find_runs(path / "work" / "runs")[0]
+    cache = Cache.open(path / "work" / "cache")
+    task, model = run_task(run, cache, Paths(path), Accelerator())
+    table = cache.index.groupby("center").head(4).reset_index(drop=True)
+    feats = task.features(model, table)
+    assert feats.shape[0] == len(table) and feats.ndim == 2 and np.isfinite(feats).all()
+    with torch.no_grad():
+        logits = model.head(torch.from_numpy(feats)).squeeze(1).numpy()
+    plain = task.predictor(table, views=1)(model)["v0"].to_numpy()
+    np.testing.assert_allclose(logits, plain, atol=2e-2, rtol=1e-2)

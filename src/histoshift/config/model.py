@@ -76,6 +76,30 @@ class BackboneCfg(Section):
     # store's key and the run's lineage name it); None = the weights as loaded
     robustify: RobustifyCfg | None = None
 
+    # what the rest of the package asks of a kind (never the kind itself): the backbone trains on images from the
+    # cache (fine-tuned: stochastic depth, partial fine-tuning and image-altering losses apply), and how the
+    # report names it
+    fine_tuned: ClassVar[bool] = False
+
+    @property
+    def stochastic_depth(self) -> float:
+        """The drop-path rate the backbone is built with."""
+        return 0.0
+
+    @property
+    def trainable_blocks(self) -> int:
+        """-1: every block group of the backbone (as built) trains; N: only the last N."""
+        return -1
+
+    def describe(self) -> str:
+        """The model in the report's method column: the backbone, how it learns, robustified or not."""
+        return (f"{self.recipe or self.backbone} {'fine-tuned' if self.fine_tuned else 'frozen'}"
+                + (f" (robustified, {self.robustify.pair} pairs)" if self.robustify is not None else ""))
+
+    def switches(self) -> list[tuple[str, object]]:
+        """This kind's switches against the shift for the method column: (name, value or None when off)."""
+        return []
+
     @property
     def source(self) -> WeightSource:
         """`weights` as the typed record (validated when the config was; a property, not cached, so that a copy
@@ -103,8 +127,17 @@ class ImageModelCfg(BackboneCfg):
     """A backbone fine-tuned on images."""
     kind: Literal["image"] = "image"
     embeds: ClassVar[bool] = False  # the `embed` stage has nothing to store: images are read from the cache
+    fine_tuned: ClassVar[bool] = True
     drop_path_rate: Float = Field(0.0, ge=0, le=1)  # stochastic depth
     train_last_blocks: Int = -1  # partial fine-tuning: train only the last N block groups (-1 = all)
+
+    @property
+    def stochastic_depth(self) -> float:
+        return self.drop_path_rate
+
+    @property
+    def trainable_blocks(self) -> int:
+        return self.train_last_blocks
 
 
 class FeatureModelCfg(BackboneCfg):
@@ -133,6 +166,14 @@ class FeatureModelCfg(BackboneCfg):
     feature_hed_views: Int = Field(0, ge=0)
     feature_hed_sigma: NonNeg = 0.05
     embed_batch_size: Int = Field(0, ge=0)
+
+    def describe(self) -> str:
+        head = self.head if self.head != "mlp" else (f"MLP {self.head_hidden}" if self.head_hidden else "linear")
+        return f"{super().describe()}, {head} head"
+
+    def switches(self) -> list[tuple[str, object]]:
+        return [("feature shift", self.feature_shift if self.feature_shift != "none" else None),
+                ("self-training rounds", self.self_train_rounds or None)]
 
     @model_validator(mode="after")
     def _head(self):
@@ -169,6 +210,22 @@ def _tag(value):
         value = {k: v for k, v in value.items() if k in own or k not in OLD_DEFAULTS or v != OLD_DEFAULTS[k]}
     value.setdefault("kind", "image")
     return value
+
+
+def moved_store_keys(data: dict) -> dict:
+    """Older configs kept the feature store's settings in the train section: moved to the model (one line)."""
+    train, model = data.get("train"), data.get("model", {})
+    moved = [k for k in STORE_KEYS if isinstance(train, dict) and k in train]
+    if not moved or not isinstance(model, dict):
+        return data
+    if model.get("kind", "feature" if model.get("frozen") else "image") == "image":  # an old resolved config of a
+        train = {k: v for k, v in train.items() if k not in moved or v != OLD_DEFAULTS[k]}  # fine-tuned run
+        moved = [k for k in moved if k in train]
+        if not moved:
+            return {**data, "train": train}
+    deprecated(f"train.{', train.'.join(moved)}: moved to the model section (model.kind: feature); write model.<key>")
+    train = dict(train)
+    return {**data, "train": train, "model": {**data.get("model", {}), **{k: train.pop(k) for k in moved}}}
 
 
 MODEL_KINDS = {"image": ImageModelCfg, "feature": FeatureModelCfg}

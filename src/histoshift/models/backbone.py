@@ -21,7 +21,7 @@ from .weights import WeightsError, load_into, package_state_dict, read_state_dic
 def create_backbone(cfg: BackboneCfg, load_weights: bool = True, build: dict | None = None) -> nn.Module:
     """timm.create_model with the configured weight source, or a foundation recipe's backbone
     (`load_weights=False`: architecture only; with a recipe, as the run's recorded `build` describes)."""
-    drop_path = cfg.drop_path_rate if cfg.kind == "image" else 0.0  # stochastic depth: fine-tuned backbones only
+    drop_path = cfg.stochastic_depth  # the kind says (fine-tuned backbones: model.drop_path_rate; frozen ones: 0)
     source = cfg.source if load_weights else WeightSource("none")
     if cfg.recipe:
         recipe = resolve_recipe(cfg.recipe, cfg.recipe_overrides)
@@ -77,7 +77,7 @@ class PatchClassifier(nn.Module):
     def __init__(self, cfg: BackboneCfg, load_weights: bool = True, build: dict | None = None):
         super().__init__()
         self.backbone = create_backbone(cfg, load_weights, build)
-        freeze_all_but_last(self.backbone, cfg.train_last_blocks if cfg.kind == "image" else -1)
+        freeze_all_but_last(self.backbone, cfg.trainable_blocks)
         self.num_features = self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, 1))
         if cfg.recipe:

@@ -104,7 +104,7 @@ def preflight(configs: list, paths) -> list:
         held = weights_bytes(net.backbone)  # as loaded: float32 whatever the autocast precision
         # the embed stage's first forward: the 2-patch probe (or model.embed_batch_size) x every view of a patch
         images, acts = 0, 0
-        if cfg.model.kind == "feature":  # (a fine-tuned backbone's batch is the trainer's: not estimated here)
+        if cfg.model.embeds:  # (a fine-tuned backbone's batch is the trainer's: not estimated here)
             images = (cfg.model.embed_batch_size or 2) * (cfg.model.feature_views + cfg.model.feature_hed_views)
             acts = images * activation_bytes(net.backbone, net.preprocess.size)  # computed on the meta device
         if device.type == "cuda":
@@ -123,7 +123,7 @@ def preflight(configs: list, paths) -> list:
         flops = forward_flops(net.backbone, net.preprocess.size)  # the meta-device network built above
         if cfg.model.robustify is not None:
             check.robustify = _robustify_time(cfg, paths, flops, rates[precision])
-        if cfg.model.kind != "feature" or counts is None:
+        if not cfg.model.embeds or counts is None:
             continue
         m = cfg.model
         check.images = sum(n * (m.feature_views + (m.feature_hed_views if split != "test" else 0))

@@ -14,6 +14,8 @@ TASKS under its `kind` (the config's `model.kind`); nothing else asks which kind
   predictor(table, views, desc) a callable model -> per-view logits table (id, center, label, v0..)
   fourier_predictor(table, fourier, beta, desc)  the same, the views each patch's Fourier transfers to its
                                 nearest donors (infer --fourier; a head reads them from a store of the transfers)
+  features(model, table)        the model's pooled features (n x D) of the table's patches, plain view (the
+                                report's feature map)
   save(run, model), load(run)   the trained model to and from the run folder (safetensors, no pickle)
   adapt(model, table, source)   the model adapted to one center without its labels (`source`: the fold's
                                 labelled rows, for self-training) and a record: layers/maps/rounds changed
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import pandas as pd
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -51,6 +54,7 @@ class Task(Protocol):
                   desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]: ...
     def fourier_predictor(self, table: pd.DataFrame, fourier, beta: float,
                           desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]: ...
+    def features(self, model: nn.Module, table: pd.DataFrame) -> np.ndarray: ...
     def save(self, run: RunDir, model: nn.Module) -> None: ...
     def load(self, run: RunDir) -> nn.Module: ...
     def adapt(self, model: nn.Module, table: pd.DataFrame, source: pd.DataFrame) -> tuple[nn.Module, dict]: ...

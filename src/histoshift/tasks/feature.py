@@ -112,6 +112,14 @@ class FeatureTask:
             return views_table(table, np.concatenate(logits) if logits else np.zeros((0, rows.views), np.float32))
         return predict
 
+    @torch.no_grad()
+    def features(self, model: nn.Module, table: pd.DataFrame) -> np.ndarray:
+        """The head's input features of the stored plain view (after its feature shift; an MLP's hidden layer)."""
+        model.eval()
+        rows = TableRows(self.store, table, 1, chunk_device=self.acc.device)
+        out = [model(chunk[:, 0].float())["features"].float().cpu() for chunk in rows.chunks()]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.store.dim), np.float32)
+
     def fourier_predictor(self, table: pd.DataFrame, fourier, beta: float,
                           desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
         """Like `predictor`, on the store of this backbone's Fourier transfers (embedded on first use, shared by

@@ -104,6 +104,15 @@ class ImageTask:
                        precision=self.precision, channels_last=self.cfg.train.channels_last,
                        transform=self.transform.infer)
 
+    @torch.no_grad()
+    def features(self, model: nn.Module, table: pd.DataFrame) -> np.ndarray:
+        """The fine-tuned backbone's pooled features of the plain view, through the config's input transform."""
+        model.eval()
+        images, batch = self.cache.gather(table), self.cfg.train.eval_batch_size
+        return torch.cat([model(self.to_model(self.transform.infer(to_float(
+            torch.from_numpy(images[i:i + batch]).to(self.acc.device)))))["features"].float().cpu()
+            for i in range(0, len(images), batch)]).numpy()
+
     def fourier_predictor(self, table: pd.DataFrame, fourier, beta: float,
                           desc: str = "predict") -> Callable[[nn.Module], pd.DataFrame]:
         """Like `predictor`, the views being each patch's Fourier transfers to its nearest donors of other
