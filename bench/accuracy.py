@@ -1,8 +1,8 @@
 """Accuracy ablation on real tissue: PatchCamelyon patches with synthetic pseudo-center stain shifts.
 
     python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs N]
-                             [--rows none|key|more|aglr|stain|average|robust|dart|frozen|all] [--only TEXT..] [--adabn] [--ensemble]
-                             [--frozen-ensemble] [--mixed]
+                             [--rows none|key|more|aglr|stain|average|robust|dart|frozen|all] [--only TEXT..] [--adabn]
+                             [--ensemble] [--frozen-ensemble] [--mixed]
                              [--pseudo 0.9] [--oracle] [--hidden] [--seeds 0 1 2] [--tag NAME] [--work DIR]
 
 Builds train/val/test.h5 with ../shared/data/pcam/make_competition_h5.py (real tissue and labels,
@@ -28,8 +28,9 @@ baselines. --rows frozen: heads on frozen ImageNet features (EfficientNet-Lite0/
 packages; Lite2's package is not installed here) - linear probe, MLP, MLP + DANN head, sparse probe,
 each feature shift - and the fine-tuned default for reference: the frozen path's mechanics on real
 tissue, not a prediction for pathology models. --hidden: the same rows scored on a hidden center (the
-test patches re-stained with HIDDEN_CENTER, parameters fixed before any result was seen). Several seeds: mean and range. Runs already in --work are reused, so phases can be
-run one after another (cheap ones first). Results go to bench/results/ after every row.
+test patches re-stained with HIDDEN_CENTER, parameters fixed before any result was seen). Several seeds: mean and
+range. Runs already in --work are reused, so phases can be run one after another (cheap ones first). Results go
+to bench/results/ after every row.
 """
 from __future__ import annotations
 
@@ -134,19 +135,40 @@ FROZEN_ROWS = {
     "frozen Lite0 (ImageNet), linear probe": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=0"],
     "frozen Lite0, MLP": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=512"],
     "frozen Lite0, MLP + DANN head": _MLP_DANN,
-    "frozen Lite0, sparse probe (L1 0.003)": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=0", "model.head_l1=0.003"],
-    "frozen Lite0, linear probe, CORAL": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=0", "model.feature_shift=coral"],
+    "frozen Lite0, sparse probe (L1 0.003)": [
+        *_FROZEN,
+        "algorithm.name=erm",
+        "model.head_hidden=0",
+        "model.head_l1=0.003",
+    ],
+    "frozen Lite0, linear probe, CORAL": [
+        *_FROZEN,
+        "algorithm.name=erm",
+        "model.head_hidden=0",
+        "model.feature_shift=coral",
+    ],
     "frozen Lite0, MLP + DANN head, standardize": [*_MLP_DANN, "model.feature_shift=standardize"],
     "frozen Lite0, MLP + DANN head, CORAL": [*_MLP_DANN, "model.feature_shift=coral"],
     "frozen Lite1 (ImageNet), MLP + DANN head": [*_MLP_DANN, *_LITE1],
     "frozen Lite1, MLP + DANN head, standardize": [*_MLP_DANN, *_LITE1, "model.feature_shift=standardize"],
     "frozen Lite1, MLP + DANN head, CORAL": [*_MLP_DANN, *_LITE1, "model.feature_shift=coral"],
-    "frozen Lite0, linear probe, self-training (3 rounds, 0.9)": [*_FROZEN, "algorithm.name=erm", "model.head_hidden=0",
-                                                                  *_SELF_TRAIN],
+    "frozen Lite0, linear probe, self-training (3 rounds, 0.9)": [
+        *_FROZEN,
+        "algorithm.name=erm",
+        "model.head_hidden=0",
+        *_SELF_TRAIN,
+    ],
     "frozen Lite0, MLP + DANN head, standardize + self-training (3 rounds, 0.9)": [
-        *_MLP_DANN, "model.feature_shift=standardize", *_SELF_TRAIN],
+        *_MLP_DANN,
+        "model.feature_shift=standardize",
+        *_SELF_TRAIN,
+    ],
     "frozen Lite1, MLP + DANN head, standardize + self-training (3 rounds, 0.9)": [
-        *_MLP_DANN, *_LITE1, "model.feature_shift=standardize", *_SELF_TRAIN],
+        *_MLP_DANN,
+        *_LITE1,
+        "model.feature_shift=standardize",
+        *_SELF_TRAIN,
+    ],
     "fine-tuned Lite0 DANN (the default, reference)": [],
 }
 # issue 32: the robustify stage on the frozen heads (ImageNet CNNs, the only pretrained backbones offline): the
@@ -166,9 +188,18 @@ ROBUST_ROWS = {
 # head (configs/fm_*_frozen.yaml: MLP + DANN head, per-center standardisation), plus self-training, so that
 # the stack stage chooses between plain and adapted predictions by its own leave-one-center-out evidence
 FROZEN_ENSEMBLE = [*_MLP_DANN, "model.feature_shift=standardize", *_SELF_TRAIN]
-ROW_SETS = {"none": {}, "key": KEY_ROWS, "more": MORE_ROWS, "aglr": AGLR_ROWS, "frozen": FROZEN_ROWS, "stain": STAIN_ROWS,
-            "average": AVERAGE_ROWS, "robust": ROBUST_ROWS, "dart": DART_ROWS,
-            "all": KEY_ROWS | MORE_ROWS | AGLR_ROWS}
+ROW_SETS = {
+    "none": {},
+    "key": KEY_ROWS,
+    "more": MORE_ROWS,
+    "aglr": AGLR_ROWS,
+    "frozen": FROZEN_ROWS,
+    "stain": STAIN_ROWS,
+    "average": AVERAGE_ROWS,
+    "robust": ROBUST_ROWS,
+    "dart": DART_ROWS,
+    "all": KEY_ROWS | MORE_ROWS | AGLR_ROWS,
+}
 # The hidden center (issue 19): the test patches again, re-stained by the PCam script's own stain_shift with
 # parameters fixed on 2026-12-01 before any result was seen, so that a method tuned on center 2's shift
 # shows. (H, E, D scale), (shift), brightness gain - as make_competition_h5.CENTERS.
@@ -231,7 +262,11 @@ def build_oracle(root: Path, train_patches: int, seed: int = 0) -> tuple[Path, s
         inp.mkdir(parents=True, exist_ok=True)
         with h5py.File(root / "input" / "test.h5") as src:
             # the test file repeats half B under other ids (ids are unique across the three files)
-            for name, part, center, offset in (("train", half_a, 0, 0), ("val", half_b, 1, 0), ("test", half_b, 2, 10**9)):
+            for name, part, center, offset in (
+                ("train", half_a, 0, 0),
+                ("val", half_b, 1, 0),
+                ("test", half_b, 2, 10**9),
+            ):
                 with h5py.File(inp / f"{name}.h5", "w") as dst:
                     for i in part:
                         g = dst.create_group(str(i + offset))
@@ -391,7 +426,9 @@ def main():
     ap.add_argument("--oracle", action="store_true",
                     help="+ the default recipe trained on half of the test center's own labels, scored on the other "
                          "half next to the shipped model (the headroom; reference only)")
-    ap.add_argument("--configs", nargs="+", type=Path, default=PIPELINE, help="the pipeline's configs (train.sh's CONFIGS)")
+    ap.add_argument(
+        "--configs", nargs="+", type=Path, default=PIPELINE, help="the pipeline's configs (train.sh's CONFIGS)"
+    )
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. train.batch_size=64")
     ap.add_argument("--tag", default="", help="name of the results file (default: patches and epochs)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -426,14 +463,23 @@ def main():
                              *sorted(c for c in table.columns if c.startswith("test_fourier")), "note"]
                  if c in table.columns]
         table = table[order].fillna("")
-        text = (f"# {stamp}, {a.train_patches} train patches, epochs {a.epochs or 'from the configs'}, seeds {a.seeds}\n"
-                "# real tissue (PCam), SYNTHETIC pseudo-center stain shift; single model = fold holding out center 1\n"
-                + ("# test = the HIDDEN center (the test patches re-stained with parameters fixed before any result)\n"
-                   if a.hidden else "")
-                + ("# frozen rows: ImageNet features - a proxy for the frozen path's mechanics, not a prediction for "
-                   "pathology models; *_adabn = the feature shift re-estimated / self-training on the target\n"
-                   if a.rows in ("frozen", "robust") or a.frozen_ensemble else "")
-                + table.to_string(index=False) + "\n")
+        text = (
+            f"# {stamp}, {a.train_patches} train patches, epochs {a.epochs or 'from the configs'}, seeds {a.seeds}\n"
+            "# real tissue (PCam), SYNTHETIC pseudo-center stain shift; single model = fold holding out center 1\n"
+            + (
+                "# test = the HIDDEN center (the test patches re-stained with parameters fixed before any result)\n"
+                if a.hidden
+                else ""
+            )
+            + (
+                "# frozen rows: ImageNet features - a proxy for the frozen path's mechanics, not a prediction for "
+                "pathology models; *_adabn = the feature shift re-estimated / self-training on the target\n"
+                if a.rows in ("frozen", "robust") or a.frozen_ensemble
+                else ""
+            )
+            + table.to_string(index=False)
+            + "\n"
+        )
         (out / f"accuracy-{stamp}-{tag}.txt").write_text(text)
 
     members: dict[int, list] = {}  # seed -> every pipeline's runs (--mixed stacks them together)
@@ -448,12 +494,17 @@ def main():
             members.setdefault(seed, []).extend(runs)
             per_seed[seed] = bench.ensemble_scores(runs)
             print(f"seed {seed}: {pre}pipeline on the test center: {json.dumps(per_seed[seed])}", flush=True)
-        for key, label in [("single_fold_models_tta", f"single fold models, TTA (mean over {4 * len(a.configs) * (2 if frozen is None else 1)} models)"),
-                           *[(m, f"pipeline, {m} combiner") for m in METHODS],
-                           *[(m + ADAPTED, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
-                           ("picked", "pipeline, combiner picked by LOCO"),
-                           ("picked_prior", "same, thresholded to the known 50% positive share (prior matching)"),
-                           ("shipped", "pipeline as shipped (prior matching only where LOCO says it helps)")]:
+        for key, label in [
+            (
+                "single_fold_models_tta",
+                f"single fold models, TTA (mean over {4 * len(a.configs) * (2 if frozen is None else 1)} models)",
+            ),
+            *[(m, f"pipeline, {m} combiner") for m in METHODS],
+            *[(m + ADAPTED, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
+            ("picked", "pipeline, combiner picked by LOCO"),
+            ("picked_prior", "same, thresholded to the known 50% positive share (prior matching)"),
+            ("shipped", "pipeline as shipped (prior matching only where LOCO says it helps)"),
+        ]:
             note = {"picked": "picked: " + ",".join(s["picked_method"] for s in per_seed.values()),
                     "picked_prior": "LOCO with vs without: " + "; ".join(s["loco_prior"] for s in per_seed.values()),
                     "shipped": "prior used: " + ",".join(str(s["prior_used"]) for s in per_seed.values())}.get(key, "")
@@ -463,8 +514,13 @@ def main():
             record({"row": f"{pre}pipeline, Fourier set {key.removeprefix('mean+fourier-')}, mean combiner",
                     "test_tta": fmt([s[key] for s in per_seed.values()])})
         if fourier_keys:
-            record({"row": f"{pre}stack's Fourier verdict (best Fourier set vs the pick, McNemar z LOCO)", "test_tta": "",
-                    "note": "; ".join(json.dumps(s["fourier"]) for s in per_seed.values())})
+            record(
+                {
+                    "row": f"{pre}stack's Fourier verdict (best Fourier set vs the pick, McNemar z LOCO)",
+                    "test_tta": "",
+                    "note": "; ".join(json.dumps(s["fourier"]) for s in per_seed.values()),
+                }
+            )
         if a.pseudo:
             # the second round's models alone, and both rounds together (the stack stage ensembles
             # every run in work/runs, so a second round run after the first gives the latter)
@@ -518,11 +574,16 @@ def main():
             held = oracle.score_run(orun)
             scores.append({"test": held["val"], "test_tta": held["val_tta"],
                            "shipped": accuracy(shipped, ["v0"]), "shipped_tta": accuracy(shipped, views)})
-        record({"row": f"ORACLE: default recipe trained on {n_train} labelled TEST-center patches "
-                       "(in-domain, reference only)", "test": fmt([s["test"] for s in scores]),
+        record(
+            {
+                "row": f"ORACLE: default recipe trained on {n_train} labelled TEST-center patches "
+                "(in-domain, reference only)",
+                "test": fmt([s["test"] for s in scores]),
                 "test_tta": fmt([s["test_tta"] for s in scores]),
                 "note": f"on half B of the test center ({len(half_b)} patches); the shipped DANN fold-1 model on "
-                        f"the same patches: {fmt([s['shipped'] for s in scores])} / {fmt([s['shipped_tta'] for s in scores])}"})
+                f"the same patches: {fmt([s['shipped'] for s in scores])} / {fmt([s['shipped_tta'] for s in scores])}",
+            }
+        )
     print(f"\nwrote {out / f'accuracy-{stamp}-{tag}.txt'}")
 
 

@@ -89,7 +89,9 @@ def ceiling_inputs(images: int, side: int, device: torch.device, precision: str)
             torch.cuda.empty_cache()
 
 
-def bench_recipe(name: str, device: torch.device, depth: int | None, patches: int, repeats: int, views: int = 8) -> dict:
+def bench_recipe(
+    name: str, device: torch.device, depth: int | None, patches: int, repeats: int, views: int = 8
+) -> dict:
     recipe = shallow(RECIPES[name], depth)
     precision = resolve_precision("auto", preferred=recipe.precision) if device.type == "cuda" else "no"
     build = recipe_build(recipe)
@@ -116,13 +118,25 @@ def bench_recipe(name: str, device: torch.device, depth: int | None, patches: in
     model_images = max(1, patches // min(batch, patches)) * len(ready)
     path_rate, ceiling = patches * views / path_s, model_images / model_s
     flops = flops_per_image(RECIPES[name])
-    row = {"recipe": name, "title": recipe.title, "device": str(device), "depth": depth or "card",
-           "precision": precision, "batch_patches": batch, "images_per_forward": batch * views, "views": views,
-           "path_images_per_s": round(path_rate, 1), "ceiling_images_per_s": round(ceiling, 1),
-           "path_vs_ceiling": round(path_rate / ceiling, 3), "peak_gib": None if peak is None else round(peak, 2),
-           "gflops_per_image": round(flops / 1e9, 1),
-           "competition_hours": round(COMPETITION_IMAGES / path_rate / 3600, 2) if not depth else None,
-           "h100_estimate_hours": round(COMPETITION_IMAGES * flops / (H100_BF16_DENSE_FLOPS * ASSUMED_UTILISATION) / 3600, 2)}
+    row = {
+        "recipe": name,
+        "title": recipe.title,
+        "device": str(device),
+        "depth": depth or "card",
+        "precision": precision,
+        "batch_patches": batch,
+        "images_per_forward": batch * views,
+        "views": views,
+        "path_images_per_s": round(path_rate, 1),
+        "ceiling_images_per_s": round(ceiling, 1),
+        "path_vs_ceiling": round(path_rate / ceiling, 3),
+        "peak_gib": None if peak is None else round(peak, 2),
+        "gflops_per_image": round(flops / 1e9, 1),
+        "competition_hours": round(COMPETITION_IMAGES / path_rate / 3600, 2) if not depth else None,
+        "h100_estimate_hours": round(
+            COMPETITION_IMAGES * flops / (H100_BF16_DENSE_FLOPS * ASSUMED_UTILISATION) / 3600, 2
+        ),
+    }
     del backbone, embedder, ready
     return row
 
@@ -140,17 +154,27 @@ def main() -> None:
     device = torch.device(a.device)
     patches = a.patches or (2048 if device.type == "cuda" else 8)
     names = list(RECIPES) if a.recipes == "all" else a.recipes.split(",")
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} x {torch.get_num_threads()} threads"
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or 'cpu'} x {torch.get_num_threads()} threads"
+    )
     rows = []
-    print("| model | precision | batch (patches x 8) | path img/s | ceiling img/s | path/ceiling | peak GiB | GFLOP/img | "
-          "competition x 8 views (h) | H100 estimate (h) |")
+    print(
+        "| model | precision | batch (patches x 8) | path img/s | ceiling img/s | path/ceiling | peak GiB | GFLOP/img "
+        "| "
+        "competition x 8 views (h) | H100 estimate (h) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         row = bench_recipe(name, device, a.depth, patches, a.repeats, a.views)
         rows.append(row)
-        print(f"| {row['title']} | {row['precision']} | {row['batch_patches']} | {row['path_images_per_s']:,} | "
-              f"{row['ceiling_images_per_s']:,} | {row['path_vs_ceiling']:.2f} | {row['peak_gib'] or '-'} | "
-              f"{row['gflops_per_image']} | {row['competition_hours'] or '-'} | {row['h100_estimate_hours']} |", flush=True)
+        print(
+            f"| {row['title']} | {row['precision']} | {row['batch_patches']} | {row['path_images_per_s']:,} | "
+            f"{row['ceiling_images_per_s']:,} | {row['path_vs_ceiling']:.2f} | {row['peak_gib'] or '-'} | "
+            f"{row['gflops_per_image']} | {row['competition_hours'] or '-'} | {row['h100_estimate_hours']} |",
+            flush=True,
+        )
     out = Path(a.out or Path(__file__).parent / "results" / f"fm-{time.strftime('%Y-%m-%d')}-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "depth": a.depth or "card",

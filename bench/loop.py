@@ -52,9 +52,12 @@ def demo_root(root: Path, per_center: int) -> Paths:
 
 
 def image_config(backbone: str, size: int, batch: int) -> dict:
-    return {"name": "speed-image", "model": {"kind": "image", "backbone": backbone, "weights": "none", "input_size": size},
-            "algorithm": {"name": "dann", "domain_weight": 0.1},
-            "train": {"epochs": 1, "batch_size": batch, "target_batch_size": batch // 2, "eval_batch_size": batch}}
+    return {
+        "name": "speed-image",
+        "model": {"kind": "image", "backbone": backbone, "weights": "none", "input_size": size},
+        "algorithm": {"name": "dann", "domain_weight": 0.1},
+        "train": {"epochs": 1, "batch_size": batch, "target_batch_size": batch // 2, "eval_batch_size": batch},
+    }
 
 
 def feature_config(batch: int) -> dict:

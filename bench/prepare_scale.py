@@ -82,8 +82,13 @@ def run_prepare(root: Path, workers: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed ({proc.returncode}):\n{out}")
     n = sum(c for c, _ in SIZES.values())
-    return {"workers": workers, "wall_s": round(wall, 1), "images_per_s": round(n / wall), "peak_rss_gb": round(peak / 1e9, 2),
-            "peak_anon_gb": round(peak_anon / 1e9, 2)}
+    return {
+        "workers": workers,
+        "wall_s": round(wall, 1),
+        "images_per_s": round(n / wall),
+        "peak_rss_gb": round(peak / 1e9, 2),
+        "peak_anon_gb": round(peak_anon / 1e9, 2),
+    }
 
 
 def main() -> None:

@@ -228,9 +228,13 @@ def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -
         return (frame[col] == frame["label"]).to_numpy()
 
     seeds = rules.groupby("set")["seed"].apply(lambda x: sorted(set(x)))
-    out = [f"cases: {len(rules.groupby(['center', 'seed', 'set']))} ({', '.join(f'{k}: seeds {v}' for k, v in seeds.items())}), "
-           f"centers {sorted(rules['center'].unique())}; points = 0.01 accuracy",
-           "", f"rule        cases  mean regret  worst  regret decisive*  shipped - {against}'s, pooled paired (95% CI)"]
+    out = [
+        f"cases: {len(rules.groupby(['center', 'seed', 'set']))} "
+        f"({', '.join(f'{k}: seeds {v}' for k, v in seeds.items())}), "
+        f"centers {sorted(rules['center'].unique())}; points = 0.01 accuracy",
+        "",
+        f"rule        cases  mean regret  worst  regret decisive*  shipped - {against}'s, pooled paired (95% CI)",
+    ]
     cases = {key: part for key, part in patches.groupby(["center", "seed", "set"], sort=False)}
     for name, part in rules.groupby("rule", sort=False):
         p = compare(hits(patches, f"rule:{name}"), hits(patches, f"rule:{against}"), patches["id"])
@@ -240,19 +244,26 @@ def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -
             best = max((c for c in frame.columns if c not in META and not c.startswith(("rule:", "noshift:"))),
                        key=lambda c: hits(frame, c).mean())
             decisive += compare(hits(frame, best), hits(frame, f"rule:{name}")).decisive
-        out.append(f"{name:<11} {len(part):>5}  {100 * part['regret'].mean():>11.2f}  {100 * part['regret'].max():>5.2f}"
-                   f"  {decisive:>6} of {len(part):<8} {p.text()}")
+        out.append(
+            f"{name:<11} {len(part):>5}  {100 * part['regret'].mean():>11.2f}  {100 * part['regret'].max():>5.2f}"
+            f"  {decisive:>6} of {len(part):<8} {p.text()}"
+        )
     out.append("* cases where the best candidate beats what shipped decisively (paired 95% interval above 0)")
     out += ["", "regret per set and center (points, mean over seeds):",
             (100 * rules.pivot_table(index=["set", "center"], columns="rule", values="regret", sort=False)).round(2)
             .to_string()]
     if any(c.startswith("noshift:") for c in patches.columns):
-        out += ["", "shift penalty of what each rule shipped: no-shift minus shifted, same models and patches, pooled paired:"]
+        out += [
+            "",
+            "shift penalty of what each rule shipped: no-shift minus shifted, same models and patches, pooled paired:",
+        ]
         for name in rules["rule"].unique():
             for key, part in patches.dropna(subset=[f"noshift:{name}"]).groupby(["set", "center"], sort=False):
                 p = compare(hits(part, f"noshift:{name}"), hits(part, f"rule:{name}"), part["id"])
-                out.append(f"  {name:<10} {key[0]:<10} {key[1]:<8} {100 * p.acc_b:.1f} -> {100 * p.acc_a:.1f} without the "
-                           f"shift: {p.text()}")
+                out.append(
+                    f"  {name:<10} {key[0]:<10} {key[1]:<8} {100 * p.acc_b:.1f} -> {100 * p.acc_a:.1f} without the "
+                    f"shift: {p.text()}"
+                )
     out += ["", "candidates against each other, pooled paired (every case; per center):"]
     for a, b in (("mean+adabn", "mean"), ("stack+adabn", "mean+adabn"), ("rank+both", "mean+adabn"),
                  ("mean+adabn@prior", "mean+adabn"), ("mean@prior", "mean")):

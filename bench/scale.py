@@ -5,12 +5,13 @@
 
 Per size n: input files in the competition's split mix (train 100,000 : val 34,904 : test 85,054, scaled to n;
 train's three centers 0/3/4 in equal shares, val center 1, test center 2, every center balanced) holding one
-96 x 96 uint8 gradient image (gzip-compressed in the files; never read by the stages under test, which read features), then `prepare` and `folds` (not timed),
-then a feature store written through the store's own writer (features/store.py: reserved arrays, chunk markers with
-their checksums, meta.json last) under the key a frozen config computes, so the stages find it complete and embed
-nothing. Its features are synthetic - per-center shifted and scaled Gaussian clusters, a tumour direction a head can
-learn, each view its own noise - so the printed accuracy is the pipeline's, not a pathology result. Then, timed,
-each in its own process: train (every fold) -> infer --adapt (plain and adapted) -> stack -> submit.
+96 x 96 uint8 gradient image (gzip-compressed in the files; never read by the stages under test, which read
+features), then `prepare` and `folds` (not timed), then a feature store written through the store's own writer
+(features/store.py: reserved arrays, chunk markers with their checksums, meta.json last) under the key a frozen
+config computes, so the stages find it complete and embed nothing. Its features are synthetic - per-center shifted
+and scaled Gaussian clusters, a tumour direction a head can learn, each view its own noise - so the printed accuracy
+is the pipeline's, not a pathology result. Then, timed, each in its own process: train (every fold) -> infer --adapt
+(plain and adapted) -> stack -> submit.
 
 Prints ONE JSON line per size:
   {"n": 16000, "views": 8, "dim": 1536, "store_bytes": ..., "seconds": {"train": ..., "infer": ..., "stack": ...,
@@ -18,8 +19,8 @@ Prints ONE JSON line per size:
 accuracy is the submission's on the test rows; bayes_accuracy the generator's bound (no classifier does better but
 by chance: a measured accuracy above it by more than sampling noise is a leak, and the smoke test fails on it).
 peak_rss_mb is the largest peak resident memory of the four stage processes (each one's own high-water mark, read
-from /proc while it runs; not this generator's); peak_gpu_mb the largest GPU memory nvidia-smi saw them use (null on CPU). Each size works in
-its own folder under --work (default: a temporary one), removed afterwards unless --keep.
+from /proc while it runs; not this generator's); peak_gpu_mb the largest GPU memory nvidia-smi saw them use (null on
+CPU). Each size works in its own folder under --work (default: a temporary one), removed afterwards unless --keep.
 """
 from __future__ import annotations
 
@@ -164,8 +165,11 @@ class Peak(threading.Thread):
             except (OSError, IndexError):
                 pass  # exited (or a zombie without an address space)
             if self.gpu:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 for line in out.splitlines():
                     pid, _, mb = line.partition(",")
                     if pid.strip() == str(self.pid):
@@ -245,7 +249,9 @@ def main(argv=None) -> None:
         if not a.keep:
             shutil.rmtree(work / f"n{n}-d{a.dim}-v{a.views}", ignore_errors=True)
     for small, large in zip(results, results[1:]):  # the scaling of point 2, on stderr (the JSON lines stay clean)
-        grow = (large["peak_rss_mb"] - small["peak_rss_mb"]) * 2**20 / max(large["store_bytes"] - small["store_bytes"], 1)
+        grow = (
+            (large["peak_rss_mb"] - small["peak_rss_mb"]) * 2**20 / max(large["store_bytes"] - small["store_bytes"], 1)
+        )
         per = (large["seconds"]["total"] / large["n"]) / (small["seconds"]["total"] / small["n"])
         print(f"scale: {small['n']} -> {large['n']}: peak RSS grew {grow:.2f} of the store's growth; "
               f"seconds per patch x{per:.2f}", file=sys.stderr)

@@ -199,9 +199,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:  # rows 2-4: the code that runs (bench/loop.py)
         models = loop.rows(Path(tmp), device, gpu, a.quick, a.smoke)
     for r in models:
-        print(f"{r['what']:<80} loop {r['loop_img_s']:>9,.1f} img/s  ceiling {r['ceiling_img_s']:>9,.1f} img/s  "
-              f"ratio {r['ratio']:.2f}" + (f"  85,054 x 8 views: {r['test_85054_x8_s']:,.0f} s" if "test_85054_x8_s" in r else ""),
-              flush=True)
+        print(
+            f"{r['what']:<80} loop {r['loop_img_s']:>9,.1f} img/s  ceiling {r['ceiling_img_s']:>9,.1f} img/s  "
+            f"ratio {r['ratio']:.2f}"
+            + (f"  85,054 x 8 views: {r['test_85054_x8_s']:,.0f} s" if "test_85054_x8_s" in r else ""),
+            flush=True,
+        )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")

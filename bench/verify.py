@@ -90,8 +90,13 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="histoshift-verify-"))
     work.mkdir(parents=True, exist_ok=True)
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%F"),
-              "rows": a.rows, "views": a.views, "dim": a.dim}
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%F"),
+        "rows": a.rows,
+        "views": a.views,
+        "dim": a.dim,
+    }
     try:
         store = work / "work" / "features" / "bench-store"
         result["store_bytes"] = write_store(store, a.rows, a.views, a.dim)
@@ -131,13 +136,16 @@ def main(argv=None) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     s, gb = result, 1e9
-    print(f"| what | bytes | before (s per stage) | after: first (s) | after: later (s) |\n|---|---|---|---|---|\n"
-          f"| feature store, train or infer of 4 folds | {s['store_bytes'] / gb:.1f} GB | {4 * s['store_full_check_s']:.1f} "
-          f"(4 x {s['store_full_check_s']:.1f}) | {s['store_first_open_s']:.1f} | {s['store_later_open_s']:.4f} |\n"
-          f"| inputs, prepare --verify (or any stage of a cp -a root) | {s['inputs_bytes'] / gb:.1f} GB | "
-          f"{s['inputs_hash_s']:.1f} | {s['inputs_first_check_s']:.1f} | {s['inputs_later_check_s']:.4f} |\n"
-          f"| hub blob of a copied cache | {s['blob_bytes'] / gb:.1f} GB | the store embedded again | "
-          f"{s['blob_sha256_s']:.1f} | 0 (stat) |")
+    print(
+        f"| what | bytes | before (s per stage) | after: first (s) | after: later (s) |\n|---|---|---|---|---|\n"
+        f"| feature store, train or infer of 4 folds | {s['store_bytes'] / gb:.1f} GB | "
+        f"{4 * s['store_full_check_s']:.1f} "
+        f"(4 x {s['store_full_check_s']:.1f}) | {s['store_first_open_s']:.1f} | {s['store_later_open_s']:.4f} |\n"
+        f"| inputs, prepare --verify (or any stage of a cp -a root) | {s['inputs_bytes'] / gb:.1f} GB | "
+        f"{s['inputs_hash_s']:.1f} | {s['inputs_first_check_s']:.1f} | {s['inputs_later_check_s']:.4f} |\n"
+        f"| hub blob of a copied cache | {s['blob_bytes'] / gb:.1f} GB | the store embedded again | "
+        f"{s['blob_sha256_s']:.1f} | 0 (stat) |"
+    )
     print(f"machine: {result['machine']}; raw: {a.out}")
 
 

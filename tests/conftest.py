@@ -18,7 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from histoshift.cli import cpu_allocator_defaults  # noqa: E402 - torch-free
 
-cpu_allocator_defaults()  # as the command does, before torch is imported; the stage processes the tests start inherit it
+cpu_allocator_defaults()  # as the command does, before torch is imported; the stages the tests start inherit it
 
 from helpers import FROZEN, IMAGE  # noqa: E402 - after the environment above
 

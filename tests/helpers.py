@@ -54,8 +54,10 @@ def write_h5(path: Path, items: dict, dtype=np.float32) -> Path:
 
 
 def random_items(rng, ids, center, side=96, label=None):
-    return {i: (rng.random((3, side, side)).astype(np.float32), int(rng.integers(0, 2)) if label is None else label, center)
-            for i in ids}
+    return {
+        i: (rng.random((3, side, side)).astype(np.float32), int(rng.integers(0, 2)) if label is None else label, center)
+        for i in ids
+    }
 
 
 def one_error_line(capsys) -> str:

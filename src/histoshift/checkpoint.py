@@ -52,7 +52,9 @@ def last_state(parent: Path, prefix: str) -> Path | None:
     return max(states, key=lambda p: int(p.name[len(prefix):]), default=None)
 
 
-def save_state(accelerator, folder: Path, loop: dict, nbytes: int, what: str, tensors: dict[str, dict] | None = None) -> None:
+def save_state(
+    accelerator, folder: Path, loop: dict, nbytes: int, what: str, tensors: dict[str, dict] | None = None
+) -> None:
     """Everything needed to resume, in `folder` (named <prefix><N>); `tensors`: file name -> a flat dict of
     tensors saved beside it as safetensors. `nbytes`: the free space to ask for first (`what` names it). Written
     into a new hidden folder (mkdtemp: exclusive, a random name) and renamed into place when complete: no window

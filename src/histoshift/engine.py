@@ -77,8 +77,14 @@ def save_epoch_state(accelerator: Accelerator, run: RunDir, epoch: int, nbytes: 
     is ever read back): the scheduler and the progress in loop.json, early stopping's best weights and the
     weight averages beside."""
     extra = {name: t for name, t in ((BEST_WEIGHTS, best), (AVERAGE_WEIGHTS, average)) if t}
-    save_state(accelerator, run.state_dir(epoch), {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()},
-               nbytes, f"saving the epoch {epoch} state", extra)
+    save_state(
+        accelerator,
+        run.state_dir(epoch),
+        {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()},
+        nbytes,
+        f"saving the epoch {epoch} state",
+        extra,
+    )
 
 
 def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
@@ -194,12 +200,19 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
         averager.after_epoch(core.model, epoch + 1)
         oof = heldout_predictor(averager.scored(core.model)).rename(columns={"v0": "logit"})
         held = per_center(check_finite(oof, f"{run.path} (held-out center {run.fold}, epoch {epoch + 1})")).iloc[0]
-        record = {"epoch": epoch + 1, "step": progress.step, "seconds": round(time.time() - t0, 1),
-                  "lr_backbone": scheduler.get_last_lr()[0],
-                  **{f"train_{k}": round(float(np.mean(v)), 5) for k, v in logs.items()},
-                  "heldout_center": run.fold, "heldout_acc": round(held["accuracy"], 5), "heldout_auc": round(held["auc"], 5),
-                  "heldout_loss": round(heldout_loss(oof), 5),
-                  "heldout_brier": round(held["brier"], 5), "heldout_ece": round(held["ece"], 5)}
+        record = {
+            "epoch": epoch + 1,
+            "step": progress.step,
+            "seconds": round(time.time() - t0, 1),
+            "lr_backbone": scheduler.get_last_lr()[0],
+            **{f"train_{k}": round(float(np.mean(v)), 5) for k, v in logs.items()},
+            "heldout_center": run.fold,
+            "heldout_acc": round(held["accuracy"], 5),
+            "heldout_auc": round(held["auc"], 5),
+            "heldout_loss": round(heldout_loss(oof), 5),
+            "heldout_brier": round(held["brier"], 5),
+            "heldout_ece": round(held["ece"], 5),
+        }
         accelerator.print(json.dumps(record))
         accelerator.log(numbers(record), step=epoch + 1)  # the trackers of train.log_with (none: nothing)
         progress.epoch, progress.seconds = epoch + 1, time.time() - t0

@@ -137,13 +137,19 @@ def feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
                          "no map")
             continue
         reduced = PCA(n_components=min(50, feats.shape[1], len(feats) - 1), random_state=0).fit_transform(feats)
-        xy = TSNE(n_components=2, init="pca", perplexity=min(30, (len(feats) - 1) / 3), random_state=0).fit_transform(reduced)
+        xy = TSNE(n_components=2, init="pca", perplexity=min(30, (len(feats) - 1) / 3), random_state=0).fit_transform(
+            reduced
+        )
         score = center_predictability(feats, sample["center"].to_numpy())
         notes.append(f"{what}: a linear probe tells the center from these features with {score:.1%} accuracy "
                      f"(3-fold; chance {1 / sample['center'].nunique():.0%})")
         for center, part in sample.reset_index(drop=True).groupby("center"):
             axes[row, 0].scatter(*xy[part.index].T, s=5, alpha=0.6, label=f"center {center}")
-        for label, name, colour in ((0, "normal", "tab:blue"), (1, "tumour", "tab:red"), (-1, "unlabelled (test)", "0.75")):
+        for label, name, colour in (
+            (0, "normal", "tab:blue"),
+            (1, "tumour", "tab:red"),
+            (-1, "unlabelled (test)", "0.75"),
+        ):
             sel = sample["label"].to_numpy() == label
             axes[row, 1].scatter(*xy[sel].T, s=5, alpha=0.6, c=colour, label=name)
         axes[row, 0].set_title(f"{what}\nby center (linear probe {score:.0%})", fontsize=9)

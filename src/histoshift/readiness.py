@@ -52,16 +52,20 @@ def _hub_weights(check: Check, recipe) -> None:
 
     repo = recipe.hub_id
     files = [recipe.config_file] + ([recipe.weights_file] if recipe.weights_file else [])
-    have = all(_cached(repo, f) for f in files) and (bool(recipe.weights_file) or any(_cached(repo, f) for f in WEIGHT_FILES))
+    have = all(_cached(repo, f) for f in files) and (
+        bool(recipe.weights_file) or any(_cached(repo, f) for f in WEIGHT_FILES)
+    )
     if have:
         check.weights = "in the Hugging Face cache"
         return
     gated = " is gated and" if recipe.gated else ""
     if constants.HF_HUB_OFFLINE:
         check.problems.append(
-            f"{check.config}: {repo}{gated} not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1: "
-            f"download it once online (`hf download {repo}`{', with an accepted licence and HF_TOKEN' if gated else ''}) "
-            "or point model.weights at a local copy (dir:PATH, file:PATH)")
+            f"{check.config}: {repo}{gated} not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            "HF_HUB_OFFLINE=1: download it once online "
+            f"(`hf download {repo}`{', with an accepted licence and HF_TOKEN' if gated else ''}) "
+            "or point model.weights at a local copy (dir:PATH, file:PATH)"
+        )
         return
     from huggingface_hub import auth_check, get_token
 
@@ -250,7 +254,13 @@ def offline() -> bool:
 
 
 def human(seconds: float) -> str:
-    return f"~{seconds / 3600:.1f} h" if seconds >= 3600 else f"~{seconds / 60:.0f} min" if seconds >= 60 else f"~{seconds:.0f} s"
+    return (
+        f"~{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"~{seconds / 60:.0f} min"
+        if seconds >= 60
+        else f"~{seconds:.0f} s"
+    )
 
 
 def free_bytes(path: Path) -> int:

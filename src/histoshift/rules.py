@@ -114,7 +114,9 @@ def _fourier(c: Candidates, pick: str, evidence: dict, replaces: Callable[[Paire
 
 
 class Rule(ABC):
-    """A registered rule: `name` (what `stack --rule` takes), `summary` (one line for the decision record and the report)."""
+    """A registered rule: `name` (what `stack --rule` takes), `summary` (one line for the decision record and the
+    report)."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
 

@@ -38,12 +38,18 @@ from .errors import Exists
 from .lineage import StaleError, changed, digest_file
 from .safeio import write_csv, write_json
 
-INPUT_NAMES = {"cache.train": "the cached train.h5", "cache.val": "the cached val.h5", "cache.test": "the cached test.h5",
-               "folds": "folds.csv", "features": "the feature store (new weights, views or cache)",
-               "stain_gan": "the stain GAN's generator (trained again)",
-               "features_content": "the stored features (embedded again since)",
-               **{f"features_content.{s}": f"the stored {s} features (embedded again since)" for s in ("train", "val", "test")},
-               "pseudo": "the stack's test predictions it took pseudo-labels from", "task": "the kind of model"}
+INPUT_NAMES = {
+    "cache.train": "the cached train.h5",
+    "cache.val": "the cached val.h5",
+    "cache.test": "the cached test.h5",
+    "folds": "folds.csv",
+    "features": "the feature store (new weights, views or cache)",
+    "stain_gan": "the stain GAN's generator (trained again)",
+    "features_content": "the stored features (embedded again since)",
+    **{f"features_content.{s}": f"the stored {s} features (embedded again since)" for s in ("train", "val", "test")},
+    "pseudo": "the stack's test predictions it took pseudo-labels from",
+    "task": "the kind of model",
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,9 @@ class RunDir:
         """The task kind the run was trained as (tasks.TASKS)."""
         kind = self.recorded_inputs().get("task")
         if kind is None:
-            raise StaleError(f"{self.inputs}: records no task kind (a run of an older version); retrain it (train --force)")
+            raise StaleError(
+                f"{self.inputs}: records no task kind (a run of an older version); retrain it (train --force)"
+            )
         return kind
 
     def state_dir(self, epoch: int) -> Path:
@@ -112,7 +120,11 @@ class RunDir:
     def prediction_lineage(self, cache_id: str, settings: dict | None = None) -> dict:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache (and, for a
         set made with settings of its own, e.g. Fourier transfer's donors, those settings)."""
-        return {"checkpoint": digest_file(self.checkpoint), "cache": cache_id, **({"settings": settings} if settings else {})}
+        return {
+            "checkpoint": digest_file(self.checkpoint),
+            "cache": cache_id,
+            **({"settings": settings} if settings else {}),
+        }
 
     def write_tta(self, part: str, adapted: bool | str, table, cache_id: str, adaptation: dict | None = None,
                   settings: dict | None = None) -> None:

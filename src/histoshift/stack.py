@@ -65,7 +65,9 @@ def check_lineage(runs: list[RunDir], cache: Cache, adapted: bool | str = False)
     set: with the settings its files recorded)."""
     for run in runs:
         run.check_inputs(cache.digests)
-        stale = run.stale_predictions(cache.id, adapted, run.recorded_settings(adapted) if isinstance(adapted, str) else None)
+        stale = run.stale_predictions(
+            cache.id, adapted, run.recorded_settings(adapted) if isinstance(adapted, str) else None
+        )
         if stale:
             raise StaleError(f"{run.path}: {', '.join(stale)} missing or predicted from another checkpoint or cache; "
                              "run the infer stage")

@@ -93,7 +93,9 @@ def test_dann_domain_head_gets_its_own_lr_and_reversed_gradient():
     torch.testing.assert_close(g_rev, -0.7 * g_plain)
     out = algo(batch, progress=0.5)
     assert float(out["grl"]) == pytest.approx(ganin_coefficient(0.5))
-    assert float(out["loss"].detach()) == pytest.approx(float(out["cls_loss"] + cfg.algorithm.domain_weight * out["dom_loss"]), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(
+        float(out["cls_loss"] + cfg.algorithm.domain_weight * out["dom_loss"]), rel=1e-5
+    )
 
 
 def test_focal_loss_values():
@@ -146,7 +148,9 @@ def test_stain_aglr_loss_values_on_hand_made_inputs():
     logit = lambda v: math.log(v / (1 - v))  # noqa: E731
     assert float(bernoulli_kl(torch.tensor([logit(p)]), torch.tensor([logit(q)]))) == pytest.approx(want, rel=1e-5)
     assert float(bernoulli_kl(torch.tensor([3.0, -2.0]), torch.tensor([3.0, -2.0]))) == pytest.approx(0, abs=1e-7)
-    assert float(bernoulli_kl(torch.tensor([60.0]), torch.tensor([-60.0]))) == pytest.approx(60, rel=1e-3)  # stable: log(1/q)
+    assert float(bernoulli_kl(torch.tensor([60.0]), torch.tensor([-60.0]))) == pytest.approx(
+        60, rel=1e-3
+    )  # stable: log(1/q)
     ref, alt = torch.tensor([1.0, -1.0], requires_grad=True), torch.tensor([0.0, 0.5], requires_grad=True)
     consistency_loss(ref, alt).backward()
     assert ref.grad is None and alt.grad.abs().sum() > 0  # the image's own prediction is the target
@@ -239,7 +243,9 @@ def test_reweighting_switches_match_a_hand_computation():
 
     from histoshift.algorithms.losses import domain_loss, focal_bce
 
-    cfg = Config.model_validate(tiny_config(algorithm={"name": "dann", "class_reweight": True, "domain_reweight": True}))
+    cfg = Config.model_validate(
+        tiny_config(algorithm={"name": "dann", "class_reweight": True, "domain_reweight": True})
+    )
     algo = ALGORITHMS["dann"](PatchClassifier(cfg.model, load_weights=False), 3, cfg)
     # center 0: 3 normal, 1 tumour; center 3: 2 and 2; targets: 8 patches of center 1 (twice a labelled center)
     source = pd.DataFrame({"center": [0, 0, 0, 0, 3, 3, 3, 3], "label": [0, 0, 0, 1, 0, 0, 1, 1]})
@@ -299,7 +305,9 @@ def test_debiasing_heads_confine_each_gradient_to_its_parameters(name, reverse, 
     """The debiasing term never moves the bias head; the bias head's own loss reaches the backbone only through
     gradient reversal (lntl, clgr), never in tabe; the total is the weighted sum of the logged terms."""
     out, head, backbone = _debias_grads(name, 0.5, 1.0)
-    assert float(out["loss"].detach()) == pytest.approx(float(out["cls_loss"] + 0.5 * out["dom_loss"] + out[key]), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(
+        float(out["cls_loss"] + 0.5 * out["dom_loss"] + out[key]), rel=1e-5
+    )
     _, head_no_debias, backbone_no_debias = _debias_grads(name, 0.5, 0.0)
     torch.testing.assert_close(head, head_no_debias)  # the term goes through the head with its parameters fixed
     assert not torch.allclose(backbone, backbone_no_debias)  # ... and reaches the backbone

@@ -22,7 +22,10 @@ def test_each_optimizer_keeps_the_groups_and_takes_a_step(name, cls):
     a, b, groups = _groups()
     opt = build_optimizer(load_config(overrides=[f"optim.name={name}"]).optim, groups)
     assert type(opt).__name__ == cls
-    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.01] and [g["name"] for g in opt.param_groups] == ["backbone", "head"]
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.01] and [g["name"] for g in opt.param_groups] == [
+        "backbone",
+        "head",
+    ]
     before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
     x = torch.randn(16, 4)
     loss = b(torch.relu(a(x))).pow(2).mean()
@@ -34,7 +37,11 @@ def test_each_optimizer_keeps_the_groups_and_takes_a_step(name, cls):
 def test_adamw_is_torchs_with_the_defaults_it_had():
     _, _, groups = _groups()
     opt = build_optimizer(load_config().optim, groups)
-    assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.01 and opt.defaults["betas"] == (0.9, 0.999)
+    assert (
+        type(opt) is torch.optim.AdamW
+        and opt.defaults["weight_decay"] == 0.01
+        and opt.defaults["betas"] == (0.9, 0.999)
+    )
 
 
 def test_avagrad_takes_the_configs_decoupled_weight_decay():

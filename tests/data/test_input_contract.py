@@ -131,5 +131,7 @@ def test_a_failed_prepare_keeps_the_previous_cache_and_leaves_nothing_half_built
         prepare(d, tmp_path / "cache")
     assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".cache.building")] == []
-    with pytest.raises(StaleError, match=r"train\.h5 changed since the cache was built \(size or modification time\); run prepare"):
+    with pytest.raises(
+        StaleError, match=r"train\.h5 changed since the cache was built \(size or modification time\); run prepare"
+    ):
         check_inputs(d, tmp_path / "cache")

@@ -41,5 +41,8 @@ def test_pipeline_on_real_tissue_beats_chance_clearly(tmp_path):
     sub = pd.read_csv(root / "submissions" / "submission.csv")
     labels = pd.read_csv(root / "input" / "test_labels.csv").merge(sub, on="ID")
     test_acc = float((labels.Pred == labels.label).mean())
-    print(f"real tissue ({PER_CENTER} patches per center): held-out-center accuracy {held_out:.3f}, test center 2 {test_acc:.3f}")
+    print(
+        f"real tissue ({PER_CENTER} patches per center): held-out-center accuracy {held_out:.3f}, test center 2 "
+        f"{test_acc:.3f}"
+    )
     assert held_out > 0.68 and test_acc > 0.65, (held_out, test_acc)

@@ -138,7 +138,9 @@ def test_store_key_follows_every_feature_setting(hf_cache, prepared_root, tmp_pa
     fm_config(tmp_path / "c.yaml", "virchow2")
 
     def key(*overrides, precision="no", weights_cache=None):
-        return store_key(feature_spec(load_config(tmp_path / "c.yaml", list(overrides)), Cache.open(cache_dir), precision))
+        return store_key(
+            feature_spec(load_config(tmp_path / "c.yaml", list(overrides)), Cache.open(cache_dir), precision)
+        )
 
     base = key()
     assert base == key() and base.startswith("virchow2-8v-hed2-no-")
@@ -257,10 +259,20 @@ def test_fine_tuned_recipe_run_infers_without_the_hub(hf_cache, prepared_root, t
     rebuilds the model with the cache gone."""
     write_standin(RECIPES["dinov2_s"], hf_cache)
     root = _copy(prepared_root, tmp_path)
-    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({
-        "model": {"recipe": "dinov2_s", "recipe_overrides": {"input_size": 56}, "weights": "hub", "train_last_blocks": 1,
-                  "drop_path_rate": 0.1},
-        "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32}}))
+    (tmp_path / "ft.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "recipe": "dinov2_s",
+                    "recipe_overrides": {"input_size": 56},
+                    "weights": "hub",
+                    "train_last_blocks": 1,
+                    "drop_path_rate": 0.1,
+                },
+                "train": {"epochs": 1, "batch_size": 16, "target_batch_size": 8, "eval_batch_size": 32},
+            }
+        )
+    )
     r = ["--root", str(root)]
     assert main(r + ["train", "--config", str(tmp_path / "ft.yaml"), "--fold", "0"]) == 0
     shutil.rmtree(hf_cache)
@@ -323,7 +335,9 @@ def test_a_new_hub_snapshot_never_leaves_a_stale_head(hf_cache, prepared_root, t
     assert "other inputs (the feature store (new weights, views or cache) changed since)" in capsys.readouterr().err
     # infer refuses the head too, before embedding anything with the new weights
     assert main(["--root", str(root), "infer"]) == 2
-    assert "the feature store (new weights, views or cache) changed since the run was trained" in capsys.readouterr().err
+    assert (
+        "the feature store (new weights, views or cache) changed since the run was trained" in capsys.readouterr().err
+    )
     assert len(list((root / "work" / "features").iterdir())) == 1
     assert main(train + ["--force"]) == 0
     assert len(list((root / "work" / "features").iterdir())) == 2

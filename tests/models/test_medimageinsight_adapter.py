@@ -189,7 +189,8 @@ def test_the_older_naming_loads_the_same_weights(hf_cache, tmp_path):
             if f".{block}." in key:
                 head, tail = key.split(f".{block}.")
                 layer = next(layer for layer in sorted(table, key=len, reverse=True) if tail.startswith(layer + "."))
-                key = f"{head.replace('visual.blocks.', 'visual.main_blocks.')}.{index}.{table[layer]}{tail[len(layer):]}"
+                renamed = head.replace('visual.blocks.', 'visual.main_blocks.')
+                key = f"{renamed}.{index}.{table[layer]}{tail[len(layer):]}"
         old[key] = value
     assert any(k.startswith("visual.main_blocks.") for k in old) and "vision_projection" in old
     save_file(old, str(path))

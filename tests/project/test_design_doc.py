@@ -89,8 +89,10 @@ def test_the_data_flow_and_the_stage_table_list_every_stage_the_scripts_run():
 
 def test_the_checks_can_fail():
     text = DESIGN.read_text()
-    assert unresolved("`stages.stain_gan.attach`, `stack.decide`, `config.py`, `choice.decide`, `runs.py`, "
-                      "`model.feature_shift`, `choice.json`") == ["config.py", "stack.decide", "stages.stain_gan.attach"]
+    assert unresolved(
+        "`stages.stain_gan.attach`, `stack.decide`, `config.py`, `choice.decide`, `runs.py`, "
+        "`model.feature_shift`, `choice.json`"
+    ) == ["config.py", "stack.decide", "stages.stain_gan.attach"]
     index = module_index(text)
     assert "engine.py" in index and len(index) > 50
     gone = text.replace("| `engine.py` |", "| `engine_old.py` |")

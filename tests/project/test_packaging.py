@@ -89,8 +89,22 @@ def test_editable_install_into_a_fresh_environment_gives_the_command(tmp_path):
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "installed-here.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # the pinned wheels
     py = venv / "bin" / "python"
-    proc = subprocess.run([str(py), "-m", "pip", "install", "--no-index", "--no-build-isolation",
-                           "--disable-pip-version-check", "-e", str(project)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-e",
+            str(project),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

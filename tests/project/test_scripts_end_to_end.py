@@ -31,7 +31,11 @@ def test_a_fresh_clone_with_broken_downloads_stops_at_preflight_in_one_line(tmp_
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "input/train.h5" in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not (clone / "work").exists() and not (clone / "folds" / "folds.csv").exists()
+    assert (
+        "Traceback" not in proc.stderr
+        and not (clone / "work").exists()
+        and not (clone / "folds" / "folds.csv").exists()
+    )
 
 
 def _small_demo(clone: Path, env: dict, per_center: int = 32, test_size: int = 32) -> None:
@@ -52,7 +56,9 @@ def test_train_then_infer_on_the_demo(tmp_path):
     _small_demo(clone, env, per_center=48, test_size=48)
     env["CONFIGS"] = "configs/demo_lite0_dann.yaml"
     for script in ("train.sh", "infer.sh"):
-        proc = subprocess.run(["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=5400)  # a bound for a hung script, not a speed test
+        proc = subprocess.run(
+            ["bash", script], cwd=clone, env=env, capture_output=True, text=True, timeout=5400
+        )  # a bound for a hung script, not a speed test
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{script} failed:\n{log[-4000:]}"
         assert "DEMO MODE" in log
@@ -94,7 +100,9 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
            "ALLOW_DEGENERATE": "1"}  # random stand-in features: a one-class submission is possible
     members = [line.split("/")[-1].removesuffix(".yaml") for line in
                (clone / "configs" / "sets" / "foundation.txt").read_text().splitlines() if line and line[0] != "#"]
-    recipes = ",".join(yaml.safe_load((clone / "configs" / f"{m}.yaml").read_text())["model"]["recipe"] for m in members)
+    recipes = ",".join(
+        yaml.safe_load((clone / "configs" / f"{m}.yaml").read_text())["model"]["recipe"] for m in members
+    )
     for name in members + ["paper_medimageinsight_mlp"]:  # heads in batches of 32 (the shipped 256 needs 86 patches
         # a center, 3.6x the embedding on two cores); nothing else in the clone's configs changes
         path = clone / "configs" / f"{name}.yaml"
@@ -129,7 +137,9 @@ def test_foundation_model_set_offline_from_a_hub_cache(tmp_path):
     assert (snapshot / "2024.09.27" / "vision_model" / "medimageinsigt-v1.0.0.pt").is_file()
     (store,) = [demo / "work" / "features" / s for s in stores if s.startswith("medimageinsight-")]
     meta = json.loads((store / "meta.json").read_text())
-    assert meta["dim"] == 16 and meta["spec"]["backbone"]["weights"]["revision"] == snapshot.name  # the stand-in's projection
+    assert (
+        meta["dim"] == 16 and meta["spec"]["backbone"]["weights"]["revision"] == snapshot.name
+    )  # the stand-in's projection
     log = script("infer.sh")
     assert log.count("STAND-IN") == 0  # infer.sh never loads a backbone: the heads' TTA predictions exist
     sub = pd.read_csv(demo / "submissions" / "submission.csv")

@@ -70,7 +70,9 @@ def test_odd_id_names_are_refused(tmp_path, capsys, key):
     d = _inputs(tmp_path, rng)
     with h5py.File(d / "val.h5", "a") as f:
         f.copy(f["20"], key)
-    _refused(capsys, ["--root", str(d.parent), "prepare"], f"{d / 'val.h5'}, id {key!r}: group name is not an integer id")
+    _refused(
+        capsys, ["--root", str(d.parent), "prepare"], f"{d / 'val.h5'}, id {key!r}: group name is not an integer id"
+    )
 
 
 def test_centers_that_break_the_contract_are_refused_unless_declared(tmp_path, capsys):
@@ -102,7 +104,12 @@ def test_a_changed_test_file_is_never_reused_in_silence(finished, tmp_path, caps
     r = ["--root", str(finished)]
     sub = (finished / "submissions" / "submission.csv").read_text()
     _rewrite_test_images(finished)
-    for stage in (["train", "--config", str(tmp_path / "head.yaml")], ["infer"], ["stack"], ["submit", "--allow-degenerate"]):
+    for stage in (
+        ["train", "--config", str(tmp_path / "head.yaml")],
+        ["infer"],
+        ["stack"],
+        ["submit", "--allow-degenerate"],
+    ):
         _refused(capsys, r + stage, "test.h5 changed since the cache was built")
     assert main(r + ["prepare"]) == 0
     _refused(capsys, r + ["train", "--config", str(tmp_path / "head.yaml")],
@@ -144,17 +151,25 @@ def test_a_corrupt_checkpoint_is_named(pipeline_root, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda f: f.assign(fold=np.where(f.index % 7 == 0, 0, f.fold)), "placed in fold 0; leave-one-center-out needs fold = center"),
-    (lambda f: f.iloc[1:], "is a labelled patch of the cache but has no fold"),
-    (lambda f: f.assign(label=1 - f.label), "label"),
-    (lambda f: f.assign(fold="x"), "fold is 'x', expected an integer"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (
+            lambda f: f.assign(fold=np.where(f.index % 7 == 0, 0, f.fold)),
+            "placed in fold 0; leave-one-center-out needs fold = center",
+        ),
+        (lambda f: f.iloc[1:], "is a labelled patch of the cache but has no fold"),
+        (lambda f: f.assign(label=1 - f.label), "label"),
+        (lambda f: f.assign(fold="x"), "fold is 'x', expected an integer"),
+    ],
+)
 def test_hand_edited_folds_are_refused_before_training_and_stacking(finished, tmp_path, capsys, edit, fragment):
     path = finished / "folds" / "folds.csv"
     edit(pd.read_csv(path)).to_csv(path, index=False)
     r = ["--root", str(finished)]
-    _refused(capsys, r + ["train", "--config", str(tmp_path / "head.yaml"), "--fold", "1", "--force"], str(path), fragment)
+    _refused(
+        capsys, r + ["train", "--config", str(tmp_path / "head.yaml"), "--fold", "1", "--force"], str(path), fragment
+    )
     _refused(capsys, r + ["stack"], str(path), fragment)
 
 
@@ -193,8 +208,15 @@ def test_a_run_folder_in_use_is_refused(finished, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, lock", [(["prepare", "--force"], "work/.cache.lock"), (["folds"], "folds/.folds.lock"),
-                                         (["stack"], "work/.stack.lock"), (["submit", "--allow-degenerate"], "submissions/.lock")])
+@pytest.mark.parametrize(
+    "stage, lock",
+    [
+        (["prepare", "--force"], "work/.cache.lock"),
+        (["folds"], "folds/.folds.lock"),
+        (["stack"], "work/.stack.lock"),
+        (["submit", "--allow-degenerate"], "submissions/.lock"),
+    ],
+)
 def test_stages_in_use_are_refused(finished, capsys, stage, lock):
     with Lock(finished / lock, "test holder"):
         _refused(capsys, ["--root", str(finished)] + stage, "is in use by another process")
@@ -229,7 +251,9 @@ def test_a_second_training_process_is_refused_while_the_first_runs(prepared_root
     first = _spawn(root, cfg, tmp_path / "first.err", endless)
     run = RunDir.of(root / "work" / "runs", "slow", 0, 0)
     _wait_for(lambda: run.config.exists(), first, tmp_path / "first.err")
-    second = subprocess.run(_train_cmd(root, cfg, endless), capture_output=True, text=True, env=_env(), timeout=PATIENCE)
+    second = subprocess.run(
+        _train_cmd(root, cfg, endless), capture_output=True, text=True, env=_env(), timeout=PATIENCE
+    )
     assert second.returncode == 2 and f"the run {run.path} is in use by another process" in second.stderr
     assert first.poll() is None  # still training: the refusal was not a race
     first.send_signal(signal.SIGKILL)
@@ -252,7 +276,19 @@ def _env():
 
 
 def _train_cmd(root, cfg, *overrides):
-    return [sys.executable, "-m", "histoshift", "--root", str(root), "train", "--config", str(cfg), "--fold", "0", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "histoshift",
+        "--root",
+        str(root),
+        "train",
+        "--config",
+        str(cfg),
+        "--fold",
+        "0",
+        *overrides,
+    ]
 
 
 PATIENCE = 1800  # seconds: a bound for a hung child, never a speed requirement (CI machines may be busy)
@@ -300,7 +336,11 @@ def test_kill_mid_fold_resumes_with_the_same_weights_and_metrics(prepared_root, 
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
     def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in run.metrics.read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in run.metrics.read_text().splitlines()
+        ]
+
     assert metrics(killed) == metrics(whole) and len(metrics(whole)) == 3
     assert pd.read_csv(killed.oof).equals(pd.read_csv(whole.oof))
     assert not list(killed.path.glob("state-epoch*"))  # removed once the run is done
@@ -333,8 +373,13 @@ def test_prepare_checks_free_space_first(finished, monkeypatch, capsys):
     monkeypatch.setattr(safeio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     cache = finished / "work" / "cache"
     before = (cache / "manifest.json").read_text()
-    _refused(capsys, ["--root", str(finished), "prepare", "--force"], f"{cache.parent}: a new cache of", "free, the disk has 1.0 MB",
-             f"deleting {cache} first frees its space")
+    _refused(
+        capsys,
+        ["--root", str(finished), "prepare", "--force"],
+        f"{cache.parent}: a new cache of",
+        "free, the disk has 1.0 MB",
+        f"deleting {cache} first frees its space",
+    )
     assert (cache / "manifest.json").read_text() == before
 
 

@@ -425,8 +425,10 @@ def test_foundation_failures_name_the_file_and_leave_no_store_folder(hf_cache, p
     embed = ["--root", str(root), "embed", "--config", str(tmp_path / "c.yaml")]
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"\x00" + os.urandom(4095))  # random bytes (not starting like a pickle)
-    for extra, fragment in ((["model.recipe_overrides={input_size: 100}"], "takes 224x224 inputs"),
-                            ([f"model.weights=file:{garbage}"], f"{garbage}: neither a safetensors file nor a torch checkpoint")):
+    for extra, fragment in (
+        (["model.recipe_overrides={input_size: 100}"], "takes 224x224 inputs"),
+        ([f"model.weights=file:{garbage}"], f"{garbage}: neither a safetensors file nor a torch checkpoint"),
+    ):
         assert main(embed + extra) == 2
         assert fragment in one_error_line(capsys)
         assert not (root / "work" / "features").exists() or not list((root / "work" / "features").iterdir())

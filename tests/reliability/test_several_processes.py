@@ -62,7 +62,9 @@ def test_two_processes_match_one(prepared_root, tmp_path):
             merged = one.merge(two, on=["id", "center", "label"], suffixes=("_1", "_2"))
             assert len(merged) == len(one)
             for k in range(8):
-                pd.testing.assert_series_equal(merged[f"v{k}_1"], merged[f"v{k}_2"], check_names=False, atol=1e-4, rtol=1e-4)
+                pd.testing.assert_series_equal(
+                    merged[f"v{k}_1"], merged[f"v{k}_2"], check_names=False, atol=1e-4, rtol=1e-4
+                )
 
 
 @pytest.mark.slow
@@ -78,9 +80,13 @@ def test_two_processes_embed_the_same_store_as_one(prepared_root, tmp_path):
         shutil.copytree(prepared_root, root)
         env = {**os.environ, "HISTOSHIFT_CHUNK_ROWS": "16"}
         if n == 1:
-            proc = subprocess.run([sys.executable, "-m", "histoshift", "--root", str(root), "embed", "--config", str(cfg)],
-                                  env={**env, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
-                                  capture_output=True, text=True, timeout=1800)
+            proc = subprocess.run(
+                [sys.executable, "-m", "histoshift", "--root", str(root), "embed", "--config", str(cfg)],
+                env={**env, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
         else:
             os.environ["HISTOSHIFT_CHUNK_ROWS"] = "16"
@@ -92,7 +98,9 @@ def test_two_processes_embed_the_same_store_as_one(prepared_root, tmp_path):
         stores[n] = store
     one, two = stores[1], stores[2]
     shares = [int(m) for m in re.findall(r"embed: process [12] of 2 embedded (\d+) images", log)]
-    images = sum(int(np.prod(np.load(one / f"features_{s}.npy", mmap_mode="r").shape[:2])) for s in ("train", "val", "test"))
+    images = sum(
+        int(np.prod(np.load(one / f"features_{s}.npy", mmap_mode="r").shape[:2])) for s in ("train", "val", "test")
+    )
     assert len(shares) == 2 and min(shares) > 0 and sum(shares) == images, (shares, images)  # each rank its share
     assert one.name == two.name
     marks = sorted(p.name for p in (one / "progress").iterdir())

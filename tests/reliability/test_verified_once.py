@@ -46,7 +46,9 @@ def test_the_store_is_read_once_not_once_per_fold_and_stage(finished, monkeypatc
     from histoshift.features import rows
 
     real, read = rows.NpyRows.raw, []
-    monkeypatch.setattr(rows.NpyRows, "raw", lambda self, a, b: read.append((b - a) * self.row_bytes) or real(self, a, b))
+    monkeypatch.setattr(
+        rows.NpyRows, "raw", lambda self, a, b: read.append((b - a) * self.row_bytes) or real(self, a, b)
+    )
     (store,) = [p for p in (finished / "work" / "features").iterdir() if p.is_dir()]
     size = sum(p.stat().st_size - 128 for p in store.glob("features_*.npy"))  # rows, without the .npy headers
     per_stage = []

@@ -69,7 +69,10 @@ def _sets(seed: int = 0, n_center: int = 300, n_test: int = 600, plain_oof_wrong
     wrong = {"": order[:int(plain_oof_wrong * n)],
              ADAPTED: order[int(plain_oof_wrong * n):int((plain_oof_wrong + adapted_oof_wrong) * n)]}
     test_order = rng.permutation(n_test)
-    test_wrong = {"": test_order[:int(plain_test_wrong * n_test)], ADAPTED: test_order[:int(adapted_test_wrong * n_test)]}
+    test_wrong = {
+        "": test_order[: int(plain_test_wrong * n_test)],
+        ADAPTED: test_order[: int(adapted_test_wrong * n_test)],
+    }
     features = {}
     for k, (suffix, d) in enumerate(zip(("", ADAPTED), disagree)):
         sign = label * 2 - 1.0

@@ -65,7 +65,9 @@ def test_infer_fourier_writes_a_set_per_beta_that_the_stack_compares(pipeline_ro
     for beta in ("0.02", "0.05"):
         for part in ("heldout", "test"):
             t = pd.read_csv(run / f"tta_{part}_fourier-b{beta}.csv")
-            assert [c for c in t.columns if c.startswith("v")] == ["v0", "v1", "v2"] and t[["v0", "v1", "v2"]].notna().all().all()
+            assert [c for c in t.columns if c.startswith("v")] == ["v0", "v1", "v2"] and t[
+                ["v0", "v1", "v2"]
+            ].notna().all().all()
     recorded = json.loads((run / "predictions.json").read_text())["tta_test_fourier-b0.02.csv"]["settings"]
     assert recorded["beta"] == 0.02 and recorded["donors"] == 3 and recorded["per_center"] == 128
     plain = pd.read_csv(run / "tta_heldout.csv")

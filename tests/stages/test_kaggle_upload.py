@@ -31,8 +31,13 @@ def _state(folder) -> dict:
 
 
 def _cli(root, env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "histoshift", "--root", str(root), "submit", "--allow-degenerate", *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "histoshift", "--root", str(root), "submit", "--allow-degenerate", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _clean_env(tmp_path) -> dict:
@@ -105,8 +110,11 @@ def test_an_accepted_upload_sends_the_checked_file_and_then_places_it(finished, 
     assert sent["competition"] == "some-competition" and sent["csv"].equals(local)
     assert sent["message"] == lineage_message(StackDir(finished / "work" / "stack").require_choice("stack"))
     # a refusal the client reports in its answer, not by raising: one line, nothing placed
-    monkeypatch.setattr(KaggleApi, "competition_submit",
-                        lambda self, *a, **k: type("R", (), {"message": KaggleApi.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE})())
+    monkeypatch.setattr(
+        KaggleApi,
+        "competition_submit",
+        lambda self, *a, **k: type("R", (), {"message": KaggleApi.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE})(),
+    )
     _flip(finished)
     before = _state(finished / "submissions")
     assert main(["--root", str(finished), "submit", "--allow-degenerate", "--kaggle", "some-competition"]) == 2

@@ -56,5 +56,7 @@ def test_the_stack_comparison_carries_calibration_per_combiner():
     assert comparison.loc[comparison["method"] == "rank", "brier"].isna().all()  # ranks are no probability
     assert comparison.loc[comparison["method"] == "stack", "brier"].between(0, 1).all()
     means = calibration_means(comparison)
-    assert set(means) == {"mean", "stack"} and means["mean"]["brier"] == pytest.approx(mean_rows["brier"].mean(), abs=1e-5)
+    assert set(means) == {"mean", "stack"} and means["mean"]["brier"] == pytest.approx(
+        mean_rows["brier"].mean(), abs=1e-5
+    )
     assert probability("rank", np.zeros(3)) is None

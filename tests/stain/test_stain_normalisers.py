@@ -23,7 +23,9 @@ def test_lab_round_trip():
     x = torch.rand(3, 3, 16, 16, dtype=torch.float64) * 0.9 + 0.05
     torch.testing.assert_close(lab_to_rgb(rgb_to_lab(x)), x, atol=1e-6, rtol=1e-6)
     white = rgb_to_lab(torch.ones(1, 3, 2, 2, dtype=torch.float64))
-    torch.testing.assert_close(white[0, :, 0, 0], torch.tensor([100.0, 0.0, 0.0], dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        white[0, :, 0, 0], torch.tensor([100.0, 0.0, 0.0], dtype=torch.float64), atol=1e-3, rtol=0
+    )
 
 
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
@@ -67,8 +69,10 @@ def test_macenko_survives_single_stain_patches_in_a_batch():
     """One stain everywhere gives a rank-deficient stain matrix (CUDA's lstsq raised on such a patch in
     a real run); the batch must still normalise, each patch exactly as it would alone."""
     tissue = _same_tissue_two_centers()[:1]
-    od = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64)[None, :, None, None] * torch.linspace(0.3, 1.5, 16,
-                                                                                                  dtype=torch.float64)[None, None, :, None]
+    od = (
+        torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64)[None, :, None, None]
+        * torch.linspace(0.3, 1.5, 16, dtype=torch.float64)[None, None, :, None]
+    )
     one_stain = (torch.exp(-od) * 256 - 1).div(255).expand(1, 3, 16, 16).clamp(0, 1)
     one_stain = torch.nn.functional.interpolate(one_stain, size=tissue.shape[-2:], mode="nearest")
     both = torch.cat([tissue, one_stain])

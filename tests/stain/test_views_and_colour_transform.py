@@ -104,7 +104,9 @@ def _two_paths(cfg: AugCfg, img: np.ndarray, n: int = 400):
     """n augmented copies of one image by each backend, as float arrays in [0, 1] (N x 3 x H x W)."""
     tf = build_albumentations(cfg, seed=0)
     alb = np.stack([tf(image=img)["image"] for _ in range(n)]).transpose(0, 3, 1, 2) / 255.0
-    tor = augment_batch(torch.from_numpy(np.repeat(img[None], n, axis=0)), cfg, torch.Generator().manual_seed(0)).numpy()
+    tor = augment_batch(
+        torch.from_numpy(np.repeat(img[None], n, axis=0)), cfg, torch.Generator().manual_seed(0)
+    ).numpy()
     return alb, tor
 
 
@@ -134,7 +136,9 @@ def test_backends_draw_from_the_same_colour_distribution(cfg):
     alb, tor = _two_paths(cfg, img, n=2000)
     for c in range(3):  # per-channel mean intensity of each augmented copy
         a, t = alb[:, c].mean(axis=(1, 2)), tor[:, c].mean(axis=(1, 2))
-        assert ks_2samp(a, t).pvalue > 0.001, f"channel {c}: {a.mean():.4f}+-{a.std():.4f} vs {t.mean():.4f}+-{t.std():.4f}"
+        assert ks_2samp(a, t).pvalue > 0.001, (
+            f"channel {c}: {a.mean():.4f}+-{a.std():.4f} vs {t.mean():.4f}+-{t.std():.4f}"
+        )
         assert a.std() > 0.002  # the transform really varies the colour
         assert abs(a.std() / t.std() - 1) < 0.1
 
@@ -222,6 +226,8 @@ def test_both_backends_jitter_once_and_in_the_same_order():
     x = to_float(u8)
     torch.testing.assert_close(InputTransform(none).train(x), x)  # the device does not jitter a second time
     torch_backend = InputTransform(none.model_copy(update={"backend": "torch"}))
-    assert not torch_backend.workers_jitter and not torch.equal(torch_backend.train(x, torch.Generator().manual_seed(0)), x)
+    assert not torch_backend.workers_jitter and not torch.equal(
+        torch_backend.train(x, torch.Generator().manual_seed(0)), x
+    )
     with pytest.raises(ValueError, match="stain-gan"):
         InputTransform(AugCfg(stain_norm="gan"))  # the generator is an explicit argument, never attached to a config

@@ -66,7 +66,9 @@ def test_table_rows_mix_splits_standardise_per_center_and_chunk_like_the_whole(t
     scaled = TableRows(store, table, standard=standard).tensor()
     for c in (0, 2, 3):
         mean, std = moments(scaled[torch.from_numpy(table["center"].to_numpy() == c)])
-        assert torch.allclose(mean, torch.zeros_like(mean), atol=2e-3) and torch.allclose(std, torch.ones_like(std), atol=2e-3)
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=2e-3) and torch.allclose(
+            std, torch.ones_like(std), atol=2e-3
+        )
     batch = torch.tensor([29, 0, 15, 15])
     torch.testing.assert_close(TableRows(store, table, standard=standard)[batch], scaled[batch], rtol=0, atol=0)
     views = torch.tensor([2, 0, 1, 2])  # one view of each row (training batches), standardised alike

@@ -40,7 +40,9 @@ def test_each_kind_holds_only_its_own_fields():
 
     head_only = {"head", "head_hidden", "head_l1", "feature_shift", "self_train_rounds", "feature_hed_views"}
     assert head_only <= set(FeatureModelCfg.model_fields) and not head_only & set(ImageModelCfg.model_fields)
-    assert {"drop_path_rate", "train_last_blocks"} <= set(ImageModelCfg.model_fields) - set(FeatureModelCfg.model_fields)
+    assert {"drop_path_rate", "train_last_blocks"} <= set(ImageModelCfg.model_fields) - set(
+        FeatureModelCfg.model_fields
+    )
     with pytest.raises(ConfigError, match="unknown config key 'model.head_hidden' for model.kind: image"):
         load_config(None, ["model.head_hidden=8"])
     with pytest.raises(ConfigError, match="model.kind: expected one of image, feature"):

@@ -2,7 +2,8 @@
 
 `extend_batch(batch, to_model)` runs before each forward and may add inputs the algorithm needs (the
 Stain-AgLr switches add HED-altered copies of `batch["images"]`, the step's augmented images before
-the model's preprocessing). `forward(batch, progress)` takes a dict with `x` (labelled images, normalised), `y` (0/1 labels),
+the model's preprocessing). `forward(batch, progress)` takes a dict with `x` (labelled images, normalised), `y` (0/1
+labels),
 `domain` (domain index of each labelled image) and, when `uses_target`, `x_target` and
 `domain_target` (unlabelled images of the held-out and test centers); when `uses_altered`, also
 `x_altered` (every image of x and x_target again, with HED stain alteration) and, for the
@@ -39,7 +40,11 @@ class RegenDecoder(nn.Module):
         steps = []
         side = 4
         while side < size:
-            steps += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True)]
+            steps += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.ReLU(inplace=True),
+            ]
             side *= 2
         self.body = nn.Sequential(*steps)
         self.rgb = nn.Conv2d(width, 3, 1)
@@ -105,8 +110,12 @@ class Algorithm(nn.Module):
                 batch["regen_target"] = F.adaptive_avg_pool2d(images, a.regen_size)
         return batch
 
-    def classification_loss(self, logits: torch.Tensor, y: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.class_weights[domain, y.long()] if self.cfg.algorithm.class_reweight and domain is not None else None
+    def classification_loss(
+        self, logits: torch.Tensor, y: torch.Tensor, domain: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        weight = (
+            self.class_weights[domain, y.long()] if self.cfg.algorithm.class_reweight and domain is not None else None
+        )
         return focal_bce(logits, y, self.cfg.algorithm.focal_gamma, weight)
 
     def shared_forward(self, batch: dict) -> tuple[dict, int, int]:

@@ -9,10 +9,17 @@ from pydantic import BaseModel
 from .model import KINDS, MODEL_KINDS
 
 _MESSAGES = {  # pydantic error type -> our wording (the tests and users know these)
-    "int_parsing": "expected int", "int_type": "expected int", "int_from_float": "expected an integer",
-    "float_parsing": "expected float", "float_type": "expected float", "bool_parsing": "expected a boolean",
-    "bool_type": "expected a boolean", "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
-    "dict_type": "expected a mapping", "string_type": "expected a string",
+    "int_parsing": "expected int",
+    "int_type": "expected int",
+    "int_from_float": "expected an integer",
+    "float_parsing": "expected float",
+    "float_type": "expected float",
+    "bool_parsing": "expected a boolean",
+    "bool_type": "expected a boolean",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "dict_type": "expected a mapping",
+    "string_type": "expected a string",
 }
 
 

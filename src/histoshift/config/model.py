@@ -112,8 +112,10 @@ class BackboneCfg(Section):
             fixed = [k for k in ("backbone", "input_size", "timm_kwargs")
                      if getattr(self, k) != BackboneCfg.model_fields[k].default]
             if fixed:
-                raise ValueError(f"model.recipe={self.recipe} defines the backbone: leave model.{', model.'.join(fixed)} "
-                                 "unset and override the recipe instead, e.g. model.recipe_overrides.input_size=224")
+                raise ValueError(
+                    f"model.recipe={self.recipe} defines the backbone: leave model.{', model.'.join(fixed)} "
+                    "unset and override the recipe instead, e.g. model.recipe_overrides.input_size=224"
+                )
         elif self.recipe_overrides:
             raise ValueError("model.recipe_overrides: set model.recipe to the foundation model they modify")
         try:

@@ -50,13 +50,20 @@ class Config(Section):
         itself), the algorithm, and every switch against the shift that is on."""
         m, a, t = self.model, self.algorithm, self.train
         parts = [m.describe(), a.name.upper().replace("_", " + ")]
-        parts += [f"{k} {v}" for k, v in [
-            ("optimizer", self.optim.name if self.optim.name != "adamw" else None),
-            ("averaging", t.average if t.average != "none" else None),
-            ("early stopping patience", t.early_stop_patience or None),
-            ("stain norm", self.aug.stain_norm if self.aug.stain_norm != "none" else None),
-            ("Stain-AgLr consistency", a.consistency_weight or None), ("Stain-AgLr regeneration", a.regen_weight or None),
-            ("entropy", a.entropy_weight or None), *m.switches()] if v is not None]
+        parts += [
+            f"{k} {v}"
+            for k, v in [
+                ("optimizer", self.optim.name if self.optim.name != "adamw" else None),
+                ("averaging", t.average if t.average != "none" else None),
+                ("early stopping patience", t.early_stop_patience or None),
+                ("stain norm", self.aug.stain_norm if self.aug.stain_norm != "none" else None),
+                ("Stain-AgLr consistency", a.consistency_weight or None),
+                ("Stain-AgLr regeneration", a.regen_weight or None),
+                ("entropy", a.entropy_weight or None),
+                *m.switches(),
+            ]
+            if v is not None
+        ]
         return ", ".join(parts)
 
     def identity(self) -> dict:

@@ -8,7 +8,15 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from .base import Float, Int, NonNeg, Section, names
 
-ALGORITHM_NAMES = ("erm", "dann", "lntl", "tabe", "clgr", "aiva", "dann_aiva")  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
+ALGORITHM_NAMES = (
+    "erm",
+    "dann",
+    "lntl",
+    "tabe",
+    "clgr",
+    "aiva",
+    "dann_aiva",
+)  # the keys of histoshift.algorithms.ALGORITHMS (a test keeps them equal)
 EXTRA_OPTIMIZERS = ("nero", "avagrad")  # not in timm: taken from pytorch-optimizer (engine.build_optimizer)
 
 
@@ -138,7 +146,9 @@ class TrainCfg(Section):
     @model_validator(mode="after")
     def _pseudo(self):
         if self.pseudo_threshold and not 0.5 < self.pseudo_threshold < 1:
-            raise ValueError(f"train.pseudo_threshold: expected 0 (off) or a value in (0.5, 1), got {self.pseudo_threshold}")
+            raise ValueError(
+                f"train.pseudo_threshold: expected 0 (off) or a value in (0.5, 1), got {self.pseudo_threshold}"
+            )
         if self.early_stop_patience and self.average != "none":
             raise ValueError(f"train.average={self.average} with train.early_stop_patience: choose one (an average of "
                              "weights and one picked epoch are two answers to the same question)")

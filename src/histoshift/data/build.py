@@ -54,14 +54,18 @@ def _chunks(path: Path, keys: list[str], labelled: bool, rule: QualityRule, work
 
 def _convert_split(path: Path, keys: list[str], split: str, out: Path, rule: QualityRule, contract: Contract,
                    side: int, workers: int) -> tuple[pd.DataFrame, str]:
-    images = reserve_npy(out, (len(keys), side, side, 3), np.uint8, f"the {split} images (the previous cache is untouched)")
+    images = reserve_npy(
+        out, (len(keys), side, side, 3), np.uint8, f"the {split} images (the previous cache is untouched)"
+    )
     allowed = set(contract.of(split))
     digest = hashlib.blake2b(digest_size=16)
     frames, row = [], 0
     bar = progress_bar(total=len(keys), desc=f"prepare {split}", unit="img")
     for chunk, q in _chunks(path, keys, LABELLED[split], rule, workers):
         if chunk.images.shape[1] != side:
-            raise InputError(f"{path}, id {chunk.ids[0]}: img side {chunk.images.shape[1]} differs from the {side} seen before")
+            raise InputError(
+                f"{path}, id {chunk.ids[0]}: img side {chunk.images.shape[1]} differs from the {side} seen before"
+            )
         inside = np.isin(chunk.centers, list(allowed)) if allowed else None
         if inside is not None and not inside.all():
             k = int(np.argmin(inside))

@@ -55,9 +55,13 @@ class Contract:
             except ValueError:
                 raise InputError(f"--centers: {part!r} holds a center that is not an integer") from None
         contract = cls(**values)
-        shared = [(a, b) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:] if set(contract.of(a)) & set(contract.of(b))]
+        shared = [
+            (a, b) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :] if set(contract.of(a)) & set(contract.of(b))
+        ]
         if shared:
-            raise InputError(f"--centers: {shared[0][0]} and {shared[0][1]} share a center; the splits must be disjoint")
+            raise InputError(
+                f"--centers: {shared[0][0]} and {shared[0][1]} share a center; the splits must be disjoint"
+            )
         return contract
 
     def of(self, split: str) -> tuple[int, ...]:

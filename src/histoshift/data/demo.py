@@ -53,7 +53,9 @@ def render_patch(rng: np.random.Generator, label: int, center: int, side: int = 
         u = (dx * np.cos(theta) + dy * np.sin(theta)) / (r * ecc)
         v = (-dx * np.sin(theta) + dy * np.cos(theta)) / r
         inside = u * u + v * v <= 1.0
-        hema[inside] = rng.uniform(*density) * (0.7 + 0.6 * rng.random(int(inside.sum()))) if big else rng.uniform(*density)
+        hema[inside] = (
+            rng.uniform(*density) * (0.7 + 0.6 * rng.random(int(inside.sum()))) if big else rng.uniform(*density)
+        )
     return _stain(rng, hema, eosin, center)
 
 

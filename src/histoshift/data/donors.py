@@ -17,7 +17,11 @@ def donor_rows(index, per_center: int = POOL_PER_CENTER, seed: int = 0):
     import numpy as np
     import pandas as pd
 
-    train = index[(index["split"] == "train") & ~index["aberrant"]] if "aberrant" in index else index[index["split"] == "train"]
+    train = (
+        index[(index["split"] == "train") & ~index["aberrant"]]
+        if "aberrant" in index
+        else index[index["split"] == "train"]
+    )
     rng = np.random.default_rng(seed)
     keep = [part.iloc[np.sort(rng.choice(len(part), min(per_center, len(part)), replace=False))]
             for _, part in train.groupby("center", sort=True)]
@@ -58,4 +62,6 @@ class FourierTTA:
         """The pool on `device` as float images in [0, 1], through the run's input transform when it has one."""
         rows, images = self.pool(cache)
         x = to_float(torch.from_numpy(images).to(device))
-        return Donors(transform(x) if transform is not None else x, torch.as_tensor(rows["center"].to_numpy(), device=device))
+        return Donors(
+            transform(x) if transform is not None else x, torch.as_tensor(rows["center"].to_numpy(), device=device)
+        )

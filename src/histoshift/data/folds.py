@@ -35,7 +35,10 @@ def write_folds(index: pd.DataFrame, path: Path, force: bool = False) -> pd.Data
     if path.exists():
         old = pd.read_csv(path)
         if list(old.columns) == COLUMNS and old.equals(folds.astype(old.dtypes.to_dict())):
-            print(f"folds: {path} is up to date ({len(folds)} patches, folds {sorted(int(f) for f in folds.fold.unique())})")
+            print(
+                f"folds: {path} is up to date ({len(folds)} patches, folds "
+                f"{sorted(int(f) for f in folds.fold.unique())})"
+            )
             return old
         if not force:
             raise Exists(
@@ -80,7 +83,9 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame, path: Path) -> None:
     dup = folds["id"][folds["id"].duplicated()]
     if len(dup):
         raise FoldsError(f"{path}, id {int(dup.iloc[0])}: listed more than once")
-    merged = labelled(index)[["id", "center", "label"]].merge(folds, on="id", how="outer", suffixes=("", "_folds"), indicator=True)
+    merged = labelled(index)[["id", "center", "label"]].merge(
+        folds, on="id", how="outer", suffixes=("", "_folds"), indicator=True
+    )
     for side, problem in (("left_only", "is a labelled patch of the cache but has no fold"),
                           ("right_only", "is not a labelled patch of the cache")):
         rows = merged[merged["_merge"] == side]
@@ -96,6 +101,8 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame, path: Path) -> None:
     leak = merged[merged["fold"] != merged["center"]]
     if len(leak):
         r = leak.iloc[0]
-        raise FoldsError(f"{path}, id {int(r['id'])}: center {int(r['center'])} placed in fold {int(r['fold'])}; leave-one-"
-                         "center-out needs fold = center, else a fold model is scored on patches of a center it trained "
-                         f"on ({len(leak)} such ids); rebuild the folds (folds --force)")
+        raise FoldsError(
+            f"{path}, id {int(r['id'])}: center {int(r['center'])} placed in fold {int(r['fold'])}; leave-one-"
+            "center-out needs fold = center, else a fold model is scored on patches of a center it trained "
+            f"on ({len(leak)} such ids); rebuild the folds (folds --force)"
+        )

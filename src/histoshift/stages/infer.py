@@ -69,7 +69,9 @@ def _todo(run, cache, accelerator, force: bool, adapt: bool) -> list[bool]:
             todo.append(adapted)
             old = [name for name in stale if (run.path / name).exists()]
             if old and not force:
-                accelerator.print(f"infer: {run.name}: {', '.join(old)} predate the current checkpoint or cache; predicting again")
+                accelerator.print(
+                    f"infer: {run.name}: {', '.join(old)} predate the current checkpoint or cache; predicting again"
+                )
         else:
             accelerator.print(f"infer: {run.path}{' (adapted)' if adapted else ''} is up to date")
     return todo
@@ -89,7 +91,9 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
     for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
         predict = task.predictor(table, desc=f"{run.name} {name}")
         for adapted in todo:
-            model, record = _adapted(task, trained, table, source, run, name, accelerator) if adapted else (trained, None)
+            model, record = (
+                _adapted(task, trained, table, source, run, name, accelerator) if adapted else (trained, None)
+            )
             out = check_finite(predict(model), f"{run.path} ({name}{', adapted' if adapted else ''})")
             if name == "test":
                 out["label"] = -1
@@ -109,7 +113,11 @@ def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None
     from ..tasks import run_task
     from ..tta import check_finite
 
-    todo = [b for b in fourier.betas if force or run.stale_predictions(cache.id, fourier.name(b), fourier.settings(b, cache))]
+    todo = [
+        b
+        for b in fourier.betas
+        if force or run.stale_predictions(cache.id, fourier.name(b), fourier.settings(b, cache))
+    ]
     if not todo:
         accelerator.print(f"infer: {run.path} (Fourier sets) is up to date")
         return
@@ -123,7 +131,9 @@ def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None
                 out["label"] = -1
             if accelerator.is_main_process:
                 run.write_tta(name, fourier.name(beta), out, cache.id, settings=fourier.settings(beta, cache))
-            accelerator.print(f"infer: {run.name} {name}: Fourier transfer beta {beta:g}, {fourier.donors} donors a patch")
+            accelerator.print(
+                f"infer: {run.name} {name}: Fourier transfer beta {beta:g}, {fourier.donors} donors a patch"
+            )
     accelerator.wait_for_everyone()
 
 

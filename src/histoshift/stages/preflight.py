@@ -1,6 +1,7 @@
 """Stage `preflight`: before anything long starts, one table for every config about to run - can its weights be
 had, does its feature store fit on the disk, do the weights fit the GPU's free memory, and how long would
-robustifying the backbone (model.robustify) and embedding take on this device (the checks: readiness.py). Every problem is one line; any problem stops the run
+robustifying the backbone (model.robustify) and embedding take on this device (the checks: readiness.py). Every problem
+is one line; any problem stops the run
 (exit 2) before anything is embedded. Configs whose stores would be one (`features.store.store_settings`, the
 embed stage's own identity) count once.
 """
@@ -141,8 +142,10 @@ def preflight(configs: list, paths) -> list:
         check.projected = human(check.images * flops / (rates[precision] * ViT_EFFICIENCY))
     free = free_bytes(paths.features) / 1e9
     if needed * HEADROOM > free and checks:
-        checks[-1].problems.append(f"disk: the feature stores to write need {needed:.2f} GB (+5%), {paths.features} has "
-                                   f"{free:.2f} GB free: free some space or point --root at a larger disk")
+        checks[-1].problems.append(
+            f"disk: the feature stores to write need {needed:.2f} GB (+5%), {paths.features} has "
+            f"{free:.2f} GB free: free some space or point --root at a larger disk"
+        )
     return checks
 
 

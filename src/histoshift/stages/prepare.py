@@ -75,9 +75,14 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
         keys = {split: sorted_keys(p) for split, p in paths.items()}  # listed and validated once
         counts = {split: len(k) for split, k in keys.items()}
         side = first_side(paths["train"], keys["train"][0])
-        require_free(cache_dir.parent, sum(counts.values()) * side * side * 3 + 200 * sum(counts.values()),
-                     f"a new cache of {sum(counts.values())} patches"
-                     + (f" (built beside the old one: deleting {cache_dir} first frees its space)" if cache_dir.exists() else ""))
+        require_free(
+            cache_dir.parent,
+            sum(counts.values()) * side * side * 3 + 200 * sum(counts.values()),
+            f"a new cache of {sum(counts.values())} patches"
+            + (
+                f" (built beside the old one: deleting {cache_dir} first frees its space)" if cache_dir.exists() else ""
+            ),
+        )
         workers = workers or default_workers(max(counts.values()))
         # a mount point cannot be renamed (EBUSY): the new cache is then built inside it and swapped file by file
         mounted = cache_dir.is_dir() and os.path.ismount(cache_dir)
@@ -85,7 +90,9 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
                else cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}"))
         new.mkdir(parents=True)
         try:
-            index = build(paths, keys, new, rule, contract, side, workers, fp, file_digests(input_dir, record_of(cache_dir)))
+            index = build(
+                paths, keys, new, rule, contract, side, workers, fp, file_digests(input_dir, record_of(cache_dir))
+            )
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise
@@ -93,9 +100,11 @@ def prepare(input_dir: Path, cache_dir: Path, rule=None, force: bool = False, co
             _place(cache_dir, new, mounted)
         except OSError as e:  # a mount point os.path.ismount does not see (bind mounts), a read-only folder
             shutil.rmtree(new, ignore_errors=True)
-            raise CacheError(f"{cache_dir}: the new cache cannot take its place ({e.strerror}: a mount point or a "
-                             "read-only folder?); the previous cache is unchanged and nothing was left behind. Make "
-                             "it writable, or point --root at a folder whose work/cache is an ordinary folder") from None
+            raise CacheError(
+                f"{cache_dir}: the new cache cannot take its place ({e.strerror}: a mount point or a "
+                "read-only folder?); the previous cache is unchanged and nothing was left behind. Make "
+                "it writable, or point --root at a folder whose work/cache is an ordinary folder"
+            ) from None
     report = quality_report(index)
     print("aberrant patches per center (left out of training; test patches are always predicted):")
     print(report.to_string(index=False))

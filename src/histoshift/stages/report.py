@@ -68,7 +68,9 @@ def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | N
     lines = ["# Run report", ""]
     if cache_dir is not None and (Path(cache_dir) / "overview.png").exists():
         # a link relative to the report when both live under work/ (the stages' layout), else absolute
-        where = Path("..") / Path(cache_dir).name if Path(cache_dir).parent == out_dir.parent else Path(cache_dir).resolve()
+        where = (
+            Path("..") / Path(cache_dir).name if Path(cache_dir).parent == out_dir.parent else Path(cache_dir).resolve()
+        )
         lines += ["## Data (written by prepare)", "", f"![sample patches per center]({where / 'overview.png'})", "",
                   f"![stain per center]({where / 'colours.png'})", ""]
     if runs:
@@ -93,30 +95,68 @@ def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | N
         pivot.loc["mean"] = pivot.mean()
         combiners(comparison, out_dir / "combiners.png")
         centers = ensemble_plots(pd.read_csv(Path(stack_dir) / "oof_features.csv"), out_dir)
-        lines += ["## Ensemble: combiners, leave one center out (8-view TTA features)", "",
-                  markdown_table(pivot.reset_index()), "",
-                  *(["Calibration of each combiner's tumour probability, mean over the held-out centers (Brier "
-                     "score and expected calibration error, 10 bins; lower is better; `rank` gives an order, not a "
-                     "probability):", "", markdown_table(pd.DataFrame([{"method": m, **v} for m, v in calib.items()])),
-                     ""] if (calib := calibration_means(comparison)) else []),
-                  f"Chosen for the test center: **{choice.method}** over {len(choice.members)} members "
-                  f"({', '.join(choice.members)}), by the {choice.rule_line()}.",
-                  *([f"Between the prediction sets: {choice.evidence_line()}."]
-                    if choice.adabn_vs_plain else []),
-                  *([f"{choice.fourier_line()}."] if choice.fourier_vs_pick else []),
-                  *(["", "Adapted predictions (per fold model, test center):", "",
-                     *[f"- {line}" for line in choice.adaptation_lines()], ""]
-                    if choice.adaptations else []),
-                  *([f"Prior matching (threshold at {p['share']:.0%} positive): leave-one-center-out {p['loco_with']:.4f} "
-                     f"against {p['loco_without']:.4f} without: {'used' if p['used'] else 'not used'}."]
-                    if (p := choice.prior_matching) else []),
-                  *([f"Picked their epoch or averaging window on the held-out center (train.early_stop_patience or "
-                     f"train.average=swad; their out-of-fold "
-                     f"accuracies are optimistic): {', '.join(choice.heldout_selected)}."]
-                    if choice.heldout_selected else []),
-                  "", "![combiners](combiners.png)", "",
-                  "## Mean ensemble per held-out center (out of fold)", "", markdown_table(centers), "",
-                  "![per center](per_center.png)", "", "![ROC and calibration](roc.png)", ""]
+        lines += [
+            "## Ensemble: combiners, leave one center out (8-view TTA features)",
+            "",
+            markdown_table(pivot.reset_index()),
+            "",
+            *(
+                [
+                    "Calibration of each combiner's tumour probability, mean over the held-out centers (Brier "
+                    "score and expected calibration error, 10 bins; lower is better; `rank` gives an order, not a "
+                    "probability):",
+                    "",
+                    markdown_table(pd.DataFrame([{"method": m, **v} for m, v in calib.items()])),
+                    "",
+                ]
+                if (calib := calibration_means(comparison))
+                else []
+            ),
+            f"Chosen for the test center: **{choice.method}** over {len(choice.members)} members "
+            f"({', '.join(choice.members)}), by the {choice.rule_line()}.",
+            *([f"Between the prediction sets: {choice.evidence_line()}."] if choice.adabn_vs_plain else []),
+            *([f"{choice.fourier_line()}."] if choice.fourier_vs_pick else []),
+            *(
+                [
+                    "",
+                    "Adapted predictions (per fold model, test center):",
+                    "",
+                    *[f"- {line}" for line in choice.adaptation_lines()],
+                    "",
+                ]
+                if choice.adaptations
+                else []
+            ),
+            *(
+                [
+                    f"Prior matching (threshold at {p['share']:.0%} positive): leave-one-center-out "
+                    f"{p['loco_with']:.4f} "
+                    f"against {p['loco_without']:.4f} without: {'used' if p['used'] else 'not used'}."
+                ]
+                if (p := choice.prior_matching)
+                else []
+            ),
+            *(
+                [
+                    f"Picked their epoch or averaging window on the held-out center (train.early_stop_patience or "
+                    f"train.average=swad; their out-of-fold "
+                    f"accuracies are optimistic): {', '.join(choice.heldout_selected)}."
+                ]
+                if choice.heldout_selected
+                else []
+            ),
+            "",
+            "![combiners](combiners.png)",
+            "",
+            "## Mean ensemble per held-out center (out of fold)",
+            "",
+            markdown_table(centers),
+            "",
+            "![per center](per_center.png)",
+            "",
+            "![ROC and calibration](roc.png)",
+            "",
+        ]
     path = out_dir / "report.md"
     write_text(path, "\n".join(lines))
     print(f"report: wrote {path}")

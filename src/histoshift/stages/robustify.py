@@ -121,8 +121,10 @@ def _fit(cfg, cache, spec: dict, folder: Path, acc, precision: str) -> None:
         start, seconds, records = loop["step"], loop["seconds"], loop["records"]
         scheduler.load_state_dict(loop["scheduler"])
         acc.print(f"robustify: resuming {folder.name} after step {start} of {r.steps}")
-    acc.print(f"robustify: {folder.name}: {method}, {sum(p.numel() for p in trainable):,} parameters tune, "
-              f"{len(rows)} patches of centers {sorted(int(c) for c in rows['center'].unique())}, precision {precision}")
+    acc.print(
+        f"robustify: {folder.name}: {method}, {sum(p.numel() for p in trainable):,} parameters tune, "
+        f"{len(rows)} patches of centers {sorted(int(c) for c in rows['center'].unique())}, precision {precision}"
+    )
     nbytes = 4 * sum(p.numel() * p.element_size() for p in acc.unwrap_model(backbone).parameters())
     t0, logs = time.time() - seconds, []
     steps = bar(range(start, r.steps), main=acc.is_local_main_process, unit="step", desc=f"robustify {folder.name}",
@@ -130,7 +132,9 @@ def _fit(cfg, cache, spec: dict, folder: Path, acc, precision: str) -> None:
     for step in steps:
         acc.unwrap_model(backbone).train()
         for m in acc.unwrap_model(backbone).modules():  # the frozen part keeps its batch-norm statistics
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters()
+            ):
                 m.eval()
         rng = np.random.default_rng([r.seed, step, acc.process_index])
         x, source = _views(cache, rows, r.batch_size, rng, r.hed_sigma, acc.device, r.pair)
@@ -148,12 +152,18 @@ def _fit(cfg, cache, spec: dict, folder: Path, acc, precision: str) -> None:
         steps.set_postfix(loss=f"{value:.3f}")
         done = step + 1
         if done % RECORD_EVERY == 0 or done == r.steps:
-            records.append({"step": done, "seconds": round(time.time() - t0, 1), "loss": round(float(np.mean(logs)), 5)})
+            records.append(
+                {"step": done, "seconds": round(time.time() - t0, 1), "loss": round(float(np.mean(logs)), 5)}
+            )
             logs = []
         if done % r.checkpoint_every == 0 and done < r.steps:
-            save_state(acc, folder / f"state-step{done}", {"step": done, "seconds": time.time() - t0, "records": records,
-                                                           "scheduler": scheduler.state_dict()},
-                       nbytes, f"saving the robustify state at step {done}")
+            save_state(
+                acc,
+                folder / f"state-step{done}",
+                {"step": done, "seconds": time.time() - t0, "records": records, "scheduler": scheduler.state_dict()},
+                nbytes,
+                f"saving the robustify state at step {done}",
+            )
     acc.wait_for_everyone()
     if acc.is_main_process:
         _finish(acc.unwrap_model(backbone), method, spec, folder, records, time.time() - t0, r.steps)
@@ -177,4 +187,7 @@ def _finish(backbone, method: str, spec: dict, folder: Path, records: list, seco
     for old in folder.glob("state-step*"):
         shutil.rmtree(old, ignore_errors=True)
     first, last = (records[0]["loss"], records[-1]["loss"]) if records else (float("nan"),) * 2
-    print(f"robustify: tuned backbone in {folder / TUNED} ({steps} steps, {seconds:.0f} s; InfoNCE {first:.3f} -> {last:.3f})")
+    print(
+        f"robustify: tuned backbone in {folder / TUNED} ({steps} steps, {seconds:.0f} s; InfoNCE {first:.3f} -> "
+        f"{last:.3f})"
+    )

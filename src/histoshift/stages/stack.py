@@ -120,10 +120,15 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
     if choice.fourier_vs_pick is not None:
         print(f"stack: {choice.fourier_line()}")
     if matched is not None:
-        print(f"stack: prior matching ({prior:.0%} predicted positive) leave-one-center-out: {matched['loco_with']:.4f} "
-              f"against {matched['loco_without']:.4f} without: {'used' if matched['used'] else 'not used'}")
+        print(
+            f"stack: prior matching ({prior:.0%} predicted positive) leave-one-center-out: {matched['loco_with']:.4f} "
+            f"against {matched['loco_without']:.4f} without: {'used' if matched['used'] else 'not used'}"
+        )
     if choice.heldout_selected:
-        print(f"stack: {', '.join(choice.heldout_selected)} picked their epoch or average on the held-out "
-              "center (train.early_stop_patience or train.average=swad): their leave-one-center-out accuracies above are optimistic")
+        print(
+            f"stack: {', '.join(choice.heldout_selected)} picked their epoch or average on the held-out "
+            "center (train.early_stop_patience or train.average=swad): their leave-one-center-out accuracies above are "
+            "optimistic"
+        )
     print(f"stack: using '{choice.method}' for the test center ({len(names)} members: {', '.join(names)})")
     return choice

@@ -144,8 +144,13 @@ def _fit(cfg, cache, spec: dict, folder: Path, acc) -> None:
                             **{k: round(float(np.mean(v)), 5) for k, v in logs.items()}})
             logs = {}
         if done % g.checkpoint_every == 0 and done < g.steps:
-            save_state(acc, folder / f"state-step{done}", {"step": done, "seconds": time.time() - t0, "records": records},
-                       nbytes, f"saving the stain GAN state at step {done}")
+            save_state(
+                acc,
+                folder / f"state-step{done}",
+                {"step": done, "seconds": time.time() - t0, "records": records},
+                nbytes,
+                f"saving the stain GAN state at step {done}",
+            )
     acc.wait_for_everyone()
     if acc.is_main_process:
         _finish(acc.unwrap_model(gen), cache, spec, folder, records, time.time() - t0, g.steps)
@@ -168,7 +173,10 @@ def _finish(gen, cache, spec: dict, folder: Path, records: list, seconds: float,
                                "steps": steps, "seconds": round(seconds, 1), "final": records[-1] if records else {}})
     for old in folder.glob("state-step*"):
         shutil.rmtree(old, ignore_errors=True)
-    print(f"stain-gan: generator in {folder / GENERATOR} ({steps} steps, {seconds:.0f} s); samples: {folder / 'samples.png'}")
+    print(
+        f"stain-gan: generator in {folder / GENERATOR} ({steps} steps, {seconds:.0f} s); samples: "
+        f"{folder / 'samples.png'}"
+    )
 
 
 def _plot_samples(gen, cache, spec: dict, path: Path, per_center: int = 4) -> None:
@@ -184,7 +192,9 @@ def _plot_samples(gen, cache, spec: dict, path: Path, per_center: int = 4) -> No
 
     index, rng = cache.index, np.random.default_rng(0)
     centers = sorted(int(c) for c in index["center"].unique())
-    fig, axes = plt.subplots(2 * len(centers), per_center, figsize=(1.6 * per_center, 3.2 * len(centers)), squeeze=False)
+    fig, axes = plt.subplots(
+        2 * len(centers), per_center, figsize=(1.6 * per_center, 3.2 * len(centers)), squeeze=False
+    )
     device = next(gen.parameters()).device
     for i, c in enumerate(centers):
         x = _batch(cache, index[index["center"] == c], per_center, rng, device)

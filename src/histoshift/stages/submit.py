@@ -125,8 +125,10 @@ def _checked(scores_csv: Path, test_h5: Path, allow_degenerate: bool):
     sub = pd.DataFrame({"ID": scores["id"].astype("int64"), "Pred": scores["pred"].astype("int64")})
     check_submission(sub, list_ids(test_h5), source=str(scores_csv))
     if sub["Pred"].nunique() == 1 and len(sub) > 1 and not allow_degenerate:
-        raise SubmissionError(f"{scores_csv}: every one of the {len(sub)} test patches is predicted {int(sub['Pred'].iloc[0])}: "
-                              "a degenerate submission (check the runs); pass --allow-degenerate to write it anyway")
+        raise SubmissionError(
+            f"{scores_csv}: every one of the {len(sub)} test patches is predicted {int(sub['Pred'].iloc[0])}: "
+            "a degenerate submission (check the runs); pass --allow-degenerate to write it anyway"
+        )
     return sub
 
 
@@ -155,11 +157,14 @@ def _place(sub, out_dir: Path) -> Path:
                 path.rename(keep)
                 print(f"submit: kept the previous submission as {keep}")
     except DiskError as e:
-        raise SubmissionError(f"the new submission: {e}; "
-                              f"{'the previous one is untouched' if path.exists() else 'nothing was written'}") from None
+        raise SubmissionError(
+            f"the new submission: {e}; {'the previous one is untouched' if path.exists() else 'nothing was written'}"
+        ) from None
     except OSError as e:
-        raise SubmissionError(f"{path}: could not write the new submission ({e.strerror or e}); "
-                              f"{'the previous one is untouched' if path.exists() else 'nothing was written'}") from None
+        raise SubmissionError(
+            f"{path}: could not write the new submission ({e.strerror or e}); "
+            f"{'the previous one is untouched' if path.exists() else 'nothing was written'}"
+        ) from None
     print(f"submit: wrote {path}: {len(sub)} rows, {int(sub['Pred'].sum())} predicted tumour "
           f"({sub['Pred'].mean():.1%})")
     return path

@@ -165,9 +165,11 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
     algorithm = ALGORITHMS[cfg.algorithm.name](task.build_model(source), len(task.domains), cfg)
     algorithm.observe(source, target, task.domains)  # counts for the reweighting switches (none by default)
     if cfg.optim.name == "nero" and cfg.model.fine_tuned and cfg.model.source.pretrained:
-        accelerator.print("warning: optim.name=nero re-centres and re-normalises every weight matrix at its first step, "
-                          "which erases much of a pretrained backbone (measured: -21.6 points on the reduced protocol, "
-                          "docs/benchmarks.md); the published recipe used it for a head on frozen features")
+        accelerator.print(
+            "warning: optim.name=nero re-centres and re-normalises every weight matrix at its first step, "
+            "which erases much of a pretrained backbone (measured: -21.6 points on the reduced protocol, "
+            "docs/benchmarks.md); the published recipe used it for a head on frozen features"
+        )
     if accelerator.is_main_process:  # before training: a trained fold is never thrown away for want of space
         need, what = run_writes(cfg, algorithm, len(heldout))
         require_free(run.path, need, f"training this fold ({what})", margin=8 << 20)

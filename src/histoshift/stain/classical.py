@@ -37,7 +37,10 @@ def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
     """B x 3 x H x W sRGB in [0, 1] -> CIELAB (D65)."""
     lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
     m = torch.as_tensor(_RGB2XYZ, dtype=x.dtype, device=x.device)
-    xyz = torch.einsum("ij,bjhw->bihw", m, lin) / torch.as_tensor(_WHITE, dtype=x.dtype, device=x.device)[None, :, None, None]
+    xyz = (
+        torch.einsum("ij,bjhw->bihw", m, lin)
+        / torch.as_tensor(_WHITE, dtype=x.dtype, device=x.device)[None, :, None, None]
+    )
     fx, fy, fz = _f(xyz).unbind(1)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
 

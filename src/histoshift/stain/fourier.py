@@ -48,7 +48,9 @@ def descriptor(x: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.log1p(torch.fft.fft2(_real(x)).abs()[..., mask]).flatten(1)
 
 
-def nearest_donors(target: torch.Tensor, pool: torch.Tensor, n: int, forbidden: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_donors(
+    target: torch.Tensor, pool: torch.Tensor, n: int, forbidden: torch.Tensor | None = None
+) -> torch.Tensor:
     """B x n indices into `pool` (P x K descriptors): each target descriptor's n nearest, nearest first, never a
     pair `forbidden` (B x P booleans) marks; fewer than n allowed donors is a ConfigError."""
     d = torch.cdist(target, pool)

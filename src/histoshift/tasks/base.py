@@ -108,7 +108,9 @@ def load_weights(run: RunDir, model: nn.Module) -> nn.Module:
     try:
         weights = load_file(str(run.checkpoint))
     except Exception as e:  # safetensors raises its own error type, without the path
-        raise StaleError(f"{run.checkpoint}: cannot be read as safetensors ({e}); retrain the run (train --force)") from None
+        raise StaleError(
+            f"{run.checkpoint}: cannot be read as safetensors ({e}); retrain the run (train --force)"
+        ) from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -41,7 +41,9 @@ class FeatureTask:
         self.transform, colour = input_transform(cfg, cache, paths, accelerator.device)
         # the tuned backbone (model.robustify) of this cache: its identity keys the store
         self.robust = robust_identity(cfg.model, cache.id, paths.robust) if cfg.model.robustify is not None else None
-        self.spec = feature_spec(cfg, cache, precision, colour.get("stain_gan"), self.robust)  # once: one hub lookup per run
+        self.spec = feature_spec(
+            cfg, cache, precision, colour.get("stain_gan"), self.robust
+        )  # once: one hub lookup per run
 
     def lineage(self) -> dict:
         """The store's key and, once it is complete, its content stamp (features embedded again differ)."""
@@ -104,7 +106,9 @@ class FeatureTask:
         progress bar: a head predicts a whole center in well under a second)."""
         return self._predictor(self.store, table, views)
 
-    def _predictor(self, store: FeatureStore, table: pd.DataFrame, views: int | None) -> Callable[[nn.Module], pd.DataFrame]:
+    def _predictor(
+        self, store: FeatureStore, table: pd.DataFrame, views: int | None
+    ) -> Callable[[nn.Module], pd.DataFrame]:
         rows = TableRows(store, table, views or store.views, chunk_device=self.acc.device)
 
         def predict(model: nn.Module) -> pd.DataFrame:  # a chunk of the store at a time

@@ -70,9 +70,21 @@ class ImageTask:
         transform = self.transform.worker_pipeline(seed)
         sets = [(PatchDataset(self.cache.gather(tb), tb, self.domains, transform), bs)
                 for tb, bs in ((source, t.batch_size), (target, t.target_batch_size))]
-        return Streams(lambda e: self.acc.prepare(*(
-            make_loader(ds, bs, train=True, num_workers=t.num_workers, seed=seed + k + EPOCH_STRIDE * e, persistent=False)
-            for k, (ds, bs) in enumerate(sets))))
+        return Streams(
+            lambda e: self.acc.prepare(
+                *(
+                    make_loader(
+                        ds,
+                        bs,
+                        train=True,
+                        num_workers=t.num_workers,
+                        seed=seed + k + EPOCH_STRIDE * e,
+                        persistent=False,
+                    )
+                    for k, (ds, bs) in enumerate(sets)
+                )
+            )
+        )
 
     def _images(self, raw: torch.Tensor) -> torch.Tensor:
         """A uint8 batch -> augmented float images in [0, 1] on the device (B x 3 x H x W): the dihedral views
@@ -100,9 +112,16 @@ class ImageTask:
         The loader is built once."""
         ds = PatchDataset(self.cache.gather(table), table, self.domains)
         loader = self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
-        return partial(predict_views, loader=loader, accelerator=self.acc, views=tuple(range(views or N_VIEWS)), desc=desc,
-                       precision=self.precision, channels_last=self.cfg.train.channels_last,
-                       transform=self.transform.infer)
+        return partial(
+            predict_views,
+            loader=loader,
+            accelerator=self.acc,
+            views=tuple(range(views or N_VIEWS)),
+            desc=desc,
+            precision=self.precision,
+            channels_last=self.cfg.train.channels_last,
+            transform=self.transform.infer,
+        )
 
     @torch.no_grad()
     def features(self, model: nn.Module, table: pd.DataFrame) -> np.ndarray:
@@ -124,9 +143,16 @@ class ImageTask:
         if self._fourier_loader[0] is None or not np.array_equal(self._fourier_loader[0], ids):
             ds = PatchDataset(self.cache.gather(table), table, self.domains)
             self._fourier_loader = ids, self.acc.prepare(make_loader(ds, self.cfg.train.eval_batch_size, train=False))
-        return partial(predict_views, loader=self._fourier_loader[1], accelerator=self.acc, desc=desc, precision=self.precision,
-                       channels_last=self.cfg.train.channels_last, transform=self.transform.infer,
-                       make_views=lambda x, centers: donors.views(x, centers, beta, n))
+        return partial(
+            predict_views,
+            loader=self._fourier_loader[1],
+            accelerator=self.acc,
+            desc=desc,
+            precision=self.precision,
+            channels_last=self.cfg.train.channels_last,
+            transform=self.transform.infer,
+            make_views=lambda x, centers: donors.views(x, centers, beta, n),
+        )
 
     def save(self, run: RunDir, model: PatchClassifier) -> None:
         save_weights(run, model)

@@ -72,7 +72,9 @@ class UniCLDaViT:
         except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{path}: not a MedImageInsight config.yaml ({type(e).__name__}: {e})") from None
         if enc.get("NAME") != "davit_v1":
-            raise WeightsError(f"{path}: IMAGE_ENCODER.NAME is {enc.get('NAME')!r}; only davit_v1 maps onto timm's DaViT")
+            raise WeightsError(
+                f"{path}: IMAGE_ENCODER.NAME is {enc.get('NAME')!r}; only davit_v1 maps onto timm's DaViT"
+            )
         for key, want in FIXED_SPEC.items():
             if key in spec and list(spec[key]) != want:
                 raise WeightsError(f"{path}: IMAGE_ENCODER.SPEC.{key} is {spec[key]}; timm's davit_*_fl builds {want}")
@@ -140,8 +142,10 @@ class UniCLDaViT:
             key = f"convs.0.{'proj' if m[1] == 'conv' else 'norm'}.{m[2]}"
         elif m := re.match(r"^stages\.(\d+)\.downsample\.(conv|norm)\.(.+)$", timm_key):
             key = f"convs.{m[1]}.{'proj' if m[2] == 'conv' else 'norm'}.{m[3]}"
-        elif m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(spatial_block|channel_block)\.(cpe1\.proj|cpe2\.proj|norm1|norm2|attn|mlp)\.(.+)$",
-                           timm_key):
+        elif m := re.match(
+            r"^stages\.(\d+)\.blocks\.(\d+)\.(spatial_block|channel_block)\.(cpe1\.proj|cpe2\.proj|norm1|norm2|attn|mlp)\.(.+)$",
+            timm_key,
+        ):
             other = "channel_attn" if m[3] == "spatial_block" else "window_attn"  # the other block's layers
             inverse = {timm: ours for ours, timm in _BLOCK_LAYERS.items() if not ours.startswith(other)}
             key = f"blocks.{m[1]}.{m[2]}.{m[3]}.{inverse[m[4]]}.{m[5]}"

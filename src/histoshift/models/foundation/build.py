@@ -64,7 +64,12 @@ def timm_build(recipe: Recipe, repo_config: dict) -> dict:
     and the side its positional embedding was saved at) or, without one, the recipe's. An adapter
     recipe keeps its architecture, sized by the repo's config, and records the projection width."""
     if recipe.adapter:
-        kwargs = {**recipe.arch_kwargs, **(repo_config.get("model_args") or {}), **recipe.create_kwargs, "num_classes": 0}
+        kwargs = {
+            **recipe.arch_kwargs,
+            **(repo_config.get("model_args") or {}),
+            **recipe.create_kwargs,
+            "num_classes": 0,
+        }
         projection = repo_config.get("projection_dim", ADAPTERS[recipe.adapter].projection_dim)
         return {"library": "timm", "architecture": recipe.architecture, "kwargs": kwargs, "projection_dim": projection}
     if repo_config:
@@ -89,7 +94,9 @@ def build_network(build: dict, recipe: Recipe) -> nn.Module:
         return timm.create_model(build["architecture"], pretrained=False, **kwargs)
     transformers = _transformers(recipe)
     # the backbone-API fields are derived from the depth: left out, they follow a changed depth
-    config = {k: v for k, v in build["config"].items() if k.lstrip("_") not in ("out_features", "out_indices", "stage_names")}
+    config = {
+        k: v for k, v in build["config"].items() if k.lstrip("_") not in ("out_features", "out_indices", "stage_names")
+    }
     config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
     return getattr(transformers, build["architecture"])(config, **recipe.create_kwargs)
 
@@ -126,7 +133,9 @@ def _transformers_load(recipe: Recipe, where: str) -> nn.Module:
     problems = {
         "missing from the weights": [k for k in info.get("missing_keys", ()) if k not in UNUSED_MISSING],
         "not in the model": [k for k in info.get("unexpected_keys", ()) if not k.startswith(skipped)],
-        "of another shape": [str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys", ())],
+        "of another shape": [
+            str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys", ())
+        ],
     }
     for what, keys in problems.items():
         if keys:
@@ -178,8 +187,10 @@ def load_network(recipe: Recipe, weights: WeightSource, repo_config: dict) -> tu
         text = str(e).splitlines()[0] if str(e) else ""
         config = repo_path(recipe, weights, recipe.config_file)  # present: _repo_config read it
         fix = f"`hf download {recipe.hub_id} --force-download`" if weights.kind == "hub" else "a fresh copy of the repo"
-        raise WeightsError(f"{config}: {recipe.title} cannot be built or loaded from the network this file describes "
-                           f"({type(e).__name__}: {text}); an edited or foreign file? restore the repo's own ({fix})") from e
+        raise WeightsError(
+            f"{config}: {recipe.title} cannot be built or loaded from the network this file describes "
+            f"({type(e).__name__}: {text}); an edited or foreign file? restore the repo's own ({fix})"
+        ) from e
     return net, build, None
 
 

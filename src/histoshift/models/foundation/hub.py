@@ -33,8 +33,10 @@ def hub_error(repo: str, e: Exception) -> WeightsError:
         return WeightsError(f"{repo} is gated: accept its licence at {page} while logged in, then set HF_TOKEN "
                             f"(or run `hf auth login`) with that account's token ({text})")
     if isinstance(e, RepositoryNotFoundError):
-        return WeightsError(f"{repo}: not found on the hub, or gated and no valid token was sent: accept the licence at "
-                            f"{page} and set HF_TOKEN ({text})")
+        return WeightsError(
+            f"{repo}: not found on the hub, or gated and no valid token was sent: accept the licence at "
+            f"{page} and set HF_TOKEN ({text})"
+        )
     if isinstance(e, LocalEntryNotFoundError) or "offline" in str(e).lower() or "connect" in str(e).lower():
         return WeightsError(f"{repo}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be "
                             f"reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): download it once with "
@@ -47,7 +49,9 @@ def endpoint_reachable(endpoint: str, timeout: float = 5.0) -> bool:
     """One TCP connection to the hub's endpoint, once per process. The hub client retries a refused connection
     with back-off (about 20 s each time, and no setting shortens it); this answers in milliseconds. Behind a proxy
     (HTTP(S)_PROXY, ALL_PROXY) a direct connection proves nothing: the hub client is left to decide."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+    if any(
+        os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return True
     url = urlsplit(endpoint)
     try:
@@ -187,7 +191,12 @@ def repo_config(recipe: Recipe, weights: WeightSource) -> dict:
 def from_the_hub(e: Exception) -> bool:
     """An error of the hub client or the network (not of building the model from the downloaded files)."""
     module = type(e).__module__.split(".")[0]
-    return isinstance(e, (ConnectionError, TimeoutError)) or module in ("huggingface_hub", "httpx", "requests", "urllib3")
+    return isinstance(e, (ConnectionError, TimeoutError)) or module in (
+        "huggingface_hub",
+        "httpx",
+        "requests",
+        "urllib3",
+    )
 
 
 def preprocessor_config(recipe: Recipe, weights: WeightSource) -> dict:

@@ -43,14 +43,18 @@ class FoundationBackbone(nn.Module):
             self.num_prefix_tokens = 1 + getattr(net.config, "num_register_tokens", 0)
             width = net.config.hidden_size
         if recipe.embedding in ("pooled", "projected") and recipe.library != "timm":
-            raise RecipeError(f"{recipe.title}: embedding '{recipe.embedding}' needs a timm network (its pooled features)")
+            raise RecipeError(
+                f"{recipe.title}: embedding '{recipe.embedding}' needs a timm network (its pooled features)"
+            )
         self.projection = None
         if build.get("projection_dim"):  # filled by the checkpoint (strict loading), never left random in use
             self.projection = nn.Parameter(torch.zeros(width, build["projection_dim"], device=_device(net)),
                                            requires_grad=False)
         if recipe.embedding == "projected" and self.projection is None:
             raise RecipeError(f"{recipe.title}: embedding 'projected' needs a checkpoint with an image projection")
-        self.num_features = {"cls+mean": 2 * width, "projected": build.get("projection_dim")}.get(recipe.embedding, width)
+        self.num_features = {"cls+mean": 2 * width, "projected": build.get("projection_dim")}.get(
+            recipe.embedding, width
+        )
         if self.num_features != recipe.embed_dim and check_dim:
             raise RecipeError(f"{recipe.title}: the loaded model embeds {self.num_features} values, the card "
                               f"{recipe.embed_dim}: another model, other creation arguments than the card's, or an "
@@ -79,7 +83,9 @@ class FoundationBackbone(nn.Module):
     @property
     def timm_model(self) -> nn.Module:
         if self.recipe.library != "timm":
-            raise WeightsError(f"{self.recipe.title}: partial fine-tuning (model.train_last_blocks) needs a timm backbone")
+            raise WeightsError(
+                f"{self.recipe.title}: partial fine-tuning (model.train_last_blocks) needs a timm backbone"
+            )
         return self.net
 
 

@@ -3,7 +3,8 @@
 Cards: https://huggingface.co/owkin/phikon (ViT-B/16, iBOT), https://huggingface.co/owkin/phikon-v2
 (ViT-L/16, DINOv2). Phikon's card builds ViTModel.from_pretrained("owkin/phikon", add_pooling_layer=False)
 (85.8M parameters; the unused pooler would add 0.6M), Phikon-v2's AutoModel (a Dinov2Model). Both:
-embedding = last_hidden_state[:, 0] (the class token after the final layer norm), ImageNet mean/std, 224 px. Phikon's image processor resizes
+embedding = last_hidden_state[:, 0] (the class token after the final layer norm), ImageNet mean/std, 224 px. Phikon's
+image processor resizes
 bilinearly, Phikon-v2's bicubically. Not gated; Owkin's non-commercial licence. The cards name no
 precision; bf16 is ours.
 """

@@ -80,13 +80,27 @@ def _unicl_standin(recipe: Recipe, folder: Path, seed: int) -> None:
     tensors.update({"image_projection": torch.randn(width, PROJECTION, generator=g),
                     "lang_projection": torch.randn(12, PROJECTION, generator=g), "logit_scale": torch.ones(()),
                     "lang_encoder.token_embedding.weight": torch.randn(10, 12, generator=g)})
-    config = {"IMAGE_ENCODER": {"NAME": "davit_v1", "NUM_CLASSES": 0, "IMAGE_SIZE": [recipe.input_size] * 2,
-                                "IMAGE_MEAN": list(recipe.mean), "IMAGE_STD": list(recipe.std),
-                                "SPEC": {**FIXED_SPEC, "DIM_EMBED": DAVIT_SHRINK["embed_dims"], "NUM_HEADS": DAVIT_SHRINK["num_heads"],
-                                         "NUM_GROUPS": DAVIT_SHRINK["num_heads"], "DEPTHS": DAVIT_SHRINK["depths"],
-                                         "WINDOW_SIZE": recipe.arch_kwargs["window_size"]}},
-              "UNICL_MODEL": {"DIM_PROJECTION": PROJECTION}, "AUG": {"INTERPOLATION": recipe.interpolation},
-              "TEST": {"CENTER_CROP": False}, STANDIN_KEY: True}
+    config = {
+        "IMAGE_ENCODER": {
+            "NAME": "davit_v1",
+            "NUM_CLASSES": 0,
+            "IMAGE_SIZE": [recipe.input_size] * 2,
+            "IMAGE_MEAN": list(recipe.mean),
+            "IMAGE_STD": list(recipe.std),
+            "SPEC": {
+                **FIXED_SPEC,
+                "DIM_EMBED": DAVIT_SHRINK["embed_dims"],
+                "NUM_HEADS": DAVIT_SHRINK["num_heads"],
+                "NUM_GROUPS": DAVIT_SHRINK["num_heads"],
+                "DEPTHS": DAVIT_SHRINK["depths"],
+                "WINDOW_SIZE": recipe.arch_kwargs["window_size"],
+            },
+        },
+        "UNICL_MODEL": {"DIM_PROJECTION": PROJECTION},
+        "AUG": {"INTERPOLATION": recipe.interpolation},
+        "TEST": {"CENTER_CROP": False},
+        STANDIN_KEY: True,
+    }
     (folder / recipe.config_file).parent.mkdir(parents=True, exist_ok=True)
     (folder / recipe.config_file).write_text(yaml.safe_dump(config, sort_keys=False))
     (folder / recipe.weights_file).parent.mkdir(parents=True, exist_ok=True)
