@@ -13,9 +13,15 @@ exponential average, torch's AveragedModel (torch.optim.swa_utils) for the unifo
 A model with batch-norm layers gets its statistics recomputed for the averaged weights on one pass over the
 training stream (torch.optim.swa_utils.update_bn) before it is scored, saved or adapted (AdaBN starts from the
 averaged weights). The averages are saved with every epoch's state, so a resumed run keeps them.
+
+Where this deviates from the papers: SWA averages under the loop's own schedule (warm-up, then cosine), not under
+SWALR's constant or annealed SWA learning rate (Izmailov et al. 2018); SWAD judges its window once per epoch on the
+held-out loss (Cha et al. evaluate every few hundred iterations and open the window after a patience rule), so the
+window is epoch-grained and can include warm-up epochs whose loss is within the tolerance.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -67,8 +73,10 @@ class Ema(Averager):
         from timm.utils import ModelEmaV3
 
         super().__init__(model, cfg, steps_per_epoch)
-        # float32 accumulators whatever the model's dtype (timm: the only option for float16)
-        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75, dtype=torch.float32)
+        # float32 accumulators whatever the model's dtype (timm: the only option for float16); timm releases before
+        # the keyword existed copy the model as it is, float32 here (weights stay float32 under autocast)
+        dtype = {"dtype": torch.float32} if "dtype" in inspect.signature(ModelEmaV3).parameters else {}
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75, **dtype)
 
     def after_step(self, model, step):
         self.ema.update(model, step=step)

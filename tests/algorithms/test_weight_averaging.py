@@ -71,6 +71,24 @@ def test_ema_follows_timms_warm_up_decay():
     assert avg.scored(model) is not model
 
 
+def test_ema_works_with_a_timm_without_the_dtype_keyword(monkeypatch):
+    # pyproject's floor (timm 1.0.9) predates ModelEmaV3's dtype keyword: the averager asks the signature
+    import timm.utils
+
+    real = timm.utils.ModelEmaV3
+
+    class Older(real):
+        def __init__(self, model, decay=0.9999, use_warmup=False, warmup_power=2 / 3):
+            super().__init__(model, decay=decay, use_warmup=use_warmup, warmup_power=warmup_power)
+    monkeypatch.setattr(timm.utils, "ModelEmaV3", Older)
+    model = _linear()
+    avg = make_averager(model, TrainCfg(average="ema", ema_decay=0.9), steps_per_epoch=2)
+    assert isinstance(avg.ema, Older)
+    _steps(avg, model, [1.0, 2.0])
+    weights = avg.final(model, [])["weight"]
+    assert weights.dtype == torch.float32 and 0 < float(weights[0, 0]) < 2
+
+
 @pytest.mark.parametrize("name", ["ema", "swa", "swad"])
 def test_a_saved_average_loads_into_a_new_averager_unchanged(name):
     model = _linear()
@@ -159,3 +177,46 @@ def test_swad_resumes_with_its_averages(prepared_root, tmp_path, monkeypatch):
     assert resumed["window"] == summary["window"]
     a, b = (load_file(str(r / "work/runs/swad/seed0/fold0/model.safetensors")) for r in (whole, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_averaged_weights_are_the_ones_saved_and_scored(prepared_root, tmp_path, monkeypatch):
+    """model.safetensors holds what the averager returned (not the last step's weights), and oof.csv is that
+    model's held-out prediction."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from histoshift import averaging
+    from histoshift.data.cache import Cache
+    from histoshift.paths import Paths
+    from histoshift.runs import find_runs
+    from histoshift.tasks import run_task
+
+    returned = {}
+    real = averaging.Swa.final
+
+    def final(self, model, losses):
+        out = real(self, model, losses)
+        returned.update({k: v.detach().clone() for k, v in out.items()})
+        last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        assert any(not torch.equal(last[k], out[k]) for k in out), "the average must differ from the last weights"
+        return out
+    monkeypatch.setattr(averaging.Swa, "final", final)
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    summary = _train(root, _merge(FROZEN, {"train": {"average": "swa", "epochs": 3, "average_start": 0.3}}),
+                     tmp_path / "swa.yaml")
+    assert summary["average"] == "swa" and returned
+    run = find_runs(root / "work" / "runs")[0]
+    saved = load_file(str(run.path / "model.safetensors"))
+    assert saved.keys() == returned.keys() and all(torch.equal(saved[k], returned[k].cpu()) for k in saved)
+    cache = Cache.open(root / "work" / "cache")
+    task, model = run_task(run, cache, Paths(root), Accelerator())
+    oof = pd.read_csv(run.path / "oof.csv")
+    table = cache.index.set_index("id").loc[oof["id"]].reset_index()
+    again = task.predictor(table, views=1)(model)
+    np.testing.assert_allclose(oof["logit"].to_numpy(), again["v0"].to_numpy(), atol=1e-4)

@@ -9,6 +9,9 @@ step every unlabelled patch joins its nearest target cluster and the loss pulls 
 cluster, in the projected space, towards its matched source center (weight algorithm.aiva_weight; the mean over
 the clusters present). `aiva` adds this to ERM, `dann_aiva` to DANN. The projection, clusters and matching are
 a function of the weights, the epoch's data and (seed, epoch): a resumed run recomputes the same ones.
+
+Where this deviates from the paper: its target is one site; here the unlabelled stream pools every unlabelled
+center of the fold (the held-out center and the test center), clustered together as one target.
 """
 from __future__ import annotations
 

@@ -132,18 +132,6 @@ def tuned_state(backbone: nn.Module, method: str) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def merge_lora(backbone: nn.Module) -> nn.Module:
-    """Every LoRA layer merged into its base layer and replaced by it: the backbone's own layers and keys again."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(backbone.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent = backbone.get_submodule(name.rsplit(".", 1)[0]) if "." in name else backbone
-            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
-    return backbone
-
-
 def apply_robust(backbone: nn.Module, m, folder: Path) -> nn.Module:
     """The tuned weights of `folder` put into a freshly loaded base backbone (its digest checked against meta.json);
     returns the backbone to use (LoRA merged: same layers and keys as before)."""
@@ -155,15 +143,17 @@ def apply_robust(backbone: nn.Module, m, folder: Path) -> nn.Module:
                          "run `histoshift robustify --force --config <this config>`")
     state = load_file(str(folder / TUNED))
     if meta["method"] == "lora":
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from peft import LoraConfig, LoraModel, set_peft_model_state_dict
 
         r = m.robustify
         config = LoraConfig(r=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=0.0,
                             target_modules=_lora_targets(backbone, m))
-        backbone = inject_adapter_in_model(config, backbone)
-        result = set_peft_model_state_dict(backbone, state)
+        # peft's tuner around the backbone (its keys gain "model."; the adapters were saved from the bare backbone
+        # that inject_adapter_in_model tuned), then peft's merge_and_unload: the backbone's own layers and keys
+        tuner = LoraModel(backbone, config, "default")
+        result = set_peft_model_state_dict(tuner, {f"model.{k}": v for k, v in state.items()})
         if getattr(result, "unexpected_keys", None):
             raise StaleError(f"{folder / TUNED}: adapters that do not fit this backbone ({result.unexpected_keys[:3]})")
-        return merge_lora(backbone)
+        return tuner.merge_and_unload(progressbar=False)
     backbone.load_state_dict(state)  # strict: the whole tuned CNN
     return backbone

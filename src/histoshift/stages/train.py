@@ -77,7 +77,7 @@ def run_writes(cfg, algorithm, rows: int) -> tuple[int, str]:
     """The most a fold run has on disk at once, from the model's own sizes: the checkpoint and the per-patch
     files; with more than one epoch, two epoch states while the newer one is written (the algorithm's state:
     model and domain head, two AdamW moments per trainable tensor, early stopping's best weights, RNG and loop
-    files). Measured on the tiny test runs: tests/reliability/test_faults_of_issue_30.py."""
+    files). Measured on the tiny test runs: tests/reliability/test_faults_found_by_reading_the_code.py."""
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     weights = nbytes(algorithm.model.state_dict().values())
     files = weights + 64 * rows + (256 << 10)  # the checkpoint; oof.csv (~40 bytes a patch), metrics, summary
