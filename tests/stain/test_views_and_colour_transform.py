@@ -193,29 +193,62 @@ def _channel_spread(batch: torch.Tensor) -> float:
     return float(batch.mean(dim=(2, 3)).std(dim=0).mean())
 
 
-@pytest.mark.parametrize("norm", ["reinhard", "macenko"])
-def test_albumentations_with_a_stain_normaliser_keeps_its_colour_jitter(norm):
+def _generator_standin(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in for the stain GAN's generator: every patch given one mean colour (a trained one maps every
+    center to one appearance), the layout kept."""
+    target = torch.tensor([0.7, 0.5, 0.7], dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - x.mean(dim=(2, 3), keepdim=True) + target).clamp(0, 1)
+
+
+@pytest.mark.parametrize("jitter", [dict(hed_sigma=0.08, brightness=0.0, contrast=0.0),
+                                    dict(hed_sigma=0.0, brightness=0.1, contrast=0.1)], ids=["hed", "brightness"])
+@pytest.mark.parametrize("norm", ["reinhard", "macenko", "gan"])
+def test_albumentations_with_a_stain_normaliser_keeps_its_colour_jitter(norm, jitter):
     """The colour order is normalise -> jitter -> grayscale for both backends. The albumentations workers used to
-    jitter and the device to normalise after, which undid the jitter: the normalised copies came out alike."""
+    jitter and the device to normalise after, which undid the jitter: the normalised copies came out alike. Each
+    jitter alone (HED, brightness/contrast) must survive each normaliser (the GAN's generator: a stand-in)."""
     from histoshift.stain.classical import CLASSICAL
 
     img = _img(7, side=32)
-    aug = AugCfg(backend="albumentations", stain_norm=norm, hed_sigma=0.08, brightness=0.1, contrast=0.1)
-    transform = InputTransform(aug)
+    aug = AugCfg(backend="albumentations", stain_norm=norm, **jitter)
+    normaliser = _generator_standin if norm == "gan" else CLASSICAL[norm]
+    transform = InputTransform(aug, _generator_standin if norm == "gan" else None)
     assert not transform.workers_jitter  # with a normaliser the workers make the views only
     workers = transform.worker_pipeline(seed=0)
-    u8 = torch.from_numpy(np.stack([workers(image=img)["image"] for _ in range(64)]))
-    fixed = transform.train(to_float(u8), torch.Generator().manual_seed(0))  # what the image task feeds
-    plain = CLASSICAL[norm](to_float(u8))  # normalised, never jittered: only the views differ
+    x = to_float(torch.from_numpy(np.stack([workers(image=img)["image"] for _ in range(64)])))
+    fixed = transform.train(x, torch.Generator().manual_seed(0))  # what the image task feeds
+    plain = normaliser(x)  # normalised, never jittered: only the views differ
     assert _channel_spread(plain) < 2e-3
     assert _channel_spread(fixed) > 5 * max(_channel_spread(plain), 2e-3), "the colour jitter did not survive"
-    if norm != "reinhard":
-        return
-    # the old order (jitter on the workers, then the normaliser) is what the check catches: Reinhard matches every
-    # copy's colour statistics to one reference, so the jitter vanished
-    old_workers = InputTransform(aug.model_copy(update={"stain_norm": "none"})).worker_pipeline(seed=0)
-    old = CLASSICAL[norm](to_float(torch.from_numpy(np.stack([old_workers(image=img)["image"] for _ in range(64)]))))
-    assert _channel_spread(old) * 3 < _channel_spread(fixed)
+    # the order itself: the jitter (same draws) applied to the normalised batch, not the other way round
+    torch.testing.assert_close(fixed, transform.jitter(normaliser(x), torch.Generator().manual_seed(0)))
+    old = normaliser(transform.jitter(x, torch.Generator().manual_seed(0)))  # the old order
+    assert not torch.allclose(old, fixed, atol=1e-3)
+    if norm != "macenko":  # Reinhard and the generator match every copy's colours to one reference: jitter gone
+        assert _channel_spread(old) * 3 < _channel_spread(fixed)
+
+
+def test_the_image_task_feeds_its_batches_through_the_colour_transform(prepared_root):
+    """ImageTask.feed: the albumentations workers' uint8 views -> float -> the config's InputTransform.train (a
+    normaliser, then the jitter), as the transform test above checks it."""
+    from accelerate import Accelerator
+
+    from histoshift.config import load_config
+    from histoshift.data.cache import Cache
+    from histoshift.paths import Paths
+    from histoshift.tasks import ImageTask
+
+    cfg = load_config(None, ["aug.backend=albumentations", "aug.stain_norm=reinhard", "aug.hed_sigma=0.08",
+                             "aug.brightness=0", "aug.contrast=0", "model.weights=none"])
+    task = ImageTask(cfg, Cache.open(prepared_root / "work" / "cache"), Paths(prepared_root), Accelerator(), "no")
+    task.build_model()  # (its preprocessing: feed also gives the model's input)
+    raw = torch.from_numpy(np.stack([_img(7, side=32)] * 16))
+    batch = {"image": raw, "label": torch.zeros(16), "domain": torch.zeros(16, dtype=torch.long)}
+    torch.manual_seed(0)
+    fed = task.feed(batch, None)["images"]
+    torch.manual_seed(0)
+    torch.testing.assert_close(fed, task.transform.train(to_float(raw)))
+    assert _channel_spread(fed) > 5e-3  # jittered after the normaliser: the copies differ in colour
 
 
 def test_both_backends_jitter_once_and_in_the_same_order():
