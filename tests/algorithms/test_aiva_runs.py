@@ -25,7 +25,7 @@ def _metrics(root) -> list[dict]:
 
 @pytest.mark.slow
 def test_dann_aiva_trains_logs_its_term_and_resumes_exactly(prepared_root, tmp_path, monkeypatch):
-    from histoshift import engine
+    from histoshift import checkpoint
 
     config = _merge(IMAGE, {"name": "aiva", "train": {"epochs": 2},
                             "algorithm": {"name": "dann_aiva", "aiva_clusters": 3, "aiva_dims": 4, "aiva_samples": 32}})
@@ -38,15 +38,15 @@ def test_dann_aiva_trains_logs_its_term_and_resumes_exactly(prepared_root, tmp_p
     metrics = _metrics(whole)
     assert len(metrics) == 2 and all(m["train_aiva_loss"] > 0 and "train_dom_loss" in m for m in metrics)
 
-    real = engine.save_epoch_state
+    real = checkpoint.save_state
 
     def save_then_die(*a, **k):
         real(*a, **k)
         raise KeyboardInterrupt  # stopped after the first epoch's state
-    monkeypatch.setattr(engine, "save_epoch_state", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _train(cut, path)
-    monkeypatch.setattr(engine, "save_epoch_state", real)
+    monkeypatch.setattr(checkpoint, "save_state", real)
     assert _train(cut, path) == 0
     assert _metrics(cut) == metrics
     a, b = (load_file(str(r / "work/runs/aiva/seed0/fold0/model.safetensors")) for r in (whole, cut))

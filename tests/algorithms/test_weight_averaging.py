@@ -150,7 +150,7 @@ def test_swad_resumes_with_its_averages(prepared_root, tmp_path, monkeypatch):
     """A run stopped after its first epoch's state and resumed ends with the weights of an uninterrupted one."""
     import shutil
 
-    from histoshift import engine
+    from histoshift import checkpoint, engine
     from safetensors.torch import load_file
 
     config = _merge(FROZEN, {"train": {"average": "swad", "epochs": 3}})
@@ -160,19 +160,19 @@ def test_swad_resumes_with_its_averages(prepared_root, tmp_path, monkeypatch):
     summary = _train(whole, config, tmp_path / "swad.yaml")
     assert summary["average"] == "swad" and summary["window"] and summary["batchnorm_refreshed"] == 0
 
-    real = engine.save_epoch_state
+    real = checkpoint.save_state
 
     def save_then_die(*a, **k):
         real(*a, **k)
         raise KeyboardInterrupt  # killed after the first epoch's state
-    monkeypatch.setattr(engine, "save_epoch_state", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_state", save_then_die)
     (tmp_path / "swad.yaml").write_text(yaml.safe_dump(config))
     from histoshift.cli import main
     with pytest.raises(KeyboardInterrupt):
         main(["--root", str(cut), "train", "--config", str(tmp_path / "swad.yaml"), "--fold", "0"])
     state = next((cut / "work/runs/swad/seed0/fold0").glob("state-epoch1"))
     assert (state / engine.AVERAGE_WEIGHTS).is_file()
-    monkeypatch.setattr(engine, "save_epoch_state", real)
+    monkeypatch.setattr(checkpoint, "save_state", real)
     resumed = _train(cut, config, tmp_path / "swad.yaml")
     assert resumed["window"] == summary["window"]
     a, b = (load_file(str(r / "work/runs/swad/seed0/fold0/model.safetensors")) for r in (whole, cut))

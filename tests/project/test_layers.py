@@ -31,7 +31,7 @@ LAYERS = [
     ("features",),  # the frozen-backbone feature store and its embedding
     ("runs",),  # the run folder's layout and lineage
     ("tasks",),  # the kinds of model behind one protocol
-    ("engine",),  # the training loop
+    ("engine", "steploop"),  # the training loop; the one resumable loop the engine, the GAN and robustify share
     ("stack", "rules", "choice", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
     ("stages",),  # one module per CLI stage; nothing imports them
     ("cli", "__main__"),  # the entry point

@@ -199,7 +199,7 @@ def test_a_resumed_fold_refuses_features_embedded_again_since_its_saved_epoch(pr
 
     import yaml
 
-    from histoshift import engine
+    from histoshift import checkpoint
     from histoshift.runs import RunDir
 
     from helpers import FROZEN
@@ -208,16 +208,16 @@ def test_a_resumed_fold_refuses_features_embedded_again_since_its_saved_epoch(pr
     shutil.copytree(prepared_root, root)
     cfg = tmp_path / "head.yaml"
     cfg.write_text(yaml.safe_dump(FROZEN))
-    real = engine.save_state
+    real = checkpoint.save_state
 
     def killed(*a, **k):
         real(*a, **k)
         raise KeyboardInterrupt  # after the first saved epoch
 
-    monkeypatch.setattr(engine, "save_state", killed)
+    monkeypatch.setattr(checkpoint, "save_state", killed)
     with pytest.raises(KeyboardInterrupt):
         main(["--root", str(root), "train", "--config", str(cfg), "--fold", "0"])
-    monkeypatch.setattr(engine, "save_state", real)
+    monkeypatch.setattr(checkpoint, "save_state", real)
     run = RunDir.of(root / "work" / "runs", "head", 0, 0)
     assert run.last_state() is not None and not run.is_done
     store = _store(root)

@@ -218,7 +218,7 @@ def test_the_free_space_asked_for_is_what_a_run_writes(prepared_root, tmp_path, 
     def folder_size() -> int:
         return sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
 
-    real_save, real_writes = engine.save_state, train_stage.run_writes
+    real_save, real_writes = checkpoint.save_state, train_stage.run_writes
 
     def save_and_measure(*args, **kwargs):  # the moment two states exist: the new one complete, the old not yet gone
         real_rmtree = shutil.rmtree
@@ -233,7 +233,7 @@ def test_the_free_space_asked_for_is_what_a_run_writes(prepared_root, tmp_path, 
         finally:
             checkpoint.shutil.rmtree = real_rmtree
 
-    monkeypatch.setattr(engine, "save_state", save_and_measure)
+    monkeypatch.setattr(checkpoint, "save_state", save_and_measure)
     monkeypatch.setattr(train_stage, "run_writes", lambda *a: asked.append(real_writes(*a)[0]) or real_writes(*a))
     assert main(["--root", str(root), "train", "--config", str(tmp_path / "t.yaml"), "--fold", "0"]) == 0
     peak = max(sizes + [folder_size()])

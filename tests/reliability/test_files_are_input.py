@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from histoshift import engine
+from histoshift import checkpoint, engine
 from histoshift.cli import main
 from histoshift.runs import RunDir
 from helpers import one_error_line, tiny_config
@@ -43,16 +43,16 @@ def _unfinished_run(prepared_root, tmp_path, monkeypatch) -> tuple[list[str], Ru
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
     argv = ["--root", str(root), "train", "--config", str(cfg), "--fold", "0"]
-    real = engine.save_epoch_state
+    real = checkpoint.save_state
 
     def save_then_die(*args, **kwargs):
         real(*args, **kwargs)
         raise _Crash
 
-    monkeypatch.setattr(engine, "save_epoch_state", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_state", save_then_die)
     with pytest.raises(_Crash):
         main(argv)
-    monkeypatch.setattr(engine, "save_epoch_state", real)
+    monkeypatch.setattr(checkpoint, "save_state", real)
     run = RunDir.of(root / "work" / "runs", "tiny", 0, 0)
     assert not run.is_done and run.last_state() is not None
     return argv, run

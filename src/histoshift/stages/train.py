@@ -175,8 +175,9 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
         require_free(run.path, need, f"training this fold ({what})", margin=8 << 20)
     streams = task.streams(source, target, seed)
     heldout_predictor = task.predictor(heldout, views=1, desc="held-out")
-    model, oof, seconds, model_bytes, averaged = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run,
-                                           precision, resume=mode == "resume")
+    fitted = fit(cfg, task, algorithm, streams, heldout_predictor, accelerator, run, precision,
+                 resume=mode == "resume")
+    model, oof = fitted.model, fitted.oof
     # every labelled center for the summary: the held-out one out of fold (the last epoch's predictions,
     # not predicted again), the training ones in sample
     trained_on = task.predictor(in_sample(cache.index, run.fold, IN_SAMPLE_EVAL), 1, "in sample")(model)
@@ -185,13 +186,13 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
     summary = None
     if accelerator.is_main_process:
         held = table[table["held_out"]].iloc[0]
-        require_free(run.path, model_bytes, "the checkpoint")
+        require_free(run.path, fitted.model_bytes, "the checkpoint")
         task.save(run, model)
         write_csv(run.oof, oof, float_format="%.6g")
-        summary = {"run": run.name, "fold": run.fold, "seconds": round(seconds, 1),
+        summary = {"run": run.name, "fold": run.fold, "seconds": round(fitted.seconds, 1),
                    "heldout_accuracy": float(held["accuracy"]), "heldout_auc": float(held["auc"]),
                    "heldout_brier": float(held["brier"]), "heldout_ece": float(held["ece"]),
-                   "pseudo_labels": n_pseudo, **averaged, **accelerator.unwrap_model(model).sparsity(),
+                   "pseudo_labels": n_pseudo, **fitted.average, **accelerator.unwrap_model(model).sparsity(),
                    "per_center": table.to_dict(orient="records")}
         write_json(run.summary, summary)
         write_text(run.done, time.strftime("%Y-%m-%d %H:%M:%S\n"))
