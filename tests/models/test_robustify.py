@@ -47,7 +47,7 @@ def test_the_reinhard_pair_gives_the_second_view_another_centers_colours(prepare
     (no jitter here: sigma 0; a dihedral view keeps the statistics)."""
     from histoshift.data.augment import to_float
     from histoshift.data.cache import Cache
-    from histoshift.stages.robustify import _views
+    from histoshift.robustify_steps import stain_views as _views
     from histoshift.stain.classical import rgb_to_lab
 
     cache = Cache.open(prepared_root / "work" / "cache")

@@ -31,7 +31,7 @@ LAYERS = [
     ("features",),  # the frozen-backbone feature store and its embedding
     ("runs",),  # the run folder's layout and lineage
     ("tasks",),  # the kinds of model behind one protocol
-    ("engine", "steploop"),  # the training loop; the one resumable loop the engine, the GAN and robustify share
+    ("engine", "steploop", "stain_gan_steps", "robustify_steps"),  # the loop and what runs on it
     ("stack", "rules", "choice", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
     ("stages",),  # one module per CLI stage; nothing imports them
     ("cli", "__main__"),  # the entry point
