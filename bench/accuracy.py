@@ -335,11 +335,11 @@ class Bench:
 
     def test_table(self, run: RunDir, prediction_set: bool | str = False) -> pd.DataFrame:
         """The test center's predictions of one set (plain, adapted, or named, as RunDir.tta_path) with labels."""
-        test = pd.read_csv(run.tta_path("test", prediction_set)).drop(columns="label")
+        test = pd.read_csv(run.tta.path("test", prediction_set)).drop(columns="label")
         return test.merge(self.labels, left_on="id", right_on="ID")
 
     def score_run(self, run: RunDir, adabn: bool = False) -> dict:
-        held, test = pd.read_csv(run.tta_path("heldout", adabn)), self.test_table(run, adabn)
+        held, test = pd.read_csv(run.tta.path("heldout", adabn)), self.test_table(run, adabn)
         views = [f"v{k}" for k in range(8)]
         out = {"val": accuracy(held, ["v0"]), "val_tta": accuracy(held, views),
                "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}

@@ -34,7 +34,7 @@ from histoshift.models.foundation import RECIPES, resolve_recipe  # noqa: E402
 from histoshift.models.foundation.build import build_network, recipe_build  # noqa: E402
 from histoshift.models.foundation.loader import FoundationBackbone  # noqa: E402
 from histoshift.precision import autocast, resolve_precision  # noqa: E402
-from histoshift.readiness import forward_flops  # noqa: E402
+from histoshift.preflight_checks import forward_flops  # noqa: E402
 
 COMPETITION_IMAGES = 219_958 * 8
 H100_BF16_DENSE_FLOPS = 989e12

@@ -189,7 +189,7 @@ def main():
     for seed in a.seeds:
         for set_name, configs in SETS.items():
             runs = [r for r in all_runs if r.model_name in {f"{c}/seed{seed}" for c in configs}]
-            if len(runs) != 4 * len(configs) or not all(r.tta_fresh(cache.id, adapted=True) for r in runs):
+            if len(runs) != 4 * len(configs) or not all(r.tta.fresh(cache.id, adapted=True) for r in runs):
                 print(f"skip: seed {seed}, {set_name}: not trained and predicted")
                 continue
             features, comparison, hits = compare_prediction_sets(runs, work / "folds" / "folds.csv", cache, prior=0.5)

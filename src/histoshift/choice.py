@@ -25,38 +25,38 @@ from pathlib import Path
 import pandas as pd
 
 from .data.cache import Cache
+from .data.donors import donor_counts
 from .runs import RunDir
 from .rules import DEFAULT, RULES, Candidates, split_label
 from .stack import ADAPTED, BOTH, PRIOR, build_features, compare_loco, fit_stacker, join_sets, predict
 
-FOURIER_DONORS = (1, 3, 7)  # donors a patch the stack tries (each at most what infer --fourier predicted)
 
 
 def adapted_ready(runs: list[RunDir], cache: Cache) -> bool:
     """Every fold model has fresh adapted predictions, and the adaptation changed something in at least
     one of them (a set equal to the plain one is not a second set)."""
-    if not all(r.tta_fresh(cache.id, adapted=True) for r in runs):
+    if not all(r.tta.fresh(cache.id, adapted=True) for r in runs):
         return False
-    return any(r.adapted_layers() > 0 for r in runs)
+    return any(r.tta.adapted_layers() > 0 for r in runs)
 
 
 
 def fourier_sets(runs: list[RunDir], cache: Cache) -> dict[str, tuple[str, int]]:
     """Suffix -> (set name, donors used) for every Fourier set that each fold model has, fresh and predicted
-    with the same settings; the donors tried are FOURIER_DONORS up to those predicted, and all of them."""
+    with the same settings; the donors tried: data.donors.donor_counts."""
     names = None
     for run in runs:
-        have = run.named_sets("fourier-b")
+        have = run.tta.named_sets("fourier-b")
         names = have if names is None else names & have
     out = {}
     for name in sorted(names or ()):
-        settings = [run.recorded_settings(name) for run in runs]
+        settings = [run.tta.recorded_settings(name) for run in runs]
         if any(s is None or s != settings[0] for s in settings):
             continue
-        if not all(run.tta_fresh(cache.id, name, s) for run, s in zip(runs, settings)):
+        if not all(run.tta.fresh(cache.id, name, s) for run, s in zip(runs, settings)):
             continue
         donors = int(settings[0]["donors"])
-        for n in sorted({*(n for n in FOURIER_DONORS if n < donors), donors}):
+        for n in donor_counts(donors):
             out[f"+{name}-n{n}"] = (name, n)
     return out
 

@@ -11,14 +11,8 @@
   backbone.json      a fine-tuned foundation model's architecture as built (rebuilt from it without the hub)
   oof.csv            plain-view logits of the held-out center: id, center, label, logit
   summary.json       per-center accuracy and AUC (held-out center out of fold; others in sample, <= 2,000 each)
-  tta_heldout.csv    8-view logits of the held-out center (infer stage, every kind of model)
-  tta_test.csv       8-view logits of the test center (infer stage)
-  tta_*_adabn.csv    the same after the task adapted the model to that center first (infer --adabn: AdaBN
-                     for fine-tuned backbones; a head on features re-estimates its feature shift and
-                     self-trains when its config says so, else its files equal the plain ones)
-  predictions.json   per TTA file: the digests of the checkpoint and of the cache it was predicted from;
-                     for adapted files also how many layers the adaptation changed and, for self-training,
-                     its confidence threshold and pseudo-label counts
+  tta_*.csv          the infer stage's TTA logits, predictions.json what each was predicted from: predictions.py
+                     (`run.tta`)
   done               written last by training: the run is complete
 Beside the folder, fold<K>.lock is held by the process that trains or predicts with the run.
 """
@@ -35,8 +29,7 @@ from pathlib import Path
 from .checkpoint import last_state
 from .config import Config, load_config
 from .errors import Exists
-from .lineage import StaleError, changed, digest_file
-from .safeio import write_csv, write_json
+from .lineage import StaleError, changed
 
 INPUT_NAMES = {
     "cache.train": "the cached train.h5",
@@ -80,8 +73,6 @@ class RunDir:
     backbone_build = property(lambda self: self.path / "backbone.json")
     oof = property(lambda self: self.path / "oof.csv")
     summary = property(lambda self: self.path / "summary.json")
-    tta_heldout = property(lambda self: self.tta_path("heldout"))
-    tta_test = property(lambda self: self.tta_path("test"))
     done = property(lambda self: self.path / "done")
     predictions = property(lambda self: self.path / "predictions.json")
     lock = property(lambda self: self.path.with_name(f"{self.path.name}.lock"))
@@ -108,67 +99,16 @@ class RunDir:
         """The newest complete saved state (a state being written when the process died has no marker)."""
         return last_state(self.path, "state-epoch")
 
-    def tta_path(self, part: str, adapted: bool | str = False) -> Path:
-        """TTA logits of `part` ('heldout' | 'test'): plain (False), adapted to that center first (True; named
-        after the first adaptation, AdaBN), or another prediction set by name (e.g. 'fourier-b0.05')."""
-        return self.path / f"tta_{part}{set_suffix(adapted)}.csv"
-
     def recorded_inputs(self) -> dict:
         """inputs.json as written by training ({} before the run has one)."""
         return _record(self.inputs)
 
-    def prediction_lineage(self, cache_id: str, settings: dict | None = None) -> dict:
-        """What a TTA file of this run must have been predicted from now: this checkpoint, this cache (and, for a
-        set made with settings of its own, e.g. Fourier transfer's donors, those settings)."""
-        return {
-            "checkpoint": digest_file(self.checkpoint),
-            "cache": cache_id,
-            **({"settings": settings} if settings else {}),
-        }
+    @cached_property
+    def tta(self) -> "RunPredictions":
+        """The run's TTA prediction files and what each was predicted from (predictions.py)."""
+        from .predictions import RunPredictions
 
-    def write_tta(self, part: str, adapted: bool | str, table, cache_id: str, adaptation: dict | None = None,
-                  settings: dict | None = None) -> None:
-        """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache, the set's
-        settings) and, for adapted predictions, how many layers the adaptation changed and what else it recorded
-        (self-training: its confidence threshold and pseudo-label counts)."""
-        path = self.tta_path(part, adapted)
-        write_csv(path, table, float_format="%.6g")
-        recorded = _record(self.predictions)
-        recorded[path.name] = self.prediction_lineage(cache_id, settings)
-        if adaptation is not None:
-            recorded[f"{path.name}:adapted"] = adaptation["changed"]
-            if len(adaptation) > 1:
-                recorded[f"{path.name}:adaptation"] = {k: v for k, v in adaptation.items() if k != "changed"}
-        write_json(self.predictions, recorded)
-
-    def adapted_layers(self) -> int:
-        """Layers the adapted TTA files changed (0: they equal the plain ones); recorded by infer --adapt."""
-        recorded = _record(self.predictions)
-        return sum(recorded.get(f"{self.tta_path(part, True).name}:adapted", 1) for part in ("heldout", "test"))
-
-    def adaptation(self, part: str = "test") -> dict | None:
-        """What the adapted TTA file of `part` was adapted by (method; self-training: threshold, pseudo-labels)."""
-        return _record(self.predictions).get(f"{self.tta_path(part, True).name}:adaptation")
-
-    def stale_predictions(self, cache_id: str, adapted: bool | str = False, settings: dict | None = None) -> list[str]:
-        """The TTA files (heldout, test) that are missing or were predicted from another checkpoint, cache or
-        settings."""
-        recorded = _record(self.predictions)
-        want = self.prediction_lineage(cache_id, settings)
-        return [p.name for p in (self.tta_path(part, adapted) for part in ("heldout", "test"))
-                if not p.exists() or recorded.get(p.name) != want]
-
-    def tta_fresh(self, cache_id: str, adapted: bool | str = False, settings: dict | None = None) -> bool:
-        return not self.stale_predictions(cache_id, adapted, settings)
-
-    def named_sets(self, prefix: str, part: str = "test") -> set[str]:
-        """The named prediction sets (e.g. 'fourier-b0.05') starting with `prefix` that have a file of `part`."""
-        head = self.tta_path(part).stem + "_"
-        return {p.stem.removeprefix(head) for p in self.path.glob(f"{head}{prefix}*.csv")}
-
-    def recorded_settings(self, name: str, part: str = "test") -> dict | None:
-        """The settings a named prediction set's file was predicted with (None: not predicted)."""
-        return (_record(self.predictions).get(self.tta_path(part, name).name) or {}).get("settings")
+        return RunPredictions(self)
 
     def check_inputs(self, cache_digests: dict) -> None:
         """Refuse (StaleError) a run trained on another version of the cache."""
@@ -215,18 +155,6 @@ class RunDir:
     @property
     def is_done(self) -> bool:
         return self.done.exists() and self.checkpoint.exists()
-
-
-SET_NAME = re.compile(r"[a-z][a-z0-9.-]*")  # a named prediction set becomes part of a file name
-
-
-def set_suffix(adapted: bool | str) -> str:
-    """The file-name suffix of a prediction set: plain '', adapted '_adabn', a named set '_<name>'."""
-    if isinstance(adapted, bool):
-        return "_adabn" if adapted else ""
-    if not SET_NAME.fullmatch(adapted) or adapted in ("adabn",):
-        raise ValueError(f"not a prediction set name: {adapted!r}")
-    return f"_{adapted}"
 
 
 def _record(path: Path) -> dict:

@@ -65,8 +65,8 @@ def check_lineage(runs: list[RunDir], cache: Cache, adapted: bool | str = False)
     set: with the settings its files recorded)."""
     for run in runs:
         run.check_inputs(cache.digests)
-        stale = run.stale_predictions(
-            cache.id, adapted, run.recorded_settings(adapted) if isinstance(adapted, str) else None
+        stale = run.tta.stale(
+            cache.id, adapted, run.tta.recorded_settings(adapted) if isinstance(adapted, str) else None
         )
         if stale:
             raise StaleError(f"{run.path}: {', '.join(stale)} missing or predicted from another checkpoint or cache; "
@@ -78,7 +78,7 @@ def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adapted: b
     """Out-of-fold features of every labelled patch and averaged features of every test patch (from the adapted
     predictions with `adapted` True, from a named prediction set with its name; `views`: its first views only)."""
     def tta(run: RunDir, part: str) -> Path:
-        return run.tta_path(part, adapted)
+        return run.tta.path(part, adapted)
 
     check_lineage(runs, cache, adapted)
     folds = read_folds(folds_csv)

@@ -185,8 +185,8 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     assert len(summaries) == 4 and all(0 < len(s["kept_dims"]) < s["dims"] == 256 for s in summaries)
     for run in (run for run in runs if run.cfg.model.feature_shift != "none"):
         # one map (+ 2 self-training rounds), re-estimated on the held-out and on the test center
-        assert run.adapted_layers() == 2 * (1 + run.cfg.model.self_train_rounds)
-        plain, adapted = pd.read_csv(run.tta_test), pd.read_csv(run.tta_path("test", True))
+        assert run.tta.adapted_layers() == 2 * (1 + run.cfg.model.self_train_rounds)
+        plain, adapted = pd.read_csv(run.tta.test), pd.read_csv(run.tta.path("test", True))
         assert (plain.filter(like="v") - adapted.filter(like="v")).abs().to_numpy().max() > 1e-4
         recorded = json.loads(run.predictions.read_text()).get("tta_test_adabn.csv:adaptation")
         if run.cfg.model.self_train_rounds:  # the threshold and the pseudo-labels per round are recorded

@@ -29,10 +29,11 @@ LAYERS = [
     # averages; paired evidence between prediction sets
     ("tta",),  # per-view logits (views of images, stored views)
     ("features",),  # the frozen-backbone feature store and its embedding
-    ("runs",),  # the run folder's layout and lineage
+    ("runs", "predictions"),  # the run folder's layout and lineage
     ("tasks",),  # the kinds of model behind one protocol
     ("engine", "steploop", "stain_gan_steps", "robustify_steps"),  # the loop and what runs on it
-    ("stack", "rules", "choice", "plots", "readiness", "kaggle_upload"),  # what the last stages compute
+    ("stack", "rules", "choice", "plots", "kaggle_upload"),  # what the last stages compute
+    ("preflight_checks",),  # what the preflight stage checks before anything long starts
     ("stages",),  # one module per CLI stage; nothing imports them
     ("cli", "__main__"),  # the entry point
 ]

@@ -133,13 +133,13 @@ def test_a_new_checkpoint_makes_its_predictions_stale(pipeline_root, capsys):
     key = next(k for k, v in weights.items() if v.is_floating_point() and k.startswith("head"))
     weights[key] = weights[key] * 0.5
     save_file(weights, str(run.checkpoint))
-    stale = pd.read_csv(run.tta_test)
+    stale = pd.read_csv(run.tta.test)
     r = ["--root", str(pipeline_root)]
     _refused(capsys, r + ["stack"], f"{run.path}: tta_heldout.csv, tta_test.csv missing or predicted from another "
                                     "checkpoint", "run the infer stage")
     assert main(r + ["infer"]) == 0
     assert "predate the current checkpoint or cache; predicting again" in capsys.readouterr().out
-    assert not np.allclose(pd.read_csv(run.tta_test)["v0"], stale["v0"])
+    assert not np.allclose(pd.read_csv(run.tta.test)["v0"], stale["v0"])
     assert main(r + ["infer"]) == 0 and "is up to date" in capsys.readouterr().out
 
 

@@ -370,8 +370,8 @@ def test_a_center_too_small_to_adapt_to_keeps_its_plain_predictions(pipeline_roo
     out = capsys.readouterr().out
     assert "fewer than 1000: not adapted" in out
     (run,) = find_runs(pipeline_root / "work" / "runs")
-    pd.testing.assert_frame_equal(pd.read_csv(run.tta_path("test", True)), pd.read_csv(run.tta_test))
-    assert run.adapted_layers() == 0
+    pd.testing.assert_frame_equal(pd.read_csv(run.tta.path("test", True)), pd.read_csv(run.tta.test))
+    assert run.tta.adapted_layers() == 0
 
 
 # ---- the unclear outcomes: one line each, no half-built folder ---------------------------------------------

@@ -33,13 +33,13 @@ def test_nan_logits_stop_the_stage_that_meets_them(finished, capsys):
     """Predictions with NaN never reach a submission: the stack stage names the file and an id, and a
     model whose weights are NaN is refused by infer before anything is written."""
     run = find_runs(finished / "work" / "runs")[0]
-    table = pd.read_csv(run.tta_test)
+    table = pd.read_csv(run.tta.test)
     table.loc[3, "v2"] = np.nan
-    table.to_csv(run.tta_test, index=False)
+    table.to_csv(run.tta.test, index=False)
     before = (finished / "submissions" / "submission.csv").read_text()
     assert main(["--root", str(finished), "stack"]) == 2
     line = one_error_line(capsys)
-    assert str(run.tta_test) in line and f"id {int(table.loc[3, 'id'])}" in line and "non-finite" in line
+    assert str(run.tta.test) in line and f"id {int(table.loc[3, 'id'])}" in line and "non-finite" in line
     assert (finished / "submissions" / "submission.csv").read_text() == before
 
 
@@ -50,11 +50,11 @@ def test_a_model_with_nan_weights_is_refused_at_inference(pipeline_root, capsys)
     weights = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() and k.startswith("head") else v)
                for k, v in weights.items()}
     save_file(weights, str(run.checkpoint))
-    old = pd.read_csv(run.tta_test)
+    old = pd.read_csv(run.tta.test)
     assert main(["--root", str(pipeline_root), "infer"]) == 2
     line = one_error_line(capsys)
     assert str(run.path) in line and "non-finite logits" in line and "nothing was written" in line
-    pd.testing.assert_frame_equal(pd.read_csv(run.tta_test), old)
+    pd.testing.assert_frame_equal(pd.read_csv(run.tta.test), old)
 
 
 @pytest.mark.slow

@@ -53,10 +53,10 @@ def test_two_processes_match_one(prepared_root, tmp_path):
         assert len(run.metrics.read_text().splitlines()) == 1
 
     assert main(["--root", str(root), "infer"]) == 0  # one process
-    single = {r.name: (pd.read_csv(r.tta_heldout), pd.read_csv(r.tta_test)) for r in runs}
+    single = {r.name: (pd.read_csv(r.tta.heldout), pd.read_csv(r.tta.test)) for r in runs}
     _launch(root, "infer", "--force")
     for run in runs:
-        for one, path in zip(single[run.name], (run.tta_heldout, run.tta_test)):
+        for one, path in zip(single[run.name], (run.tta.heldout, run.tta.test)):
             two = pd.read_csv(path)
             assert two.id.is_unique and len(two) == len(one)  # 30 test ids: batches of 7 over 2 processes pad
             merged = one.merge(two, on=["id", "center", "label"], suffixes=("_1", "_2"))

@@ -40,7 +40,7 @@ def root(prepared_root, tmp_path):
 
 @pytest.mark.slow
 def test_every_config_ready_prints_the_table_and_passes(root, hf_cache, capsys, monkeypatch):
-    import histoshift.readiness as readiness
+    import histoshift.preflight_checks as readiness
 
     monkeypatch.setattr(readiness, "matmul_rate", lambda device, precision: 2e11)  # a fixed "device": 200 GFLOP/s
     write_standin(RECIPES["medimageinsight"], hf_cache)
@@ -150,7 +150,7 @@ def test_the_memory_estimate_is_what_the_embed_stage_loads(hf_cache, tmp_path, n
     import torch
 
     from histoshift.models.backbone import PatchClassifier
-    from histoshift.readiness import architecture, weights_bytes
+    from histoshift.preflight_checks import architecture, weights_bytes
     from histoshift.tasks import load_experiment
 
     from helpers import fm_config
@@ -170,7 +170,7 @@ def test_the_activations_of_the_first_batch_are_computed_from_the_network():
     8x4x4, float32; an in-place ReLU and a view add nothing)."""
     import torch
 
-    from histoshift.readiness import activation_bytes
+    from histoshift.preflight_checks import activation_bytes
 
     conv = lambda: torch.nn.Conv2d(3, 8, 3, padding=1)  # noqa: E731
     assert activation_bytes(torch.nn.Sequential(conv(), torch.nn.ReLU(), torch.nn.Flatten()), 4) == 4 * (48 + 128 + 128)

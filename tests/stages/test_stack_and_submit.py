@@ -43,11 +43,11 @@ def _fake_runs(tmp_path, members=("a", "b"), n=40, seed=0, leak_fold=None):
             t = pd.DataFrame({"id": part.id, "center": part.center, "label": part.label})
             for v in range(8):
                 t[f"v{v}"] = logit[v]
-            t.to_csv(run.tta_heldout, index=False)
+            t.to_csv(run.tta.heldout, index=False)
             tt = pd.DataFrame({"id": test_ids, "center": 2, "label": -1})
             for v in range(8):
                 tt[f"v{v}"] = rng.normal(0, 2, len(test_ids))
-            tt.to_csv(run.tta_test, index=False)
+            tt.to_csv(run.tta.test, index=False)
             run.done.write_text("x")
             runs.append(run)
     _fake_lineage(tmp_path, runs, folds, test_ids)
@@ -74,7 +74,7 @@ def _fake_lineage(tmp_path, runs, folds, test_ids):
 def refresh_predictions(run, cache_id="c0"):
     """Record the run's TTA files as predicted from its current checkpoint and the fake cache."""
     run.predictions.write_text(
-        json.dumps({p.name: run.prediction_lineage(cache_id) for p in run.path.glob("tta_*.csv")})
+        json.dumps({p.name: run.tta.lineage(cache_id) for p in run.path.glob("tta_*.csv")})
     )
 
 
@@ -87,7 +87,7 @@ def test_features_are_out_of_fold_and_exclude_the_center(tmp_path):
     assert "center" not in cols and all(c in oof.columns for c in cols)
     # each row's features are the TTA mean of the fold model that held its center out
     run = next(r for r in runs if r.model_name == "a/seed0" and r.fold == 3)
-    t = pd.read_csv(run.tta_heldout).set_index("id")
+    t = pd.read_csv(run.tta.heldout).set_index("id")
     row = oof.set_index("id").loc[t.index[0]]
     assert row["a/seed0__mean"] == pytest.approx(t.iloc[0][[f"v{v}" for v in range(8)]].mean())
     disagree = {f"{n}__disagree" for n in names}  # test only: the unsupervised rule's criterion, never a feature
@@ -169,16 +169,16 @@ def _with_adabn(runs, adabn: str):
     for run in runs:
         save_config(Config(), run.config)
         for part in ("heldout", "test"):
-            t = pd.read_csv(run.tta_path(part))
+            t = pd.read_csv(run.tta.path(part))
             if adabn != "same" and part == "heldout":
                 views = [f"v{v}" for v in range(8)]
                 sign = (t.label.to_numpy()[:, None] * 2 - 1)
                 noisy = sign * 0.5 + rng.normal(0, 3.0, (len(t), 8))
                 sharp = sign * 1.5 + rng.normal(0, 0.3, (len(t), 8))
                 t[views] = noisy if adabn == "better" else sharp
-                t.to_csv(run.tta_path(part), index=False)
+                t.to_csv(run.tta.path(part), index=False)
                 t[views] = sharp if adabn == "better" else noisy
-            t.to_csv(run.tta_path(part, adapted=True), index=False)
+            t.to_csv(run.tta.path(part, adapted=True), index=False)
         refresh_predictions(run)
 
 
@@ -220,7 +220,7 @@ def test_choose_keeps_adabn_unless_plain_is_significantly_better():
 def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
     _with_adabn(runs, "better")
-    runs[0].tta_path("test", adapted=True).unlink()
+    runs[0].tta.path("test", adapted=True).unlink()
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     assert not result.adabn and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
 
@@ -285,9 +285,9 @@ def test_prior_matching_is_used_only_where_it_helps_leave_one_center_out(tmp_pat
     runs, folds_csv, _ = _fake_runs(tmp_path)
     for run in runs:
         for part in ("heldout", "test"):
-            t = pd.read_csv(run.tta_path(part))
+            t = pd.read_csv(run.tta.path(part))
             t[[f"v{v}" for v in range(8)]] += shift
-            t.to_csv(run.tta_path(part), index=False)
+            t.to_csv(run.tta.path(part), index=False)
         refresh_predictions(run)
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache", prior=0.5)
     comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
@@ -346,13 +346,13 @@ def _with_fourier(runs, sharp: bool, settings: dict, donors: int = 7):
     rng = np.random.default_rng(2)
     for run in runs:
         for part in ("heldout", "test"):
-            t = pd.read_csv(run.tta_path(part))[["id", "center", "label"]]
+            t = pd.read_csv(run.tta.path(part))[["id", "center", "label"]]
             sign = t.label.to_numpy()[:, None] * 2 - 1
             logits = sign * 1.5 + rng.normal(0, 0.3 if sharp else 1.2, (len(t), donors)) if part == "heldout" \
                 else rng.normal(0, 2, (len(t), donors))
             for v in range(donors):
                 t[f"v{v}"] = logits[:, v]
-            run.write_tta(part, "fourier-b0.03", t, "c0", settings=settings)
+            run.tta.write(part, "fourier-b0.03", t, "c0", settings=settings)
 
 
 def test_the_stack_tries_each_number_of_donors_and_takes_a_fourier_set_that_wins(tmp_path):
@@ -362,9 +362,9 @@ def test_the_stack_tries_each_number_of_donors_and_takes_a_fourier_set_that_wins
     rng = np.random.default_rng(3)
     for run in runs:  # plain held-out logits barely informative: a sharp Fourier set can win significantly
         save_config(Config(), run.config)
-        t = pd.read_csv(run.tta_heldout)
+        t = pd.read_csv(run.tta.heldout)
         t[[f"v{v}" for v in range(8)]] = (t.label.to_numpy()[:, None] * 2 - 1) * 0.3 + rng.normal(0, 3.0, (len(t), 8))
-        t.to_csv(run.tta_heldout, index=False)
+        t.to_csv(run.tta.heldout, index=False)
         refresh_predictions(run)
     settings = {"beta": 0.03, "donors": 7, "per_center": 128, "pool": "p0"}
     _with_fourier(runs, sharp=True, settings=settings)
@@ -376,12 +376,12 @@ def test_the_stack_tries_each_number_of_donors_and_takes_a_fourier_set_that_wins
     # the number of donors changes the features: n = 1 is the nearest donor's view alone
     oof1, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"), adapted="fourier-b0.03", views=1)
     run = next(r for r in runs if r.model_name == names[0] and r.fold == 0)
-    t = pd.read_csv(run.tta_path("heldout", "fourier-b0.03")).set_index("id")
+    t = pd.read_csv(run.tta.path("heldout", "fourier-b0.03")).set_index("id")
     assert oof1.set_index("id").loc[t.index[0], f"{names[0]}__mean"] == pytest.approx(t.iloc[0]["v0"])
 
     # a set whose fold models disagree on the settings (another pool) is not compared at all
     other = next(r for r in runs if r.fold == 3)
-    t = pd.read_csv(other.tta_path("test", "fourier-b0.03"))
-    other.write_tta("test", "fourier-b0.03", t, "c0", settings={**settings, "pool": "p1"})
+    t = pd.read_csv(other.tta.path("test", "fourier-b0.03"))
+    other.tta.write("test", "fourier-b0.03", t, "c0", settings={**settings, "pool": "p1"})
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     assert result.fourier_vs_pick is None and result.prediction_set in ("", "+adabn")

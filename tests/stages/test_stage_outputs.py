@@ -58,10 +58,10 @@ def test_every_fold_run_has_its_files(pipeline):
         assert set(oof.id) == set(folds[folds.fold == run.fold].id) and (oof.center == run.fold).all()
         summary = json.loads(run.summary.read_text())
         assert {row["center"] for row in summary["per_center"]} == {0, 1, 3, 4}
-        heldout = pd.read_csv(run.tta_heldout)
+        heldout = pd.read_csv(run.tta.heldout)
         assert [c for c in heldout.columns if c.startswith("v")] == [f"v{k}" for k in range(8)]
         assert set(heldout.id) == set(oof.id)
-        test = pd.read_csv(run.tta_test)
+        test = pd.read_csv(run.tta.test)
         assert set(test.id) == test_ids and test.id.is_unique  # aberrant test patches are predicted too
 
 
@@ -185,14 +185,14 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
             torch.testing.assert_close(torch.from_numpy(feats[:2, k]).float(), want, atol=2e-2, rtol=1e-2)
     runs = find_runs(root / "work" / "runs")
     assert len(runs) == 8 and {run.kind for run in runs} == {"feature"}
-    assert not any(run.tta_heldout.exists() for run in runs)  # training never writes the infer stage's files
+    assert not any(run.tta.heldout.exists() for run in runs)  # training never writes the infer stage's files
     assert main(r + ["infer", "--adabn"]) == 0
     for run in runs:
-        assert len(pd.read_csv(run.tta_heldout).filter(like="v").columns) == 8
-        assert set(pd.read_csv(run.tta_test).id) == set(cache.index[cache.index.split == "test"].id)
+        assert len(pd.read_csv(run.tta.heldout).filter(like="v").columns) == 8
+        assert set(pd.read_csv(run.tta.test).id) == set(cache.index[cache.index.split == "test"].id)
         # a head on stored features has nothing to adapt: its "adapted" predictions are the plain ones
-        pd.testing.assert_frame_equal(pd.read_csv(run.tta_path("test", adapted=True)), pd.read_csv(run.tta_test))
-        assert run.adapted_layers() == 0
+        pd.testing.assert_frame_equal(pd.read_csv(run.tta.path("test", adapted=True)), pd.read_csv(run.tta.test))
+        assert run.tta.adapted_layers() == 0
     assert main(r + ["stack"]) == 0 and main(r + ["submit", "--allow-degenerate"]) == 0
     choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
     assert choice["adabn"] is False and choice["adabn_vs_plain"] is None  # no second set to choose from
@@ -226,13 +226,13 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
         stem = model.backbone.conv_stem(model.preprocess(to_float(torch.from_numpy(ordered))))
     ratio = model.backbone.bn1.running_var / stem.var(dim=(0, 2, 3))
     assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio
-    before = pd.read_csv(run.tta_test)
+    before = pd.read_csv(run.tta.test)
     r = ["--root", str(pipeline)]
     assert main(r + ["infer", "--adabn"]) == 0
     assert "(AdaBN)" in capsys.readouterr().out
-    adapted = pd.read_csv(run.tta_path("test", adapted=True))
+    adapted = pd.read_csv(run.tta.path("test", adapted=True))
     assert (before.id == adapted.id).all() and not np.allclose(before.v0, adapted.v0)
-    pd.testing.assert_frame_equal(pd.read_csv(run.tta_test), before)  # plain predictions stay as they were
+    pd.testing.assert_frame_equal(pd.read_csv(run.tta.test), before)  # plain predictions stay as they were
     assert main(r + ["infer", "--adabn"]) == 0 and "(adapted) is up to date" in capsys.readouterr().out
     # the stack stage scores both prediction sets leave-one-center-out and says which one it used
     assert main(r + ["stack"]) == 0

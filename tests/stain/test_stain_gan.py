@@ -141,7 +141,7 @@ def test_a_changed_cache_or_setting_trains_another_generator_and_stales_the_runs
     recorded = json.loads(run.inputs.read_text())["stain_gan"]
     folders = sorted(p for p in (root / "work" / "stain_gan").iterdir() if p.is_dir())
     assert len(folders) == 1 and recorded.startswith(folders[0].name)
-    assert main(r + ["infer"]) == 0 and run.tta_path("test").exists()
+    assert main(r + ["infer"]) == 0 and run.tta.path("test").exists()
     capsys.readouterr()
 
     # a different setting: another folder, the first one untouched

@@ -1,14 +1,24 @@
 """The donor pool of Fourier test-time transfer (stain/fourier.py) and the prediction sets `infer --fourier` makes
-from it: a fixed sample of the train split's centers, read once from the cache."""
+from it: a fixed sample of the train split's centers, read once from the cache. Every number about the donors
+lives here: the pool's size, the betas and donors `infer --fourier` predicts by default, the donor counts the stack
+tries, and the sets' names."""
 from __future__ import annotations
 
-import torch
-
 from ..config import ConfigError
-from ..stain.fourier import Donors
-from .augment import to_float
+
+# torch, the transfer (stain/fourier.py) and the views are imported where the pool goes to a device: the infer
+# stage's arguments read this module's defaults, and the CLI builds every stage's arguments at start
 
 POOL_PER_CENTER = 128  # donors drawn from each training center (a fixed, seeded sample of the train split)
+BETAS = (0.01, 0.03, 0.05)  # infer --fourier's default disc radii (a share of the patch side; stain/fourier.py)
+DONORS = 7  # infer --fourier's default donors (views) a patch, as the paper
+DONORS_TRIED = (1, 3, 7)  # donors a patch the stack tries (each at most what infer --fourier predicted)
+
+
+def donor_counts(predicted: int) -> list[int]:
+    """The donor counts the stack compares for a set predicted with `predicted` donors: DONORS_TRIED below it, and
+    all of them."""
+    return sorted({*(n for n in DONORS_TRIED if n < predicted), predicted})
 
 
 def donor_rows(index, per_center: int = POOL_PER_CENTER, seed: int = 0):
@@ -33,7 +43,7 @@ class FourierTTA:
     first), the donor pool `per_center` patches of each training center. `settings(beta)` is what a set's files
     record and are checked against (stale when any of it, or the pool, changes)."""
 
-    def __init__(self, betas=(0.01, 0.03, 0.05), donors: int = 7, per_center: int = POOL_PER_CENTER):
+    def __init__(self, betas=BETAS, donors: int = DONORS, per_center: int = POOL_PER_CENTER):
         if not betas or any(b < 0 for b in betas) or donors < 1 or per_center < 1:
             raise ConfigError(f"Fourier transfer: betas {betas} (>= 0, at least one), donors {donors} and per_center "
                              f"{per_center} (>= 1)")
@@ -58,8 +68,14 @@ class FourierTTA:
         ids = hashlib.sha256(",".join(map(str, rows["id"])).encode()).hexdigest()[:16]
         return {"beta": beta, "donors": self.donors, "per_center": self.per_center, "pool": ids}
 
-    def donors_for(self, cache, device, transform=None) -> Donors:
-        """The pool on `device` as float images in [0, 1], through the run's input transform when it has one."""
+    def donors_for(self, cache, device, transform=None):
+        """The pool on `device` (a stain.fourier.Donors) as float images in [0, 1], through the run's input
+        transform when it has one."""
+        import torch
+
+        from ..stain.fourier import Donors
+        from .augment import to_float
+
         rows, images = self.pool(cache)
         x = to_float(torch.from_numpy(images).to(device))
         return Donors(

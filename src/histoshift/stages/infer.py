@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+from ..data.donors import BETAS, DONORS
 from . import Stage, timed
 
 STAGE = Stage("8-view TTA logits of every finished fold run (both kinds of model), for its held-out center and "
@@ -28,9 +29,10 @@ def arguments(p) -> None:
                         "each patch given the low-frequency amplitudes of its nearest donors of other training "
                         "centers; one set per beta, the stack chooses beta and the number of donors leave one "
                         "center out")
-    p.add_argument("--fourier-betas", type=float, nargs="+", default=[0.01, 0.03, 0.05], metavar="BETA",
-                   help="disc radii, as a share of the patch side (default: 0.01 0.03 0.05)")
-    p.add_argument("--fourier-donors", type=int, default=7, help="donors (views) a patch (default 7, as the paper)")
+    p.add_argument("--fourier-betas", type=float, nargs="+", default=list(BETAS), metavar="BETA",
+                   help=f"disc radii, as a share of the patch side (default: {' '.join(f'{b:g}' for b in BETAS)})")
+    p.add_argument("--fourier-donors", type=int, default=DONORS,
+                   help=f"donors (views) a patch (default {DONORS}, as the paper)")
 
 
 def run(a, paths) -> None:
@@ -64,7 +66,7 @@ def _todo(run, cache, accelerator, force: bool, adapt: bool) -> list[bool]:
     """The prediction sets (False: plain, True: adapted) to predict again."""
     todo = []
     for adapted in ((False, True) if adapt else (False,)):
-        stale = run.stale_predictions(cache.id, adapted)
+        stale = run.tta.stale(cache.id, adapted)
         if force or stale:
             todo.append(adapted)
             old = [name for name in stale if (run.path / name).exists()]
@@ -98,7 +100,7 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:
-                run.write_tta(name, adapted, out, cache.id, adaptation=record)
+                run.tta.write(name, adapted, out, cache.id, adaptation=record)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
                               + (f" {describe(record)}" if adapted else "")
                               + (f", TTA-mean accuracy {logit_accuracy(out, view_columns(out)):.4f}"
@@ -116,7 +118,7 @@ def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None
     todo = [
         b
         for b in fourier.betas
-        if force or run.stale_predictions(cache.id, fourier.name(b), fourier.settings(b, cache))
+        if force or run.tta.stale(cache.id, fourier.name(b), fourier.settings(b, cache))
     ]
     if not todo:
         accelerator.print(f"infer: {run.path} (Fourier sets) is up to date")
@@ -130,7 +132,7 @@ def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:
-                run.write_tta(name, fourier.name(beta), out, cache.id, settings=fourier.settings(beta, cache))
+                run.tta.write(name, fourier.name(beta), out, cache.id, settings=fourier.settings(beta, cache))
             accelerator.print(
                 f"infer: {run.name} {name}: Fourier transfer beta {beta:g}, {fourier.donors} donors a patch"
             )

@@ -1,9 +1,8 @@
 """Stage `preflight`: before anything long starts, one table for every config about to run - can its weights be
 had, does its feature store fit on the disk, do the weights fit the GPU's free memory, and how long would
-robustifying the backbone (model.robustify) and embedding take on this device (the checks: readiness.py). Every problem
-is one line; any problem stops the run
-(exit 2) before anything is embedded. Configs whose stores would be one (`features.store.store_settings`, the
-embed stage's own identity) count once.
+robustifying the backbone (model.robustify) and embedding take on this device (the checks: preflight_checks.py).
+Every problem is one line; any problem stops the run (exit 2) before anything is embedded. Configs whose stores
+would be one (`features.store.store_settings`, the embed stage's own identity) count once.
 """
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ def _robustify_time(cfg, paths, flops: float, rate: float) -> str:
     """The robustify stage's projected time (its steps x batch x 2 views, forward + backward: about 3 forward
     passes each), or that the tuned backbone is already there."""
     from ..models.robust import META, robust_folder
-    from ..readiness import ViT_EFFICIENCY, human
+    from ..preflight_checks import ViT_EFFICIENCY, human
 
     r, cache_id = cfg.model.robustify, _cache_id(paths)
     if cache_id is not None and (robust_folder(cfg.model, cache_id, paths.robust)[1] / META).is_file():
@@ -85,7 +84,7 @@ def preflight(configs: list, paths) -> list:
     from ..models.foundation import RecipeError
     from ..models.weights import WeightsError
     from ..precision import config_precision
-    from ..readiness import (HEADROOM, ViT_EFFICIENCY, Check, activation_bytes, architecture, check_weights,
+    from ..preflight_checks import (HEADROOM, ViT_EFFICIENCY, Check, activation_bytes, architecture, check_weights,
                              forward_flops, free_bytes, human, matmul_rate, patch_counts, weights_bytes)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,7 +149,7 @@ def preflight(configs: list, paths) -> list:
 
 
 def table(checks: list, paths) -> str:
-    from ..readiness import free_bytes, offline
+    from ..preflight_checks import free_bytes, offline
 
     free = free_bytes(paths.features) / 1e9
     rows = ["| config | model | weights | images to embed | feature store | GPU | projected embedding | robustify | "

@@ -100,7 +100,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
         adabn_vs_plain=evidence,  # the paired comparison of the best plain and the best adapted combiner, LOCO
         fourier_vs_pick=d["fourier"],  # the best Fourier set against the pick (rules loco and margin)
         # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
-        adaptations={r.name: r.adaptation() for r in runs} if ADAPTED in features else None,
+        adaptations={r.name: r.tta.adaptation() for r in runs} if ADAPTED in features else None,
         prior_matching=matched, test_positive_rate=float(d["pred"].mean()),
         heldout_selected=sorted({r.model_name for r in runs if r.model_name in names
                                  and (r.cfg.train.early_stop_patience > 0 or r.cfg.train.average == "swad")}),
