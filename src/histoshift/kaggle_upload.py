@@ -47,10 +47,20 @@ def lineage_message(choice) -> str:
     loco = choice.loco_accuracy.get(method)
     parts = [f"histoshift: {configs}" if configs else "histoshift",
              f"combiner {method}" + (f" (LOCO acc {loco:.4f})" if isinstance(loco, (int, float)) else ""),
-             f"set {choice.prediction_set.lstrip('+') or 'plain'} by rule {choice.rule}" + _evidence(choice),
+             f"set {_set(choice)} by rule {choice.rule}" + _evidence(choice),
              f"cache {choice.cache_id or '?'}"]
     text = " | ".join(parts)
     return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
+
+
+def _set(choice) -> str:
+    """The chosen prediction set in words: plain, a Fourier set, or the adapted set named by its adaptations (AdaBN
+    for fine-tuned backbones, a feature shift or self-training for heads), alone or beside the plain one."""
+    name = choice.prediction_set.lstrip("+") or "plain"
+    if not choice.adabn:
+        return name
+    how = ", ".join(choice.adaptation_methods()) or "AdaBN"
+    return f"{'plain and adapted' if name == 'both' else 'adapted'} ({how})"
 
 
 def _evidence(choice) -> str:

@@ -31,6 +31,20 @@ def set_suffix(adapted: bool | str) -> str:
 
 
 
+def adaptation_text(record: dict | None, changed: bool = False) -> str:
+    """One adaptation record (a task's `adapt`, kept in predictions.json) in words, the one place it is formatted:
+    the method (records written before methods were recorded: AdaBN, the only adaptation then), the layers, maps or
+    rounds it changed when asked, and self-training's threshold and pseudo-labels."""
+    text = record["method"] if record else "AdaBN"
+    if changed and record:
+        text = f"({text}) - {record['changed']} layers/maps/rounds changed"
+    if record and "self_training" in record:
+        st = record["self_training"]
+        text += (f", self-training at confidence >= {st['threshold']}: {st['pseudo_labelled']} pseudo-labelled per "
+                 f"round" + (f", positive share {st['positive_share']}" if "positive_share" in st else ""))
+    return text
+
+
 def _record(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 

@@ -87,15 +87,13 @@ class StackChoice:
 
     def adaptation_lines(self) -> list[str]:
         """One line per fold model: how its adapted test predictions were made."""
-        lines = []
-        for run, rec in (self.adaptations or {}).items():
-            line = f"{run}: {rec['method'] if rec else 'AdaBN'}"
-            if rec and "self_training" in rec:
-                st = rec["self_training"]
-                line += (f" (confidence >= {st['threshold']}; pseudo-labelled test patches per round "
-                         f"{st['pseudo_labelled']}, positive share {st['positive_share']})")
-            lines.append(line)
-        return lines
+        from .predictions import adaptation_text
+
+        return [f"{run}: {adaptation_text(rec)}" for run, rec in (self.adaptations or {}).items()]
+
+    def adaptation_methods(self) -> list[str]:
+        """The distinct adaptations behind the adapted predictions (AdaBN, a feature shift, self-training...)."""
+        return sorted({(rec or {}).get("method", "AdaBN") for rec in (self.adaptations or {}).values()})
 
     @classmethod
     def from_dict(cls, data: dict, where: Path) -> "StackChoice":

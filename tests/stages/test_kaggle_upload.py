@@ -120,3 +120,19 @@ def test_an_accepted_upload_sends_the_checked_file_and_then_places_it(finished, 
     assert main(["--root", str(finished), "submit", "--allow-degenerate", "--kaggle", "some-competition"]) == 2
     assert "upload failed or was refused (Could not submit" in capsys.readouterr().err
     assert _state(finished / "submissions") == before
+
+
+def test_the_message_names_the_adaptation_not_always_adabn():
+    # the adapted set is named by what adapted it (a head's feature shift or self-training, AdaBN for fine-tuned
+    # backbones), from the stack's record of every fold model's adaptation
+    from histoshift.stackdir import StackChoice
+
+    head = {"method": "feature shift (standardize)", "changed": 1}
+    base = dict(members=["h/seed0"], method="mean+adabn", loco_accuracy={"mean+adabn": 0.9}, rule="margin")
+    adapted = StackChoice(**base, adabn=True, prediction_set="+adabn", adaptations={"h/seed0/fold0": head})
+    assert "set adapted (feature shift (standardize)) by rule margin" in lineage_message(adapted)
+    both = StackChoice(**base, adabn=True, prediction_set="+both",
+                       adaptations={"h/seed0/fold0": None, "h/seed0/fold1": {"method": "AdaBN", "changed": 9}})
+    assert "set plain and adapted (AdaBN) by rule margin" in lineage_message(both)
+    plain = StackChoice(**{**base, "method": "mean"}, prediction_set="")
+    assert "set plain by rule margin" in lineage_message(plain)

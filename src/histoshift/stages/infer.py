@@ -83,6 +83,7 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
     from ..data.splits import heldout_rows, test_rows, training_rows
     from ..metrics import logit_accuracy
     from ..tasks import run_task
+    from ..predictions import adaptation_text
     from ..tta import check_finite, view_columns
 
     todo = _todo(run, cache, accelerator, force, adapt)
@@ -102,7 +103,7 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
             if accelerator.is_main_process:
                 run.tta.write(name, adapted, out, cache.id, adaptation=record)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
-                              + (f" {describe(record)}" if adapted else "")
+                              + (f" {adaptation_text(record, changed=True)}" if adapted else "")
                               + (f", TTA-mean accuracy {logit_accuracy(out, view_columns(out)):.4f}"
                                  if name == "heldout" else ""))
     accelerator.wait_for_everyone()
@@ -150,15 +151,6 @@ def _adapted(task, trained, table, source, run, name: str, accelerator):
                           "predictions are the plain ones")
         return trained, {"changed": 0, "method": f"none ({len(table)} patches < {MIN_ADAPT_PATCHES})"}
     return task.adapt(trained, table, source)
-
-
-def describe(record: dict) -> str:
-    """One line for an adaptation record (tasks' `adapt`)."""
-    text = f"({record['method']}) - {record['changed']} layers/maps/rounds changed"
-    if "self_training" in record:
-        st = record["self_training"]
-        text += f", self-training at confidence {st['threshold']}: {st['pseudo_labelled']} pseudo-labelled per round"
-    return text
 
 
 def infer_all(runs: list, paths, force: bool = False, adapt: bool = False, fourier=None) -> None:
