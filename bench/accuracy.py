@@ -376,19 +376,19 @@ class Bench:
                 _, pred = predict(method, test, names, stacker)
                 out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
         d = decide(features, comparison, hits, prior=0.5)  # the stack stage's own decision, as it ships
-        picked, matched = d["label"], d["prior_matching"]
+        picked, matched = d.label, d.prior_matching
         out["picked"] = out[picked]
         out["picked_method"] = picked
         # prior matching: the picked combiner thresholded so that half the test patches are positive
-        oof, test, names = d["oof"], d["test"].merge(self.labels, left_on="id", right_on="ID"), d["names"]
+        oof, test, names = d.oof, d.test.merge(self.labels, left_on="id", right_on="ID"), d.names
         method = split_label(picked)[0]
         _, pred = predict(method, test, names, fit_stacker(oof, names) if method == "stack" else None, prior=0.5)
         out["picked_prior"] = float((pred == test["label"].to_numpy()).mean())
         out["prior_used"] = bool(matched["used"])
-        shipped = d["test"][["id"]].assign(pred=d["pred"]).merge(self.labels, left_on="id", right_on="ID")
+        shipped = d.test[["id"]].assign(pred=d.pred).merge(self.labels, left_on="id", right_on="ID")
         out["shipped"] = float((shipped["pred"] == shipped["label"]).mean())
         out["loco_prior"] = f"{matched['loco_with']:.4f} vs {matched['loco_without']:.4f}"
-        out["fourier"] = d["fourier"]
+        out["fourier"] = d.fourier
         single = [self.score_run(r)["test_tta"] for r in runs]
         out["single_fold_models_tta"] = float(np.mean(single))
         return out

@@ -146,12 +146,12 @@ def score_case(case: dict, features: dict, comparison: pd.DataFrame, hits: dict,
     rules, frame = [], pd.DataFrame({"id": ids, "label": y, **case})
     for name in RULES:
         d = decide(features, comparison, hits, prior=0.5, rule=name)
-        shipped, right = d["method"], float((d["pred"] == y).mean())
+        shipped, right = d.method, float((d.pred == y).mean())
         assert abs(right - acc[shipped]) < 1e-9, (shipped, right, acc[shipped])  # decide ships that candidate
         rules.append({**case, "rule": name, "shipped": shipped, "test": round(right, 5), "best": round(best, 5),
                       "regret": round(best - right, 5), "noshift": round(ns.get(shipped, np.nan), 5),
                       "shift_penalty": round(ns.get(shipped, np.nan) - right, 5)})
-        frame[f"rule:{name}"] = d["pred"]
+        frame[f"rule:{name}"] = d.pred
         if ns_preds:  # what this rule shipped, on the no-shift patches (the shift penalty, paired)
             frame[f"noshift:{name}"] = ns_preds[shipped]
     for label, p in preds.items():

@@ -20,8 +20,10 @@ leave-one-center-out (the choice's `prior_matching`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .data.cache import Cache
@@ -94,8 +96,29 @@ def candidates(features: dict, comparison: pd.DataFrame, hits: dict) -> Candidat
     return Candidates(comparison[~comparison["method"].str.endswith(PRIOR)], hits, features)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """The stack's decision as a typed record (the stage turns it into stackdir.StackChoice, the benchmarks score
+    it): the pick and its evidence, and the test center's scores and 0/1 predictions."""
+    label: str  # the picked candidate: combiner + prediction set, e.g. "mean+adabn"
+    method: str  # what ships: the label, "@prior" when thresholded to the known positive share
+    adabn: bool  # adapted predictions chosen (alone or beside the plain ones)
+    prediction_set: str  # the set's suffix: "" plain, "+adabn", "+both", "+fourier-b<beta>-n<donors>"
+    rule: str
+    rule_evidence: dict  # what the rule measured
+    rule_picks: dict  # rule -> the label it would have picked
+    evidence: dict | None  # the paired plain-vs-adapted comparison, LOCO, whatever the rule
+    fourier: dict | None  # the best Fourier set against the pick
+    prior_matching: dict | None
+    names: list  # the members (the stack's feature names' prefixes)
+    oof: pd.DataFrame  # the chosen set's out-of-fold features
+    test: pd.DataFrame  # and the test center's
+    score: np.ndarray  # the test center's scores
+    pred: np.ndarray  # and 0/1 predictions
+
+
 def decide(features: dict, comparison: pd.DataFrame, hits: dict, prior: float | None, seed: int = 0,
-           rule: str = DEFAULT) -> dict:
+           rule: str = DEFAULT) -> Decision:
     """The stack stage's decision, a pure function of the compared prediction sets (`compare_prediction_sets`):
     the combiner and prediction set (`rule`'s pick, rules.py), what every rule would have picked, whether prior
     matching is used, and the test center's scores and 0/1 predictions. The stage writes it; the accuracy
@@ -113,8 +136,8 @@ def decide(features: dict, comparison: pd.DataFrame, hits: dict, prior: float | 
     score, pred = predict(method, test, names, stacker, prior if used else None)
     versus = picks["loco"].evidence.get("adabn_vs_plain")  # the paired plain-vs-adapted evidence, whatever the rule
     # method: the combiner, its prediction set's suffix ("+adabn", "+fourier-...", "+both"), "@prior" thresholded
-    return {"label": label, "method": label + (PRIOR if used else ""), "adabn": suffix in (ADAPTED, BOTH),
-            "prediction_set": suffix, "rule": rule, "rule_evidence": evidence,
-            "rule_picks": {name: p.label for name, p in picks.items()},
-            "evidence": versus, "fourier": evidence.get("fourier"), "prior_matching": matched,
-            "names": names, "oof": oof, "test": test, "score": score, "pred": pred}
+    return Decision(label=label, method=label + (PRIOR if used else ""), adabn=suffix in (ADAPTED, BOTH),
+                    prediction_set=suffix, rule=rule, rule_evidence=evidence,
+                    rule_picks={name: p.label for name, p in picks.items()}, evidence=versus,
+                    fourier=evidence.get("fourier"), prior_matching=matched, names=names, oof=oof, test=test,
+                    score=score, pred=pred)

@@ -98,7 +98,7 @@ def _sets(seed: int = 0, n_center: int = 300, n_test: int = 600, plain_oof_wrong
 
 def _shipped(rule: str, features, comparison, hits, test_label) -> tuple[str, float]:
     d = decide(features, comparison, hits, prior=None, rule=rule)
-    return d["label"], float((d["pred"] == test_label).mean())
+    return d.label, float((d.pred == test_label).mean())
 
 
 def test_loco_favours_plain_the_unseen_center_adapted_and_the_margin_rule_ships_adapted():
@@ -150,9 +150,9 @@ def test_rank_both_ranks_plain_and_adapted_together_and_adapted_is_the_reference
 def test_decide_names_the_rule_and_every_rules_pick():
     features, comparison, hits, y = _sets()
     d = decide(features, comparison, hits, prior=None)
-    assert d["rule"] == DEFAULT and set(d["rule_picks"]) == set(RULES)
-    assert d["label"] == d["rule_picks"][DEFAULT]
-    assert d["evidence"]["paired"]["diff"] == pytest.approx(0.015)  # the plain-vs-adapted record, whatever the rule
+    assert d.rule == DEFAULT and set(d.rule_picks) == set(RULES)
+    assert d.label == d.rule_picks[DEFAULT]
+    assert d.evidence["paired"]["diff"] == pytest.approx(0.015)  # the plain-vs-adapted record, whatever the rule
     with pytest.raises(ValueError, match="unknown choice rule"):
         decide(features, comparison, hits, prior=None, rule="oracle")
 

@@ -89,26 +89,26 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
     d = decide(features, comparison, hits, prior, seed, rule)
-    names, evidence, matched = d["names"], d["evidence"], d["prior_matching"]
-    scores = pd.DataFrame({"id": d["test"]["id"], "score": d["score"], "pred": d["pred"]})
+    names, evidence, matched = d.names, d.evidence, d.prior_matching
+    scores = pd.DataFrame({"id": d.test["id"], "score": d.score, "pred": d.pred})
     choice = StackChoice(
-        members=names, method=d["method"], adabn=d["adabn"], prediction_set=d["prediction_set"],
+        members=names, method=d.method, adabn=d.adabn, prediction_set=d.prediction_set,
         loco_accuracy={m: float(table.loc["mean", m]) for m in table.columns},
         # calibration of each combiner's tumour probability, mean over held-out centers (rank: none)
         loco_calibration=calibration_means(comparison),
-        rule=rule, rule_summary=_rules()[rule].summary, rule_evidence=d["rule_evidence"], rule_picks=d["rule_picks"],
+        rule=rule, rule_summary=_rules()[rule].summary, rule_evidence=d.rule_evidence, rule_picks=d.rule_picks,
         adabn_vs_plain=evidence,  # the paired comparison of the best plain and the best adapted combiner, LOCO
-        fourier_vs_pick=d["fourier"],  # the best Fourier set against the pick (rules loco and margin)
+        fourier_vs_pick=d.fourier,  # the best Fourier set against the pick (rules loco and margin)
         # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
         adaptations={r.name: r.tta.adaptation() for r in runs} if ADAPTED in features else None,
-        prior_matching=matched, test_positive_rate=float(d["pred"].mean()),
+        prior_matching=matched, test_positive_rate=float(d.pred.mean()),
         heldout_selected=sorted({r.model_name for r in runs if r.model_name in names
                                  and (r.cfg.train.early_stop_patience > 0 or r.cfg.train.average == "swad")}),
         lineage={"cache": cache.id, "folds": digest_file(folds_csv),
                  "checkpoints": {r.name: digest_file(r.checkpoint) for r in runs}})
     stack.clear_choice()  # scores without a choice are never submitted
-    write_csv(stack.oof_features, d["oof"], float_format="%.6g")
-    write_csv(stack.test_features, d["test"], float_format="%.6g")
+    write_csv(stack.oof_features, d.oof, float_format="%.6g")
+    write_csv(stack.test_features, d.test, float_format="%.6g")
     write_csv(stack.comparison, comparison)
     write_csv(stack.test_scores, scores, float_format="%.6g")
     stack.write_choice(choice)  # last: the set is complete
