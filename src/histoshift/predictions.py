@@ -7,7 +7,7 @@ read in silence.
   tta_*_<name>.csv                       a named prediction set, e.g. fourier-b0.05 (its settings recorded)
   predictions.json                       per file: the checkpoint's and the cache's digests (and a named set's
                                          settings); for adapted files how many layers changed and what else the
-                                         adaptation recorded (self-training: threshold, pseudo-label counts)
+                                         adaptation recorded (in words: stackdir.adaptation_text)
 """
 from __future__ import annotations
 
@@ -29,20 +29,6 @@ def set_suffix(adapted: bool | str) -> str:
         raise ValueError(f"not a prediction set name: {adapted!r}")
     return f"_{adapted}"
 
-
-
-def adaptation_text(record: dict | None, changed: bool = False) -> str:
-    """One adaptation record (a task's `adapt`, kept in predictions.json) in words, the one place it is formatted:
-    the method (records written before methods were recorded: AdaBN, the only adaptation then), the layers, maps or
-    rounds it changed when asked, and self-training's threshold and pseudo-labels."""
-    text = record["method"] if record else "AdaBN"
-    if changed and record:
-        text = f"({text}) - {record['changed']} layers/maps/rounds changed"
-    if record and "self_training" in record:
-        st = record["self_training"]
-        text += (f", self-training at confidence >= {st['threshold']}: {st['pseudo_labelled']} pseudo-labelled per "
-                 f"round" + (f", positive share {st['positive_share']}" if "positive_share" in st else ""))
-    return text
 
 
 def _record(path: Path) -> dict:

@@ -21,6 +21,20 @@ from .safeio import write_json
 CHOICE = "choice.json"
 
 
+def adaptation_text(record: dict | None, changed: bool = False) -> str:
+    """One adaptation record (a task's `adapt`, kept in predictions.json) in words, the one place it is formatted:
+    the method (records written before methods were recorded: AdaBN, the only adaptation then), the layers, maps or
+    rounds it changed when asked, and self-training's threshold and pseudo-labels."""
+    text = record["method"] if record else "AdaBN"
+    if changed and record:
+        text = f"({text}) - {record['changed']} layers/maps/rounds changed"
+    if record and "self_training" in record:
+        st = record["self_training"]
+        text += (f", self-training at confidence >= {st['threshold']}: {st['pseudo_labelled']} pseudo-labelled per "
+                 f"round" + (f", positive share {st['positive_share']}" if "positive_share" in st else ""))
+    return text
+
+
 def evidence_line(evidence: dict) -> str:
     paired = evidence.get("paired")  # choices written before the paired interval have the z alone
     diff = f"plain - adapted = {_points(paired)}, " if paired else ""
@@ -87,8 +101,6 @@ class StackChoice:
 
     def adaptation_lines(self) -> list[str]:
         """One line per fold model: how its adapted test predictions were made."""
-        from .predictions import adaptation_text
-
         return [f"{run}: {adaptation_text(rec)}" for run, rec in (self.adaptations or {}).items()]
 
     def adaptation_methods(self) -> list[str]:
