@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from .checkpoint import last_state
 from .config import Config, load_config
-from .errors import Exists
 from .lineage import StaleError, changed
 
 INPUT_NAMES = {
@@ -124,33 +121,6 @@ class RunDir:
         if moved:
             raise StaleError(f"{self.path}: {' and '.join(INPUT_NAMES.get(k, k) for k in moved)} changed since the run "
                              "was trained; retrain it (train --force)")
-
-    def prepare(self, cfg: Config, force: bool, inputs: dict) -> str:
-        """'skip', 'resume' or 'fresh'. A finished run with the same config and inputs (task kind, cache
-        digests, folds, a head's feature store, pseudo-labels) is kept; a finished run with another
-        config or other inputs is never overwritten without `force` (then it is moved aside). An
-        unfinished run with a saved epoch and the same config and inputs resumes; any other starts over."""
-        recorded = self.recorded_inputs()
-        same = self.config.exists() and load_config(self.config).identity() == cfg.identity()
-        if self.is_done:
-            if same and recorded == inputs and not force:
-                print(f"train: {self.path} is done with this config, skipping")
-                return "skip"
-            if not force:
-                what = ("another config" if not same else f"other inputs "
-                        f"({', '.join(INPUT_NAMES.get(k, k) for k in changed(recorded, inputs))} changed since)")
-                raise Exists(f"{self.path} holds a finished run with {what}; "
-                                      "pass --force to move it aside and retrain")
-            aside = self.path.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.rename(aside)
-            print(f"train: moved the previous run to {aside}")
-        elif self.path.exists():
-            if same and recorded == inputs and self.last_state() is not None and not force:
-                return "resume"
-            why = "no saved epoch" if same and recorded == inputs else "another config or other inputs"
-            print(f"train: {self.path} holds an unfinished run ({why}); starting it again")
-            shutil.rmtree(self.path)
-        return "fresh"
 
     @property
     def is_done(self) -> bool:

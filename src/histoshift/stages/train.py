@@ -139,7 +139,7 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
     check_folds(folds, cache.index, paths.folds_csv)  # before anything is trained: no leak, no stale ids
     task = make_task(cfg, cache, paths, accelerator)
     inputs = run_inputs(cfg, task, cache, paths)
-    mode = [run.prepare(cfg, force, inputs) if accelerator.is_main_process else None]
+    mode = [run_mode(run, cfg, force, inputs) if accelerator.is_main_process else None]
     mode = broadcast_object_list(mode)[0]  # every process follows the main one's decision
     if mode == "skip":
         return None
@@ -203,3 +203,36 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
     tracking.finish(accelerator)
     accelerator.wait_for_everyone()
     return summary
+
+
+def run_mode(run, cfg, force: bool, inputs: dict) -> str:
+    """'skip', 'resume' or 'fresh'. A finished run with the same config and inputs (task kind, cache
+    digests, folds, a head's feature store, pseudo-labels) is kept; a finished run with another
+    config or other inputs is never overwritten without `force` (then it is moved aside). An
+    unfinished run with a saved epoch and the same config and inputs resumes; any other starts over."""
+    from ..config import load_config
+    from ..errors import Exists
+    from ..lineage import changed
+    from ..runs import INPUT_NAMES
+
+    recorded = run.recorded_inputs()
+    same = run.config.exists() and load_config(run.config).identity() == cfg.identity()
+    if run.is_done:
+        if same and recorded == inputs and not force:
+            print(f"train: {run.path} is done with this config, skipping")
+            return "skip"
+        if not force:
+            what = ("another config" if not same else f"other inputs "
+                    f"({', '.join(INPUT_NAMES.get(k, k) for k in changed(recorded, inputs))} changed since)")
+            raise Exists(f"{run.path} holds a finished run with {what}; "
+                                  "pass --force to move it aside and retrain")
+        aside = run.path.with_name(f"{run.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run.path.rename(aside)
+        print(f"train: moved the previous run to {aside}")
+    elif run.path.exists():
+        if same and recorded == inputs and run.last_state() is not None and not force:
+            return "resume"
+        why = "no saved epoch" if same and recorded == inputs else "another config or other inputs"
+        print(f"train: {run.path} holds an unfinished run ({why}); starting it again")
+        shutil.rmtree(run.path)
+    return "fresh"
