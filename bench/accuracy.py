@@ -56,9 +56,9 @@ from histoshift.stages.infer import infer_run  # noqa: E402
 from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
-from histoshift.choice import compare_prediction_sets, decide  # noqa: E402
-from histoshift.rules import split_label  # noqa: E402
-from histoshift.stack import ADAPTED, METHODS, fit_stacker, predict  # noqa: E402
+from histoshift.stack.choice import compare_prediction_sets, decide  # noqa: E402
+from histoshift.stack.rules import split_label  # noqa: E402
+from histoshift.stack.combine import ADAPTED, METHODS, fit_stacker, predict  # noqa: E402
 from histoshift.stages.stack import run_stack  # noqa: E402
 from histoshift.data.donors import FourierTTA  # noqa: E402
 from histoshift.tta import view_columns  # noqa: E402

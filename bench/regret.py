@@ -17,9 +17,9 @@ Lite0 features x 4 folds), `mixed` (all 8 through one stack). The unseen centers
   training. (Two CPU cores train one seed's ensembles in about 50 minutes; this halves that.)
 
 Per case: every candidate the stack compared (combiner x prediction set, plain and prior-matched) with its
-accuracy on the unseen center; every rule's pick (rules.py, through choice.decide as the stack stage ships it; the
-unsupervised rules read that center's patches) and its **regret** = the best candidate there minus the shipped
-one. With --noshift: the same test patches at training center 0's stain (make_competition_h5.CENTERS[0]),
+accuracy on the unseen center; every rule's pick (stack/rules.py, through stack.choice.decide as the stack stage
+ships it; the unsupervised rules read that center's patches) and its **regret** = the best candidate there minus
+the shipped one. With --noshift: the same test patches at training center 0's stain (make_competition_h5.CENTERS[0]),
 predicted by the same models, plain and adapted, give every candidate's no-shift accuracy and the **shift
 penalty** of what each rule shipped (no-shift minus shifted: same models, same patches, same stackers).
 Predictions on other stains load each model straight from its run folder against a second cache
@@ -41,12 +41,12 @@ import numpy as np
 import pandas as pd
 
 import accuracy as bench  # bench/accuracy.py: its data builders and the package on sys.path
-from histoshift.choice import compare_prediction_sets, decide
+from histoshift.stack.choice import compare_prediction_sets, decide
 from histoshift.data.cache import Cache
 from histoshift.paired import compare
-from histoshift.rules import RULES, split_label
+from histoshift.stack.rules import RULES, split_label
 from histoshift.runs import find_runs
-from histoshift.stack import ADAPTED, BOTH, PRIOR, disagreement, fit_stacker, join_sets, predict
+from histoshift.stack.combine import ADAPTED, BOTH, PRIOR, disagreement, fit_stacker, join_sets, predict
 
 META = ("id", "label", "center", "seed", "set")  # the per-patch frame's columns that are not predictions
 SETS = {"fine-tuned": ("lite0_dann",), "frozen": ("lite0_dann_frozen",), "mixed": ("lite0_dann", "lite0_dann_frozen")}

@@ -33,7 +33,7 @@ def check_slug(slug: str) -> str:
 
 
 def lineage_message(choice) -> str:
-    """What the submission was made from, from the stack's choice (a stackdir.StackChoice): the members (config x
+    """What the submission was made from, from the stack's choice (a stack.folder.StackChoice): the members (config x
     seeds, folds), the combiner and its leave-one-center-out accuracy, the prediction set and the rule that chose it,
     the cache id."""
     seeds: dict[str, list[str]] = {}

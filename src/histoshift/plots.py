@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .paths import Paths  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .safeio import write_figure  # noqa: E402
-from .stack import PRIOR  # noqa: E402
+from .stack.combine import PRIOR  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame) -> str:

@@ -7,7 +7,7 @@ read in silence.
   tta_*_<name>.csv                       a named prediction set, e.g. fourier-b0.05 (its settings recorded)
   predictions.json                       per file: the checkpoint's and the cache's digests (and a named set's
                                          settings); for adapted files how many layers changed and what else the
-                                         adaptation recorded (in words: stackdir.adaptation_text)
+                                         adaptation recorded (in words: stack.folder.adaptation_text)
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def per_center_values(table: pd.DataFrame, prefix: str = "final/") -> dict:
 
 
 def log_stack(stack_dir: Path, choice, names: list[str], root: Path) -> None:
-    """The stack stage's comparison table and choice (a stackdir.StackChoice) to the trackers (files in
+    """The stack stage's comparison table and choice (a stack.folder.StackChoice) to the trackers (files in
     work/stack/tracker/)."""
     if not names:
         return

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[2] / "src" / "histoshift"
 
 # earlier layers first; a module matches the longest prefix listed
 LAYERS = [
-    ("errors", "safeio", "verified", "lineage", "records", "paths", "progress", "checkpoint", "stackdir"),
+    ("errors", "safeio", "verified", "lineage", "records", "paths", "progress", "checkpoint", "stack.folder"),
     # plumbing: the error base, files, digests, typed facts, layouts
     ("config", "tracking"),  # typed configs (the model section by kind); trackers
     ("stain",),  # HED, classical normalisers, colour jitter, the GAN, the input transform
@@ -32,7 +32,7 @@ LAYERS = [
     ("runs", "predictions"),  # the run folder's layout and lineage
     ("tasks",),  # the kinds of model behind one protocol
     ("engine", "steploop", "stain_gan_steps", "robustify_steps"),  # the loop and what runs on it
-    ("stack", "rules", "choice", "plots", "kaggle_upload"),  # what the last stages compute
+    ("stack", "plots", "kaggle_upload"),  # what the last stages compute (stack/: combine, rules, choice)
     ("preflight_checks",),  # what the preflight stage checks before anything long starts
     ("stages",),  # one module per CLI stage; nothing imports them
     ("cli", "__main__"),  # the entry point
@@ -208,8 +208,8 @@ def _literal_sites(pattern: str) -> set[str]:
 def test_facts_are_parsed_in_one_place():
     # the weights sources' prefixes: records.WeightSource parses model.weights, nothing else reads the string
     assert _literal_sites(r"""["'](package|dir|file|hub):""") <= {"records"}
-    # the stack's decision file: written and read through stackdir.StackDir only
-    assert _literal_sites(r"choice\.json") == {"stackdir"}
+    # the stack's decision file: written and read through stack.folder.StackDir only
+    assert _literal_sites(r"choice\.json") == {"stack.folder"}
     # the kind of model is model.kind, never a frozen boolean (older configs are mapped in config/model.py)
     assert not _literal_sites(r"\.frozen\b") - {"config.model"}
     assert _literal_sites(r"\.frozen\b") <= {"config.model"}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from histoshift.data.h5_reader import list_ids
-from histoshift.rules import DEFAULT
+from histoshift.stack.rules import DEFAULT
 from histoshift.stages.submit import check_submission
 
 from helpers import clone as make_clone

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histoshift.choice import decide
+from histoshift.stack.choice import decide
 from histoshift.paired import compare, mcnemar_z
-from histoshift.rules import DEFAULT, MARGIN, RULES, Candidates
-from histoshift.stack import ADAPTED, BOTH, compare_loco, join_sets, rank_predict
+from histoshift.stack.rules import DEFAULT, MARGIN, RULES, Candidates
+from histoshift.stack.combine import ADAPTED, BOTH, compare_loco, join_sets, rank_predict
 
 
 def test_paired_difference_and_interval_by_hand():
@@ -158,7 +158,7 @@ def test_decide_names_the_rule_and_every_rules_pick():
 
 
 def test_fold_model_disagreement_by_hand():
-    from histoshift.stack import disagreement
+    from histoshift.stack.combine import disagreement
 
     votes = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]], dtype=bool)  # 4 fold models x 4 patches
     # patch 0: two say 1, two say 0 -> 4 of 6 pairs differ; patch 1: none; patch 2: one against three -> 3 of 6

@@ -11,7 +11,7 @@ import pytest
 
 from histoshift.cli import main
 from histoshift.kaggle_upload import lineage_message
-from histoshift.stackdir import StackDir
+from histoshift.stack.folder import StackDir
 
 pytestmark = pytest.mark.slow  # the `finished` root trains heads
 
@@ -125,7 +125,7 @@ def test_an_accepted_upload_sends_the_checked_file_and_then_places_it(finished, 
 def test_the_message_names_the_adaptation_not_always_adabn():
     # the adapted set is named by what adapted it (a head's feature shift or self-training, AdaBN for fine-tuned
     # backbones), from the stack's record of every fold model's adaptation
-    from histoshift.stackdir import StackChoice
+    from histoshift.stack.folder import StackChoice
 
     head = {"method": "feature shift (standardize)", "changed": 1}
     base = dict(members=["h/seed0"], method="mean+adabn", loco_accuracy={"mean+adabn": 0.9}, rule="margin")

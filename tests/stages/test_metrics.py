@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from histoshift.metrics import brier, calibration_bins, ece, per_center, sigmoid
-from histoshift.stack import calibration_means, compare_loco, probability
+from histoshift.stack.combine import calibration_means, compare_loco, probability
 
 
 def test_brier_and_ece_match_a_hand_computation():

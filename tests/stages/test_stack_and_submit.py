@@ -13,8 +13,8 @@ from helpers import random_items, write_h5
 from histoshift.data.cache import CACHE_VERSION, Cache
 from histoshift.runs import RunDir
 from histoshift.paired import mcnemar_z
-from histoshift.rules import RULES, Candidates
-from histoshift.stack import build_features, compare_loco, feature_columns, fit_stacker, rank_predict
+from histoshift.stack.rules import RULES, Candidates
+from histoshift.stack.combine import build_features, compare_loco, feature_columns, fit_stacker, rank_predict
 from histoshift.stages.stack import run_stack
 from histoshift.stages.submit import SubmissionError, check_submission, write_submission
 
@@ -113,7 +113,7 @@ def test_loco_comparison_scores_each_center_with_a_stacker_that_never_saw_it(tmp
     runs, folds_csv, _ = _fake_runs(tmp_path)
     oof, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
     seen = []
-    import histoshift.stack as stack
+    import histoshift.stack.combine as stack
 
     real_fit = stack.fit_stacker
     monkeypatch.setattr(
@@ -151,7 +151,7 @@ def test_run_stack_writes_scores_and_comparison(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path, members=("a", "b", "c"))
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     assert result.heldout_selected == ["b/seed0", "c/seed0"]  # recorded: their out-of-fold accuracies are optimistic
-    from histoshift.stackdir import StackDir
+    from histoshift.stack.folder import StackDir
 
     assert StackDir(tmp_path / "stack").choice() == result  # written and read through one record
     scores = pd.read_csv(tmp_path / "stack" / "test_scores.csv")
@@ -270,7 +270,7 @@ def test_write_submission_checks_against_test_h5_and_keeps_earlier_ones(tmp_path
 
 
 def test_prior_match_predicts_the_share():
-    from histoshift.stack import prior_match
+    from histoshift.stack.combine import prior_match
 
     score = np.array([0.2, 3.0, -1.0, 0.5, 2.0, -4.0])
     assert prior_match(score, 0.5).tolist() == [0, 1, 0, 1, 1, 0]

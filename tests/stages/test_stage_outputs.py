@@ -241,14 +241,14 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     choice = json.loads((pipeline / "work" / "stack" / "choice.json").read_text())
     means = comparison.groupby("method").accuracy.mean()
     base = choice["method"].removesuffix("@prior")  # prior matching is decided after the combiner and set
-    from histoshift.rules import split_label
+    from histoshift.stack.rules import split_label
 
     suffix = split_label(base)[1]  # within the chosen set, the LOCO-best combiner
     same_set = [m for m in means.index if not m.endswith("@prior") and split_label(m)[1] == suffix]
     assert means[base] == means[same_set].max() and choice["adabn"] == (suffix in ("+adabn", "+both"))
     assert choice["method"].endswith("@prior") == choice["prior_matching"]["used"]
     evidence = choice["adabn_vs_plain"]
-    from histoshift.rules import DEFAULT, RULES
+    from histoshift.stack.rules import DEFAULT, RULES
 
     assert choice["rule"] == DEFAULT and base == choice["rule_picks"][DEFAULT]  # the default rule's pick ships
     assert set(choice["rule_picks"]) == set(RULES) and choice["rule_summary"] == RULES[DEFAULT].summary

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..errors import Missing
 from ..lineage import StaleError
-from ..stackdir import StackDir
+from ..stack.folder import StackDir
 from .cache import Cache
 
 

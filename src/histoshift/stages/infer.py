@@ -83,7 +83,7 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
     from ..data.splits import heldout_rows, test_rows, training_rows
     from ..metrics import logit_accuracy
     from ..tasks import run_task
-    from ..stackdir import adaptation_text
+    from ..stack.folder import adaptation_text
     from ..tta import check_finite, view_columns
 
     todo = _todo(run, cache, accelerator, force, adapt)

@@ -39,7 +39,7 @@ def check_lineage(runs: list, stack_dir: Path, cache_dir: Path, input_dir: Path 
     trained on this cache, and the stack's choice was made from this cache and these checkpoints."""
     from ..data.cache import Cache, check_inputs
     from ..lineage import digest_file
-    from ..stackdir import StackDir
+    from ..stack.folder import StackDir
 
     if input_dir is not None:
         check_inputs(input_dir, cache_dir)
@@ -58,8 +58,8 @@ def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | N
 
     from ..plots import combiners, curves, ensemble_plots, feature_map, markdown_table, run_table, sparse_heads
     from ..safeio import write_text
-    from ..stack import calibration_means
-    from ..stackdir import StackDir
+    from ..stack.combine import calibration_means
+    from ..stack.folder import StackDir
 
     if cache_dir is not None:
         check_lineage(runs, stack_dir, cache_dir, input_dir)

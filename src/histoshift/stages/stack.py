@@ -1,10 +1,10 @@
 """Stage `stack`: score mean logits, rank average and a LightGBM stacker leave one center out, pick one, score
-the test center (the computations and the rule: stack.py; the folder and its decision record: stackdir.py)."""
+the test center (the computations, the rules and the decision: the stack package; its folder: stack/folder.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..stackdir import CHOICE
+from ..stack.folder import CHOICE
 from . import Stage, seed, timed
 
 STAGE = Stage("score mean logits, rank average and a LightGBM stacker leave one center out, pick one, "
@@ -30,12 +30,12 @@ def arguments(p) -> None:
 
 
 def _rules() -> dict:
-    from ..rules import RULES
+    from ..stack.rules import RULES
     return RULES
 
 
 def _default() -> str:
-    from ..rules import DEFAULT
+    from ..stack.rules import DEFAULT
     return DEFAULT
 
 
@@ -43,7 +43,7 @@ def run(a, paths) -> None:
     from ..config import ConfigError, tracker_names
     from ..data.cache import check_inputs
     from ..runs import find_runs
-    from ..stackdir import StackDir
+    from ..stack.folder import StackDir
 
     if not (a.prior == 0 or 0 < a.prior < 1):
         raise ConfigError(f"--prior {a.prior}: expected a share in (0, 1), or 0 for never")
@@ -68,7 +68,7 @@ def run_stack(runs: list, folds_csv: Path, out_dir: Path, cache_dir: Path, seed:
     default). Returns the StackChoice written."""
     from ..data.cache import Cache
     from ..safeio import Lock
-    from ..stackdir import StackDir
+    from ..stack.folder import StackDir
 
     stack = StackDir(Path(out_dir))
     with Lock(stack.lock, f"the stack folder {stack.path}"):
@@ -80,9 +80,9 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
 
     from ..lineage import digest_file
     from ..safeio import write_csv
-    from ..choice import compare_prediction_sets, decide
-    from ..stack import ADAPTED, calibration_means
-    from ..stackdir import StackChoice
+    from ..stack.choice import compare_prediction_sets, decide
+    from ..stack.combine import ADAPTED, calibration_means
+    from ..stack.folder import StackChoice
 
     stack.path.mkdir(parents=True, exist_ok=True)
     features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed, prior)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import HistoshiftError
-from ..stackdir import CHOICE
+from ..stack.folder import CHOICE
 from . import Stage, timed
 
 STAGE = Stage("write the submission after checking it against test.h5's ids",
@@ -70,7 +70,7 @@ def check_scores_current(scores_csv: Path, test_h5: Path, cache_dir: Path, runs_
     from ..data.cache import check_inputs
     from ..lineage import digest_file
     from ..runs import find_runs
-    from ..stackdir import StackDir
+    from ..stack.folder import StackDir
 
     current = check_inputs(Path(test_h5).parent, cache_dir)["cache_id"]
     checkpoints = None  # without a runs folder: the scores' cache only
@@ -102,7 +102,7 @@ def write_submission(scores_csv: Path, test_h5: Path, out_dir: Path, allow_degen
 def _upload(sub, stack_dir: Path, slug: str) -> None:
     """The checked submission to Kaggle, from a temporary folder inside the stack folder (removed after)."""
     from ..kaggle_upload import connect, lineage_message, upload
-    from ..stackdir import StackDir
+    from ..stack.folder import StackDir
 
     api = connect()  # client and credentials first: a failure leaves everything as it was
     message = lineage_message(StackDir(stack_dir).require_choice("run the stack stage"))

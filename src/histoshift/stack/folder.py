@@ -15,8 +15,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .lineage import StaleError
-from .safeio import write_json
+from ..lineage import StaleError
+from ..safeio import write_json
 
 CHOICE = "choice.json"
 

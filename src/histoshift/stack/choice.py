@@ -10,7 +10,7 @@ by side ("+both"). Every combiner on every set is scored leave one center out (L
 a rule (rules.py, `stack --rule`, default rules.DEFAULT) then picks the set. The default was chosen by its regret
 on two unseen centers (the best candidate there minus what shipped), not by LOCO: the labelled centers are milder
 stain shifts than a new hospital, and LOCO vetoes of the adapted set cost up to 4.75 points (docs/benchmarks.md,
-"Which rule ships"). The decision record (stackdir.StackChoice) keeps the rule, its evidence, and what every other
+"Which rule ships"). The decision record (stack.folder.StackChoice) keeps the rule, its evidence, and what every other
 rule would have picked.
 
 Prior matching: the competition's test center is exactly balanced. Each combiner is also scored thresholded so
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data.cache import Cache
-from .data.donors import donor_counts
-from .runs import RunDir
+from ..data.cache import Cache
+from ..data.donors import donor_counts
+from ..runs import RunDir
 from .rules import DEFAULT, RULES, Candidates, split_label
-from .stack import ADAPTED, BOTH, PRIOR, build_features, compare_loco, fit_stacker, join_sets, predict
+from .combine import ADAPTED, BOTH, PRIOR, build_features, compare_loco, fit_stacker, join_sets, predict
 
 
 
@@ -98,7 +98,7 @@ def candidates(features: dict, comparison: pd.DataFrame, hits: dict) -> Candidat
 
 @dataclass(frozen=True)
 class Decision:
-    """The stack's decision as a typed record (the stage turns it into stackdir.StackChoice, the benchmarks score
+    """The stack's decision as a typed record (the stage turns it into stack.folder.StackChoice, the benchmarks score
     it): the pick and its evidence, and the test center's scores and 0/1 predictions."""
     label: str  # the picked candidate: combiner + prediction set, e.g. "mean+adabn"
     method: str  # what ships: the label, "@prior" when thresholded to the known positive share

@@ -40,8 +40,8 @@ from typing import Callable, ClassVar
 import numpy as np
 import pandas as pd
 
-from .paired import Paired, compare
-from .stack import ADAPTED, BOTH, METHODS, mean_score
+from ..paired import Paired, compare
+from .combine import ADAPTED, BOTH, METHODS, mean_score
 
 FOURIER = "+fourier"  # the Fourier sets' suffixes: "+fourier-b<beta>-n<donors used>"
 Z = 1.96  # the original rule's McNemar threshold

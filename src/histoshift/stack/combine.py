@@ -26,13 +26,13 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from .data.cache import Cache
-from .data.folds import check_folds, read_folds
-from .lineage import StaleError
-from .metrics import accuracy, brier, ece, sigmoid
-from .tta import check_finite, view_columns
-from .runs import RunDir
-from .errors import HistoshiftError, Missing
+from ..data.cache import Cache
+from ..data.folds import check_folds, read_folds
+from ..lineage import StaleError
+from ..metrics import accuracy, brier, ece, sigmoid
+from ..tta import check_finite, view_columns
+from ..runs import RunDir
+from ..errors import HistoshiftError, Missing
 
 METHODS = ("mean", "rank", "stack")
 ADAPTED = "+adabn"  # suffix of a combiner scored on adapted predictions (named after the first adaptation)
