@@ -203,7 +203,7 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     assert "## Sparse heads" in report and "| sparse/seed0 | 256 |" in report
     adaptations = choice["adaptations"]  # how every fold model's adapted predictions were made, in the report too
     assert len(adaptations) == 12 and adaptations["coral/seed0/fold0"] == {"method": "feature shift coral"}
-    assert "- standardize/seed0/fold0: feature shift standardize + self-training x2 (confidence >= 0.501" in report
+    assert "- standardize/seed0/fold0: feature shift standardize + self-training x2 (confidence >= 0.501: " in report
     # no label of the target is read: the same adapted head from a table whose labels are scrambled (the
     # held-out center's labels are real, so scrambling them would show a leak)
     for shift in ("coral", "standardize"):

@@ -30,8 +30,8 @@ def adaptation_text(record: dict | None, changed: bool = False) -> str:
         text = f"({text}) - {record['changed']} layers/maps/rounds changed"
     if record and "self_training" in record:
         st = record["self_training"]
-        text += (f", self-training at confidence >= {st['threshold']}: {st['pseudo_labelled']} pseudo-labelled per "
-                 f"round" + (f", positive share {st['positive_share']}" if "positive_share" in st else ""))
+        text += (f" (confidence >= {st['threshold']}: {st['pseudo_labelled']} pseudo-labelled per round"
+                 + (f", positive share {st['positive_share']}" if "positive_share" in st else "") + ")")
     return text
 
 
