@@ -24,6 +24,8 @@ from .safeio import atomic, require_free, write_json, write_text
 
 LOOP_STATE = "loop.json"  # the loop's own state in a saved state folder: JSON, never a pickle
 COMPLETE = "complete"
+EPOCH_STATES = "state-epoch"  # a training run's states (runs.RunDir), one per epoch
+STEP_STATES = "state-step"  # the stain GAN's and robustify's states, every checkpoint_every steps
 
 
 @contextmanager
@@ -50,6 +52,12 @@ def last_state(parent: Path, prefix: str) -> Path | None:
     """The newest complete state `parent/<prefix><N>` (one being written when the process died has no marker)."""
     states = [p for p in Path(parent).glob(f"{prefix}*") if (p / COMPLETE).exists() and p.name[len(prefix):].isdigit()]
     return max(states, key=lambda p: int(p.name[len(prefix):]), default=None)
+
+
+def clear_states(parent: Path, prefix: str) -> None:
+    """Every saved state `parent/<prefix>*` removed: the work they resume is finished and its result written."""
+    for old in Path(parent).glob(f"{prefix}*"):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_state(

@@ -26,14 +26,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .averaging import make_averager, refresh_batchnorm
-from .checkpoint import LOOP_STATE
+from .checkpoint import EPOCH_STATES
 from .config import Config, ConfigError
 from .data.loader import cycle
 from .metrics import per_center
 from .precision import autocast
 from .progress import bar
 from .runs import RunDir
-from .lineage import StaleError
 from .safeio import append_text, write_text
 from .steploop import Evaluated, StepLoop
 from .tracking import numbers
@@ -105,7 +104,7 @@ def fit(cfg: Config, task, algorithm, streams, heldout_predictor, accelerator: A
     """Train `algorithm` (whose `.model` is the task's model) for cfg.train.epochs through the one resumable loop
     (steploop.py): an epoch of steps, the held-out center scored, early stopping judged, a state saved."""
     epochs = _Epochs(cfg, task, algorithm, streams, heldout_predictor, accelerator, run, precision)
-    loop = StepLoop(accelerator, run.path, "state-epoch", cfg.train.epochs, "epoch", f"train {run.name}",
+    loop = StepLoop(accelerator, run.path, EPOCH_STATES, cfg.train.epochs, "epoch", f"train {run.name}",
                     "lower optim.lr or check the inputs - the run is not marked done", AGAIN, epochs.state_bytes,
                     resume=resume)
     trained = loop.run(epochs.train, evaluate=epochs.evaluate, state=epochs.state, restore=epochs.restore,
@@ -211,12 +210,8 @@ class _Epochs:
         return extra, tensors
 
     def restore(self, extra: dict, folder) -> None:
-        try:
-            self.scheduler.load_state_dict(extra["scheduler"])
-            self.step, self.best_epoch, self.best_acc = extra["step"], extra["best_epoch"], extra["best_acc"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise StaleError(f"{folder / LOOP_STATE}: not a saved loop state ({type(e).__name__}: {e}); "
-                             f"{AGAIN}") from None
+        self.scheduler.load_state_dict(extra["scheduler"])  # (a state without these: the loop's one line)
+        self.step, self.best_epoch, self.best_acc = extra["step"], extra["best_epoch"], extra["best_acc"]
         if self.patience and (folder / BEST_WEIGHTS).exists():
             self.best = load_file(str(folder / BEST_WEIGHTS))
         if (folder / AVERAGE_WEIGHTS).exists():

@@ -30,7 +30,6 @@ def set_suffix(adapted: bool | str) -> str:
     return f"_{adapted}"
 
 
-
 def _record(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -59,7 +58,7 @@ class RunPredictions:
         }
 
     def write(self, part: str, adapted: bool | str, table, cache_id: str, adaptation: dict | None = None,
-                  settings: dict | None = None) -> None:
+              settings: dict | None = None) -> None:
         """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache, the set's
         settings) and, for adapted predictions, how many layers the adaptation changed and what else it recorded
         (self-training: its confidence threshold and pseudo-label counts)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .checkpoint import last_state
+from .checkpoint import EPOCH_STATES, last_state
 from .config import Config, load_config
 from .lineage import StaleError, changed
 
@@ -89,12 +89,9 @@ class RunDir:
             )
         return kind
 
-    def state_dir(self, epoch: int) -> Path:
-        return self.path / f"state-epoch{epoch}"
-
     def last_state(self) -> Path | None:
         """The newest complete saved state (a state being written when the process died has no marker)."""
-        return last_state(self.path, "state-epoch")
+        return last_state(self.path, EPOCH_STATES)
 
     def recorded_inputs(self) -> dict:
         """inputs.json as written by training ({} before the run has one)."""

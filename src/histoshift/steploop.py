@@ -45,7 +45,7 @@ class StepLoop:
     prefix: str  # the state folders' prefix: "state-epoch", "state-step"
     total: int  # units to run
     unit: str  # "epoch" | "step": the records' key and the messages' word
-    where: str  # the messages' subject (a run folder, "stain-gan <key>")
+    where: str  # the progress lines' subject ("train <run>", "stain-gan <key>"); a failure names `folder`
     stop_hint: str  # what a non-finite loss's line ends with (what to change; what is not marked done)
     again: str  # how to start over, for a state that cannot be read
     nbytes: int  # free space to ask for before each saved state
@@ -68,13 +68,13 @@ class StepLoop:
         saved = checkpoint.last_state(self.folder, self.prefix) if self.resume else None
         if saved is not None:
             loop = checkpoint.load_state(acc, saved, self.again)
-            try:
+            try:  # the loop's fields and the caller's (a scheduler, early stopping): one line when one is wrong
                 done, seconds, records, extra = _unpack(loop)
+                if restore is not None:
+                    restore(extra, saved)
             except (KeyError, TypeError, ValueError) as e:
                 raise checkpoint.StaleError(f"{saved / checkpoint.LOOP_STATE}: not a saved loop state "
                                             f"({type(e).__name__}: {e}); {self.again}") from None
-            if restore is not None:
-                restore(extra, saved)
             acc.print(f"{self.where}: resuming after {self.unit} {done} of {self.total}")
             if on_resume is not None:
                 on_resume(Trained(list(records), done, seconds))
@@ -85,7 +85,7 @@ class StepLoop:
                         total=self.total)
         for u in units:
             losses = train(u)
-            require_finite(losses.values(), f"{self.where}: the loss became non-finite in {self.unit} {u + 1} "
+            require_finite(losses.values(), f"{self.folder}: the loss became non-finite in {self.unit} {u + 1} "
                                             f"({_short(losses)}); {self.stop_hint}")
             for k, v in losses.items():
                 logs.setdefault(k, []).append(v)

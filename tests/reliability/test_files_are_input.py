@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from histoshift import checkpoint, engine
+from histoshift import checkpoint
 from histoshift.cli import main
 from histoshift.runs import RunDir
 from helpers import one_error_line, tiny_config
@@ -64,7 +64,7 @@ def test_resume_never_unpickles_a_planted_custom_state(prepared_root, tmp_path, 
     folder holding such files is refused before Accelerate sees it."""
     argv, run = _unfinished_run(prepared_root, tmp_path, monkeypatch)
     state = run.last_state()
-    assert (state / engine.LOOP_STATE).exists() and not list(state.glob("custom_checkpoint_*"))
+    assert (state / checkpoint.LOOP_STATE).exists() and not list(state.glob("custom_checkpoint_*"))
     marker = tmp_path / "payload-ran"
     for k in range(3):  # whatever index a registered object would have had
         torch.save(_Payload(str(marker)), state / f"custom_checkpoint_{k}.pkl")
@@ -94,7 +94,7 @@ def test_a_planted_pickle_in_the_saved_state_is_refused_not_run(prepared_root, t
 
 def test_a_broken_loop_state_is_one_line(prepared_root, tmp_path, monkeypatch, capsys):
     argv, run = _unfinished_run(prepared_root, tmp_path, monkeypatch)
-    (run.last_state() / engine.LOOP_STATE).write_text("{not json")
+    (run.last_state() / checkpoint.LOOP_STATE).write_text("{not json")
     capsys.readouterr()
     assert main(argv) == 2
     assert "loop.json: not a saved loop state" in one_error_line(capsys)

@@ -3,6 +3,7 @@ records of an uninterrupted one, a non-finite loss stops it in one line, states 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from accelerate import Accelerator
@@ -64,9 +65,18 @@ def test_a_killed_loop_resumes_to_the_records_of_an_uninterrupted_one(tmp_path, 
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in whole.records]
 
 
-def test_a_non_finite_loss_stops_the_loop_in_one_line(tmp_path):
-    with pytest.raises(NonFiniteError, match=r"toy: the loss became non-finite in step 3 \(loss nan\); lower the lr"):
+def test_a_non_finite_loss_stops_the_loop_in_one_line_naming_its_folder(tmp_path):
+    with pytest.raises(NonFiniteError, match=re.escape(f"{tmp_path}: the loss became non-finite in step 3 (loss nan); "
+                                                       "lower the lr")):
         _loop(tmp_path).run(lambda u: {"loss": float("nan") if u == 2 else 1.0})
+
+
+def test_a_state_the_caller_cannot_restore_is_one_line(tmp_path):
+    counter = _Counter()
+    _loop(tmp_path / "cut", total=4).run(counter.step, state=lambda: ({}, {}))  # saved without the caller's "value"
+    line = r"loop.json: not a saved loop state \(KeyError: 'value'\); start over"
+    with pytest.raises(checkpoint.StaleError, match=line):
+        _loop(tmp_path / "cut", total=4).run(_Counter().step, restore=_Counter().restore)
 
 
 def test_evaluate_adds_to_the_record_and_stops_early(tmp_path):

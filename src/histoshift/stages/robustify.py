@@ -13,9 +13,9 @@ loop (resume, records, saved states): steploop.py, shared with the training engi
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from ..checkpoint import STEP_STATES, clear_states
 from . import Stage, config_arguments, experiment, timed
 
 STAGE = Stage("tune a config's backbone so that stain views of one unlabelled patch embed alike (model.robustify)",
@@ -70,7 +70,7 @@ def _fit(cfg, cache, spec: dict, folder: Path, acc, precision: str) -> None:
     acc.print(f"robustify: {folder.name}: {steps.method}, {sum(p.numel() for p in steps.trainable):,} parameters "
               f"tune, {len(steps.rows)} patches of centers {sorted(int(c) for c in steps.rows['center'].unique())}, "
               f"precision {precision}")
-    loop = StepLoop(acc, folder, "state-step", r.steps, "step", f"robustify {folder.name}",
+    loop = StepLoop(acc, folder, STEP_STATES, r.steps, "step", f"robustify {folder.name}",
                     "lower model.robustify.lr - the backbone is not marked tuned", AGAIN, steps.nbytes,
                     checkpoint_every=r.checkpoint_every, record_every=RECORD_EVERY, progress_bar=True)
     trained = loop.run(steps.step, state=steps.state, restore=steps.restore)
@@ -95,8 +95,7 @@ def _finish(backbone, method: str, spec: dict, folder: Path, records: list, seco
     write_json(folder / META, {"spec": spec, "key": folder.name, "method": method, "tuned": digest_file(folder / TUNED),
                                "steps": steps, "seconds": round(seconds, 1),
                                "first": records[0] if records else {}, "final": records[-1] if records else {}})
-    for old in folder.glob("state-step*"):
-        shutil.rmtree(old, ignore_errors=True)
+    clear_states(folder, STEP_STATES)
     first, last = (records[0]["loss"], records[-1]["loss"]) if records else (float("nan"),) * 2
     print(
         f"robustify: tuned backbone in {folder / TUNED} ({steps} steps, {seconds:.0f} s; InfoNCE {first:.3f} -> "

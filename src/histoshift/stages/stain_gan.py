@@ -9,9 +9,9 @@ the engine's rule (errors.NonFiniteError): nothing is marked trained. The steps:
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from ..checkpoint import STEP_STATES, clear_states
 from . import Stage, config_arguments, experiment, timed
 
 STAGE = Stage("train the stain-normalising generator of a config with aug.stain_norm: gan (MultiStain-CycleGAN "
@@ -64,7 +64,7 @@ def _fit(cfg, cache, spec: dict, folder: Path, acc) -> None:
 
     g = cfg.stain_gan
     gan = GanSteps(cfg, cache, spec, acc)
-    loop = StepLoop(acc, folder, "state-step", g.steps, "step", f"stain-gan {folder.name}",
+    loop = StepLoop(acc, folder, STEP_STATES, g.steps, "step", f"stain-gan {folder.name}",
                     "lower stain_gan.lr - the generator is not marked trained", AGAIN, gan.nbytes,
                     checkpoint_every=g.checkpoint_every, record_every=RECORD_EVERY, progress_bar=True)
     trained = loop.run(gan.step)
@@ -88,8 +88,7 @@ def _finish(gen, cache, spec: dict, folder: Path, records: list, seconds: float,
     _plot_samples(gen, cache, spec, folder / "samples.png")
     write_json(folder / META, {"spec": spec, "key": folder.name, "generator": digest_file(folder / GENERATOR),
                                "steps": steps, "seconds": round(seconds, 1), "final": records[-1] if records else {}})
-    for old in folder.glob("state-step*"):
-        shutil.rmtree(old, ignore_errors=True)
+    clear_states(folder, STEP_STATES)
     print(
         f"stain-gan: generator in {folder / GENERATOR} ({steps} steps, {seconds:.0f} s); samples: "
         f"{folder / 'samples.png'}"

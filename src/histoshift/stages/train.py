@@ -13,6 +13,7 @@ import shutil
 import time
 from contextlib import nullcontext
 
+from ..checkpoint import EPOCH_STATES, clear_states
 from ..safeio import human
 from . import Stage, config_arguments, experiment, seed as seed_option, timed
 
@@ -196,8 +197,7 @@ def _train_fold(cfg, paths, run, force: bool, accelerator, precision: str) -> di
                    "per_center": table.to_dict(orient="records")}
         write_json(run.summary, summary)
         write_text(run.done, time.strftime("%Y-%m-%d %H:%M:%S\n"))
-        for state in run.path.glob("state-epoch*"):  # done: the resumable states have served
-            shutil.rmtree(state, ignore_errors=True)
+        clear_states(run.path, EPOCH_STATES)  # done: the resumable states have served
         accelerator.print(table.to_string(index=False))
     accelerator.log(tracking.per_center_values(table), step=cfg.train.epochs)
     tracking.finish(accelerator)
