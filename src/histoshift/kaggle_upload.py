@@ -59,7 +59,7 @@ def _set(choice) -> str:
     name = choice.prediction_set.lstrip("+") or "plain"
     if not choice.adabn:
         return name
-    how = ", ".join(choice.adaptation_methods()) or "AdaBN"
+    how = ", ".join(choice.adaptation_methods())
     return f"{'plain and adapted' if name == 'both' else 'adapted'} ({how})"
 
 

@@ -134,5 +134,7 @@ def test_the_message_names_the_adaptation_not_always_adabn():
     both = StackChoice(**base, adabn=True, prediction_set="+both",
                        adaptations={"h/seed0/fold0": None, "h/seed0/fold1": {"method": "AdaBN", "changed": 9}})
     assert "set plain and adapted (AdaBN) by rule margin" in lineage_message(both)
+    older = StackChoice(**base, adabn=True, prediction_set="+adabn")  # written before adaptations were recorded
+    assert "set adapted (AdaBN) by rule margin" in lineage_message(older)
     plain = StackChoice(**{**base, "method": "mean"}, prediction_set="")
     assert "set plain by rule margin" in lineage_message(plain)

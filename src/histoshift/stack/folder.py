@@ -19,13 +19,14 @@ from ..lineage import StaleError
 from ..safeio import write_json
 
 CHOICE = "choice.json"
+FIRST_ADAPTATION = "AdaBN"  # what adapted predictions were made by before their records named a method
 
 
 def adaptation_text(record: dict | None, changed: bool = False) -> str:
     """One adaptation record (a task's `adapt`, kept in predictions.json) in words, the one place it is formatted:
     the method (records written before methods were recorded: AdaBN, the only adaptation then), the layers, maps or
     rounds it changed when asked, and self-training's threshold and pseudo-labels."""
-    text = record["method"] if record else "AdaBN"
+    text = record["method"] if record else FIRST_ADAPTATION
     if changed and record:
         text = f"({text}) - {record['changed']} layers/maps/rounds changed"
     if record and "self_training" in record:
@@ -104,8 +105,10 @@ class StackChoice:
         return [f"{run}: {adaptation_text(rec)}" for run, rec in (self.adaptations or {}).items()]
 
     def adaptation_methods(self) -> list[str]:
-        """The distinct adaptations behind the adapted predictions (AdaBN, a feature shift, self-training...)."""
-        return sorted({(rec or {}).get("method", "AdaBN") for rec in (self.adaptations or {}).values()})
+        """The distinct adaptations behind the adapted predictions (AdaBN, a feature shift, self-training...); a
+        choice written before adaptations were recorded: AdaBN."""
+        records = (self.adaptations or {}).values() or [None]
+        return sorted({(rec or {}).get("method", FIRST_ADAPTATION) for rec in records})
 
     @classmethod
     def from_dict(cls, data: dict, where: Path) -> "StackChoice":
