@@ -1,7 +1,7 @@
 """Accuracy ablation on real tissue: PatchCamelyon patches with synthetic pseudo-center stain shifts.
 
     python bench/accuracy.py [--pcam ../shared/data/pcam] [--train-patches 4500] [--epochs N]
-                             [--rows none|key|more|aglr|stain|average|robust|dart|frozen|all] [--only TEXT..] [--adabn]
+                             [--rows none|key|more|aglr|stain|average|robust|dart|frozen|all] [--only TEXT..] [--adapt]
                              [--ensemble] [--frozen-ensemble] [--mixed]
                              [--pseudo 0.9] [--oracle] [--hidden] [--seeds 0 1 2] [--tag NAME] [--work DIR]
 
@@ -13,7 +13,8 @@ with the repository's configs. `--epochs` overrides every config's epochs (defau
 
 Single-model rows (overrides of configs/lite0_dann.yaml) use the fold that holds out center 1, i.e.
 a model trained on centers 0/3/4 only, as in ANCHORS.md: val = center 1, test = center 2. Each row
-is reported with TTA off (view 0) / on (8-view mean) and, with --adabn, with AdaBN.
+is reported with TTA off (view 0) / on (8-view mean) and, with --adapt, adapted (AdaBN; a head's feature shift).
+(Result files before 2026-12-07 call the flag --adabn and the columns *_adabn; --adabn is still accepted.)
 --ensemble runs the default pipeline per seed (configs/lite0_dann.yaml + configs/lite1_dann.yaml,
 every leave-one-center-out fold, 8-view TTA, plain and AdaBN predictions) and reports mean logits /
 rank average / LightGBM stacker on each, and the choice the stack stage makes by leave-one-center-out
@@ -57,8 +58,8 @@ from histoshift.metrics import logit_accuracy  # noqa: E402
 from histoshift.paths import Paths  # noqa: E402
 from histoshift.runs import RunDir, find_runs  # noqa: E402
 from histoshift.stack.choice import compare_prediction_sets, decide  # noqa: E402
-from histoshift.stack.rules import split_label  # noqa: E402
-from histoshift.stack.combine import ADAPTED, METHODS, fit_stacker, predict  # noqa: E402
+from histoshift.stack.combine import fit_stacker, predict  # noqa: E402
+from histoshift.stack.sets import ADAPTED, METHODS, PLAIN, Label, PredictionSet  # noqa: E402
 from histoshift.stages.stack import run_stack  # noqa: E402
 from histoshift.data.donors import FourierTTA  # noqa: E402
 from histoshift.tta import view_columns  # noqa: E402
@@ -111,7 +112,7 @@ AVERAGE_ROWS = {  # issue 32: weight averaging (train.average) and stronger HED 
     "DANN, HED sigma 0.1": ["aug.hed_sigma=0.1"],
     "DANN, HED sigma 0.2": ["aug.hed_sigma=0.2"],
 }
-# issue 33: the DART 2022 methods beside DANN on the default recipe (configs/dart_*_lite0.yaml's switches); --adabn
+# issue 33: the DART 2022 methods beside DANN on the default recipe (configs/dart_*_lite0.yaml's switches); --adapt
 # adds each with the existing adaptation
 _AVAGRAD = ["optim.name=avagrad", "optim.lr=0.5", "optim.backbone_lr=0.2", "optim.domain_lr=0.5"]
 DART_ROWS = {
@@ -125,7 +126,7 @@ DART_ROWS = {
 }
 # heads on frozen ImageNet features (issue 19): the frozen-feature path's mechanics on real tissue - a proxy,
 # NOT a prediction for pathology foundation models. Every Lite0 row shares one feature store (8 dihedral
-# views + 4 HED views of labelled patches); with --adabn the adapted columns are the feature shift
+# views + 4 HED views of labelled patches); with --adapt the adapted columns are the feature shift
 # re-estimated on the target center (identical to the plain ones for rows without a shift).
 _FROZEN = ["model.kind=feature", "model.feature_hed_views=4", "train.epochs=20", "optim.weight_decay=1.0e-4"]
 _MLP_DANN = [*_FROZEN, "algorithm.name=dann", "model.head_hidden=512"]
@@ -326,26 +327,27 @@ class Bench:
         self.stage("robustify", "--config", str(config), *ov)  # model.robustify's tuned backbone (others: nothing)
         self.stage("train", "--config", str(config), "--fold", fold, *ov)
 
-    def infer(self, run: RunDir, adabn: bool = False) -> None:
-        """The infer stage for one run (the stage itself loops `infer_run` over every run); with `adabn`
-        the AdaBN set too."""
+    def infer(self, run: RunDir, adapt: bool = False) -> None:
+        """The infer stage for one run (the stage itself loops `infer_run` over every run); with `adapt`
+        the adapted set too."""
         if self._cache is None:
             self._cache, self._accelerator = Cache.open(self.root / "work" / "cache"), Accelerator()
-        infer_run(run, self._cache, Paths(self.root), self._accelerator, adapt=adabn, fourier=self.fourier)
+        infer_run(run, self._cache, Paths(self.root), self._accelerator, adapt=adapt, fourier=self.fourier)
 
-    def test_table(self, run: RunDir, prediction_set: bool | str = False) -> pd.DataFrame:
-        """The test center's predictions of one set (plain, adapted, or named, as RunDir.tta_path) with labels."""
-        test = pd.read_csv(run.tta.path("test", prediction_set)).drop(columns="label")
+    def test_table(self, run: RunDir, pset: PredictionSet = PLAIN) -> pd.DataFrame:
+        """The test center's predictions of one set (plain, adapted, Fourier: run.tta.path) with labels."""
+        test = pd.read_csv(run.tta.path("test", pset)).drop(columns="label")
         return test.merge(self.labels, left_on="id", right_on="ID")
 
-    def score_run(self, run: RunDir, adabn: bool = False) -> dict:
-        held, test = pd.read_csv(run.tta.path("heldout", adabn)), self.test_table(run, adabn)
+    def score_run(self, run: RunDir, adapted: bool = False) -> dict:
+        pset = ADAPTED if adapted else PLAIN
+        held, test = pd.read_csv(run.tta.path("heldout", pset)), self.test_table(run, pset)
         views = [f"v{k}" for k in range(8)]
         out = {"val": accuracy(held, ["v0"]), "val_tta": accuracy(held, views),
                "test": accuracy(test, ["v0"]), "test_tta": accuracy(test, views)}
-        if self.fourier is not None and not adabn:  # each beta's set: logits averaged over its donors
+        if self.fourier is not None and not adapted:  # each beta's set: logits averaged over its donors
             for beta in self.fourier.betas:
-                table = self.test_table(run, self.fourier.name(beta))
+                table = self.test_table(run, PredictionSet.fourier(beta))
                 out[f"test_fourier_b{beta:g}"] = accuracy(table, view_columns(table))
         return out
 
@@ -356,7 +358,7 @@ class Bench:
             name = config.stem + suffix
             self.train(config, seed, "all", [f"name={name}", *overrides])
             for run in self.member(name, seed):
-                self.infer(run, adabn=True)  # infer.sh runs `infer --adapt`: both sets
+                self.infer(run, adapt=True)  # infer.sh runs `infer --adapt`: both sets
                 runs.append(run)
         return runs
 
@@ -369,19 +371,20 @@ class Bench:
         features, comparison, hits = compare_prediction_sets(runs, self.root / "folds" / "folds.csv",
                                                              Cache.open(self.root / "work" / "cache"), prior=0.5)
         out = {}
-        for suffix, (oof, test, names) in features.items():
+        for pset, (oof, test, names) in features.items():
             test = test.merge(self.labels, left_on="id", right_on="ID")
             for method in METHODS:
                 stacker = fit_stacker(oof, names) if method == "stack" else None
                 _, pred = predict(method, test, names, stacker)
-                out[method + suffix] = float((pred == test["label"].to_numpy()).mean())
+                out[str(Label(method, pset))] = float((pred == test["label"].to_numpy()).mean())
+        out["fourier_sets"] = {s.name: str(Label("mean", s)) for s in features if s.kind == "fourier"}
         d = decide(features, comparison, hits, prior=0.5)  # the stack stage's own decision, as it ships
         picked, matched = d.label, d.prior_matching
-        out["picked"] = out[picked]
-        out["picked_method"] = picked
+        out["picked"] = out[str(picked)]
+        out["picked_method"] = str(picked)
         # prior matching: the picked combiner thresholded so that half the test patches are positive
         oof, test, names = d.oof, d.test.merge(self.labels, left_on="id", right_on="ID"), d.names
-        method = split_label(picked)[0]
+        method = picked.combiner
         _, pred = predict(method, test, names, fit_stacker(oof, names) if method == "stack" else None, prior=0.5)
         out["picked_prior"] = float((pred == test["label"].to_numpy()).mean())
         out["prior_used"] = bool(matched["used"])
@@ -412,7 +415,8 @@ def main():
     ap.add_argument("--rows", choices=sorted(ROW_SETS), default="key")
     ap.add_argument("--only", nargs="+", default=[], metavar="TEXT",
                     help="keep only the rows of --rows whose name contains one of these (case-insensitive)")
-    ap.add_argument("--adabn", action="store_true", help="also score every single-model row with AdaBN")
+    ap.add_argument("--adapt", "--adabn", dest="adapt", action="store_true",
+                    help="also score every single-model row adapted (AdaBN; a head's feature shift)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--ensemble", action="store_true", help="the default pipeline per seed: 2 configs x 4 folds")
     ap.add_argument("--frozen-ensemble", action="store_true",
@@ -459,7 +463,7 @@ def main():
         results.append(row)
         print(row, f"[{time.time() - t0:.0f} s]", flush=True)
         table = pd.DataFrame(results)
-        order = [c for c in ["row", "val", "val_tta", "val_tta_adabn", "test", "test_tta", "test_tta_adabn",
+        order = [c for c in ["row", "val", "val_tta", "val_tta_adapted", "test", "test_tta", "test_tta_adapted",
                              *sorted(c for c in table.columns if c.startswith("test_fourier")), "note"]
                  if c in table.columns]
         table = table[order].fillna("")
@@ -473,7 +477,7 @@ def main():
             )
             + (
                 "# frozen rows: ImageNet features - a proxy for the frozen path's mechanics, not a prediction for "
-                "pathology models; *_adabn = the feature shift re-estimated / self-training on the target\n"
+                "pathology models; *_adapted = the feature shift re-estimated / self-training on the target\n"
                 if a.rows in ("frozen", "robust") or a.frozen_ensemble
                 else ""
             )
@@ -500,7 +504,7 @@ def main():
                 f"single fold models, TTA (mean over {4 * len(a.configs) * (2 if frozen is None else 1)} models)",
             ),
             *[(m, f"pipeline, {m} combiner") for m in METHODS],
-            *[(m + ADAPTED, f"pipeline with AdaBN, {m} combiner") for m in METHODS],
+            *[(str(Label(m, ADAPTED)), f"pipeline with AdaBN, {m} combiner") for m in METHODS],
             ("picked", "pipeline, combiner picked by LOCO"),
             ("picked_prior", "same, thresholded to the known 50% positive share (prior matching)"),
             ("shipped", "pipeline as shipped (prior matching only where LOCO says it helps)"),
@@ -509,11 +513,11 @@ def main():
                     "picked_prior": "LOCO with vs without: " + "; ".join(s["loco_prior"] for s in per_seed.values()),
                     "shipped": "prior used: " + ",".join(str(s["prior_used"]) for s in per_seed.values())}.get(key, "")
             record({"row": pre + label, "test_tta": fmt([s[key] for s in per_seed.values()]), "note": note})
-        fourier_keys = sorted(k for k in per_seed[a.seeds[0]] if k.startswith("mean+fourier"))
-        for key in fourier_keys:  # each Fourier set and number of donors (mean combiner), and the stack's verdict
-            record({"row": f"{pre}pipeline, Fourier set {key.removeprefix('mean+fourier-')}, mean combiner",
+        fourier_sets = per_seed[a.seeds[0]]["fourier_sets"]
+        for name, key in fourier_sets.items():  # each Fourier set and number of donors (mean combiner), the verdict
+            record({"row": f"{pre}pipeline, Fourier set {name}, mean combiner",
                     "test_tta": fmt([s[key] for s in per_seed.values()])})
-        if fourier_keys:
+        if fourier_sets:
             record(
                 {
                     "row": f"{pre}stack's Fourier verdict (best Fourier set vs the pick, McNemar z LOCO)",
@@ -532,7 +536,7 @@ def main():
                 second = bench.pipeline(seed, suffix="_pl", overrides=(f"train.pseudo_threshold={a.pseudo}", *a.extra))
                 pl[seed], both[seed] = bench.ensemble_scores(second), bench.ensemble_scores(first + second)
             for scores, label in [(pl, "second-round models only"), (both, "both rounds' models (the stack stage)")]:
-                for key in [*METHODS, *[m + ADAPTED for m in METHODS]]:
+                for key in [*METHODS, *[str(Label(m, ADAPTED)) for m in METHODS]]:
                     record({"row": f"+ pseudo-labels ({a.pseudo}), {label}, {key}",
                             "test_tta": fmt([s[key] for s in scores.values()])})
                 record({"row": f"+ pseudo-labels ({a.pseudo}), {label}, as picked by LOCO",
@@ -549,10 +553,10 @@ def main():
                 ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
             bench.train(BASE, seed, "1", [f"name={cfg_name}", *overrides, *a.extra])
             run = RunDir.of(bench.runs, cfg_name, seed, 1)
-            bench.infer(run, adabn=a.adabn)
+            bench.infer(run, adapt=a.adapt)
             s = bench.score_run(run)
-            if a.adabn:
-                s |= {f"{k}_adabn": v for k, v in bench.score_run(run, adabn=True).items() if k.endswith("tta")}
+            if a.adapt:
+                s |= {f"{k}_adapted": v for k, v in bench.score_run(run, adapted=True).items() if k.endswith("tta")}
             scores.append(s)
         record({"row": name, **{k: fmt([s[k] for s in scores]) for k in scores[0]}})
     if a.oracle:

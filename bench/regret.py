@@ -44,9 +44,10 @@ import accuracy as bench  # bench/accuracy.py: its data builders and the package
 from histoshift.stack.choice import compare_prediction_sets, decide
 from histoshift.data.cache import Cache
 from histoshift.paired import compare
-from histoshift.stack.rules import RULES, split_label
+from histoshift.stack.rules import RULES
 from histoshift.runs import find_runs
-from histoshift.stack.combine import ADAPTED, BOTH, PRIOR, disagreement, fit_stacker, join_sets, predict
+from histoshift.stack.combine import disagreement, fit_stacker, join_sets, predict
+from histoshift.stack.sets import ADAPTED, BOTH, PLAIN, Label
 
 META = ("id", "label", "center", "seed", "set")  # the per-patch frame's columns that are not predictions
 SETS = {"fine-tuned": ("lite0_dann",), "frozen": ("lite0_dann_frozen",), "mixed": ("lite0_dann", "lite0_dann_frozen")}
@@ -54,14 +55,13 @@ SETS = {"fine-tuned": ("lite0_dann",), "frozen": ("lite0_dann_frozen",), "mixed"
 
 def candidate_predictions(features: dict, comparison: pd.DataFrame) -> dict:
     """Label -> 0/1 predictions on the test center of every candidate in `comparison` (its prior-matched variants
-    thresholded to half positive), from `features` (suffix -> (oof, test, names); stackers fitted on oof)."""
+    thresholded to half positive), from `features` (PredictionSet -> (oof, test, names); stackers fitted on oof)."""
     out, stackers = {}, {}
-    for label in comparison["method"].unique():
-        method, suffix = split_label(label.removesuffix(PRIOR))
-        oof, test, names = features[suffix]
-        if method == "stack" and suffix not in stackers:
-            stackers[suffix] = fit_stacker(oof, names)
-        _, pred = predict(method, test, names, stackers.get(suffix), 0.5 if label.endswith(PRIOR) else None)
+    for label in comparison["label"].unique():
+        oof, test, names = features[label.pset]
+        if label.combiner == "stack" and label.pset not in stackers:
+            stackers[label.pset] = fit_stacker(oof, names)
+        _, pred = predict(label.combiner, test, names, stackers.get(label.pset), 0.5 if label.prior else None)
         out[label] = pd.Series(pred, index=test["id"].to_numpy())
     return out
 
@@ -75,7 +75,7 @@ def other_stain_tables(run, cache: Cache, paths, store: Path, accelerator) -> di
 
     from histoshift.lineage import digest_file
 
-    files = {adapted: store / run.name / f"tta_test{'_adabn' if adapted else ''}.csv" for adapted in (False, True)}
+    files = {adapted: store / run.name / f"tta_test{'_adapted' if adapted else ''}.csv" for adapted in (False, True)}
     stamp, digest = store / run.name / "checkpoint.digest", digest_file(run.checkpoint)
     if not (stamp.exists() and stamp.read_text() == digest and all(f.exists() for f in files.values())):
         task = task_class(run.kind)(run.cfg, cache, paths, accelerator, config_precision(run.cfg))
@@ -118,15 +118,15 @@ class Elsewhere:
         self.cache, self.paths, self.acc = Cache.open(self.root / "work" / "cache"), Paths(self.root), accelerator
 
     def features(self, runs: list, features: dict) -> dict:
-        """suffix -> (oof, test features here, names) for the plain, adapted and joined sets of `features`."""
+        """PredictionSet -> (oof, test features here, names) for the plain, adapted and joined sets of `features`."""
         tables = {False: {}, True: {}}
         for run in runs:
             for flag, t in other_stain_tables(run, self.cache, self.paths, self.root / "preds", self.acc).items():
                 tables[flag].setdefault(run.model_name, []).append(t)
-        out = {"": (features[""][0], test_features(tables[False]), features[""][2])}
+        out = {PLAIN: (features[PLAIN][0], test_features(tables[False]), features[PLAIN][2])}
         if ADAPTED in features:
             out[ADAPTED] = (features[ADAPTED][0], test_features(tables[True]), features[ADAPTED][2])
-            out[BOTH] = join_sets(out[""], out[ADAPTED])
+            out[BOTH] = join_sets(out[PLAIN], out[ADAPTED])
         return out
 
 
@@ -140,22 +140,22 @@ def score_case(case: dict, features: dict, comparison: pd.DataFrame, hits: dict,
     if noshift is not None:
         ns_preds = {k: p.loc[ids].to_numpy() for k, p in candidate_predictions(noshift, comparison).items()}
         ns = {k: float((p == y).mean()) for k, p in ns_preds.items()}
-    loco, best = comparison.groupby("method")["accuracy"].mean(), max(acc.values())
-    cands = [{**case, "candidate": k, "loco": round(float(loco[k]), 5), "test": round(acc[k], 5),
-              "noshift": round(ns.get(k, np.nan), 5)} for k in sorted(acc)]
+    loco, best = comparison.groupby("label", sort=False)["accuracy"].mean(), max(acc.values())
+    cands = [{**case, "candidate": str(k), "loco": round(float(loco[k]), 5), "test": round(acc[k], 5),
+              "noshift": round(ns.get(k, np.nan), 5)} for k in sorted(acc, key=str)]
     rules, frame = [], pd.DataFrame({"id": ids, "label": y, **case})
     for name in RULES:
         d = decide(features, comparison, hits, prior=0.5, rule=name)
-        shipped, right = d.method, float((d.pred == y).mean())
+        shipped, right = d.shipped, float((d.pred == y).mean())
         assert abs(right - acc[shipped]) < 1e-9, (shipped, right, acc[shipped])  # decide ships that candidate
-        rules.append({**case, "rule": name, "shipped": shipped, "test": round(right, 5), "best": round(best, 5),
+        rules.append({**case, "rule": name, "shipped": str(shipped), "test": round(right, 5), "best": round(best, 5),
                       "regret": round(best - right, 5), "noshift": round(ns.get(shipped, np.nan), 5),
                       "shift_penalty": round(ns.get(shipped, np.nan) - right, 5)})
         frame[f"rule:{name}"] = d.pred
         if ns_preds:  # what this rule shipped, on the no-shift patches (the shift penalty, paired)
             frame[f"noshift:{name}"] = ns_preds[shipped]
     for label, p in preds.items():
-        frame[label] = p.to_numpy()
+        frame[str(label)] = p.to_numpy()
     return cands, rules, frame
 
 
@@ -174,7 +174,8 @@ def main():
                     help="only write the summary of the files PREFIX-rules.csv and PREFIX-patches.csv.gz again")
     a = ap.parse_args()
     if a.summary_of:
-        text = summary(pd.read_csv(f"{a.summary_of}-rules.csv"), pd.read_csv(f"{a.summary_of}-patches.csv.gz"))
+        text = summary(*renamed(pd.read_csv(f"{a.summary_of}-rules.csv"),
+                                pd.read_csv(f"{a.summary_of}-patches.csv.gz")))
         Path(f"{a.summary_of}-summary.txt").write_text(text + "\n")
         print(text)
         return
@@ -189,16 +190,16 @@ def main():
     for seed in a.seeds:
         for set_name, configs in SETS.items():
             runs = [r for r in all_runs if r.model_name in {f"{c}/seed{seed}" for c in configs}]
-            if len(runs) != 4 * len(configs) or not all(r.tta.fresh(cache.id, adapted=True) for r in runs):
+            if len(runs) != 4 * len(configs) or not all(r.tta.fresh(cache.id, ADAPTED) for r in runs):
                 print(f"skip: seed {seed}, {set_name}: not trained and predicted")
                 continue
             features, comparison, hits = compare_prediction_sets(runs, work / "folds" / "folds.csv", cache, prior=0.5)
-            if set(features) - {"", ADAPTED, BOTH}:
+            if set(features) - {PLAIN, ADAPTED, BOTH}:
                 raise SystemExit("Fourier sets present: this benchmark compares plain, adapted and both")
             ns = noshift.features(runs, features) if noshift and seed in noshift_seeds else None
             for center, feats in (("center 2", features), ("hidden", hidden.features(runs, features))):
                 case = {"center": center, "seed": seed, "set": set_name}
-                y = labels.loc[feats[""][1]["id"]].to_numpy()
+                y = labels.loc[feats[PLAIN][1]["id"]].to_numpy()
                 cands, rules, frame = score_case(case, feats, comparison, hits, y, ns)
                 cand_rows += cands
                 rule_rows += rules
@@ -218,6 +219,14 @@ def main():
     Path(f"{base}-summary.txt").write_text(text + "\n")
     print(text)
     print(f"wrote {base}-{{candidates,rules}}.csv, {base}-patches.csv.gz, {base}-summary.txt")
+
+
+def renamed(rules: pd.DataFrame, patches: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Files written before 2026-12-07 name the adapted set '+adabn' (after the first adaptation): as now, '+adapt'."""
+    def new(text):
+        return text.replace("+adabn", "+adapt") if isinstance(text, str) else text
+
+    return rules.assign(shipped=rules["shipped"].map(new)), patches.rename(columns=new)
 
 
 def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -> str:
@@ -265,8 +274,10 @@ def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -
                     f"shift: {p.text()}"
                 )
     out += ["", "candidates against each other, pooled paired (every case; per center):"]
-    for a, b in (("mean+adabn", "mean"), ("stack+adabn", "mean+adabn"), ("rank+both", "mean+adabn"),
-                 ("mean+adabn@prior", "mean+adabn"), ("mean@prior", "mean")):
+    adapted = Label("mean", ADAPTED)
+    for a, b in ((adapted, Label("mean")), (Label("stack", ADAPTED), adapted), (Label("rank", BOTH), adapted),
+                 (adapted.matched(), adapted), (Label("mean").matched(), Label("mean"))):
+        a, b = str(a), str(b)
         if a in patches and b in patches:
             parts = [("all", patches), *patches.groupby("center", sort=False)]
             out += [f"  {a} - {b}, {key}: {compare(hits(f, a), hits(f, b), f['id']).text()}" for key, f in parts]

@@ -36,13 +36,8 @@ def lineage_message(choice) -> str:
     """What the submission was made from, from the stack's choice (a stack.folder.StackChoice): the members (config x
     seeds, folds), the combiner and its leave-one-center-out accuracy, the prediction set and the rule that chose it,
     the cache id."""
-    seeds: dict[str, list[str]] = {}
-    for member in choice.members:  # <config>/seed<S>
-        name, _, seed = str(member).partition("/")
-        seeds.setdefault(name, []).append(seed.removeprefix("seed"))
-    models = choice.checkpoints  # <config>/seed<S>/fold<K> -> digest
-    folds = {n: len({m for m in models if m.startswith(f"{n}/")}) for n in seeds}
-    configs = "; ".join(f"{n} seeds {','.join(s)} x {folds[n]} folds" for n, s in seeds.items())
+    configs = "; ".join(f"{name} seeds {','.join(map(str, e['seeds']))} x {len(e['folds'])} folds"
+                        for name, e in choice.ensemble.items())
     method = choice.method
     loco = choice.loco_accuracy.get(method)
     parts = [f"histoshift: {configs}" if configs else "histoshift",
@@ -56,16 +51,16 @@ def lineage_message(choice) -> str:
 def _set(choice) -> str:
     """The chosen prediction set in words: plain, a Fourier set, or the adapted set named by its adaptations (AdaBN
     for fine-tuned backbones, a feature shift or self-training for heads), alone or beside the plain one."""
-    name = choice.prediction_set.lstrip("+") or "plain"
-    if not choice.adabn:
-        return name
+    pset = choice.shipped.pset
+    if not pset.adapted:
+        return pset.name
     how = ", ".join(choice.adaptation_methods())
-    return f"{'plain and adapted' if name == 'both' else 'adapted'} ({how})"
+    return f"{'plain and adapted' if pset.kind == 'both' else 'adapted'} ({how})"
 
 
 def _evidence(choice) -> str:
     """The paired plain-vs-adapted evidence the rules weigh, short: ' (plain-adapted LOCO -0.4 pts, CI -1.0..+0.2)'."""
-    p = (choice.adabn_vs_plain or {}).get("paired")
+    p = (choice.adapted_vs_plain or {}).get("paired")
     return (f" (plain-adapted LOCO {100 * p['diff']:+.1f} pts, CI {100 * p['lo']:+.1f}..{100 * p['hi']:+.1f})"
             if p else "")
 

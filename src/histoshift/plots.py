@@ -17,7 +17,6 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .paths import Paths  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .safeio import write_figure  # noqa: E402
-from .stack.combine import PRIOR  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -164,7 +163,7 @@ def feature_map(runs: list[RunDir], cache_dir: Path, path: Path) -> list[str]:
 
 
 def combiners(comparison: pd.DataFrame, path: Path) -> None:
-    comparison = comparison[~comparison["method"].str.endswith(PRIOR)]  # the prior-matched variants: in the table
+    comparison = comparison[~comparison["prior"]]  # the prior-matched variants: in the table only
     table = comparison.pivot(index="center", columns="method", values="accuracy")
     ax = table.plot.bar(figsize=(7, 4), rot=0)
     low = max(0.0, float(table.min().min()) - 0.05)

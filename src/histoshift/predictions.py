@@ -3,8 +3,9 @@ predictions.json, which records what each was predicted from, so that a stale fi
 read in silence.
 
   tta_heldout.csv, tta_test.csv          8-view logits of the held-out and the test center (plain)
-  tta_*_adabn.csv                        adapted to that center first (the file name is the first adaptation's)
-  tta_*_<name>.csv                       a named prediction set, e.g. fourier-b0.05 (its settings recorded)
+  tta_*_adapted.csv                      adapted to that center first (AdaBN, a feature shift, self-training);
+                                         folders predicted before 2026-12-07 have tta_*_adabn.csv: still read
+  tta_*_fourier-b<beta>.csv              a Fourier transfer set (its settings recorded, beta among them)
   predictions.json                       per file: the checkpoint's and the cache's digests (and a named set's
                                          settings); for adapted files how many layers changed and what else the
                                          adaptation recorded (in words: stack.folder.adaptation_text)
@@ -12,22 +13,21 @@ read in silence.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from .lineage import digest_file
 from .safeio import write_csv, write_json
+from .stack.sets import ADAPTED, PLAIN, PredictionSet
 
-SET_NAME = re.compile(r"[a-z][a-z0-9.-]*")  # a named prediction set becomes part of a file name
+PARTS = ("heldout", "test")
+LEGACY_ADAPTED = "_adabn"  # the adapted files' name before 2026-12-07 (after the first adaptation, AdaBN)
 
 
-def set_suffix(adapted: bool | str) -> str:
-    """The file-name suffix of a prediction set: plain '', adapted '_adabn', a named set '_<name>'."""
-    if isinstance(adapted, bool):
-        return "_adabn" if adapted else ""
-    if not SET_NAME.fullmatch(adapted) or adapted in ("adabn",):
-        raise ValueError(f"not a prediction set name: {adapted!r}")
-    return f"_{adapted}"
+def set_suffix(pset: PredictionSet) -> str:
+    """The file-name suffix of a prediction set's files: plain '', adapted '_adapted', Fourier '_fourier-b<beta>'
+    (rendered from the typed set, never parsed back)."""
+    files = pset.files
+    return {"plain": "", "adapted": "_adapted"}[files.kind] if files.kind != "fourier" else "_" + files.name
 
 
 def _record(path: Path) -> dict:
@@ -43,10 +43,13 @@ class RunPredictions:
     heldout = property(lambda self: self.path("heldout"))
     test = property(lambda self: self.path("test"))
 
-    def path(self, part: str, adapted: bool | str = False) -> Path:
-        """TTA logits of `part` ('heldout' | 'test'): plain (False), adapted to that center first (True; named
-        after the first adaptation, AdaBN), or another prediction set by name (e.g. 'fourier-b0.05')."""
-        return self.run.path / f"tta_{part}{set_suffix(adapted)}.csv"
+    def path(self, part: str, pset: PredictionSet = PLAIN) -> Path:
+        """TTA logits of `part` ('heldout' | 'test') in the prediction set `pset` (stack.sets): plain, adapted to
+        that center first, or a Fourier set. Adapted files of a folder predicted before they were renamed
+        (tta_*_adabn.csv) are read where no new one exists."""
+        path = self.run.path / f"tta_{part}{set_suffix(pset)}.csv"
+        legacy = self.run.path / f"tta_{part}{LEGACY_ADAPTED}.csv"
+        return legacy if pset.files.kind == "adapted" and not path.exists() and legacy.exists() else path
 
     def lineage(self, cache_id: str, settings: dict | None = None) -> dict:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache (and, for a
@@ -57,14 +60,19 @@ class RunPredictions:
             **({"settings": settings} if settings else {}),
         }
 
-    def write(self, part: str, adapted: bool | str, table, cache_id: str, adaptation: dict | None = None,
+    def write(self, part: str, pset: PredictionSet, table, cache_id: str, adaptation: dict | None = None,
               settings: dict | None = None) -> None:
         """Write a TTA table and note in predictions.json what it was predicted from (checkpoint, cache, the set's
         settings) and, for adapted predictions, how many layers the adaptation changed and what else it recorded
-        (self-training: its confidence threshold and pseudo-label counts)."""
-        path = self.path(part, adapted)
+        (self-training: its confidence threshold and pseudo-label counts). A legacy adapted file of `part` is
+        replaced (removed with its record) by the new one."""
+        path = self.run.path / f"tta_{part}{set_suffix(pset)}.csv"
         write_csv(path, table, float_format="%.6g")
         recorded = _record(self.run.predictions)
+        legacy = self.run.path / f"tta_{part}{LEGACY_ADAPTED}.csv"
+        if pset.files.kind == "adapted" and legacy.exists():
+            legacy.unlink()
+            recorded = {k: v for k, v in recorded.items() if k.partition(":")[0] != legacy.name}
         recorded[path.name] = self.lineage(cache_id, settings)
         if adaptation is not None:
             recorded[f"{path.name}:adapted"] = adaptation["changed"]
@@ -75,28 +83,32 @@ class RunPredictions:
     def adapted_layers(self) -> int:
         """Layers the adapted TTA files changed (0: they equal the plain ones); recorded by infer --adapt."""
         recorded = _record(self.run.predictions)
-        return sum(recorded.get(f"{self.path(part, True).name}:adapted", 1) for part in ("heldout", "test"))
+        return sum(recorded.get(f"{self.path(part, ADAPTED).name}:adapted", 1) for part in PARTS)
 
     def adaptation(self, part: str = "test") -> dict | None:
         """What the adapted TTA file of `part` was adapted by (method; self-training: threshold, pseudo-labels)."""
-        return _record(self.run.predictions).get(f"{self.path(part, True).name}:adaptation")
+        return _record(self.run.predictions).get(f"{self.path(part, ADAPTED).name}:adaptation")
 
-    def stale(self, cache_id: str, adapted: bool | str = False, settings: dict | None = None) -> list[str]:
+    def stale(self, cache_id: str, pset: PredictionSet = PLAIN, settings: dict | None = None) -> list[str]:
         """The TTA files (heldout, test) that are missing or were predicted from another checkpoint, cache or
         settings."""
         recorded = _record(self.run.predictions)
         want = self.lineage(cache_id, settings)
-        return [p.name for p in (self.path(part, adapted) for part in ("heldout", "test"))
+        return [p.name for p in (self.path(part, pset) for part in PARTS)
                 if not p.exists() or recorded.get(p.name) != want]
 
-    def fresh(self, cache_id: str, adapted: bool | str = False, settings: dict | None = None) -> bool:
-        return not self.stale(cache_id, adapted, settings)
+    def fresh(self, cache_id: str, pset: PredictionSet = PLAIN, settings: dict | None = None) -> bool:
+        return not self.stale(cache_id, pset, settings)
 
-    def named_sets(self, prefix: str, part: str = "test") -> set[str]:
-        """The named prediction sets (e.g. 'fourier-b0.05') starting with `prefix` that have a file of `part`."""
-        head = self.path(part).stem + "_"
-        return {p.stem.removeprefix(head) for p in self.run.path.glob(f"{head}{prefix}*.csv")}
+    def fourier_sets(self) -> list[PredictionSet]:
+        """The Fourier sets this run has files of (both parts), from the beta its record keeps (never from a file
+        name), by beta."""
+        recorded = _record(self.run.predictions)
+        betas = {v["settings"]["beta"] for k, v in recorded.items()
+                 if ":" not in k and isinstance(v, dict) and "beta" in v.get("settings", {})}
+        sets = [PredictionSet.fourier(b) for b in sorted(betas)]
+        return [s for s in sets if all(self.path(part, s).exists() for part in PARTS)]
 
-    def recorded_settings(self, name: str, part: str = "test") -> dict | None:
-        """The settings a named prediction set's file was predicted with (None: not predicted)."""
-        return (_record(self.run.predictions).get(self.path(part, name).name) or {}).get("settings")
+    def recorded_settings(self, pset: PredictionSet, part: str = "test") -> dict | None:
+        """The settings a prediction set's file was predicted with (None: not predicted, or none recorded)."""
+        return (_record(self.run.predictions).get(self.path(part, pset).name) or {}).get("settings")

@@ -63,6 +63,14 @@ class RunDir:
     def fold(self) -> int:
         return int(self.path.name.removeprefix("fold"))
 
+    @property
+    def config_name(self) -> str:
+        return self.path.parent.parent.name
+
+    @property
+    def seed(self) -> int:
+        return int(self.path.parent.name.removeprefix("seed"))
+
     config = property(lambda self: self.path / "config.yaml")
     inputs = property(lambda self: self.path / "inputs.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")

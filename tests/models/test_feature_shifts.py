@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from histoshift.config import FEATURE_SHIFTS, FeatureModelCfg
+from histoshift.stack.sets import ADAPTED
 from histoshift.models.feature_shift import SHIFTS, FeatureShift, coral_map, covariance, moments
 from histoshift.models.head import FeatureClassifier
 
@@ -186,9 +187,9 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
     for run in (run for run in runs if run.cfg.model.feature_shift != "none"):
         # one map (+ 2 self-training rounds), re-estimated on the held-out and on the test center
         assert run.tta.adapted_layers() == 2 * (1 + run.cfg.model.self_train_rounds)
-        plain, adapted = pd.read_csv(run.tta.test), pd.read_csv(run.tta.path("test", True))
+        plain, adapted = pd.read_csv(run.tta.test), pd.read_csv(run.tta.path("test", ADAPTED))
         assert (plain.filter(like="v") - adapted.filter(like="v")).abs().to_numpy().max() > 1e-4
-        recorded = json.loads(run.predictions.read_text()).get("tta_test_adabn.csv:adaptation")
+        recorded = json.loads(run.predictions.read_text()).get("tta_test_adapted.csv:adaptation")
         if run.cfg.model.self_train_rounds:  # the threshold and the pseudo-labels per round are recorded
             st = recorded["self_training"]
             assert recorded["method"] == "feature shift standardize + self-training x2"
@@ -197,7 +198,7 @@ def test_heads_adapt_their_feature_shift_in_the_pipeline(prepared_root, tmp_path
             assert recorded == {"method": "feature shift coral"}
     assert main(r + ["stack"]) == 0
     choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
-    assert "adabn" in json.dumps(choice)  # the plain-or-adapted evidence is recorded
+    assert choice["adapted_vs_plain"]["paired"]  # the plain-or-adapted evidence is recorded
     assert main(r + ["report"]) == 0
     report = (root / "work" / "report" / "report.md").read_text()
     assert "## Sparse heads" in report and "| sparse/seed0 | 256 |" in report

@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[2] / "src" / "histoshift"
 
 # earlier layers first; a module matches the longest prefix listed
 LAYERS = [
-    ("errors", "safeio", "verified", "lineage", "records", "paths", "progress", "checkpoint", "stack.folder"),
+    ("errors", "safeio", "verified", "lineage", "records", "paths", "progress", "checkpoint", "stack.folder",
+     "stack.sets"),
     # plumbing: the error base, files, digests, typed facts, layouts
     ("config", "tracking"),  # typed configs (the model section by kind); trackers
     ("stain",),  # HED, classical normalisers, colour jitter, the GAN, the input transform

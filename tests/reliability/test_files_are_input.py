@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from histoshift import checkpoint
+from histoshift.stack.sets import ADAPTED
 from histoshift.cli import main
 from histoshift.runs import RunDir
 from helpers import one_error_line, tiny_config
@@ -370,7 +371,7 @@ def test_a_center_too_small_to_adapt_to_keeps_its_plain_predictions(pipeline_roo
     out = capsys.readouterr().out
     assert "fewer than 1000: not adapted" in out
     (run,) = find_runs(pipeline_root / "work" / "runs")
-    pd.testing.assert_frame_equal(pd.read_csv(run.tta.path("test", True)), pd.read_csv(run.tta.test))
+    pd.testing.assert_frame_equal(pd.read_csv(run.tta.path("test", ADAPTED)), pd.read_csv(run.tta.test))
     assert run.tta.adapted_layers() == 0
 
 

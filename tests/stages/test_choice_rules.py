@@ -10,7 +10,8 @@ import pytest
 from histoshift.stack.choice import decide
 from histoshift.paired import compare, mcnemar_z
 from histoshift.stack.rules import DEFAULT, MARGIN, RULES, Candidates
-from histoshift.stack.combine import ADAPTED, BOTH, compare_loco, join_sets, rank_predict
+from histoshift.stack.combine import compare_loco, join_sets, rank_predict
+from histoshift.stack.sets import ADAPTED, BOTH, PLAIN, Label
 
 
 def test_paired_difference_and_interval_by_hand():
@@ -66,20 +67,20 @@ def _sets(seed: int = 0, n_center: int = 300, n_test: int = 600, plain_oof_wrong
     label = rng.integers(0, 2, n)
     test_label = np.tile([0, 1], n_test // 2)
     order = rng.permutation(n)  # disjoint error sets: plain wrong on the first, adapted on the next
-    wrong = {"": order[:int(plain_oof_wrong * n)],
+    wrong = {PLAIN: order[:int(plain_oof_wrong * n)],
              ADAPTED: order[int(plain_oof_wrong * n):int((plain_oof_wrong + adapted_oof_wrong) * n)]}
     test_order = rng.permutation(n_test)
     test_wrong = {
-        "": test_order[: int(plain_test_wrong * n_test)],
+        PLAIN: test_order[: int(plain_test_wrong * n_test)],
         ADAPTED: test_order[: int(adapted_test_wrong * n_test)],
     }
     features = {}
-    for k, (suffix, d) in enumerate(zip(("", ADAPTED), disagree)):
+    for k, (pset, d) in enumerate(zip((PLAIN, ADAPTED), disagree)):
         sign = label * 2 - 1.0
-        sign[wrong[suffix]] *= -1
+        sign[wrong[pset]] *= -1
         tsign = test_label * 2 - 1.0
-        tsign[test_wrong[suffix]] *= -1
-        scale = 0.3 if suffix == "" else 3.0  # plain: unsure (high entropy); adapted: confident
+        tsign[test_wrong[pset]] *= -1
+        scale = 0.3 if pset == PLAIN else 3.0  # plain: unsure (high entropy); adapted: confident
         oof = pd.DataFrame({"id": np.arange(n), "center": centers, "label": label})
         test = pd.DataFrame({"id": np.arange(10_000, 10_000 + n_test), "center": 2})
         for m in ("a/seed0", "b/seed0"):
@@ -88,15 +89,15 @@ def _sets(seed: int = 0, n_center: int = 300, n_test: int = 600, plain_oof_wrong
             test[f"{m}__mean"] = tsign * scale * (1 + rng.random(n_test))
             test[f"{m}__spread"] = 0.1
             test[f"{m}__disagree"] = d
-        features[suffix] = (oof, test, ["a/seed0", "b/seed0"])
-    features[BOTH] = join_sets(features[""], features[ADAPTED])
+        features[pset] = (oof, test, ["a/seed0", "b/seed0"])
+    features[BOTH] = join_sets(features[PLAIN], features[ADAPTED])
     hits: dict = {}
     comparison = pd.concat([compare_loco(o, names, 0, s, hits) for s, (o, _, names) in features.items()],
                            ignore_index=True)
     return features, comparison, hits, test_label
 
 
-def _shipped(rule: str, features, comparison, hits, test_label) -> tuple[str, float]:
+def _shipped(rule: str, features, comparison, hits, test_label) -> tuple[Label, float]:
     d = decide(features, comparison, hits, prior=None, rule=rule)
     return d.label, float((d.pred == test_label).mean())
 
@@ -104,29 +105,29 @@ def _shipped(rule: str, features, comparison, hits, test_label) -> tuple[str, fl
 def test_loco_favours_plain_the_unseen_center_adapted_and_the_margin_rule_ships_adapted():
     features, comparison, hits, y = _sets()
     c = Candidates(comparison, hits, features)
-    p = c.paired(c.best(""), c.best(ADAPTED))  # plain better out of fold: 1.5 points, significant, under a point sure
+    p = c.paired(c.best(PLAIN), c.best(ADAPTED))  # plain better out of fold: 1.5 points, significant, < a point sure
     assert p.diff == pytest.approx(0.015) and p.z > 1.96 and 0 < p.lo < MARGIN
     loco, loco_acc = _shipped("loco", features, comparison, hits, y)
     margin, margin_acc = _shipped("margin", features, comparison, hits, y)
-    assert not loco.endswith(ADAPTED) and margin.endswith(ADAPTED)
+    assert loco.pset == PLAIN and margin.pset == ADAPTED
     assert loco_acc == pytest.approx(0.70) and margin_acc == pytest.approx(0.90)  # regret 20 points and 0
     # a larger out-of-fold loss, beyond the margin for sure, vetoes the adapted set under both rules
     features, comparison, hits, y = _sets(adapted_oof_wrong=0.08)
     c = Candidates(comparison, hits, features)
-    assert c.paired(c.best(""), c.best(ADAPTED)).exceeds(MARGIN)
-    assert not _shipped("margin", features, comparison, hits, y)[0].endswith(ADAPTED)
-    assert not _shipped("loco", features, comparison, hits, y)[0].endswith(ADAPTED)
+    assert c.paired(c.best(PLAIN), c.best(ADAPTED)).exceeds(MARGIN)
+    assert _shipped("margin", features, comparison, hits, y)[0].pset == PLAIN
+    assert _shipped("loco", features, comparison, hits, y)[0].pset == PLAIN
 
 
 def test_unsupervised_rules_read_only_the_test_center():
     features, comparison, hits, y = _sets()  # adapted: fold models agree (0.05 vs 0.3), confident
     for rule in ("agreement", "entropy"):
         pick = RULES[rule].pick(Candidates(comparison, hits, features))
-        assert pick.label.endswith(ADAPTED), rule
+        assert pick.label.pset == ADAPTED, rule
     assert RULES["agreement"].pick(Candidates(comparison, hits, features)).evidence["test_disagreement"] == \
-        {"plain": 0.3, ADAPTED: 0.05}
+        {"plain": 0.3, "adapt": 0.05}
     features, comparison, hits, y = _sets(disagree=(0.05, 0.3))  # now the plain set's fold models agree
-    assert not RULES["agreement"].pick(Candidates(comparison, hits, features)).label.endswith(ADAPTED)
+    assert RULES["agreement"].pick(Candidates(comparison, hits, features)).label.pset == PLAIN
     # labels of the test center are never an input: the same features with other test labels pick the same
     assert _shipped("agreement", features, comparison, hits, y)[0] == _shipped("agreement", features, comparison, hits,
                                                                                 1 - y)[0]
@@ -135,16 +136,16 @@ def test_unsupervised_rules_read_only_the_test_center():
 def test_rank_both_ranks_plain_and_adapted_together_and_adapted_is_the_reference():
     features, comparison, hits, y = _sets()
     label, acc = _shipped("rank_both", features, comparison, hits, y)
-    assert label == "rank" + BOTH
+    assert label == Label("rank", BOTH) and str(label) == "rank+both"
     oof, test, names = features[BOTH]
-    assert names == ["a/seed0", "b/seed0", "a/seed0" + ADAPTED, "b/seed0" + ADAPTED]
+    assert names == ["a/seed0", "b/seed0", "a/seed0+adapt", "b/seed0+adapt"]
     _, pred = rank_predict(test, names)
     assert acc == pytest.approx(float((pred == y).mean()))
-    assert _shipped("adapted", features, comparison, hits, y)[0].endswith(ADAPTED)
+    assert _shipped("adapted", features, comparison, hits, y)[0].pset == ADAPTED
     # without adapted predictions every rule falls back to the plain set's best combiner
-    plain_only = comparison[~comparison["method"].str.contains(r"\+")]
-    c = Candidates(plain_only, {k: v for k, v in hits.items() if "+" not in k}, {"": features[""]})
-    assert {name: r.pick(c).label for name, r in RULES.items()} == {name: c.best("") for name in RULES}
+    plain_only = comparison[[label.pset == PLAIN for label in comparison["label"]]]
+    c = Candidates(plain_only, {k: v for k, v in hits.items() if k.pset == PLAIN}, {PLAIN: features[PLAIN]})
+    assert {name: r.pick(c).label for name, r in RULES.items()} == {name: c.best(PLAIN) for name in RULES}
 
 
 def test_decide_names_the_rule_and_every_rules_pick():

@@ -12,6 +12,7 @@ import pytest
 from histoshift.cli import main
 from histoshift.kaggle_upload import lineage_message
 from histoshift.stack.folder import StackDir
+from histoshift.stack.sets import ADAPTED, BOTH, PLAIN, Label
 
 pytestmark = pytest.mark.slow  # the `finished` root trains heads
 
@@ -52,10 +53,12 @@ def test_the_message_says_what_the_submission_was_made_from(finished):
 
     choice = json.loads((finished / "work" / "stack" / "choice.json").read_text())
     text = lineage_message(StackDir(finished / "work" / "stack").require_choice("stack"))
-    method = choice["method"]
-    assert "head seeds 0 x 4 folds" in text and f"combiner {method}" in text
-    assert f"LOCO acc {choice['loco_accuracy'][method]:.4f}" in text and choice["lineage"]["cache"] in text
-    assert f"set {choice['prediction_set'].lstrip('+') or 'plain'} by rule {choice['rule']}" in text  # rule named
+    shipped = Label.from_record(choice["shipped"])  # the typed record, rendered by the message only
+    assert choice["ensemble"] == {"head": {"seeds": [0], "folds": [0, 1, 3, 4]}}
+    assert "head seeds 0 x 4 folds" in text and f"combiner {shipped}" in text
+    assert f"LOCO acc {choice['loco_accuracy'][str(shipped)]:.4f}" in text and choice["lineage"]["cache"] in text
+    words = "plain" if shipped.pset == PLAIN else "adapted (" if shipped.pset == ADAPTED else "plain and adapted ("
+    assert f"set {words}" in text and f"by rule {choice['rule']}" in text  # set and rule named
     assert len(text) <= 500
 
 
@@ -128,13 +131,16 @@ def test_the_message_names_the_adaptation_not_always_adabn():
     from histoshift.stack.folder import StackChoice
 
     head = {"method": "feature shift (standardize)", "changed": 1}
-    base = dict(members=["h/seed0"], method="mean+adabn", loco_accuracy={"mean+adabn": 0.9}, rule="margin")
-    adapted = StackChoice(**base, adabn=True, prediction_set="+adabn", adaptations={"h/seed0/fold0": head})
-    assert "set adapted (feature shift (standardize)) by rule margin" in lineage_message(adapted)
-    both = StackChoice(**base, adabn=True, prediction_set="+both",
+    base = dict(members=["h/seed0"], loco_accuracy={"mean+adapt": 0.9}, rule="margin",
+                ensemble={"h": {"seeds": [0, 2], "folds": [0, 1, 3, 4]}})
+    adapted = StackChoice(**base, shipped=Label("mean", ADAPTED), adaptations={"h/seed0/fold0": head})
+    text = lineage_message(adapted)
+    assert "set adapted (feature shift (standardize)) by rule margin" in text
+    assert "h seeds 0,2 x 4 folds" in text and "combiner mean+adapt (LOCO acc 0.9000)" in text
+    both = StackChoice(**base, shipped=Label("mean", BOTH),
                        adaptations={"h/seed0/fold0": None, "h/seed0/fold1": {"method": "AdaBN", "changed": 9}})
     assert "set plain and adapted (AdaBN) by rule margin" in lineage_message(both)
-    older = StackChoice(**base, adabn=True, prediction_set="+adabn")  # written before adaptations were recorded
+    older = StackChoice(**base, shipped=Label("mean", ADAPTED))  # written before adaptations were recorded
     assert "set adapted (AdaBN) by rule margin" in lineage_message(older)
-    plain = StackChoice(**{**base, "method": "mean"}, prediction_set="")
-    assert "set plain by rule margin" in lineage_message(plain)
+    plain = StackChoice(**base, shipped=Label("mean", PLAIN, prior=True))
+    assert "set plain by rule margin" in lineage_message(plain) and "combiner mean@prior" in lineage_message(plain)

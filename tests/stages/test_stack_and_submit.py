@@ -15,6 +15,7 @@ from histoshift.runs import RunDir
 from histoshift.paired import mcnemar_z
 from histoshift.stack.rules import RULES, Candidates
 from histoshift.stack.combine import build_features, compare_loco, feature_columns, fit_stacker, rank_predict
+from histoshift.stack.sets import ADAPTED, PLAIN, Label, PredictionSet
 from histoshift.stages.stack import run_stack
 from histoshift.stages.submit import SubmissionError, check_submission, write_submission
 
@@ -132,19 +133,27 @@ def test_rank_average_keeps_the_mean_positive_count():
     assert pred.tolist() == [0, 0, 1, 1, 1]
 
 
+FOURIER_1, FOURIER_7 = PredictionSet.fourier(0.03, 1), PredictionSet.fourier(0.03, 7)
+
+
 def loco(c: pd.DataFrame, hits: dict | None = None):
     """The original rule's pick and evidence."""
     pick = RULES["loco"].pick(Candidates(c, hits or {}))
-    return pick.label, pick.evidence.get("adabn_vs_plain"), pick.evidence.get("fourier")
+    return pick.label, pick.evidence.get("adapted_vs_plain"), pick.evidence.get("fourier")
+
+
+def _rows(labels: list[Label], accuracy: list[float], center=0) -> pd.DataFrame:
+    """compare_loco's rows by hand: typed labels, their text, a center, an accuracy."""
+    return pd.DataFrame({"label": labels, "method": [str(x) for x in labels], "center": center, "accuracy": accuracy})
 
 
 def test_choose_prefers_the_simpler_combiner_on_ties():
-    c = pd.DataFrame({"method": ["mean", "rank", "stack"] * 2, "center": [0] * 3 + [1] * 3,
-                      "accuracy": [0.9, 0.9, 0.9, 0.8, 0.8, 0.8]})
+    combiners = [Label("mean"), Label("rank"), Label("stack")]
+    c = _rows(combiners * 2, [0.9, 0.9, 0.9, 0.8, 0.8, 0.8], center=[0] * 3 + [1] * 3)
     for rule in ("loco", "margin", "rank_both", "adapted"):  # one set: each takes its LOCO-best combiner
-        assert RULES[rule].pick(Candidates(c, {})).label == "mean"
+        assert RULES[rule].pick(Candidates(c, {})).label == Label("mean")
     c.loc[5, "accuracy"] = 0.85
-    assert loco(c) == ("stack", None, None)
+    assert loco(c) == (Label("stack"), None, None)
 
 
 def test_run_stack_writes_scores_and_comparison(tmp_path):
@@ -156,8 +165,12 @@ def test_run_stack_writes_scores_and_comparison(tmp_path):
     assert StackDir(tmp_path / "stack").choice() == result  # written and read through one record
     scores = pd.read_csv(tmp_path / "stack" / "test_scores.csv")
     assert len(scores) == 30 and set(scores.pred) <= {0, 1}
-    assert result.method in ("mean", "rank", "stack")
-    assert (tmp_path / "stack" / "comparison.csv").exists()
+    assert result.shipped.combiner in ("mean", "rank", "stack") and result.shipped.pset == PLAIN
+    assert result.method == str(result.shipped)
+    written = pd.read_csv(tmp_path / "stack" / "comparison.csv")  # the label as text and as its fields
+    assert list(written.columns[:4]) == ["method", "combiner", "set", "prior"]
+    assert set(written.set) == {"plain"} and set(written.combiner) == {"mean", "rank", "stack"}
+    assert (written.method == written.combiner + np.where(written.prior, "@prior", "")).all()  # each thresholded too
 
 
 def _with_adabn(runs, adabn: str):
@@ -178,7 +191,7 @@ def _with_adabn(runs, adabn: str):
                 t[views] = noisy if adabn == "better" else sharp
                 t.to_csv(run.tta.path(part), index=False)
                 t[views] = sharp if adabn == "better" else noisy
-            t.to_csv(run.tta.path(part, adapted=True), index=False)
+            t.to_csv(run.tta.path(part, ADAPTED), index=False)
         refresh_predictions(run)
 
 
@@ -188,9 +201,9 @@ def test_run_stack_keeps_adabn_unless_leave_one_center_out_shows_it_hurts(tmp_pa
     _with_adabn(runs, adabn)
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     comparison = pd.read_csv(tmp_path / "stack" / "comparison.csv")
-    assert {"mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
-    assert result.adabn is kept
-    z = result.adabn_vs_plain["z_plain_over_adabn"]
+    assert {"mean+adapt", "rank+adapt", "stack+adapt"} <= set(comparison.method)
+    assert result.adapted is kept and result.shipped.pset.adapted is kept
+    z = result.adapted_vs_plain["z_plain_over_adapted"]
     assert {"better": z < -1.96, "same": z == 0, "worse": z > 1.96}[adabn]
     used = pd.read_csv(tmp_path / "stack" / "oof_features.csv")
     plain, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"))
@@ -198,21 +211,21 @@ def test_run_stack_keeps_adabn_unless_leave_one_center_out_shows_it_hurts(tmp_pa
 
 
 def test_choose_keeps_adabn_unless_plain_is_significantly_better():
-    c = pd.DataFrame({"method": ["mean", "rank", "mean+adabn", "rank+adabn"], "center": [0] * 4,
-                      "accuracy": [0.80, 0.78, 0.79, 0.79]})
+    mean, rank, mean_a, rank_a = Label("mean"), Label("rank"), Label("mean", ADAPTED), Label("rank", ADAPTED)
+    c = _rows([mean, rank, mean_a, rank_a], [0.80, 0.78, 0.79, 0.79])
     right = np.ones(100, dtype=bool)
-    plain, adabn = right.copy(), right.copy()
-    plain[:4], adabn[4:9] = False, False  # plain wins 5 patches, AdaBN 4: noise
-    hits = {"mean": plain, "rank": plain, "mean+adabn": adabn, "rank+adabn": adabn}
-    # the best AdaBN combiner (ties go to the simpler one); z = (5 - 4) / sqrt(9)
+    plain, adapted = right.copy(), right.copy()
+    plain[:4], adapted[4:9] = False, False  # plain wins 5 patches, the adapted set 4: noise
+    hits = {mean: plain, rank: plain, mean_a: adapted, rank_a: adapted}
+    # the best adapted combiner (ties go to the simpler one); z = (5 - 4) / sqrt(9)
     label, evidence, fourier = loco(c, hits)
-    assert (label, fourier) == ("mean+adabn", None)
-    assert {k: evidence[k] for k in ("plain", "adabn", "z_plain_over_adabn")} == \
-        {"plain": "mean", "adabn": "mean+adabn", "z_plain_over_adabn": 0.333}
+    assert (label, fourier) == (mean_a, None)
+    assert {k: evidence[k] for k in ("plain", "adapted", "z_plain_over_adapted")} == \
+        {"plain": "mean", "adapted": "mean+adapt", "z_plain_over_adapted": 0.333}
     assert evidence["paired"]["diff"] == pytest.approx(0.01) and not evidence["paired"]["decisive"]
-    adabn[10:30] = False  # now plain wins 25 patches, AdaBN 4: z = 21 / sqrt(29) = 3.9
-    assert mcnemar_z(hits["mean"], adabn) == pytest.approx(21 / np.sqrt(29))
-    assert loco(c, hits | {"mean+adabn": adabn, "rank+adabn": adabn})[0] == "mean"
+    adapted[10:30] = False  # now plain wins 25 patches, the adapted set 4: z = 21 / sqrt(29) = 3.9
+    assert mcnemar_z(hits[mean], adapted) == pytest.approx(21 / np.sqrt(29))
+    assert loco(c, hits | {mean_a: adapted, rank_a: adapted})[0] == mean
     with pytest.raises(ValueError, match="per-patch hits"):
         loco(c)
 
@@ -220,9 +233,10 @@ def test_choose_keeps_adabn_unless_plain_is_significantly_better():
 def test_adabn_predictions_are_ignored_when_missing_for_a_fold(tmp_path):
     runs, folds_csv, _ = _fake_runs(tmp_path)
     _with_adabn(runs, "better")
-    runs[0].tta.path("test", adapted=True).unlink()
+    runs[0].tta.path("test", ADAPTED).unlink()
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
-    assert not result.adabn and "mean+adabn" not in set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
+    written = pd.read_csv(tmp_path / "stack" / "comparison.csv")
+    assert not result.adapted and set(written.set) == {"plain"}
 
 
 def _sub(ids, preds):
@@ -294,18 +308,18 @@ def test_prior_matching_is_used_only_where_it_helps_leave_one_center_out(tmp_pat
     assert {"mean@prior", "rank@prior", "stack@prior"} <= set(comparison.method)
     matched = result.prior_matching
     means = comparison.groupby("method").accuracy.mean()
-    base = result.method.removesuffix("@prior")
-    assert matched["loco_with"] == pytest.approx(means[base + "@prior"], abs=1e-5)
-    assert matched["used"] == (means[base + "@prior"] > means[base])
+    base = Label(result.shipped.combiner, result.shipped.pset)
+    assert matched["loco_with"] == pytest.approx(means[str(base.matched())], abs=1e-5)
+    assert matched["used"] == (means[str(base.matched())] > means[str(base)])
     if shift:
         assert means["mean@prior"] > means["mean"] + 0.1
-    assert result.method.endswith("@prior") == matched["used"]
+    assert result.shipped.prior == matched["used"] and result.method.endswith("@prior") == matched["used"]
     pred = pd.read_csv(tmp_path / "stack" / "test_scores.csv")["pred"]
     if matched["used"]:
         assert pred.sum() == len(pred) // 2
     never = run_stack(runs, folds_csv, tmp_path / "stack2", tmp_path / "cache", prior=None)
-    assert never.prior_matching is None and not never.method.endswith("@prior")
-    assert not pd.read_csv(tmp_path / "stack2" / "comparison.csv").method.str.endswith("@prior").any()
+    assert never.prior_matching is None and not never.shipped.prior
+    assert not pd.read_csv(tmp_path / "stack2" / "comparison.csv").prior.any()
 
 
 def test_score_prints_the_accuracy_and_exits_zero(tmp_path, capsys):
@@ -322,22 +336,19 @@ def test_score_prints_the_accuracy_and_exits_zero(tmp_path, capsys):
 
 
 def test_a_fourier_set_replaces_the_pick_only_when_significantly_better():
-    c = pd.DataFrame({"method": ["mean", "mean+adabn", "mean+fourier-b0.03-n1", "mean+fourier-b0.03-n7",
-                                 "mean+fourier-b0.01-n7"], "center": [0] * 5,
-                      "accuracy": [0.80, 0.80, 0.81, 0.83, 0.82]})
+    labels = [Label("mean"), Label("mean", ADAPTED), Label("mean", FOURIER_1), Label("mean", FOURIER_7),
+              Label("mean", PredictionSet.fourier(0.01, 7))]
+    c = _rows(labels, [0.80, 0.80, 0.81, 0.83, 0.82])
     right = np.ones(200, dtype=bool)
     pick, best = right.copy(), right.copy()
     pick[:10], best[10:16] = False, False  # the best Fourier set wins 10 patches, loses 6: z = 1.0, noise
-    hits = {"mean": pick, "mean+adabn": pick, "mean+fourier-b0.03-n1": pick, "mean+fourier-b0.03-n7": best,
-            "mean+fourier-b0.01-n7": pick}
+    hits = {label: best if label.pset == FOURIER_7 else pick for label in labels}
     label, _, fourier = loco(c, hits)
-    assert label == "mean+adabn" and {k: fourier[k] for k in ("fourier", "against", "z_fourier_over_pick", "used")} \
-        == {"fourier": "mean+fourier-b0.03-n7", "against": "mean+adabn", "z_fourier_over_pick": 1.0, "used": False}
+    assert label == labels[1] and {k: fourier[k] for k in ("fourier", "against", "z_fourier_over_pick", "used")} \
+        == {"fourier": "mean+fourier-b0.03-n7", "against": "mean+adapt", "z_fourier_over_pick": 1.0, "used": False}
     best[10:16] = True  # now it wins 10, loses none: z = 3.16
     label, _, fourier = loco(c, hits)
-    assert (
-        label == "mean+fourier-b0.03-n7" and fourier["used"] and fourier["z_fourier_over_pick"] == pytest.approx(3.162)
-    )
+    assert label == labels[3] and fourier["used"] and fourier["z_fourier_over_pick"] == pytest.approx(3.162)
 
 
 def _with_fourier(runs, sharp: bool, settings: dict, donors: int = 7):
@@ -352,7 +363,7 @@ def _with_fourier(runs, sharp: bool, settings: dict, donors: int = 7):
                 else rng.normal(0, 2, (len(t), donors))
             for v in range(donors):
                 t[f"v{v}"] = logits[:, v]
-            run.tta.write(part, "fourier-b0.03", t, "c0", settings=settings)
+            run.tta.write(part, PredictionSet.fourier(0.03), t, "c0", settings=settings)
 
 
 def test_the_stack_tries_each_number_of_donors_and_takes_a_fourier_set_that_wins(tmp_path):
@@ -371,17 +382,20 @@ def test_the_stack_tries_each_number_of_donors_and_takes_a_fourier_set_that_wins
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
     methods = set(pd.read_csv(tmp_path / "stack" / "comparison.csv").method)
     assert {f"mean+fourier-b0.03-n{n}" for n in (1, 3, 7)} <= methods
-    assert result.prediction_set.startswith("+fourier-b0.03-n") and result.fourier_vs_pick["used"]
-    assert result.method.split("+")[0] in ("mean", "rank", "stack")
+    pset = result.shipped.pset
+    assert (pset.kind, pset.beta, pset.donors in (1, 3, 7)) == ("fourier", 0.03, True)
+    assert result.fourier_vs_pick["used"]
+    assert result.shipped.combiner in ("mean", "rank", "stack")
     # the number of donors changes the features: n = 1 is the nearest donor's view alone
-    oof1, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"), adapted="fourier-b0.03", views=1)
+    oof1, _, names = build_features(runs, folds_csv, Cache.open(tmp_path / "cache"), FOURIER_1)
     run = next(r for r in runs if r.model_name == names[0] and r.fold == 0)
-    t = pd.read_csv(run.tta.path("heldout", "fourier-b0.03")).set_index("id")
+    t = pd.read_csv(run.tta.path("heldout", FOURIER_1)).set_index("id")
+    assert run.tta.path("heldout", FOURIER_1).name == "tta_heldout_fourier-b0.03.csv"  # the donors: not in the name
     assert oof1.set_index("id").loc[t.index[0], f"{names[0]}__mean"] == pytest.approx(t.iloc[0]["v0"])
 
     # a set whose fold models disagree on the settings (another pool) is not compared at all
     other = next(r for r in runs if r.fold == 3)
-    t = pd.read_csv(other.tta.path("test", "fourier-b0.03"))
-    other.tta.write("test", "fourier-b0.03", t, "c0", settings={**settings, "pool": "p1"})
+    t = pd.read_csv(other.tta.path("test", FOURIER_7))
+    other.tta.write("test", FOURIER_7, t, "c0", settings={**settings, "pool": "p1"})
     result = run_stack(runs, folds_csv, tmp_path / "stack", tmp_path / "cache")
-    assert result.fourier_vs_pick is None and result.prediction_set in ("", "+adabn")
+    assert result.fourier_vs_pick is None and result.shipped.pset in (PLAIN, ADAPTED)

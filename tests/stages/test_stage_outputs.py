@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from histoshift.cli import main
+from histoshift.stack.folder import StackDir
+from histoshift.stack.sets import ADAPTED, BOTH, METHODS, Label
 from histoshift.runs import find_runs
 
 from helpers import tiny_config
@@ -191,11 +193,11 @@ def test_frozen_backbone_feature_cache_and_heads(prepared_root, tmp_path):
         assert len(pd.read_csv(run.tta.heldout).filter(like="v").columns) == 8
         assert set(pd.read_csv(run.tta.test).id) == set(cache.index[cache.index.split == "test"].id)
         # a head on stored features has nothing to adapt: its "adapted" predictions are the plain ones
-        pd.testing.assert_frame_equal(pd.read_csv(run.tta.path("test", adapted=True)), pd.read_csv(run.tta.test))
+        pd.testing.assert_frame_equal(pd.read_csv(run.tta.path("test", ADAPTED)), pd.read_csv(run.tta.test))
         assert run.tta.adapted_layers() == 0
     assert main(r + ["stack"]) == 0 and main(r + ["submit", "--allow-degenerate"]) == 0
     choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
-    assert choice["adabn"] is False and choice["adabn_vs_plain"] is None  # no second set to choose from
+    assert choice["shipped"]["pset"]["kind"] == "plain" and choice["adapted_vs_plain"] is None  # no second set
 
 
 def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys):
@@ -230,37 +232,33 @@ def test_adabn_adapts_batchnorm_to_the_target_and_reruns_infer(pipeline, capsys)
     r = ["--root", str(pipeline)]
     assert main(r + ["infer", "--adabn"]) == 0
     assert "(AdaBN)" in capsys.readouterr().out
-    adapted = pd.read_csv(run.tta.path("test", adapted=True))
+    adapted = pd.read_csv(run.tta.path("test", ADAPTED))
     assert (before.id == adapted.id).all() and not np.allclose(before.v0, adapted.v0)
     pd.testing.assert_frame_equal(pd.read_csv(run.tta.test), before)  # plain predictions stay as they were
     assert main(r + ["infer", "--adabn"]) == 0 and "(adapted) is up to date" in capsys.readouterr().out
     # the stack stage scores both prediction sets leave-one-center-out and says which one it used
     assert main(r + ["stack"]) == 0
     comparison = pd.read_csv(pipeline / "work" / "stack" / "comparison.csv")
-    assert {"mean", "rank", "stack", "mean+adabn", "rank+adabn", "stack+adabn"} <= set(comparison.method)
-    choice = json.loads((pipeline / "work" / "stack" / "choice.json").read_text())
+    assert {"mean", "rank", "stack", "mean+adapt", "rank+adapt", "stack+adapt"} <= set(comparison.method)
+    choice = StackDir(pipeline / "work" / "stack").require_choice("stack")  # the typed record
     means = comparison.groupby("method").accuracy.mean()
-    base = choice["method"].removesuffix("@prior")  # prior matching is decided after the combiner and set
-    from histoshift.stack.rules import split_label
-
-    suffix = split_label(base)[1]  # within the chosen set, the LOCO-best combiner
-    same_set = [m for m in means.index if not m.endswith("@prior") and split_label(m)[1] == suffix]
-    assert means[base] == means[same_set].max() and choice["adabn"] == (suffix in ("+adabn", "+both"))
-    assert choice["method"].endswith("@prior") == choice["prior_matching"]["used"]
-    evidence = choice["adabn_vs_plain"]
+    base = Label(choice.shipped.combiner, choice.shipped.pset)  # prior matching is decided after combiner and set
+    same_set = [str(Label(m, base.pset)) for m in METHODS if str(Label(m, base.pset)) in means]
+    assert means[str(base)] == means[same_set].max()  # within the chosen set, the LOCO-best combiner
+    assert choice.adapted == (base.pset in (ADAPTED, BOTH))
+    assert choice.shipped.prior == choice.prior_matching["used"]
+    evidence = choice.adapted_vs_plain
     from histoshift.stack.rules import DEFAULT, RULES
 
-    assert choice["rule"] == DEFAULT and base == choice["rule_picks"][DEFAULT]  # the default rule's pick ships
-    assert set(choice["rule_picks"]) == set(RULES) and choice["rule_summary"] == RULES[DEFAULT].summary
-    assert evidence["paired"]["diff"] == pytest.approx(means[evidence["plain"]] - means[evidence["adabn"]], abs=0.02)
+    assert choice.rule == DEFAULT and str(base) == choice.rule_picks[DEFAULT]  # the default rule's pick ships
+    assert set(choice.rule_picks) == set(RULES) and choice.rule_summary == RULES[DEFAULT].summary
+    assert evidence["paired"]["diff"] == pytest.approx(means[evidence["plain"]] - means[evidence["adapted"]], abs=0.02)
     assert main(r + ["report"]) == 0
     report = (pipeline / "work" / "report" / "report.md").read_text()
-    assert f"McNemar z = {evidence['z_plain_over_adabn']:+.2f}" in report and f"by the rule '{DEFAULT}'" in report
-    for p in pipeline.glob("work/runs/*/seed*/fold*/tta_*_adabn.csv"):  # the other tests expect plain ones only
+    assert f"McNemar z = {evidence['z_plain_over_adapted']:+.2f}" in report and f"by the rule '{DEFAULT}'" in report
+    for p in pipeline.glob("work/runs/*/seed*/fold*/tta_*_adapted.csv"):  # the other tests expect plain ones only
         p.unlink()
-    assert (
-        main(r + ["stack"]) == 0 and not json.loads((pipeline / "work" / "stack" / "choice.json").read_text())["adabn"]
-    )
+    assert main(r + ["stack"]) == 0 and not StackDir(pipeline / "work" / "stack").require_choice("stack").adapted
 
 
 def test_one_round_of_pseudo_labels(pipeline, capsys):

@@ -1,7 +1,7 @@
 """The donor pool of Fourier test-time transfer (stain/fourier.py) and the prediction sets `infer --fourier` makes
 from it: a fixed sample of the train split's centers, read once from the cache. Every number about the donors
 lives here: the pool's size, the betas and donors `infer --fourier` predicts by default, the donor counts the stack
-tries, and the sets' names."""
+tries (the sets' names: stack.sets.PredictionSet.fourier)."""
 from __future__ import annotations
 
 from ..config import ConfigError
@@ -49,10 +49,6 @@ class FourierTTA:
                              f"{per_center} (>= 1)")
         self.betas, self.donors, self.per_center = tuple(float(b) for b in betas), int(donors), int(per_center)
         self._pool = None
-
-    @staticmethod
-    def name(beta: float) -> str:
-        return f"fourier-b{beta:g}"
 
     def pool(self, cache):
         """(donor rows, their images as uint8 N x H x W x 3), read once."""

@@ -1,22 +1,21 @@
 """The stack stage's choice (stages/stack.py writes it): which prediction set and which combiner (stack.py's
 `mean`, `rank`, `stack`) go to the test center.
 
-The prediction sets: plain (8 dihedral views); adapted ("+adabn": `infer --adapt`, a fine-tuned backbone's
-batch-norm statistics, a head's feature shift and self-training, re-done on each center from its unlabelled
-patches); Fourier transfer ("+fourier-b<beta>-n<n>": `infer --fourier`, each patch given the low-frequency
-amplitudes of its n nearest donors of other training centers, the first n of the set's donor views - so the
-number of donors is chosen here, and beta by which set); and, with adapted predictions, both plain and adapted side
-by side ("+both"). Every combiner on every set is scored leave one center out (LOCO) on the out-of-fold patches;
-a rule (rules.py, `stack --rule`, default rules.DEFAULT) then picks the set. The default was chosen by its regret
-on two unseen centers (the best candidate there minus what shipped), not by LOCO: the labelled centers are milder
-stain shifts than a new hospital, and LOCO vetoes of the adapted set cost up to 4.75 points (docs/benchmarks.md,
-"Which rule ships"). The decision record (stack.folder.StackChoice) keeps the rule, its evidence, and what every other
-rule would have picked.
+The prediction sets (typed: sets.PredictionSet): plain (8 dihedral views); adapted (`infer --adapt`, a fine-tuned
+backbone's batch-norm statistics, a head's feature shift and self-training, re-done on each center from its
+unlabelled patches); Fourier transfer (`infer --fourier`, each patch given the low-frequency amplitudes of its n
+nearest donors of other training centers, the first n of the set's donor views - so the number of donors is chosen
+here, and beta by which set); and, with adapted predictions, both plain and adapted side by side. Every combiner on
+every set is scored leave one center out (LOCO) on the out-of-fold patches; a rule (rules.py, `stack --rule`,
+default rules.DEFAULT) then picks the set. The default was chosen by its regret on two unseen centers (the best
+candidate there minus what shipped), not by LOCO: the labelled centers are milder stain shifts than a new hospital,
+and LOCO vetoes of the adapted set cost up to 4.75 points (docs/benchmarks.md, "Which rule ships"). The decision
+record (stack.folder.StackChoice) keeps the rule, its evidence, and what every other rule would have picked.
 
-Prior matching: the competition's test center is exactly balanced. Each combiner is also scored thresholded so
-that that share of patches is predicted positive (`mean@prior`, ...; the labelled centers are balanced as well);
-the chosen combiner is thresholded that way on the test center only when this raises its mean per-center accuracy
-leave-one-center-out (the choice's `prior_matching`).
+Prior matching: the competition's test center is exactly balanced. Each combiner is also scored thresholded so that
+that share of patches is predicted positive (a label's `prior`, rendered `mean@prior`; the labelled centers are
+balanced as well); the chosen combiner is thresholded that way on the test center only when this raises its mean
+per-center accuracy leave-one-center-out (the choice's `prior_matching`).
 """
 from __future__ import annotations
 
@@ -29,84 +28,81 @@ import pandas as pd
 from ..data.cache import Cache
 from ..data.donors import donor_counts
 from ..runs import RunDir
-from .rules import DEFAULT, RULES, Candidates, split_label
-from .combine import ADAPTED, BOTH, PRIOR, build_features, compare_loco, fit_stacker, join_sets, predict
-
+from .rules import DEFAULT, RULES, Candidates
+from .combine import build_features, compare_loco, fit_stacker, join_sets, predict
+from .sets import ADAPTED, BOTH, PLAIN, Label, PredictionSet
 
 
 def adapted_ready(runs: list[RunDir], cache: Cache) -> bool:
     """Every fold model has fresh adapted predictions, and the adaptation changed something in at least
     one of them (a set equal to the plain one is not a second set)."""
-    if not all(r.tta.fresh(cache.id, adapted=True) for r in runs):
+    if not all(r.tta.fresh(cache.id, ADAPTED) for r in runs):
         return False
     return any(r.tta.adapted_layers() > 0 for r in runs)
 
 
 
-def fourier_sets(runs: list[RunDir], cache: Cache) -> dict[str, tuple[str, int]]:
-    """Suffix -> (set name, donors used) for every Fourier set that each fold model has, fresh and predicted
-    with the same settings; the donors tried: data.donors.donor_counts."""
-    names = None
+def fourier_sets(runs: list[RunDir], cache: Cache) -> list[PredictionSet]:
+    """Every Fourier set (beta) that each fold model has, fresh and predicted with the same settings, once per number
+    of donors tried (data.donors.donor_counts), by beta and donors."""
+    have = None
     for run in runs:
-        have = run.tta.named_sets("fourier-b")
-        names = have if names is None else names & have
-    out = {}
-    for name in sorted(names or ()):
-        settings = [run.tta.recorded_settings(name) for run in runs]
+        sets = set(run.tta.fourier_sets())
+        have = sets if have is None else have & sets
+    out = []
+    for files in sorted(have or (), key=PredictionSet.order):
+        settings = [run.tta.recorded_settings(files) for run in runs]
         if any(s is None or s != settings[0] for s in settings):
             continue
-        if not all(run.tta.fresh(cache.id, name, s) for run, s in zip(runs, settings)):
+        if not all(run.tta.fresh(cache.id, files, s) for run, s in zip(runs, settings)):
             continue
-        donors = int(settings[0]["donors"])
-        for n in donor_counts(donors):
-            out[f"+{name}-n{n}"] = (name, n)
+        out += [PredictionSet.fourier(files.beta, n) for n in donor_counts(int(settings[0]["donors"]))]
     return out
 
 
 def compare_prediction_sets(runs: list[RunDir], folds_csv: Path, cache: Cache, seed: int = 0,
                             prior: float | None = None) -> tuple[dict, pd.DataFrame, dict]:
-    """Features of the plain predictions (""), and, when every fold model has them, of the adapted ones (ADAPTED)
-    and of both side by side (BOTH), and of each Fourier set and number of donors; the leave-one-center-out
-    comparison of every combiner on each set; per-patch hits."""
-    features = {"": build_features(runs, folds_csv, cache)}
+    """Features (PredictionSet -> (oof, test, names)) of the plain predictions, and, when every fold model has them,
+    of the adapted ones and of both side by side, and of each Fourier set and number of donors; the
+    leave-one-center-out comparison of every combiner on each set (combine.compare_loco's rows); per-patch hits
+    (Label -> hits)."""
+    features = {PLAIN: build_features(runs, folds_csv, cache)}
     if adapted_ready(runs, cache):
-        features[ADAPTED] = build_features(runs, folds_csv, cache, adapted=True)
-        features[BOTH] = join_sets(features[""], features[ADAPTED])
-    for suffix, (name, n) in fourier_sets(runs, cache).items():
-        features[suffix] = build_features(runs, folds_csv, cache, adapted=name, views=n)
+        features[ADAPTED] = build_features(runs, folds_csv, cache, ADAPTED)
+        features[BOTH] = join_sets(features[PLAIN], features[ADAPTED])
+    for pset in fourier_sets(runs, cache):
+        features[pset] = build_features(runs, folds_csv, cache, pset)
     hits: dict = {}  # every set's out-of-fold rows are folds.csv's patches in id order: paired
-    comparison = pd.concat([compare_loco(oof, names, seed, suffix, hits, prior)
-                            for suffix, (oof, _, names) in features.items()], ignore_index=True)
+    comparison = pd.concat([compare_loco(oof, names, seed, pset, hits, prior)
+                            for pset, (oof, _, names) in features.items()], ignore_index=True)
     return features, comparison, hits
 
 
-def prior_choice(comparison: pd.DataFrame, label: str, prior: float | None) -> dict | None:
+def prior_choice(comparison: pd.DataFrame, label: Label, prior: float | None) -> dict | None:
     """Whether to threshold the chosen combiner to the known positive share: only when that raises
     its mean per-center accuracy leave-one-center-out (the labelled centers are balanced too)."""
     if not prior:
         return None
-    means = comparison.groupby("method")["accuracy"].mean()
-    without, with_prior = float(means[label]), float(means[label + PRIOR])
+    means = comparison.groupby("label", sort=False)["accuracy"].mean()
+    without, with_prior = float(means[label]), float(means[label.matched()])
     return {"share": prior, "loco_without": round(without, 5), "loco_with": round(with_prior, 5),
             "used": with_prior > without + 1e-12}
 
 
 def candidates(features: dict, comparison: pd.DataFrame, hits: dict) -> Candidates:
     """What a rule chooses from: the compared sets without their prior-matched variants."""
-    return Candidates(comparison[~comparison["method"].str.endswith(PRIOR)], hits, features)
+    return Candidates(comparison[[not label.prior for label in comparison["label"]]], hits, features)
 
 
 @dataclass(frozen=True)
 class Decision:
     """The stack's decision as a typed record (the stage turns it into stack.folder.StackChoice, the benchmarks score
     it): the pick and its evidence, and the test center's scores and 0/1 predictions."""
-    label: str  # the picked candidate: combiner + prediction set, e.g. "mean+adabn"
-    method: str  # what ships: the label, "@prior" when thresholded to the known positive share
-    adabn: bool  # adapted predictions chosen (alone or beside the plain ones)
-    prediction_set: str  # the set's suffix: "" plain, "+adabn", "+both", "+fourier-b<beta>-n<donors>"
+    label: Label  # the picked candidate: combiner and prediction set, e.g. Label("mean", ADAPTED)
+    shipped: Label  # what ships: the label, thresholded to the known positive share (`prior`) when that is used
     rule: str
     rule_evidence: dict  # what the rule measured
-    rule_picks: dict  # rule -> the label it would have picked
+    rule_picks: dict  # rule -> the Label it would have picked
     evidence: dict | None  # the paired plain-vs-adapted comparison, LOCO, whatever the rule
     fourier: dict | None  # the best Fourier set against the pick
     prior_matching: dict | None
@@ -129,15 +125,12 @@ def decide(features: dict, comparison: pd.DataFrame, hits: dict, prior: float | 
     picks = {name: r.pick(c) for name, r in RULES.items()}
     label, evidence = picks[rule].label, picks[rule].evidence
     matched = prior_choice(comparison, label, prior)
-    method, suffix = split_label(label)
-    oof, test, names = features[suffix]
-    stacker = fit_stacker(oof, names, seed) if method == "stack" else None
+    oof, test, names = features[label.pset]
+    stacker = fit_stacker(oof, names, seed) if label.combiner == "stack" else None
     used = bool(matched and matched["used"])
-    score, pred = predict(method, test, names, stacker, prior if used else None)
-    versus = picks["loco"].evidence.get("adabn_vs_plain")  # the paired plain-vs-adapted evidence, whatever the rule
-    # method: the combiner, its prediction set's suffix ("+adabn", "+fourier-...", "+both"), "@prior" thresholded
-    return Decision(label=label, method=label + (PRIOR if used else ""), adabn=suffix in (ADAPTED, BOTH),
-                    prediction_set=suffix, rule=rule, rule_evidence=evidence,
+    score, pred = predict(label.combiner, test, names, stacker, prior if used else None)
+    versus = picks["loco"].evidence.get("adapted_vs_plain")  # the paired plain-vs-adapted evidence, whatever the rule
+    return Decision(label=label, shipped=label.matched() if used else label, rule=rule, rule_evidence=evidence,
                     rule_picks={name: p.label for name, p in picks.items()}, evidence=versus,
                     fourier=evidence.get("fourier"), prior_matching=matched, names=names, oof=oof, test=test,
                     score=score, pred=pred)

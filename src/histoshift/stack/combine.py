@@ -15,7 +15,7 @@ Three combiners are evaluated leave-one-center-out on the out-of-fold features:
   rank   average of per-member percentile ranks, thresholded at the positive rate that `mean`
          predicts on the same patches (ranks carry no threshold of their own)
   stack  LightGBM on all features, trained on the other centers' out-of-fold rows, threshold 0.5
-The prediction sets (plain, adapted, Fourier transfer) are compared combiner by combiner leave one center
+The prediction sets (plain, adapted, Fourier transfer; sets.py) are compared combiner by combiner leave one center
 out, and one combiner on one set is chosen: choice.py.
 """
 from __future__ import annotations
@@ -33,11 +33,7 @@ from ..metrics import accuracy, brier, ece, sigmoid
 from ..tta import check_finite, view_columns
 from ..runs import RunDir
 from ..errors import HistoshiftError, Missing
-
-METHODS = ("mean", "rank", "stack")
-ADAPTED = "+adabn"  # suffix of a combiner scored on adapted predictions (named after the first adaptation)
-PRIOR = "@prior"  # suffix of a combiner thresholded to the known positive share (prior matching)
-BOTH = "+both"  # the plain and the adapted predictions of every member side by side, one set (join_sets)
+from .sets import ADAPTED, METHODS, PLAIN, Label, PredictionSet
 # n_jobs=1: LightGBM's own OpenMP pool spins against torch's in the same process; on 2 busy cores a fit of 900
 # rows took 1.34 s with its default threads and 0.03 s with one, 135,000 rows x 16 features 11.6 s and 2.2 s
 # (2026-12-07, docs/benchmarks.md); the stacker's inputs are a few columns, threads buy little even when idle
@@ -60,27 +56,28 @@ def _views(path: Path, views: int | None = None) -> pd.DataFrame:
                          "mean": v.mean(1), "spread": v.std(1)})
 
 
-def check_lineage(runs: list[RunDir], cache: Cache, adapted: bool | str = False) -> None:
-    """Refuse runs trained on another cache and TTA files predicted from another checkpoint or cache (a named
+def check_lineage(runs: list[RunDir], cache: Cache, pset: PredictionSet = PLAIN) -> None:
+    """Refuse runs trained on another cache and TTA files predicted from another checkpoint or cache (a Fourier
     set: with the settings its files recorded)."""
     for run in runs:
         run.check_inputs(cache.digests)
-        stale = run.tta.stale(
-            cache.id, adapted, run.tta.recorded_settings(adapted) if isinstance(adapted, str) else None
-        )
+        settings = run.tta.recorded_settings(pset) if pset.kind == "fourier" else None
+        stale = run.tta.stale(cache.id, pset, settings)
         if stale:
             raise StaleError(f"{run.path}: {', '.join(stale)} missing or predicted from another checkpoint or cache; "
                              "run the infer stage")
 
 
-def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adapted: bool | str = False,
-                   views: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Out-of-fold features of every labelled patch and averaged features of every test patch (from the adapted
-    predictions with `adapted` True, from a named prediction set with its name; `views`: its first views only)."""
-    def tta(run: RunDir, part: str) -> Path:
-        return run.tta.path(part, adapted)
+def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, pset: PredictionSet = PLAIN
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Out-of-fold features of every labelled patch and averaged features of every test patch, from the prediction
+    set `pset`'s files (a Fourier set with `donors`: its first that many views only)."""
+    views = pset.donors
 
-    check_lineage(runs, cache, adapted)
+    def tta(run: RunDir, part: str) -> Path:
+        return run.tta.path(part, pset)
+
+    check_lineage(runs, cache, pset)
     folds = read_folds(folds_csv)
     check_folds(folds, cache.index, folds_csv)
     expected_folds = sorted(int(f) for f in folds["fold"].unique())
@@ -123,14 +120,14 @@ def build_features(runs: list[RunDir], folds_csv: Path, cache: Cache, adapted: b
 
 def join_sets(plain: tuple, adapted: tuple) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """One set of the plain and the adapted features of every member side by side (an adapted member is named
-    `<member>+adabn`): its rank average is the rank average of plain and adapted (rules.py's `rank_both`)."""
+    `<member>+adapt`): its rank average is the rank average of plain and adapted (rules.py's `rank_both`)."""
     (oof_p, test_p, names), (oof_a, test_a, _) = plain, adapted
-    renamed = {c: c.replace("__", ADAPTED + "__", 1) for c in test_a.columns if "__" in c}
+    renamed = {c: c.replace("__", ADAPTED.suffix + "__", 1) for c in test_a.columns if "__" in c}
     oof = oof_p.merge(oof_a[["id", *(c for c in renamed if c in oof_a.columns)]].rename(columns=renamed), on="id")
     test = test_p.merge(test_a[["id", *renamed]].rename(columns=renamed), on="id")
     if len(oof) != len(oof_p) or len(test) != len(test_p):
         raise StackError("the plain and the adapted predictions cover different patches")
-    return oof, test, [*names, *(n + ADAPTED for n in names)]
+    return oof, test, [*names, *(n + ADAPTED.suffix for n in names)]
 
 
 def disagreement(votes: np.ndarray) -> np.ndarray:
@@ -200,12 +197,12 @@ def probability(method: str, score: np.ndarray) -> np.ndarray | None:
     return sigmoid(score) if method == "mean" else score if method == "stack" else None
 
 
-def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str = "",
+def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, pset: PredictionSet = PLAIN,
                  hits: dict | None = None, prior: float | None = None) -> pd.DataFrame:
-    """Per-center accuracy (and Brier score, ECE) of each combiner, each center scored by a stacker that never saw it;
-    `suffix` labels the prediction set (ADAPTED for AdaBN predictions); with `prior`, each combiner is
-    also scored thresholded to that positive share (label + PRIOR). `hits`, when given, receives per
-    patch (in `oof` order) whether each combiner was right."""
+    """Per-center accuracy (and Brier score, ECE) of each combiner on the prediction set `pset`, each center scored
+    by a stacker that never saw it; with `prior`, each combiner is also scored thresholded to that positive share
+    (its label's `prior`). One row per candidate and center: `label` the typed sets.Label, `method` its text (for
+    tables). `hits`, when given, receives per label, per patch (in `oof` order), whether the candidate was right."""
     rows, correct = [], {}
     for center, part in oof.groupby("center"):
         rest = oof[oof["center"] != center]
@@ -213,18 +210,29 @@ def compare_loco(oof: pd.DataFrame, names: list[str], seed: int = 0, suffix: str
         for method in METHODS:
             if method == "stack" and stacker is None:
                 continue
-            for share, tag in ((None, ""), *(((prior, PRIOR),) if prior else ())):
+            for share in (None, *((prior,) if prior else ())):
+                label = Label(method, pset, prior=share is not None)
                 score, pred = predict(method, part, names, stacker, share)
                 right = pd.Series(pred == part["label"].to_numpy(), index=part.index)
-                correct.setdefault(method + suffix + tag, []).append(right)
+                correct.setdefault(label, []).append(right)
                 prob = probability(method, score)
-                rows.append({"method": method + suffix + tag, "center": int(center), "n": len(part),
+                rows.append({"label": label, "method": str(label), "center": int(center), "n": len(part),
                              "accuracy": accuracy(part["label"], pred),
                              "brier": brier(part["label"], prob) if prob is not None else float("nan"),
                              "ece": ece(part["label"], prob) if prob is not None else float("nan")})
     if hits is not None:
         hits.update({m: pd.concat(parts).reindex(oof.index).to_numpy() for m, parts in correct.items()})
     return pd.DataFrame(rows)
+
+
+def comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
+    """compare_loco's rows as comparison.csv and the tables keep them: the typed label's fields as columns (combiner,
+    set, prior) beside its text (`method`)."""
+    labels = comparison["label"]
+    fields = pd.DataFrame({"combiner": [x.combiner for x in labels], "set": [x.pset.name for x in labels],
+                           "prior": [x.prior for x in labels]}, index=comparison.index)
+    rest = comparison.drop(columns=["label", "method"])
+    return pd.concat([comparison[["method"]], fields, rest], axis=1)
 
 
 def calibration_means(comparison: pd.DataFrame) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..lineage import StaleError
 from ..safeio import write_json
+from .sets import Label
 
 CHOICE = "choice.json"
 FIRST_ADAPTATION = "AdaBN"  # what adapted predictions were made by before their records named a method
@@ -39,8 +40,8 @@ def adaptation_text(record: dict | None, changed: bool = False) -> str:
 def evidence_line(evidence: dict) -> str:
     paired = evidence.get("paired")  # choices written before the paired interval have the z alone
     diff = f"plain - adapted = {_points(paired)}, " if paired else ""
-    return (f"plain '{evidence['plain']}' against adapted '{evidence['adabn']}' on the same out-of-fold patches: "
-            f"{diff}McNemar z = {evidence['z_plain_over_adabn']:+.2f}")
+    return (f"plain '{evidence['plain']}' against adapted '{evidence['adapted']}' on the same out-of-fold patches: "
+            f"{diff}McNemar z = {evidence['z_plain_over_adapted']:+.2f}")
 
 
 def _points(p: dict) -> str:
@@ -52,16 +53,15 @@ def _points(p: dict) -> str:
 @dataclass(frozen=True)
 class StackChoice:
     members: list[str]  # <config>/seed<S>, the ensemble
-    method: str  # the combiner; "+adabn": on the adapted predictions; "@prior": thresholded to the known share
-    adabn: bool = False  # adapted predictions were chosen (alone, "+adabn", or beside the plain ones, "+both")
-    prediction_set: str = ""  # the chosen set's suffix: "" plain, "+adabn", "+both", "+fourier-b<beta>-n<donors>"
-    loco_accuracy: dict = field(default_factory=dict)  # combiner -> mean accuracy leave-one-center-out
-    loco_calibration: dict = field(default_factory=dict)  # combiner -> mean Brier and ECE
+    shipped: Label  # what goes to the test center: combiner, prediction set, prior matching (stack.sets)
+    ensemble: dict = field(default_factory=dict)  # config -> {"seeds": [...], "folds": [...]}
+    loco_accuracy: dict = field(default_factory=dict)  # candidate (as text) -> mean accuracy leave-one-center-out
+    loco_calibration: dict = field(default_factory=dict)  # candidate (as text) -> mean Brier and ECE
     rule: str = "loco"  # the choice rule (rules.py); choices written before rules existed used `loco`
     rule_summary: str = ""
     rule_evidence: dict = field(default_factory=dict)  # what the rule measured (paired records, test criteria)
-    rule_picks: dict = field(default_factory=dict)  # rule -> the label it would have picked on the same candidates
-    adabn_vs_plain: dict | None = None  # the paired test between the prediction sets
+    rule_picks: dict = field(default_factory=dict)  # rule -> the label (as text) it would have picked on the same data
+    adapted_vs_plain: dict | None = None  # the paired test between the prediction sets
     fourier_vs_pick: dict | None = None  # the paired test of the best Fourier set against that pick
     adaptations: dict | None = None  # fold run -> how its adapted predictions were made
     prior_matching: dict | None = None  # used only when it raises the LOCO accuracy of the chosen combiner
@@ -74,6 +74,16 @@ class StackChoice:
     lineage: dict = field(default_factory=dict)
 
     @property
+    def method(self) -> str:
+        """What ships, as text (tables, messages; the key of loco_accuracy): e.g. 'mean+adapt@prior'."""
+        return str(self.shipped)
+
+    @property
+    def adapted(self) -> bool:
+        """Adapted predictions were chosen (alone, or beside the plain ones)."""
+        return self.shipped.pset.adapted
+
+    @property
     def cache_id(self) -> str | None:
         return self.lineage.get("cache")
 
@@ -83,7 +93,7 @@ class StackChoice:
 
     def evidence_line(self) -> str:
         """The paired test between the plain and the adapted prediction sets, in words."""
-        return evidence_line(self.adabn_vs_plain) if self.adabn_vs_plain else ""
+        return evidence_line(self.adapted_vs_plain) if self.adapted_vs_plain else ""
 
     def rule_line(self) -> str:
         """Which rule chose, in words, and where the other rules differ."""
@@ -112,11 +122,15 @@ class StackChoice:
 
     @classmethod
     def from_dict(cls, data: dict, where: Path) -> "StackChoice":
+        """From choice.json; a choice of another version (before 2026-12-07 it named what ships as text, "method")
+        is refused with one line: the stack stage makes it again in seconds from the run folders."""
         known = {f.name for f in fields(cls)}
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as e:
-            raise StaleError(f"{where}: not a choice of this version ({e}); run the stack stage again") from None
+            shipped = Label.from_record(data["shipped"])
+            return cls(**{k: v for k, v in data.items() if k in known} | {"shipped": shipped})
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise StaleError(f"{where}: not a choice of this version ({type(e).__name__}: {e}); run the stack stage "
+                             "again") from None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The stack's choice rules: which prediction set goes to the test center (choice.py applies one; `stack --rule`).
 
-A rule sees the candidates the stack compared (`Candidates`): every combiner (stack.METHODS) on every prediction
-set - plain (""), adapted (ADAPTED: AdaBN, a head's feature shift and self-training), Fourier transfer sets
-("+fourier-b<beta>-n<donors>") and both plain and adapted side by side (BOTH) - with their leave-one-center-out
-(LOCO) accuracies and per-patch hits on the labelled centers, and the test center's unlabelled features. It
-returns a `Pick`: one candidate's label and the evidence it used. Within a set the combiner is always the LOCO
+A rule sees the candidates the stack compared (`Candidates`): every combiner (sets.METHODS) on every prediction
+set (sets.PredictionSet) - plain, adapted (AdaBN, a head's feature shift and self-training), Fourier transfer sets
+(beta, donors) and both plain and adapted side by side - with their leave-one-center-out (LOCO) accuracies and
+per-patch hits on the labelled centers, and the test center's unlabelled features. It returns a `Pick`: one
+candidate's label (a typed sets.Label) and the evidence it used. Within a set the combiner is always the LOCO
 best (ties: the simpler one); the rules differ in which set. Prior matching is decided afterwards, the same way
 for every rule (choice.prior_choice).
 
@@ -41,65 +41,63 @@ import numpy as np
 import pandas as pd
 
 from ..paired import Paired, compare
-from .combine import ADAPTED, BOTH, METHODS, mean_score
+from .combine import mean_score
+from .sets import ADAPTED, BOTH, METHODS, PLAIN, Label, PredictionSet
 
-FOURIER = "+fourier"  # the Fourier sets' suffixes: "+fourier-b<beta>-n<donors used>"
 Z = 1.96  # the original rule's McNemar threshold
 MARGIN = 0.01  # `margin`: plain must beat adapted LOCO by more than this (a share: one point), beyond doubt
-
-
-def split_label(label: str) -> tuple[str, str]:
-    """'mean+fourier-b0.03-n3' -> ('mean', '+fourier-b0.03-n3'): the combiner and the prediction set's suffix."""
-    method = next(m for m in METHODS if label.startswith(m))
-    return method, label[len(method):]
 
 
 @dataclass(frozen=True)
 class Candidates:
     """What the stack compared: `comparison` (compare_loco's rows, the prior-matched ones left out), per-patch
-    hits of every label on the out-of-fold patches, and every set's features (suffix -> (oof, test, names))."""
+    hits of every label on the out-of-fold patches, and every set's features (PredictionSet -> (oof, test,
+    names))."""
     comparison: pd.DataFrame
     hits: dict
     features: dict = field(default_factory=dict)
 
     @cached_property
-    def means(self) -> pd.Series:
-        return self.comparison.groupby("method")["accuracy"].mean()
+    def means(self) -> dict[Label, float]:
+        """Each candidate's LOCO accuracy, the mean over the held-out centers."""
+        return {k: float(v) for k, v in self.comparison.groupby("label", sort=False)["accuracy"].mean().items()}
 
-    def best(self, suffix: str) -> str | None:
+    def best(self, pset: PredictionSet) -> Label | None:
         """The LOCO-best combiner on one set (ties: the simpler combiner, METHODS' order); None: no such set."""
-        labels = [m + suffix for m in METHODS if m + suffix in self.means]
+        labels = [Label(m, pset) for m in METHODS if Label(m, pset) in self.means]
         if not labels:
             return None
         top = max(self.means[m] for m in labels)
         return next(m for m in labels if self.means[m] >= top - 1e-12)
 
-    def paired(self, a: str, b: str) -> Paired:
+    def paired(self, a: Label, b: Label) -> Paired:
         if a not in self.hits or b not in self.hits:
             raise ValueError("choosing between prediction sets needs the per-patch hits")
         return compare(self.hits[a], self.hits[b])
 
     @property
-    def fourier(self) -> list[str]:
-        return sorted({split_label(m)[1] for m in self.means.index if split_label(m)[1].startswith(FOURIER)})
+    def fourier(self) -> list[PredictionSet]:
+        """The Fourier sets compared, by beta and donors."""
+        return sorted({m.pset for m in self.means if m.pset.kind == "fourier"}, key=PredictionSet.order)
 
-    def sets(self) -> list[str]:
-        """The single prediction sets (not BOTH) in the order ties go: plain, adapted, Fourier."""
-        return [s for s in ("", ADAPTED, *self.fourier) if self.best(s) is not None]
+    def sets(self) -> list[PredictionSet]:
+        """The single prediction sets (not both) in the order ties go: plain, adapted, Fourier."""
+        return [s for s in (PLAIN, ADAPTED, *self.fourier) if self.best(s) is not None]
 
 
 @dataclass(frozen=True)
 class Pick:
-    label: str  # the combiner and its set, e.g. "mean+adabn"
-    evidence: dict = field(default_factory=dict)
+    label: Label  # the combiner and its set, e.g. Label("mean", ADAPTED)
+    evidence: dict = field(default_factory=dict)  # what the rule measured (labels as text: for the decision record)
 
 
-def _versus(c: Candidates, plain: str, adapted: str) -> tuple[Paired, dict]:
+def _versus(c: Candidates, plain: Label, adapted: Label) -> tuple[Paired, dict]:
     p = c.paired(plain, adapted)
-    return p, {"plain": plain, "adabn": adapted, "z_plain_over_adabn": round(p.z, 3), "paired": p.record()}
+    return p, {"plain": str(plain), "adapted": str(adapted), "z_plain_over_adapted": round(p.z, 3),
+               "paired": p.record()}
 
 
-def _fourier(c: Candidates, pick: str, evidence: dict, replaces: Callable[[Paired], bool]) -> Pick:
+def _fourier(c: Candidates, pick: Label, evidence: dict, replaces: Callable[[Paired], bool]) -> Pick:
     """The best Fourier set replaces `pick` only when `replaces` says the paired evidence is strong enough."""
     if c.fourier:
         labels = [c.best(s) for s in c.fourier]
@@ -107,8 +105,8 @@ def _fourier(c: Candidates, pick: str, evidence: dict, replaces: Callable[[Paire
         best = next(m for m in labels if c.means[m] >= top - 1e-12)  # ties: the first set
         p = c.paired(best, pick)
         used = replaces(p)
-        evidence = evidence | {"fourier": {"fourier": best, "against": pick, "z_fourier_over_pick": round(p.z, 3),
-                                           "used": used, "paired": p.record()}}
+        evidence = evidence | {"fourier": {"fourier": str(best), "against": str(pick),
+                                           "z_fourier_over_pick": round(p.z, 3), "used": used, "paired": p.record()}}
         pick = best if used else pick
     return Pick(pick, evidence)
 
@@ -137,10 +135,10 @@ class Loco(Rule):
     name, summary = "loco", "adapted unless plain is significantly better leave one center out (McNemar z > 1.96)"
 
     def pick(self, c: Candidates) -> Pick:
-        plain, adapted, evidence = c.best(""), c.best(ADAPTED), {}
+        plain, adapted, evidence = c.best(PLAIN), c.best(ADAPTED), {}
         pick = plain
         if adapted:
-            p, evidence["adabn_vs_plain"] = _versus(c, plain, adapted)
+            p, evidence["adapted_vs_plain"] = _versus(c, plain, adapted)
             pick = plain if p.z > Z else adapted
         return _fourier(c, pick, evidence, lambda p: p.z > Z)
 
@@ -151,10 +149,10 @@ class Margin(Rule):
     summary = f"adapted unless plain is better leave one center out by more than {MARGIN:.0%} beyond doubt"
 
     def pick(self, c: Candidates) -> Pick:
-        plain, adapted, evidence = c.best(""), c.best(ADAPTED), {"margin": MARGIN}
+        plain, adapted, evidence = c.best(PLAIN), c.best(ADAPTED), {"margin": MARGIN}
         pick = plain
         if adapted:
-            p, evidence["adabn_vs_plain"] = _versus(c, plain, adapted)
+            p, evidence["adapted_vs_plain"] = _versus(c, plain, adapted)
             pick = plain if p.exceeds(MARGIN) else adapted
         return _fourier(c, pick, evidence, lambda p: p.lo > 0)
 
@@ -164,7 +162,7 @@ def _unsupervised(c: Candidates, score: Callable[[pd.DataFrame, list[str]], floa
     order = c.sets()
     scores = {s: float(score(c.features[s][1], c.features[s][2])) for s in order}
     best = min(scores, key=lambda s: (scores[s], order.index(s)))
-    return Pick(c.best(best), {key: {s or "plain": round(v, 5) for s, v in scores.items()}})
+    return Pick(c.best(best), {key: {s.name: round(v, 5) for s, v in scores.items()}})
 
 
 @register
@@ -195,9 +193,9 @@ class RankBoth(Rule):
     name, summary = "rank_both", "the rank average of the plain and the adapted predictions together"
 
     def pick(self, c: Candidates) -> Pick:
-        if "rank" + BOTH in c.means:
-            return Pick("rank" + BOTH)
-        return Pick(c.best(""), {"note": "no adapted set: the plain set's best combiner"})
+        if Label("rank", BOTH) in c.means:
+            return Pick(Label("rank", BOTH))
+        return Pick(c.best(PLAIN), {"note": "no adapted set: the plain set's best combiner"})
 
 
 @register
@@ -205,7 +203,7 @@ class Adapted(Rule):
     name, summary = "adapted", "the adapted set whenever there is one (a reference: margin with no veto)"
 
     def pick(self, c: Candidates) -> Pick:
-        return Pick(c.best(ADAPTED) or c.best(""))
+        return Pick(c.best(ADAPTED) or c.best(PLAIN))
 
 
 DEFAULT = "margin"  # chosen by regret on both unseen centers (docs/benchmarks.md, "Which rule ships")

@@ -1,18 +1,19 @@
 """Stage `infer`: 8-view TTA logits of every finished fold run (both kinds of model), for its held-out center and
 the test center; with --adapt also after the task adapted the model to each center without its labels (files
-`tta_*_adabn.csv`, named after the first adaptation the project had). The stack stage keeps the adapted set only
-where leave-one-center-out accuracy does not reject it."""
+`tta_*_adapted.csv`; folders predicted before 2026-12-07 have `tta_*_adabn.csv`, read the same way and replaced
+when predicted again). The stack stage keeps the adapted set only where its rule does not reject it."""
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 from ..data.donors import BETAS, DONORS
+from ..stack.sets import ADAPTED, PLAIN, PredictionSet
 from . import Stage, timed
 
 STAGE = Stage("8-view TTA logits of every finished fold run (both kinds of model), for its held-out center and "
               "the test center",
               "work/runs/*/seed*/fold*/ (finished), work/cache/, work/features/<key>/ (heads on features)",
-              "in each run folder: tta_heldout.csv, tta_test.csv (with --adapt also tta_*_adabn.csv), "
+              "in each run folder: tta_heldout.csv, tta_test.csv (with --adapt also tta_*_adapted.csv), "
               "predictions.json",
               flow="work/runs/ (finished) -> work/runs/.../tta_*.csv")
 
@@ -62,20 +63,20 @@ def infer_run(run, cache, paths, accelerator, force: bool = False, adapt: bool =
             _infer_fourier(run, cache, paths, accelerator, force, fourier)
 
 
-def _todo(run, cache, accelerator, force: bool, adapt: bool) -> list[bool]:
-    """The prediction sets (False: plain, True: adapted) to predict again."""
+def _todo(run, cache, accelerator, force: bool, adapt: bool) -> list[PredictionSet]:
+    """The prediction sets (plain, adapted) to predict again."""
     todo = []
-    for adapted in ((False, True) if adapt else (False,)):
-        stale = run.tta.stale(cache.id, adapted)
+    for pset in ((PLAIN, ADAPTED) if adapt else (PLAIN,)):
+        stale = run.tta.stale(cache.id, pset)
         if force or stale:
-            todo.append(adapted)
+            todo.append(pset)
             old = [name for name in stale if (run.path / name).exists()]
             if old and not force:
                 accelerator.print(
                     f"infer: {run.name}: {', '.join(old)} predate the current checkpoint or cache; predicting again"
                 )
         else:
-            accelerator.print(f"infer: {run.path}{' (adapted)' if adapted else ''} is up to date")
+            accelerator.print(f"infer: {run.path}{' (adapted)' if pset.adapted else ''} is up to date")
     return todo
 
 
@@ -93,7 +94,8 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
     source = training_rows(cache.index, run.fold)  # adaptations that need labels read the fold's own
     for name, table in (("heldout", heldout_rows(cache.index, run.fold)), ("test", test_rows(cache.index))):
         predict = task.predictor(table, desc=f"{run.name} {name}")
-        for adapted in todo:
+        for pset in todo:
+            adapted = pset.adapted
             model, record = (
                 _adapted(task, trained, table, source, run, name, accelerator) if adapted else (trained, None)
             )
@@ -101,7 +103,7 @@ def _infer_run(run, cache, paths, accelerator, force: bool, adapt: bool) -> None
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:
-                run.tta.write(name, adapted, out, cache.id, adaptation=record)
+                run.tta.write(name, pset, out, cache.id, adaptation=record)
             accelerator.print(f"infer: {run.name} {name}: {len(out)} patches x {len(view_columns(out))} views"
                               + (f" {adaptation_text(record, changed=True)}" if adapted else "")
                               + (f", TTA-mean accuracy {logit_accuracy(out, view_columns(out)):.4f}"
@@ -119,7 +121,7 @@ def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None
     todo = [
         b
         for b in fourier.betas
-        if force or run.tta.stale(cache.id, fourier.name(b), fourier.settings(b, cache))
+        if force or run.tta.stale(cache.id, PredictionSet.fourier(b), fourier.settings(b, cache))
     ]
     if not todo:
         accelerator.print(f"infer: {run.path} (Fourier sets) is up to date")
@@ -133,7 +135,9 @@ def _infer_fourier(run, cache, paths, accelerator, force: bool, fourier) -> None
             if name == "test":
                 out["label"] = -1
             if accelerator.is_main_process:
-                run.tta.write(name, fourier.name(beta), out, cache.id, settings=fourier.settings(beta, cache))
+                run.tta.write(
+                    name, PredictionSet.fourier(beta), out, cache.id, settings=fourier.settings(beta, cache)
+                )
             accelerator.print(
                 f"infer: {run.name} {name}: Fourier transfer beta {beta:g}, {fourier.donors} donors a patch"
             )

@@ -114,7 +114,7 @@ def write_report(runs: list, stack_dir: Path, out_dir: Path, cache_dir: Path | N
             ),
             f"Chosen for the test center: **{choice.method}** over {len(choice.members)} members "
             f"({', '.join(choice.members)}), by the {choice.rule_line()}.",
-            *([f"Between the prediction sets: {choice.evidence_line()}."] if choice.adabn_vs_plain else []),
+            *([f"Between the prediction sets: {choice.evidence_line()}."] if choice.adapted_vs_plain else []),
             *([f"{choice.fourier_line()}."] if choice.fourier_vs_pick else []),
             *(
                 [

@@ -75,29 +75,42 @@ def run_stack(runs: list, folds_csv: Path, out_dir: Path, cache_dir: Path, seed:
         return _run_stack(runs, folds_csv, stack, Cache.open(cache_dir), seed, prior, rule or _default())
 
 
+def ensemble(runs: list, members: list[str]) -> dict:
+    """Per config in the ensemble: its seeds and folds (every member has every fold; the submission's message)."""
+    out: dict = {}
+    for r in runs:
+        if r.model_name in members:
+            entry = out.setdefault(r.config_name, {"seeds": [], "folds": []})
+            entry["seeds"], entry["folds"] = sorted({*entry["seeds"], r.seed}), sorted({*entry["folds"], r.fold})
+    return out
+
+
 def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: float | None, rule: str):
     import pandas as pd
 
     from ..lineage import digest_file
     from ..safeio import write_csv
     from ..stack.choice import compare_prediction_sets, decide
-    from ..stack.combine import ADAPTED, calibration_means
+    from ..stack.combine import calibration_means, comparison_table
     from ..stack.folder import StackChoice
+    from ..stack.sets import ADAPTED
 
     stack.path.mkdir(parents=True, exist_ok=True)
     features, comparison, hits = compare_prediction_sets(runs, folds_csv, cache, seed, prior)
-    table = comparison.pivot(index="center", columns="method", values="accuracy")
+    written = comparison_table(comparison)  # the typed labels as text and columns
+    table = written.pivot(index="center", columns="method", values="accuracy")
     table.loc["mean"] = table.mean()
     d = decide(features, comparison, hits, prior, seed, rule)
     names, evidence, matched = d.names, d.evidence, d.prior_matching
     scores = pd.DataFrame({"id": d.test["id"], "score": d.score, "pred": d.pred})
     choice = StackChoice(
-        members=names, method=d.method, adabn=d.adabn, prediction_set=d.prediction_set,
+        members=names, shipped=d.shipped, ensemble=ensemble(runs, names),
         loco_accuracy={m: float(table.loc["mean", m]) for m in table.columns},
         # calibration of each combiner's tumour probability, mean over held-out centers (rank: none)
-        loco_calibration=calibration_means(comparison),
-        rule=rule, rule_summary=_rules()[rule].summary, rule_evidence=d.rule_evidence, rule_picks=d.rule_picks,
-        adabn_vs_plain=evidence,  # the paired comparison of the best plain and the best adapted combiner, LOCO
+        loco_calibration=calibration_means(written),
+        rule=rule, rule_summary=_rules()[rule].summary, rule_evidence=d.rule_evidence,
+        rule_picks={name: str(label) for name, label in d.rule_picks.items()},
+        adapted_vs_plain=evidence,  # the paired comparison of the best plain and the best adapted combiner, LOCO
         fourier_vs_pick=d.fourier,  # the best Fourier set against the pick (rules loco and margin)
         # how each fold model's adapted test predictions were made (AdaBN, feature shift, self-training)
         adaptations={r.name: r.tta.adaptation() for r in runs} if ADAPTED in features else None,
@@ -109,7 +122,7 @@ def _run_stack(runs: list, folds_csv: Path, stack, cache, seed: int, prior: floa
     stack.clear_choice()  # scores without a choice are never submitted
     write_csv(stack.oof_features, d.oof, float_format="%.6g")
     write_csv(stack.test_features, d.test, float_format="%.6g")
-    write_csv(stack.comparison, comparison)
+    write_csv(stack.comparison, written)
     write_csv(stack.test_scores, scores, float_format="%.6g")
     stack.write_choice(choice)  # last: the set is complete
     print("stack: leave-one-center-out accuracy on out-of-fold predictions (rows: held-out center)")
