@@ -45,7 +45,8 @@ def test_the_paper_head_has_the_reported_layers():
         load_config(overrides=["model.kind=feature", "model.head=paper_dann", "model.head_hidden=8"])
 
 
-# paper_medimageinsight_mlp runs end to end through train.sh and infer.sh in tests/project/test_foundation_scripts_end_to_end.py
+# paper_medimageinsight_mlp runs end to end through train.sh and infer.sh in
+# tests/project/test_foundation_scripts_end_to_end.py
 END_TO_END = [p for p in PAPERS if p.stem != "paper_medimageinsight_mlp"]
 
 
