@@ -25,10 +25,10 @@ for every rule (choice.prior_choice).
   adapted    the adapted set whenever there is one (the limit of `margin` with no veto): a reference
 
 Why a margin: the labelled centers are milder stain shifts than a new hospital, so LOCO under-states what an
-adaptation buys on an unseen one. Judged by regret on two unseen centers of the offline proxy (14 cases, 2026-12-07,
-docs/benchmarks.md "Which rule ships"): `margin` 0.50 points mean, 1.03 worst; `loco` 1.32 and 4.75 (its
-significance veto fired on frozen and mixed sets whose adapted set was 3-4 points better); `agreement` 1.59 / 4.75,
-`entropy` 0.54 / 1.17, `rank_both` 0.84 / 1.79; `adapted` picked what `margin` picked in every case.
+adaptation buys on an unseen one. Judged by regret on two unseen centers of the offline proxy (18 cases, 2026-12-07,
+docs/benchmarks.md "Which rule ships"): `margin` 0.53 points mean, 1.03 worst; `loco` 1.17 and 4.75 (its
+significance veto fired on frozen and mixed sets whose adapted set was 3-4 points better); `agreement` 1.57 / 4.75,
+`entropy` 0.55 / 1.17, `rank_both` 0.89 / 2.06; `adapted` picked what `margin` picked in every case.
 """
 from __future__ import annotations
 
