@@ -2,6 +2,7 @@
 
     python bench/regret.py [--work work/bench_accuracy] [--seeds 0 1 2] [--noshift [SEED ...]] [--tag NAME]
     python bench/regret.py --summary-of bench/results/regret-<date>-<tag>     (the summary of saved files again)
+    python bench/regret.py --merge PREFIX PREFIX... --tag NAME                 (several runs' cases as one set)
 
 Trains nothing: it re-stacks the runs that
 `python bench/accuracy.py --rows none --ensemble --frozen-ensemble --mixed --configs configs/lite0_dann.yaml
@@ -170,9 +171,16 @@ def main():
                     help="also predict the no-shift patches (for the seeds given; none given: every seed)")
     ap.add_argument("--tag", default="lite0")
     ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="PREFIX",
+                    help="merge the cases of these runs' files (a case in several: the first file's, the others "
+                         "compared to it) into <out>/regret-<date>-<tag>-*, then write their summary")
     ap.add_argument("--summary-of", metavar="PREFIX",
                     help="only write the summary of the files PREFIX-rules.csv and PREFIX-patches.csv.gz again")
     a = ap.parse_args()
+    if a.merge:
+        base = Path(a.out) / f"regret-{time.strftime('%Y-%m-%d')}-{a.tag}"
+        print(merge(a.merge, base))
+        a.summary_of = str(base)
     if a.summary_of:
         text = summary(*renamed(pd.read_csv(f"{a.summary_of}-rules.csv"),
                                 pd.read_csv(f"{a.summary_of}-patches.csv.gz")))
@@ -227,6 +235,36 @@ def renamed(rules: pd.DataFrame, patches: pd.DataFrame) -> tuple[pd.DataFrame, p
         return text.replace("+adabn", "+adapt") if isinstance(text, str) else text
 
     return rules.assign(shipped=rules["shipped"].map(new)), patches.rename(columns=new)
+
+
+def merge(prefixes: list[str], out: Path) -> str:
+    """The cases of several runs' files as one set (labels as now, `renamed`): a case (center, seed, set) in more than
+    one file is taken from the first, and the later files' rules for it are compared to it (a seed run twice, e.g. the
+    frozen heads trained again, must give the same picks and accuracies)."""
+    key, frames, notes = ["center", "seed", "set"], {"candidates": [], "rules": [], "patches": []}, []
+    seen = None
+    for prefix in prefixes:
+        rules, patches = renamed(pd.read_csv(f"{prefix}-rules.csv"), pd.read_csv(f"{prefix}-patches.csv.gz"))
+        cands = pd.read_csv(f"{prefix}-candidates.csv")
+        cands["candidate"] = cands["candidate"].str.replace("+adabn", "+adapt", regex=False)
+        cases = rules[key].drop_duplicates()
+        if seen is not None:
+            both = cases.merge(seen, on=key)
+            if len(both):
+                first = pd.concat(frames["rules"]).merge(both, on=key).set_index([*key, "rule"])
+                again = rules.merge(both, on=key).set_index([*key, "rule"]).loc[first.index]
+                notes.append(f"{prefix}: {len(both)} case(s) already merged: max |accuracy difference| "
+                             f"{(first['test'] - again['test']).abs().max():.5f}, same picks: "
+                             f"{bool((first['shipped'] == again['shipped']).all())}")
+            new = cases.merge(seen, on=key, how="left", indicator=True)
+            cases = new[new["_merge"] == "left_only"][key]
+        for name, frame in (("candidates", cands), ("rules", rules), ("patches", patches)):
+            frames[name].append(frame.merge(cases, on=key))
+        seen = cases if seen is None else pd.concat([seen, cases])
+    for name, parts in frames.items():
+        suffix = "patches.csv.gz" if name == "patches" else f"{name}.csv"
+        pd.concat(parts, ignore_index=True).to_csv(f"{out}-{suffix}", index=False)
+    return "\n".join(notes + [f"merged {len(seen)} cases into {out}-*"])
 
 
 def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -> str:

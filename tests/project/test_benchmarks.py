@@ -77,3 +77,45 @@ def test_the_scale_benchmarks_splits_are_drawn_independently():
     bound = f.bayes()
     assert 0.9 < bound < 0.95
     assert accuracy <= bound + 3 * (bound * (1 - bound) / n) ** 0.5, accuracy
+
+
+def _regret_files(prefix: Path, cases: list[tuple], label: str, test: float) -> None:
+    """A regret run's three files (bench/regret.py's columns) for `cases` (center, seed, set), one rule, one
+    candidate named `label` (the adapted set as that version named it)."""
+    import pandas as pd
+
+    rules = pd.DataFrame([{"center": c, "seed": s, "set": k, "rule": "margin", "shipped": label, "test": test,
+                           "best": test, "regret": 0.0} for c, s, k in cases])
+    cands = pd.DataFrame([{"center": c, "seed": s, "set": k, "candidate": label, "loco": 0.9, "test": test}
+                          for c, s, k in cases])
+    patches = pd.DataFrame([{"id": i, "label": i % 2, "center": c, "seed": s, "set": k, "rule:margin": i % 2,
+                             label: i % 2} for c, s, k in cases for i in range(4)])
+    rules.to_csv(f"{prefix}-rules.csv", index=False)
+    cands.to_csv(f"{prefix}-candidates.csv", index=False)
+    patches.to_csv(f"{prefix}-patches.csv.gz", index=False)
+
+
+def test_regret_merge_keeps_each_case_once_and_names_labels_as_now(tmp_path, monkeypatch):
+    """bench/regret.py --merge: several runs' cases become one set; a case two runs share comes from the first and
+    the second is compared with it; files of the text era ('+adabn') read with today's labels ('+adapt')."""
+    import importlib.util
+
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # regret.py imports bench/accuracy.py as `accuracy`
+    spec = importlib.util.spec_from_file_location("regret_bench", REPO / "bench" / "regret.py")
+    regret = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regret)
+    first, second = tmp_path / "a", tmp_path / "b"
+    _regret_files(first, [("center 2", 0, "frozen"), ("hidden", 0, "frozen")], "mean+adabn", 0.85)
+    _regret_files(second, [("hidden", 0, "frozen"), ("hidden", 1, "mixed")], "mean+adapt", 0.86)
+    note = regret.merge([str(first), str(second)], tmp_path / "m")
+    rules = pd.read_csv(tmp_path / "m-rules.csv")
+    assert sorted(map(tuple, rules[["center", "seed", "set"]].to_numpy().tolist())) == \
+        [("center 2", 0, "frozen"), ("hidden", 0, "frozen"), ("hidden", 1, "mixed")]
+    assert set(rules["shipped"]) == {"mean+adapt"}  # the old name read as today's
+    assert rules.set_index(["center", "seed"]).loc[("hidden", 0), "test"] == 0.85  # the first file's case kept
+    assert "1 case(s) already merged: max |accuracy difference| 0.01000" in note
+    patches = pd.read_csv(tmp_path / "m-patches.csv.gz")
+    assert "mean+adapt" in patches.columns and "mean+adabn" not in patches.columns and len(patches) == 12
+    assert set(pd.read_csv(tmp_path / "m-candidates.csv")["candidate"]) == {"mean+adapt"}
