@@ -3,7 +3,6 @@ pseudo-center stain shifts, built by ../shared/data/pcam/make_competition_h5.py.
 folder is absent (a user's clone has none). Real tissue, synthetic center shift."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -36,8 +35,10 @@ def test_pipeline_on_real_tissue_beats_chance_clearly(tmp_path):
     r = ["--root", str(root)]
     for stage in (["prepare"], ["folds"], ["train", "--config", str(cfg)], ["infer"], ["stack"], ["submit"]):
         assert main(r + stage) == 0, stage
-    choice = json.loads((root / "work" / "stack" / "choice.json").read_text())
-    held_out = choice["loco_accuracy"][choice["method"]]
+    from histoshift.stack.folder import StackDir
+
+    choice = StackDir(root / "work" / "stack").require_choice("stack")  # the typed record
+    held_out = choice.loco_accuracy[choice.method]
     sub = pd.read_csv(root / "submissions" / "submission.csv")
     labels = pd.read_csv(root / "input" / "test_labels.csv").merge(sub, on="ID")
     test_acc = float((labels.Pred == labels.label).mean())
