@@ -1,6 +1,7 @@
 """Regret of the stack's choice rules, and the shift penalty, on the accuracy benchmark's trained ensembles.
 
     python bench/regret.py [--work work/bench_accuracy] [--seeds 0 1 2] [--noshift [SEED ...]] [--tag NAME]
+                           [--sets NAME=CONFIG[,CONFIG] ...]  (other trained sets, e.g. lntl=dart_lntl_lite0)
     python bench/regret.py --summary-of bench/results/regret-<date>-<tag>     (the summary of saved files again)
     python bench/regret.py --merge PREFIX PREFIX... --tag NAME                 (several runs' cases as one set)
 
@@ -170,6 +171,10 @@ def main():
     ap.add_argument("--noshift", type=int, nargs="*", default=None, metavar="SEED",
                     help="also predict the no-shift patches (for the seeds given; none given: every seed)")
     ap.add_argument("--tag", default="lite0")
+    ap.add_argument("--sets", nargs="+", metavar="NAME=CONFIG[,CONFIG]",
+                    help="the sets to re-stack instead of fine-tuned, frozen and mixed (config names as trained, e.g. "
+                         "fine-tuned=lite0_dann lntl=dart_lntl_lite0); each set other than fine-tuned and frozen is "
+                         "compared with fine-tuned, paired")
     ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
     ap.add_argument("--merge", nargs="+", metavar="PREFIX",
                     help="merge the cases of these runs' files (a case in several: the first file's, the others "
@@ -188,6 +193,7 @@ def main():
         print(text)
         return
     work, pcam, acc = Path(a.work), Path(a.pcam), Accelerator()
+    sets = dict((n, tuple(c.split(","))) for n, _, c in (x.partition("=") for x in a.sets)) if a.sets else SETS
     noshift_seeds = None if a.noshift is None else set(a.noshift or a.seeds)
     hidden = Elsewhere(pcam, work, "hidden_patches", bench.HIDDEN_CENTER, "hidden center (prediction only)", acc)
     noshift = Elsewhere(pcam, work, "noshift", bench.make_script(pcam).CENTERS[0],
@@ -196,7 +202,7 @@ def main():
     cache, all_runs = Cache.open(work / "work" / "cache"), find_runs(work / "work" / "runs")
     cand_rows, rule_rows, patches, t0 = [], [], [], time.time()
     for seed in a.seeds:
-        for set_name, configs in SETS.items():
+        for set_name, configs in sets.items():
             runs = [r for r in all_runs if r.model_name in {f"{c}/seed{seed}" for c in configs}]
             if len(runs) != 4 * len(configs) or not all(r.tta.fresh(cache.id, ADAPTED) for r in runs):
                 print(f"skip: seed {seed}, {set_name}: not trained and predicted")
@@ -320,14 +326,16 @@ def summary(rules: pd.DataFrame, patches: pd.DataFrame, against: str = "loco") -
             parts = [("all", patches), *patches.groupby("center", sort=False)]
             out += [f"  {a} - {b}, {key}: {compare(hits(f, a), hits(f, b), f['id']).text()}" for key, f in parts]
     keys = ["center", "seed", "id"]
-    for name in rules["rule"].unique():
-        mixed = patches[patches["set"] == "mixed"].set_index(keys)
-        tuned = patches[patches["set"] == "fine-tuned"].set_index(keys)
-        both = mixed.index.intersection(tuned.index)
-        if len(both):
-            m, t = mixed.loc[both], tuned.loc[both]
-            p = compare(hits(m, f"rule:{name}"), hits(t, f"rule:{name}"), both.get_level_values("id"))
-            out.append(f"mixed - fine-tuned set, rule {name}: {p.text()}")
+    others = [s for s in patches["set"].unique() if s not in ("fine-tuned", "frozen")]  # e.g. mixed, a --sets one
+    for other in others:
+        for name in rules["rule"].unique():
+            them = patches[patches["set"] == other].set_index(keys)
+            tuned = patches[patches["set"] == "fine-tuned"].set_index(keys)
+            both = them.index.intersection(tuned.index)
+            if len(both):
+                m, t = them.loc[both], tuned.loc[both]
+                p = compare(hits(m, f"rule:{name}"), hits(t, f"rule:{name}"), both.get_level_values("id"))
+                out.append(f"{other} - fine-tuned set, rule {name}: {p.text()}")
     return "\n".join(out)
 
 
