@@ -4,6 +4,7 @@
                            [--sets NAME=CONFIG[,CONFIG] ...]  (other trained sets, e.g. lntl=dart_lntl_lite0)
     python bench/regret.py --summary-of bench/results/regret-<date>-<tag>     (the summary of saved files again)
     python bench/regret.py --merge PREFIX PREFIX... --tag NAME                 (several runs' cases as one set)
+    python bench/regret.py --pair PREFIX SET PREFIX SET --tag NAME             (two sets of two runs, paired)
 
 Trains nothing: it re-stacks the runs that
 `python bench/accuracy.py --rows none --ensemble --frozen-ensemble --mixed --configs configs/lite0_dann.yaml
@@ -179,9 +180,17 @@ def main():
     ap.add_argument("--merge", nargs="+", metavar="PREFIX",
                     help="merge the cases of these runs' files (a case in several: the first file's, the others "
                          "compared to it) into <out>/regret-<date>-<tag>-*, then write their summary")
+    ap.add_argument("--pair", nargs=4, metavar=("PREFIX_A", "SET_A", "PREFIX_B", "SET_B"),
+                    help="set A of one run's files against set B of another's, on the patches and seeds both have, "
+                         "paired: writes <out>/regret-<date>-<tag>-pair.txt")
     ap.add_argument("--summary-of", metavar="PREFIX",
                     help="only write the summary of the files PREFIX-rules.csv and PREFIX-patches.csv.gz again")
     a = ap.parse_args()
+    if a.pair:
+        text = pair(*a.pair)
+        Path(a.out, f"regret-{time.strftime('%Y-%m-%d')}-{a.tag}-pair.txt").write_text(text + "\n")
+        print(text)
+        return
     if a.merge:
         base = Path(a.out) / f"regret-{time.strftime('%Y-%m-%d')}-{a.tag}"
         print(merge(a.merge, base))
@@ -235,12 +244,35 @@ def main():
     print(f"wrote {base}-{{candidates,rules}}.csv, {base}-patches.csv.gz, {base}-summary.txt")
 
 
-def renamed(rules: pd.DataFrame, patches: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def as_now(text):
     """Files written before 2026-12-07 name the adapted set '+adabn' (after the first adaptation): as now, '+adapt'."""
-    def new(text):
-        return text.replace("+adabn", "+adapt") if isinstance(text, str) else text
+    return text.replace("+adabn", "+adapt") if isinstance(text, str) else text
 
-    return rules.assign(shipped=rules["shipped"].map(new)), patches.rename(columns=new)
+
+def renamed(rules: pd.DataFrame, patches: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's rules and patches with today's labels (`as_now`)."""
+    return rules.assign(shipped=rules["shipped"].map(as_now)), patches.rename(columns=as_now)
+
+
+def pair(prefix_a: str, set_a: str, prefix_b: str, set_b: str) -> str:
+    """Set A of one run against set B of another, on the (center, seed, patch) both have: what each rule shipped and
+    the plain / adapted mean combiners, per unseen center and pooled (paired.py; clusters: patch ids)."""
+    keys = ["center", "seed", "id"]
+    a, b = (pd.read_csv(f"{p}-patches.csv.gz").rename(columns=as_now) for p in (prefix_a, prefix_b))
+    a, b = a[a["set"] == set_a].set_index(keys), b[b["set"] == set_b].set_index(keys)
+    both = a.index.intersection(b.index)
+    a, b = a.loc[both], b.loc[both]
+    if not len(both) or not (a["label"] == b["label"]).all():
+        raise SystemExit("the two sets share no patches, or their labels differ")
+    out = [f"{set_a} ({prefix_a}) - {set_b} ({prefix_b}): seeds {sorted(set(both.get_level_values('seed')))}, "
+           f"{len(both)} patch predictions each"]
+    for col in [c for c in a.columns if c.startswith("rule:")] + ["mean", "mean+adapt"]:
+        for center in [*sorted(set(both.get_level_values("center"))), None]:
+            m = (both.get_level_values("center") == center) if center else slice(None)
+            p = compare((a[col] == a["label"]).to_numpy()[m], (b[col] == b["label"]).to_numpy()[m],
+                        both.get_level_values("id")[m])
+            out.append(f"  {col:<16} {center or 'both centers':<12} {p.text()}")
+    return "\n".join(out)
 
 
 def merge(prefixes: list[str], out: Path) -> str:
@@ -252,7 +284,7 @@ def merge(prefixes: list[str], out: Path) -> str:
     for prefix in prefixes:
         rules, patches = renamed(pd.read_csv(f"{prefix}-rules.csv"), pd.read_csv(f"{prefix}-patches.csv.gz"))
         cands = pd.read_csv(f"{prefix}-candidates.csv")
-        cands["candidate"] = cands["candidate"].str.replace("+adabn", "+adapt", regex=False)
+        cands["candidate"] = cands["candidate"].map(as_now)
         cases = rules[key].drop_duplicates()
         if seen is not None:
             both = cases.merge(seen, on=key)

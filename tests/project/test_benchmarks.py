@@ -119,3 +119,29 @@ def test_regret_merge_keeps_each_case_once_and_names_labels_as_now(tmp_path, mon
     patches = pd.read_csv(tmp_path / "m-patches.csv.gz")
     assert "mean+adapt" in patches.columns and "mean+adabn" not in patches.columns and len(patches) == 12
     assert set(pd.read_csv(tmp_path / "m-candidates.csv")["candidate"]) == {"mean+adapt"}
+
+
+def test_regret_pair_compares_two_runs_sets_on_the_patches_they_share(tmp_path, monkeypatch):
+    """bench/regret.py --pair: set A of one run against set B of another, paired on the same (center, seed, patch)."""
+    import importlib.util
+
+    import numpy as np
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("regret_bench", REPO / "bench" / "regret.py")
+    regret = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regret)
+    ids, label = np.arange(100), np.arange(100) % 2
+    base = {"id": ids, "label": label, "center": "hidden", "seed": 0}
+    right = label.copy()
+    wrong = label.copy()
+    wrong[:10] = 1 - wrong[:10]  # B misses 10 patches that A gets right
+    pd.DataFrame({**base, "set": "lntl", "rule:margin": right, "mean": right, "mean+adapt": right}).to_csv(
+        tmp_path / "a-patches.csv.gz", index=False)
+    pd.DataFrame({**base, "set": "fine-tuned", "rule:margin": wrong, "mean": right, "mean+adabn": wrong}).to_csv(
+        tmp_path / "b-patches.csv.gz", index=False)  # a text-era file: its adapted column read as today's
+    text = regret.pair(str(tmp_path / "a"), "lntl", str(tmp_path / "b"), "fine-tuned")
+    lines = {" ".join(line.split()[:2]): line for line in text.splitlines()[1:]}
+    assert "+10.0 points" in lines["rule:margin hidden"] and "not decisive" not in lines["rule:margin hidden"]
+    assert "+0.0 points" in lines["mean hidden"] and "+10.0 points" in lines["mean+adapt both"]
