@@ -27,7 +27,9 @@ def set_suffix(pset: PredictionSet) -> str:
     """The file-name suffix of a prediction set's files: plain '', adapted '_adapted', Fourier '_fourier-b<beta>'
     (rendered from the typed set, never parsed back)."""
     files = pset.files
-    return {"plain": "", "adapted": "_adapted"}[files.kind] if files.kind != "fourier" else "_" + files.name
+    if files.kind == "fourier":
+        return "_" + files.name
+    return "_adapted" if files.kind == "adapted" else ""
 
 
 def _record(path: Path) -> dict:
