@@ -49,9 +49,13 @@ class RunPredictions:
         """TTA logits of `part` ('heldout' | 'test') in the prediction set `pset` (stack.sets): plain, adapted to
         that center first, or a Fourier set. Adapted files of a folder predicted before they were renamed
         (tta_*_adabn.csv) are read where no new one exists."""
-        path = self.run.path / f"tta_{part}{set_suffix(pset)}.csv"
-        legacy = self.run.path / f"tta_{part}{LEGACY_ADAPTED}.csv"
-        return legacy if pset.files.kind == "adapted" and not path.exists() and legacy.exists() else path
+        path, legacy = self._files(part, pset)
+        return legacy if legacy is not None and not path.exists() and legacy.exists() else path
+
+    def _files(self, part: str, pset: PredictionSet) -> tuple[Path, Path | None]:
+        """The file of `part` in `pset` as written now, and, for the adapted set, its name before 2026-12-07."""
+        legacy = self.run.path / f"tta_{part}{LEGACY_ADAPTED}.csv" if pset.files.kind == "adapted" else None
+        return self.run.path / f"tta_{part}{set_suffix(pset)}.csv", legacy
 
     def lineage(self, cache_id: str, settings: dict | None = None) -> dict:
         """What a TTA file of this run must have been predicted from now: this checkpoint, this cache (and, for a
@@ -68,11 +72,10 @@ class RunPredictions:
         settings) and, for adapted predictions, how many layers the adaptation changed and what else it recorded
         (self-training: its confidence threshold and pseudo-label counts). A legacy adapted file of `part` is
         replaced (removed with its record) by the new one."""
-        path = self.run.path / f"tta_{part}{set_suffix(pset)}.csv"
+        path, legacy = self._files(part, pset)
         write_csv(path, table, float_format="%.6g")
         recorded = _record(self.run.predictions)
-        legacy = self.run.path / f"tta_{part}{LEGACY_ADAPTED}.csv"
-        if pset.files.kind == "adapted" and legacy.exists():
+        if legacy is not None and legacy.exists():
             legacy.unlink()
             recorded = {k: v for k, v in recorded.items() if k.partition(":")[0] != legacy.name}
         recorded[path.name] = self.lineage(cache_id, settings)
