@@ -204,7 +204,7 @@ def test_the_free_space_asked_for_is_what_a_run_writes(prepared_root, tmp_path, 
     """The check before training asks for the run's measured peak (plus a small margin), not four models' worth."""
     import yaml
 
-    from histoshift import checkpoint, engine
+    from histoshift import checkpoint
     from histoshift.stages import train as train_stage
 
     from helpers import tiny_config

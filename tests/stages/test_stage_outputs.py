@@ -267,7 +267,6 @@ def test_one_round_of_pseudo_labels(pipeline, capsys):
     from histoshift.data.splits import pseudo_labels
 
     cache = Cache.open(pipeline / "work" / "cache")
-    index = cache.index
     feats = pd.read_csv(pipeline / "work" / "stack" / "test_features.csv")
     means = feats.filter(like="__mean").mean(axis=1)
     threshold = float(1 / (1 + np.exp(-means.abs().median())))  # about half the patches are that sure

@@ -9,10 +9,9 @@ imports no registry (and nothing that imports torch).
 """
 from __future__ import annotations
 
-from .base import TRACKERS, ConfigError, Float, Int, NonNeg, Section, tracker_names
-from .io import load_config, merge, parse_override, save_config
-from .model import (FEATURE_SHIFTS, KINDS, MODEL_KINDS, OLD_DEFAULTS, STORE_KEYS, BackboneCfg, FeatureModelCfg,
-                    ImageModelCfg, ModelCfg, deprecated, forget_deprecations)
+from .base import TRACKERS, ConfigError, Float, Int, NonNeg, tracker_names
+from .io import load_config, save_config
+from .model import FEATURE_SHIFTS, KINDS, MODEL_KINDS, BackboneCfg, FeatureModelCfg, ImageModelCfg, ModelCfg
 from .schema import Config, validated
 from .sections import (ALGORITHM_NAMES, EXTRA_OPTIMIZERS, AlgorithmCfg, AugCfg, OptimCfg, StainGanCfg, TrainCfg,
                        optimizer_names)

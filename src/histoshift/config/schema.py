@@ -3,11 +3,9 @@ and identity a run is filed under."""
 from __future__ import annotations
 
 import re
-import typing
-from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ValidationError, model_validator
+from pydantic import AfterValidator, ValidationError, model_validator
 
 from .base import ConfigError, Section
 from .errors import error_line
