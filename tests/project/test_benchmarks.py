@@ -12,6 +12,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _bench(name: str, monkeypatch):
+    """bench/<name>.py as a module (bench/ is no package; regret.py imports bench/accuracy.py as `accuracy`)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_gpu_sh_smoke_runs_every_benchmark_on_cpu(tmp_path):
     out = tmp_path / "out"
@@ -51,18 +62,14 @@ def test_gpu_sh_smoke_runs_every_benchmark_on_cpu(tmp_path):
     assert scale["store_bytes"] >= 1500 * 8 * 32 * 2
 
 
-def test_the_scale_benchmarks_splits_are_drawn_independently():
+def test_the_scale_benchmarks_splits_are_drawn_independently(monkeypatch):
     """bench/scale.py's synthetic features: a test row must not be a training row under another center's shift
     (it was: every split was seeded by row position, so its accuracy measured memorisation, 0.95-0.98 above the
     generator's own 0.93). Nearest neighbour from the training rows, each center's shift undone, stays within the
     generator's Bayes bound; with the old seeding it is 1.0."""
-    import importlib.util
-
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("scale_bench", REPO / "bench" / "scale.py")
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
+    scale = _bench("scale", monkeypatch)
     f = scale.Features(dim=32, views=8, seed=0)
     n = 600
     labels = np.arange(n) % 2
@@ -98,14 +105,9 @@ def _regret_files(prefix: Path, cases: list[tuple], label: str, test: float) -> 
 def test_regret_merge_keeps_each_case_once_and_names_labels_as_now(tmp_path, monkeypatch):
     """bench/regret.py --merge: several runs' cases become one set; a case two runs share comes from the first and
     the second is compared with it; files of the text era ('+adabn') read with today's labels ('+adapt')."""
-    import importlib.util
-
     import pandas as pd
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))  # regret.py imports bench/accuracy.py as `accuracy`
-    spec = importlib.util.spec_from_file_location("regret_bench", REPO / "bench" / "regret.py")
-    regret = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regret)
+    regret = _bench("regret", monkeypatch)
     first, second = tmp_path / "a", tmp_path / "b"
     _regret_files(first, [("center 2", 0, "frozen"), ("hidden", 0, "frozen")], "mean+adabn", 0.85)
     _regret_files(second, [("hidden", 0, "frozen"), ("hidden", 1, "mixed")], "mean+adapt", 0.86)
@@ -123,15 +125,10 @@ def test_regret_merge_keeps_each_case_once_and_names_labels_as_now(tmp_path, mon
 
 def test_regret_pair_compares_two_runs_sets_on_the_patches_they_share(tmp_path, monkeypatch):
     """bench/regret.py --pair: set A of one run against set B of another, paired on the same (center, seed, patch)."""
-    import importlib.util
-
     import numpy as np
     import pandas as pd
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("regret_bench", REPO / "bench" / "regret.py")
-    regret = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regret)
+    regret = _bench("regret", monkeypatch)
     ids, label = np.arange(100), np.arange(100) % 2
     base = {"id": ids, "label": label, "center": "hidden", "seed": 0}
     right = label.copy()
